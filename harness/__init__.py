@@ -1,0 +1,35 @@
+"""merge-harness: a benchmark harness for model merging.
+
+The Python API::
+
+    from harness import get_method, list_methods
+    method = get_method("dts-d", density=0.3)
+    result = method.merge(pretrained, finetuned)   # -> MergeResult
+"""
+
+from __future__ import annotations
+
+from harness.method import HyperparameterError, MergeMethod
+from harness.registry import METHODS, UnknownNameError
+from harness.result import MergeResult, ResultFormatError
+from harness.state_dict import LazyStateDict, MergeInputError
+
+__all__ = [
+    "HyperparameterError", "LazyStateDict", "MergeInputError", "MergeMethod", "MergeResult",
+    "ResultFormatError", "UnknownNameError", "get_method", "list_methods", "method_class",
+]
+
+
+def method_class(name: str) -> type[MergeMethod]:
+    """The class registered under ``name`` (aliases such as ``dts-d*`` accepted)."""
+    return METHODS.get(name)
+
+
+def get_method(name: str, **hyperparameters) -> MergeMethod:
+    """A method instance; unknown names and bad hyperparameters raise naming the problem."""
+    return method_class(name).create(**hyperparameters)
+
+
+def list_methods() -> list[str]:
+    """Every registered method name, plugins included."""
+    return METHODS.names()

@@ -1,0 +1,157 @@
+"""The method contract: a frozen dataclass of typed hyperparameters and one ``merge`` call.
+
+Subclasses declare their hyperparameters as dataclass fields with the spec's defaults and check
+their ranges in ``check()``. :meth:`MergeMethod.create` builds one from keyword values, accepting
+strings (as the command line gives them) and naming any unknown or invalid hyperparameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+from harness.result import MergeResult
+from harness.state_dict import StateDict
+
+
+class HyperparameterError(ValueError):
+    """An unknown hyperparameter, or a value of the wrong type or out of range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameter:
+    name: str
+    type: str
+    default: Any
+    help: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeMethod:
+    """Base class of every merge method; see the module docstring."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "shared"   # "shared" or "personalized"
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise :class:`HyperparameterError` for out-of-range hyperparameters."""
+
+    def merge(self, pretrained: StateDict, finetuned: Mapping[str, StateDict], *,
+              progress: bool = False) -> MergeResult:
+        raise NotImplementedError
+
+    # ---- hyperparameters -----------------------------------------------------------------
+    @classmethod
+    def hyperparameters(cls) -> list[Hyperparameter]:
+        hints = typing.get_type_hints(cls)
+        return [Hyperparameter(f.name, _type_name(hints[f.name]), f.default,
+                               f.metadata.get("help", ""))
+                for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def create(cls, **values: Any) -> MergeMethod:
+        """Build the method from keyword hyperparameters (strings are parsed to their type)."""
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        kwargs = {}
+        for raw_name, value in values.items():
+            name = raw_name.replace("-", "_")
+            if name not in names:
+                close = difflib.get_close_matches(name, names, n=2, cutoff=0.5)
+                hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+                known = ", ".join(names) or "none"
+                raise HyperparameterError(
+                    f"{cls.name} has no hyperparameter {raw_name!r}.{hint} Its hyperparameters: "
+                    f"{known}.")
+            kwargs[name] = _coerce(cls.name, name, value, hints[name])
+        return cls(**kwargs)
+
+    def params(self) -> dict[str, Any]:
+        """The hyperparameters as plain JSON-able values."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def hp(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a one-line help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def require(condition: bool, method: str, name: str, message: str) -> None:
+    if not condition:
+        raise HyperparameterError(f"{method}: hyperparameter {name!r} {message}")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    args = typing.get_args(tp)
+    if args:
+        return " | ".join(_type_name(a) for a in args)
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(method: str, name: str, value: Any, tp: Any) -> Any:
+    """Parse ``value`` to the annotated type ``tp``, or raise naming the hyperparameter."""
+    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, _UnionType) else (tp,)
+    for option in options:
+        try:
+            return _coerce_one(value, option)
+        except (TypeError, ValueError):
+            continue
+    raise HyperparameterError(
+        f"{method}: hyperparameter {name!r} must be {_type_name(tp)}, got {value!r}")
+
+
+_UnionType = type(int | str)
+
+
+def _coerce_one(value: Any, tp: Any) -> Any:
+    if tp is type(None):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        raise ValueError("not None")
+    if typing.get_origin(tp) is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ValueError("not a choice")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError("not a bool")
+    if tp is int:
+        if isinstance(value, bool):
+            raise TypeError("bool is not int")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            return int(value)
+        raise TypeError("not an int")
+    if tp is float:
+        if isinstance(value, bool):
+            raise TypeError("bool is not float")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            return float(value)
+        raise TypeError("not a float")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError("not a str")
+    if typing.get_origin(tp) is dict:
+        if isinstance(value, str):
+            value = json.loads(value)
+        if isinstance(value, Mapping):
+            _, vt = typing.get_args(tp)
+            return {str(k): _coerce_one(v, vt) for k, v in value.items()}
+        raise TypeError("not a mapping")
+    raise TypeError(f"unsupported hyperparameter type {tp}")

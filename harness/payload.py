@@ -1,0 +1,251 @@
+"""Stored per-task payloads: bit-packing and the codecs that decode one tensor's delta.
+
+Every codec knows the tensors it stores (``tensors()``), a little JSON metadata (``meta()``), how
+many bytes it occupies (``nbytes``) and how to decode itself to a float32 delta. Personalized
+merge results are made of these, so AMR counts exactly what is written to disk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+FORMAT_VERSION = 1
+
+
+def packed_nbytes(numel: int, bits: int) -> int:
+    """Bytes that ``numel`` codes of ``bits`` bits occupy once packed."""
+    return math.ceil(numel * bits / 8)
+
+
+def pack_bits(codes: Tensor, bits: int) -> Tensor:
+    """Pack integer codes in ``[0, 2**bits)`` (bits 1, 2, 4 or 8) into a flat uint8 tensor."""
+    if bits not in (1, 2, 4, 8):
+        raise ValueError(f"cannot pack {bits}-bit codes")
+    flat = codes.reshape(-1).to(torch.int32)
+    if flat.numel() and int(flat.max()) >= (1 << bits):
+        raise ValueError(f"a code does not fit in {bits} bits")
+    per_byte = 8 // bits
+    pad = (-flat.numel()) % per_byte
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+    return (flat.view(-1, per_byte) << shifts).sum(dim=1).to(torch.uint8)
+
+
+def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
+    """Inverse of :func:`pack_bits`: the first ``numel`` codes as uint8."""
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+    codes = (packed.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(-1)[:numel].to(torch.uint8)
+
+
+def zero_storage_nbytes(numel: int, zeros: int) -> int:
+    """Bytes to store where a tensor's exact zeros are: a 1-bit mask or int32 positions."""
+    if zeros == 0:
+        return 0
+    return min(packed_nbytes(numel, 1), 4 * zeros)
+
+
+def _nbytes(tensors: dict[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class Codec:
+    """One tensor's stored delta."""
+
+    kind: ClassVar[str]
+
+    def decode(self, shared: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def meta(self) -> dict:
+        return {}
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.tensors())
+
+    @classmethod
+    def from_stored(cls, meta: dict, tensors: dict[str, Tensor]) -> Codec:
+        raise NotImplementedError
+
+
+@dataclass
+class Dense(Codec):
+    """A delta stored as it is, in float32."""
+
+    values: Tensor
+    kind: ClassVar[str] = "dense"
+
+    def decode(self, shared=None):
+        return self.values
+
+    def tensors(self):
+        return {"values": self.values}
+
+    @classmethod
+    def from_stored(cls, meta, tensors):
+        return cls(tensors["values"])
+
+
+@dataclass
+class GroupCode(Codec):
+    """DTS's 4-group code: each entry is ``sign * scale`` of its group, at 2 bits per entry.
+
+    Group ids: 0 positive-high, 1 positive-low, 2 negative-high, 3 negative-low. ``scales`` has
+    one row of 4 per grouped vector (a single row when the whole tensor is one group set).
+    Exact zeros are stored apart, as a packed 1-bit mask or int32 positions.
+    """
+
+    codes: Tensor            # packed 2-bit group ids
+    scales: Tensor           # float32 (rows, 4)
+    shape: tuple[int, ...]
+    grouped_dim: int | None  # None: groups over the whole tensor; else one group set per slice
+    zeros: Tensor | None = None
+    zeros_as: str | None = None  # "mask" | "positions"
+    kind: ClassVar[str] = "groups"
+
+    def decode(self, shared=None):
+        n = math.prod(self.shape)
+        ids = unpack_bits(self.codes, 2, n).to(torch.int64)
+        signs = torch.tensor([1.0, 1.0, -1.0, -1.0])
+        table = self.scales * signs
+        rows = table.shape[0]
+        if self.grouped_dim is None:
+            flat = table[0][ids]
+            out = flat.reshape(self.shape)
+        else:
+            moved = _moved_shape(self.shape, self.grouped_dim)
+            flat = torch.gather(table, 1, ids.view(rows, -1))
+            out = flat.reshape(moved).movedim(0, self.grouped_dim)
+        out = out.contiguous().reshape(-1)
+        if self.zeros is not None:
+            if self.zeros_as == "mask":
+                out[unpack_bits(self.zeros, 1, n).bool()] = 0.0
+            else:
+                out[self.zeros.to(torch.int64)] = 0.0
+        return out.reshape(self.shape)
+
+    def tensors(self):
+        out = {"codes": self.codes, "scales": self.scales}
+        if self.zeros is not None:
+            out["zeros"] = self.zeros
+        return out
+
+    def meta(self):
+        return {"shape": list(self.shape), "grouped_dim": self.grouped_dim,
+                "zeros_as": self.zeros_as}
+
+    @classmethod
+    def from_stored(cls, meta, tensors):
+        return cls(tensors["codes"], tensors["scales"], tuple(meta["shape"]),
+                   meta["grouped_dim"], tensors.get("zeros"), meta["zeros_as"])
+
+
+def _moved_shape(shape: tuple[int, ...], dim: int) -> tuple[int, ...]:
+    rest = [s for i, s in enumerate(shape) if i != dim]
+    return (shape[dim], *rest)
+
+
+def store_zeros(zero_mask: Tensor) -> tuple[Tensor | None, str | None]:
+    """The cheaper of a packed mask and int32 positions for a boolean zero mask."""
+    flat = zero_mask.reshape(-1)
+    count = int(flat.sum())
+    if count == 0:
+        return None, None
+    if 4 * count < packed_nbytes(flat.numel(), 1):
+        return torch.nonzero(flat).reshape(-1).to(torch.int32), "positions"
+    return pack_bits(flat, 1), "mask"
+
+
+@dataclass
+class LowRank(Codec):
+    """``U diag(S) V`` with U and V stored by their own codecs and S in float32."""
+
+    u: Codec
+    s: Tensor
+    v: Codec
+    kind: ClassVar[str] = "lowrank"
+
+    def decode(self, shared=None):
+        return (self.u.decode() * self.s) @ self.v.decode()
+
+    def tensors(self):
+        out = {"s": self.s}
+        out.update({f"u.{k}": t for k, t in self.u.tensors().items()})
+        out.update({f"v.{k}": t for k, t in self.v.tensors().items()})
+        return out
+
+    def meta(self):
+        return {"u": {"kind": self.u.kind, **self.u.meta()},
+                "v": {"kind": self.v.kind, **self.v.meta()}}
+
+    @classmethod
+    def from_stored(cls, meta, tensors):
+        parts = {}
+        for name in ("u", "v"):
+            sub = {k[len(name) + 1:]: t for k, t in tensors.items() if k.startswith(name + ".")}
+            parts[name] = CODECS[meta[name]["kind"]].from_stored(meta[name], sub)
+        return cls(parts["u"], tensors["s"], parts["v"])
+
+
+@dataclass
+class Ternary(Codec):
+    """T-Switch's ``alpha * b`` with ``b`` in {-1, 0, +1}: 2 bits per entry and one float32."""
+
+    codes: Tensor  # packed: 0 absent, 1 positive, 2 negative
+    alpha: Tensor  # float32 scalar
+    shape: tuple[int, ...]
+    kind: ClassVar[str] = "ternary"
+
+    def decode(self, shared=None):
+        ids = unpack_bits(self.codes, 2, math.prod(self.shape)).to(torch.int64)
+        table = torch.stack([torch.zeros((), dtype=torch.float32), self.alpha, -self.alpha])
+        return table[ids].reshape(self.shape)
+
+    def tensors(self):
+        return {"codes": self.codes, "alpha": self.alpha}
+
+    def meta(self):
+        return {"shape": list(self.shape)}
+
+    @classmethod
+    def from_stored(cls, meta, tensors):
+        return cls(tensors["codes"], tensors["alpha"], tuple(meta["shape"]))
+
+
+@dataclass
+class Mask(Codec):
+    """A 1-bit mask over a shared tensor: the delta is ``mask * shared`` (EMR, TALL-Mask)."""
+
+    bits: Tensor  # packed
+    shape: tuple[int, ...]
+    kind: ClassVar[str] = "mask"
+
+    def decode(self, shared=None):
+        if shared is None:
+            raise ValueError("a mask payload needs its shared tensor to decode")
+        mask = unpack_bits(self.bits, 1, math.prod(self.shape)).bool().reshape(self.shape)
+        return torch.where(mask, shared, torch.zeros((), dtype=shared.dtype))
+
+    def tensors(self):
+        return {"bits": self.bits}
+
+    def meta(self):
+        return {"shape": list(self.shape)}
+
+    @classmethod
+    def from_stored(cls, meta, tensors):
+        return cls(tensors["bits"], tuple(meta["shape"]))
+
+
+CODECS: dict[str, type[Codec]] = {c.kind: c for c in (Dense, GroupCode, LowRank, Ternary, Mask)}

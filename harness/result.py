@@ -1,0 +1,270 @@
+"""``MergeResult``: what every method returns, and the only thing suites consume.
+
+A result is a shared base state dict plus, for personalized methods, one small payload per task
+(codecs from :mod:`harness.payload`) and optional shared tensors the payloads refer to (EMR's
+unified task vector, TALL's multi-task vector). ``weights_for(task)`` decodes one task at a time.
+``save``/``load`` write safetensors files and a JSON manifest (written last, with checksums), so
+the round trip is bit-exact and a damaged directory is detected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from harness.accounting import amr_percent
+from harness.payload import CODECS, FORMAT_VERSION, Codec
+from harness.state_dict import StateDict, cast_like, to_float32
+
+
+class ResultFormatError(ValueError):
+    """A stored result that cannot be read: corrupt, truncated, or from a newer version."""
+
+
+@dataclass
+class TaskPayload:
+    """One task's stored information: a codec per changed key and an optional task scale."""
+
+    records: dict[str, Codec] = field(default_factory=dict)
+    scale: Tensor | None = None      # float32 scalar applied to every decoded delta (EMR)
+    shared: str | None = None        # name of the shared state dict that Mask codecs refer to
+
+    def nbytes(self) -> int:
+        total = sum(codec.nbytes for codec in self.records.values())
+        if self.scale is not None:
+            total += self.scale.numel() * self.scale.element_size()
+        return total
+
+    def delta(self, key: str, shared: Mapping[str, StateDict]) -> Tensor | None:
+        """The float32 delta of ``key`` for this task, or None when nothing is stored."""
+        codec = self.records.get(key)
+        if codec is None:
+            return None
+        ref = shared[self.shared][key] if self.shared else None
+        out = codec.decode(ref)
+        if self.scale is not None:
+            out = out * self.scale
+        return out
+
+
+@dataclass
+class MergeResult:
+    """A merged model: shared base, per-task payloads, and the accounting facts about them.
+
+    ``unseen`` says how a task outside the merged set is served by default:
+    ``{"shared": name, "scale": c}`` gives ``base + c * shared[name]``, ``{}`` gives the base,
+    and ``{"weighted": True}`` requires similarity weights (DTS, eq. 8).
+    """
+
+    method: str
+    hyperparameters: dict
+    base: StateDict
+    tasks: list[str]
+    kind: str = "shared"                        # "shared" | "personalized"
+    payloads: dict[str, TaskPayload] = field(default_factory=dict)
+    shared: dict[str, StateDict] = field(default_factory=dict)
+    merged_params: int = 0                      # the AMR denominator, in parameters
+    paper_bits: dict[str, float] | None = None  # DTS: the paper's bit count per task
+    unseen: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)    # chosen densities, scales, warnings: JSON only
+
+    # ---- serving -------------------------------------------------------------------------
+    def _check_task(self, task: str) -> None:
+        if task not in self.tasks:
+            raise KeyError(f"task {task!r} is not in this result; its tasks are {self.tasks}")
+
+    def weights_for(self, task: str) -> dict[str, Tensor]:
+        """The full state dict used for ``task`` (the same base for shared methods)."""
+        self._check_task(task)
+        if self.kind == "shared":
+            return dict(self.base)
+        payload = self.payloads[task]
+        return self._with_deltas(lambda key: payload.delta(key, self.shared))
+
+    def weights_for_unseen(self, gamma: Mapping[str, float] | None = None) -> dict[str, Tensor]:
+        """Weights for a task no model was fine-tuned on.
+
+        With ``gamma`` (seen task -> weight), a personalized result serves
+        ``base + sum_n gamma_n * delta_n`` (paper eq. 8); without it, the method's own rule.
+        """
+        if self.kind == "shared":
+            return dict(self.base)
+        if gamma is not None:
+            for task in gamma:
+                self._check_task(task)
+
+            def weighted(key: str) -> Tensor | None:
+                total = None
+                for task, g in gamma.items():
+                    d = self.payloads[task].delta(key, self.shared)
+                    if d is not None:
+                        total = d * g if total is None else total + d * g
+                return total
+            return self._with_deltas(weighted)
+        if self.unseen.get("weighted"):
+            raise ValueError(f"{self.method} serves unseen tasks by similarity weights: "
+                             "pass gamma (seen task -> weight)")
+        name = self.unseen.get("shared")
+        if not name:
+            return dict(self.base)
+        scale = float(self.unseen.get("scale", 1.0))
+        shared = self.shared[name]
+        return self._with_deltas(lambda key: to_float32(shared[key]) * scale if key in shared else None)
+
+    def _with_deltas(self, delta_of) -> dict[str, Tensor]:
+        out = {}
+        for key in self.base.keys():
+            base = self.base[key]
+            delta = delta_of(key) if base.is_floating_point() else None
+            out[key] = base if delta is None else cast_like(to_float32(base) + delta, base.dtype)
+        return out
+
+    # ---- accounting ----------------------------------------------------------------------
+    def stored_bytes(self, task: str) -> int:
+        """Bytes of ``task``'s own payload as stored (0 for shared methods)."""
+        self._check_task(task)
+        payload = self.payloads.get(task)
+        return payload.nbytes() if payload is not None else 0
+
+    def amr(self, count: str = "stored") -> dict[str, float]:
+        """Per-task AMR in percent: from stored bytes, or ``count="paper"`` (DTS only)."""
+        if count == "stored":
+            return {t: amr_percent(self.stored_bytes(t), self.merged_params) for t in self.tasks}
+        if count == "paper":
+            if self.paper_bits is None:
+                raise ValueError(f"{self.method} has no paper bit count; use count='stored'")
+            return {t: amr_percent(self.paper_bits[t] / 8, self.merged_params) for t in self.tasks}
+        raise ValueError(f"count must be 'stored' or 'paper', not {count!r}")
+
+    # ---- storage -------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the result to ``directory`` atomically (a temporary folder, then a rename)."""
+        from safetensors.torch import save_file
+
+        directory = os.fspath(directory)
+        parent = os.path.dirname(os.path.abspath(directory))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-result-", dir=parent)
+        try:
+            files: dict[str, str] = {}
+
+            def write(name: str, tensors: dict[str, Tensor]) -> None:
+                path = os.path.join(tmp, name)
+                save_file({k: t.contiguous() for k, t in tensors.items()}, path)
+                files[name] = _sha256(path)
+
+            write("base.safetensors", dict(self.base))
+            for name, sd in self.shared.items():
+                write(f"shared-{name}.safetensors", dict(sd))
+            task_entries = []
+            for i, task in enumerate(self.tasks):
+                entry: dict = {"name": task}
+                payload = self.payloads.get(task)
+                if payload is not None:
+                    tensors = {}
+                    records = []
+                    for key, codec in payload.records.items():
+                        for field_name, t in codec.tensors().items():
+                            tensors[f"{key}::{field_name}"] = t
+                        records.append({"key": key, "kind": codec.kind, "meta": codec.meta()})
+                    if payload.scale is not None:
+                        tensors["::scale"] = payload.scale
+                    file_name = f"task-{i:03d}.safetensors"
+                    write(file_name, tensors)
+                    entry.update(file=file_name, records=records, shared=payload.shared)
+                task_entries.append(entry)
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "method": self.method,
+                "hyperparameters": self.hyperparameters,
+                "kind": self.kind,
+                "tasks": task_entries,
+                "shared": sorted(self.shared),
+                "merged_params": self.merged_params,
+                "paper_bits": self.paper_bits,
+                "unseen": self.unseen,
+                "info": self.info,
+                "checksums": files,
+            }
+            with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
+                json.dump(manifest, f, indent=1, sort_keys=True)
+            if os.path.exists(directory):
+                shutil.rmtree(directory)
+            os.replace(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> MergeResult:
+        """Read a result written by :meth:`save`, verifying its version and checksums."""
+        from safetensors.torch import load_file
+
+        directory = os.fspath(directory)
+        manifest_path = os.path.join(directory, "manifest.json")
+        try:
+            with open(manifest_path, encoding="utf-8") as f:
+                manifest = json.load(f)
+        except FileNotFoundError:
+            raise ResultFormatError(
+                f"{directory!r} holds no manifest.json: not a stored result, or an "
+                "interrupted save") from None
+        except json.JSONDecodeError as exc:
+            raise ResultFormatError(f"{manifest_path!r} is corrupt: {exc}") from None
+        version = manifest.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ResultFormatError(
+                f"{directory!r} has format version {version}, newer than this merge-harness "
+                f"reads ({FORMAT_VERSION}): upgrade merge-harness")
+        for name, digest in manifest["checksums"].items():
+            path = os.path.join(directory, name)
+            if not os.path.exists(path):
+                raise ResultFormatError(f"{path!r} is missing from the stored result")
+            if _sha256(path) != digest:
+                raise ResultFormatError(
+                    f"{path!r} does not match its checksum: the stored result is corrupt "
+                    "or truncated")
+
+        def read(name: str) -> dict[str, Tensor]:
+            return load_file(os.path.join(directory, name))
+
+        payloads = {}
+        for entry in manifest["tasks"]:
+            if "file" not in entry:
+                continue
+            tensors = read(entry["file"])
+            records = {}
+            for rec in entry["records"]:
+                prefix = rec["key"] + "::"
+                mine = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+                records[rec["key"]] = CODECS[rec["kind"]].from_stored(rec["meta"], mine)
+            payloads[entry["name"]] = TaskPayload(records, tensors.get("::scale"), entry["shared"])
+        return cls(
+            method=manifest["method"],
+            hyperparameters=manifest["hyperparameters"],
+            base=read("base.safetensors"),
+            tasks=[e["name"] for e in manifest["tasks"]],
+            kind=manifest["kind"],
+            payloads=payloads,
+            shared={n: read(f"shared-{n}.safetensors") for n in manifest["shared"]},
+            merged_params=manifest["merged_params"],
+            paper_bits=manifest["paper_bits"],
+            unseen=manifest["unseen"],
+            info=manifest["info"],
+        )
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

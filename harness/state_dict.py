@@ -1,0 +1,242 @@
+"""State-dict algebra shared by every method: validation, task vectors, lazy checkpoints.
+
+A state dict is any ``Mapping[str, Tensor]``; it may be lazy (a memory-mapped safetensors file),
+so everything here works key by key and never assumes a ``dict``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+StateDict = Mapping[str, Tensor]
+
+
+class MergeInputError(ValueError):
+    """Models that cannot be merged: the message names the key, the model and the problem."""
+
+
+def is_float(t: Tensor) -> bool:
+    return t.is_floating_point()
+
+
+def to_float32(t: Tensor) -> Tensor:
+    """A float32 view or copy of ``t``; never the caller's tensor when a cast is needed."""
+    return t if t.dtype == torch.float32 else t.to(torch.float32)
+
+
+def task_vector(pretrained: Tensor, finetuned: Tensor) -> Tensor:
+    """``finetuned - pretrained`` in float32 (a new tensor; inputs are untouched)."""
+    return to_float32(finetuned) - to_float32(pretrained)
+
+
+@dataclass
+class ModelSpec:
+    """What a validation pass learns about a set of models to merge."""
+
+    tasks: list[str]
+    float_keys: list[str]                       # merged keys, in pretrained order
+    other_keys: list[str]                       # non-float buffers, copied from pretrained
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    changed: dict[str, dict[str, int]] = field(default_factory=dict)  # task -> key -> #nonzero
+
+    @property
+    def zero_keys(self) -> set[str]:
+        """Keys whose task vector is identically zero in every task."""
+        return {k for k in self.float_keys if all(self.changed[t][k] == 0 for t in self.tasks)}
+
+    @property
+    def active_keys(self) -> list[str]:
+        """Merged keys that some task changed: the AMR parameter set."""
+        zero = self.zero_keys
+        return [k for k in self.float_keys if k not in zero]
+
+    @property
+    def merged_params(self) -> int:
+        """Number of parameters in the AMR denominator (spec, Accounting)."""
+        return sum(numel(self.shapes[k]) for k in self.active_keys)
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _check_finite(t: Tensor, key: str, model: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        raise MergeInputError(f"key {key!r} of {model} contains {bad} values")
+
+
+def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
+                   *, allow_zero_tasks: bool = False) -> ModelSpec:
+    """Validate models before any merging work and describe them (one pass over every tensor).
+
+    Raises :class:`MergeInputError` on an empty task set, a missing or extra key, a shape
+    mismatch, a non-float tensor where a float is required, NaN/Inf values, or a task whose task
+    vector is identically zero (almost always the pretrained model passed by mistake).
+    """
+    tasks = list(finetuned)
+    if not tasks:
+        raise MergeInputError("no task models given: the task set is empty")
+    pre_keys = list(pretrained.keys())
+    pre_set = set(pre_keys)
+    for task in tasks:
+        keys = set(finetuned[task].keys())
+        missing = [k for k in pre_keys if k not in keys]
+        if missing:
+            raise MergeInputError(
+                f"key {missing[0]!r} is missing from task model {task!r}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        extra = sorted(keys - pre_set)
+        if extra:
+            raise MergeInputError(
+                f"key {extra[0]!r} of task model {task!r} is missing from the pretrained model"
+                + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    spec = ModelSpec(tasks, [], [], {}, {}, {t: {} for t in tasks})
+    for key in pre_keys:
+        p = pretrained[key]
+        spec.shapes[key] = tuple(p.shape)
+        spec.dtypes[key] = p.dtype
+        if not is_float(p):
+            spec.other_keys.append(key)
+            continue
+        spec.float_keys.append(key)
+        _check_finite(p, key, "the pretrained model")
+        for task in tasks:
+            t = finetuned[task][key]
+            if not is_float(t):
+                raise MergeInputError(
+                    f"key {key!r} of task model {task!r} has dtype {t.dtype}, "
+                    f"where a floating-point tensor is required")
+            if tuple(t.shape) != spec.shapes[key]:
+                raise MergeInputError(
+                    f"key {key!r} has shape {tuple(t.shape)} in task model {task!r} but "
+                    f"{spec.shapes[key]} in the pretrained model")
+            _check_finite(t, key, f"task model {task!r}")
+            spec.changed[task][key] = int(torch.count_nonzero(to_float32(t) != to_float32(p)))
+    if not allow_zero_tasks:
+        for task in tasks:
+            if not any(spec.changed[task].values()):
+                raise MergeInputError(
+                    f"task model {task!r} equals the pretrained model on every merged key "
+                    "(its task vector is zero): was the pretrained model passed by mistake?")
+    return spec
+
+
+def cast_like(value: Tensor, dtype: torch.dtype) -> Tensor:
+    return value if value.dtype == dtype else value.to(dtype)
+
+
+class LazyStateDict(Mapping[str, Tensor]):
+    """A read-only state dict over safetensors files, loading one tensor at a time.
+
+    ``path`` is a ``.safetensors`` file, a Hugging Face sharded index
+    (``*.safetensors.index.json``), or a folder holding either.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = _find_checkpoint(path)
+        self.path = path
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            folder = os.path.dirname(path)
+            files = sorted(set(weight_map.values()))
+            handles = {f: safe_open(os.path.join(folder, f), "pt") for f in files}
+            self._where = {k: handles[f] for k, f in weight_map.items()}
+        else:
+            handle = safe_open(path, "pt")
+            self._where = {k: handle for k in handle.keys()}
+
+    def __getitem__(self, key: str) -> Tensor:
+        try:
+            handle = self._where[key]
+        except KeyError:
+            raise KeyError(key) from None
+        return handle.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __repr__(self) -> str:
+        return f"LazyStateDict({self.path!r}, {len(self)} tensors)"
+
+
+def _find_checkpoint(folder: str) -> str:
+    for name in ("model.safetensors.index.json", "model.safetensors"):
+        candidate = os.path.join(folder, name)
+        if os.path.exists(candidate):
+            return candidate
+    found = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if len(found) == 1:
+        return os.path.join(folder, found[0])
+    raise FileNotFoundError(
+        f"no model.safetensors or model.safetensors.index.json in {folder!r}")
+
+
+def iter_keys(keys: list[str], desc: str, progress: bool) -> Iterator[str]:
+    """Iterate over keys, with a tqdm bar when ``progress`` is set."""
+    if not progress:
+        return iter(keys)
+    from tqdm.auto import tqdm
+
+    return iter(tqdm(keys, desc=desc, unit="tensor", leave=False))
+
+
+def task_vectors(pretrained: StateDict, finetuned: Mapping[str, StateDict], tasks: list[str],
+                 key: str) -> list[Tensor]:
+    """The float32 task vectors of one key, one per task, in task order."""
+    p = pretrained[key]
+    return [task_vector(p, finetuned[t][key]) for t in tasks]
+
+
+def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
+                 merge_key, desc: str, progress: bool) -> dict[str, Tensor]:
+    """A merged state dict built key by key: ``merge_key(key, theta0_f32, taus)`` gives the
+    float32 merged tensor of each float key; other keys are copied from the pretrained model."""
+    merged: dict[str, Tensor] = {}
+    float_keys = set(spec.float_keys)
+    for key in iter_keys(list(pretrained.keys()), desc, progress):
+        p = pretrained[key]
+        if key not in float_keys:
+            merged[key] = p
+            continue
+        taus = task_vectors(pretrained, finetuned, spec.tasks, key)
+        merged[key] = cast_like(merge_key(key, to_float32(p), taus), p.dtype)
+    return merged
+
+
+def encode_deltas(reference: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
+                  encode, desc: str, progress: bool) -> dict[str, dict]:
+    """Per task, ``encode(key, delta)`` of each non-zero float32 delta against ``reference``.
+
+    Keys no task changed are skipped (they are outside the AMR parameter set); ``encode`` may
+    return None to store nothing for a key. Returns task -> key -> codec.
+    """
+    records: dict[str, dict] = {t: {} for t in spec.tasks}
+    for key in iter_keys(spec.active_keys, desc, progress):
+        ref = reference[key]
+        for task in spec.tasks:
+            delta = task_vector(ref, finetuned[task][key])
+            if not bool(delta.any()):
+                continue
+            codec = encode(key, delta)
+            if codec is not None:
+                records[task][key] = codec
+    return records

@@ -1,0 +1,56 @@
+"""DARE (Yu et al., ICML 2024, "Language models are Super Mario"): drop and rescale task
+vectors, then merge them with Task Arithmetic."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from harness.method import MergeMethod, hp, require
+from harness.result import MergeResult
+from harness.state_dict import inspect_models, merge_shared
+from methods.task_arithmetic import task_arithmetic
+
+
+def key_generator(seed: int, task: str, key: str) -> torch.Generator:
+    """A generator seeded from (seed, task, key): the same bits whatever the key order."""
+    digest = hashlib.sha256(f"{seed}\0{task}\0{key}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def drop_and_rescale(tau: Tensor, p: float, generator: torch.Generator) -> Tensor:
+    """Drop each entry with probability ``p`` and scale the survivors by ``1 / (1 - p)``."""
+    keep = torch.rand(tau.shape, generator=generator) >= p
+    return tau * keep / (1 - p)
+
+
+@dataclass(frozen=True)
+class Dare(MergeMethod):
+    """DARE with rescaling, then Task Arithmetic: ``theta_0 + lam * sum_t DARE_p(tau_t)``.
+
+    Random drops are seeded per (seed, task, key), so a seed fixes the result bit for bit,
+    independent of the order in which a lazy checkpoint yields its keys.
+    """
+
+    name = "dare"
+    p: float = hp(0.5, "drop probability of each task-vector entry")
+    lam: float = hp(0.3, "Task Arithmetic scaling coefficient")
+    seed: int = hp(0, "random seed of the drop masks")
+
+    def check(self):
+        require(0 <= self.p < 1, self.name, "p", f"must be in [0, 1), got {self.p}")
+        require(self.lam >= 0, self.name, "lam", f"must be >= 0, got {self.lam}")
+
+    def merge(self, pretrained, finetuned, *, progress=False):
+        spec = inspect_models(pretrained, finetuned)
+
+        def merge_key(key, theta0, taus):
+            dropped = [drop_and_rescale(tau, self.p, key_generator(self.seed, t, key))
+                       for t, tau in zip(spec.tasks, taus)]
+            return task_arithmetic(theta0, dropped, self.lam)
+        base = merge_shared(pretrained, finetuned, spec, merge_key, self.name, progress)
+        return MergeResult(self.name, self.params(), base, spec.tasks,
+                           merged_params=spec.merged_params)

@@ -1,0 +1,77 @@
+"""EMR-Merging (Huang et al., NeurIPS 2024, "EMR-Merging: Tuning-free high-performance model
+merging"): a unified task vector plus a per-task sign mask and rescaler."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from harness.method import MergeMethod
+from harness.payload import Mask, pack_bits
+from harness.result import MergeResult, TaskPayload
+from harness.state_dict import inspect_models, iter_keys, task_vectors
+
+
+def emr_elect(taus: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """``tau_uni`` and the stacked masks ``M_t`` of one tensor key.
+
+    ``flag = +1 where mean_t tau_t > 0 else -1``; ``M_t = tau_t * flag > 0``;
+    ``tau_uni = flag * max_t |tau_t * M_t|``.
+    """
+    stacked = torch.stack(list(taus))
+    flag = torch.where(stacked.mean(dim=0) > 0, 1.0, -1.0)
+    masks = stacked * flag > 0
+    tau_uni = flag * (stacked * masks).abs().amax(dim=0)
+    return tau_uni, masks
+
+
+@dataclass(frozen=True)
+class Emr(MergeMethod):
+    """EMR-Merging; task weights ``theta_0 + lambda_t * (M_t * tau_uni)``, no hyperparameters.
+
+    - [decision: code over paper] ``lambda_t = sum_n mean|tau_t[n]| / sum_n mean|tau_uni[n] *
+      M_t[n]|`` sums per-tensor means over tensors, as the authors' code does.
+    - [decision: the authors' code divides by zero and returns inf] a task whose masks are all
+      empty gets ``lambda_t = 0`` and a warning naming it.
+    - Shared: theta_0 and tau_uni; payload: a 1-bit mask per entry plus one float32 per task.
+      Unseen tasks get the unified model ``theta_0 + tau_uni`` (paper, appendix B.2).
+    """
+
+    name = "emr"
+    kind = "personalized"
+
+    def merge(self, pretrained, finetuned, *, progress=False):
+        spec = inspect_models(pretrained, finetuned)
+        tasks = spec.tasks
+        tau_uni: dict[str, Tensor] = {}
+        records: dict[str, dict] = {t: {} for t in tasks}
+        numerator = {t: 0.0 for t in tasks}
+        denominator = {t: 0.0 for t in tasks}
+        for key in iter_keys(spec.active_keys, self.name, progress):
+            taus = task_vectors(pretrained, finetuned, tasks, key)
+            uni, masks = emr_elect(taus)
+            tau_uni[key] = uni
+            shape = tuple(uni.shape)
+            for t, tau, mask in zip(tasks, taus, masks):
+                numerator[t] += float(tau.abs().mean())
+                denominator[t] += float((uni * mask).abs().mean())
+                records[t][key] = Mask(pack_bits(mask, 1), shape)
+        payloads, scales = {}, {}
+        for t in tasks:
+            if denominator[t] == 0:
+                warnings.warn(f"emr: task {t!r} has empty masks everywhere: nothing to rescale, "
+                              "lambda set to 0", stacklevel=2)
+                scales[t] = 0.0
+            else:
+                scales[t] = numerator[t] / denominator[t]
+            payloads[t] = TaskPayload(records[t], torch.tensor(scales[t], dtype=torch.float32),
+                                      shared="tau_uni")
+        return MergeResult(self.name, self.params(), pretrained, tasks, kind=self.kind,
+                           payloads=payloads, shared={"tau_uni": tau_uni},
+                           merged_params=spec.merged_params,
+                           unseen={"shared": "tau_uni", "scale": 1.0},
+                           info={"lambda": scales})

@@ -1,0 +1,84 @@
+"""The SVD baseline: each task vector stored as an exact truncated SVD in float32."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from harness.accounting import amr_percent, dts_rank
+from harness.method import MergeMethod, hp, require
+from harness.payload import Codec, Dense, LowRank
+from harness.result import MergeResult, TaskPayload
+from harness.state_dict import ModelSpec, encode_deltas, inspect_models, numel
+from methods.dts import delta_zero_counts, predicted_amr, truncated_svd
+from methods.dts_star import GRID, largest_density
+
+DTS_REFERENCE_DENSITY = 0.3
+
+
+def svd_encode(tau: Tensor, density: float) -> Codec | None:
+    """Top-r SVD factors of a 2-D task vector (None at r = 0); other tensors as they are."""
+    if tau.dim() != 2:
+        return Dense(tau.clone())
+    rank = dts_rank(density, tau.shape)
+    if rank == 0:
+        return None
+    u, s, vh = truncated_svd(tau, rank, "lapack")
+    return LowRank(Dense(u), s, Dense(vh))
+
+
+def svd_stored_bytes(shape: tuple[int, ...], density: float) -> int:
+    if len(shape) != 2:
+        return 4 * numel(shape)
+    r = dts_rank(density, shape)
+    return 4 * r * (shape[0] + 1 + shape[1])
+
+
+def matched_density(spec: ModelSpec) -> float:
+    """The largest density whose stored AMR (max over tasks) does not exceed DTS-T's at 0.3."""
+    zeros = delta_zero_counts(None, {}, spec)
+    target = predicted_amr(spec, DTS_REFERENCE_DENSITY, zeros)
+
+    def amr_at(density):
+        worst = max(sum(svd_stored_bytes(spec.shapes[k], density) for k in zeros[t])
+                    for t in spec.tasks)
+        return amr_percent(worst, spec.merged_params)
+    # "does not exceed" the target: search strictly below a hair above it
+    step = largest_density(amr_at, target * (1 + 1e-12))
+    if step < 0:
+        raise ValueError(
+            f"svd: no density matches DTS-T's AMR at density 0.3 ({target:.4f}%): the tensors "
+            f"stored as they are already take {amr_at(0.0):.4f}%")
+    return step / GRID
+
+
+@dataclass(frozen=True)
+class SvdBaseline(MergeMethod):
+    """Truncated SVD of each 2-D task vector, ``r = int(density * min(m, n))``, U, S, V in
+    float32; 1-D and other tensors stored as they are. With no density given, the largest
+    density (0.001 grid) whose stored-bytes AMR does not exceed DTS-T's at r = 0.3, as the
+    paper matches them. Unseen tasks get the pretrained model (paper, appendix B.2).
+
+    [decision] DTS-T's reference AMR is predicted from shapes and the task vectors' zero
+    counts, taking its SVD factors to hold no exact zeros (a lower bound on its bytes), so
+    the baseline never stores more than DTS-T.
+    """
+
+    name = "svd"
+    kind = "personalized"
+    density: float | None = hp(None, "rank proportion; None matches DTS-T's AMR at 0.3")
+
+    def check(self):
+        if self.density is not None:
+            require(0 <= self.density <= 1, self.name, "density",
+                    f"must be in [0, 1], got {self.density}")
+
+    def merge(self, pretrained, finetuned, *, progress=False):
+        spec = inspect_models(pretrained, finetuned)
+        density = self.density if self.density is not None else matched_density(spec)
+        records = encode_deltas(pretrained, finetuned, spec,
+                                lambda key, tau: svd_encode(tau, density), self.name, progress)
+        return MergeResult(self.name, self.params(), pretrained, spec.tasks, kind=self.kind,
+                           payloads={t: TaskPayload(r) for t, r in records.items()},
+                           merged_params=spec.merged_params, info={"density": density})

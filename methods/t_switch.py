@@ -1,0 +1,73 @@
+"""T-Switch (Qi et al., CVPR 2025, "Less is more: efficient model merging with binary task
+switch"): per tensor, keep the largest entries of each sign and store them as ``alpha * sign``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from harness.method import MergeMethod, hp, require
+from harness.payload import Dense, Ternary, pack_bits
+from harness.result import MergeResult, TaskPayload
+from harness.state_dict import encode_deltas, inspect_models
+
+
+def keep_largest(values: Tensor, member: Tensor, k: float) -> Tensor:
+    """Among ``member`` entries keep the ``int(n * (1 - k))`` largest ``values`` (ties at the
+    smallest kept value kept too); where that count is 0, keep every member."""
+    n = int(member.sum())
+    keep = int(n * (1 - k))
+    if keep == 0:
+        return member
+    candidates = values[member]
+    threshold = torch.kthvalue(candidates, n - keep + 1).values
+    return member & (values >= threshold)
+
+
+def t_switch_codes(tau: Tensor, k: float) -> tuple[Tensor, Tensor]:
+    """Ternary codes (0 absent, 1 positive, 2 negative) and the scale ``alpha`` of one tensor."""
+    keep_pos = keep_largest(tau, tau > 0, k)
+    keep_neg = keep_largest(-tau, tau < 0, k)
+    kept = tau * (keep_pos | keep_neg)
+    signs = torch.sign(kept)
+    b_norm = torch.linalg.vector_norm(signs)
+    alpha = torch.linalg.vector_norm(kept) / b_norm if float(b_norm) > 0 else b_norm * 0
+    codes = keep_pos.to(torch.uint8) + 2 * keep_neg.to(torch.uint8)
+    return codes, alpha.to(torch.float32)
+
+
+def t_switch_encode(tau: Tensor, k: float) -> Dense | Ternary:
+    """The stored form of one task-vector tensor: 0-d tensors exactly, others as ``alpha * b``."""
+    if tau.dim() == 0:
+        return Dense(tau.clone())
+    codes, alpha = t_switch_codes(tau, k)
+    return Ternary(pack_bits(codes, 2), alpha, tuple(tau.shape))
+
+
+@dataclass(frozen=True)
+class TSwitch(MergeMethod):
+    """T-Switch, the authors' per-tensor, per-sign rule with one scale per tensor.
+
+    ``k`` is the fraction dropped (0.6 vision, 0.7 language). Per sign the largest
+    ``int(n * (1 - k))`` entries are kept; where that count is 0 every entry of that sign is
+    kept, as the authors' code does. ``alpha = ||tau_kept|| / ||b||`` (0 for an all-zero tensor,
+    where the authors' RoBERTa code gives NaN). Payload: 2 bits per entry (presence + sign)
+    plus one float32 per tensor. Unseen tasks get the pretrained model (paper, appendix B.2).
+    """
+
+    name = "t-switch"
+    kind = "personalized"
+    k: float = hp(0.6, "fraction of each sign's entries dropped per tensor")
+
+    def check(self):
+        require(0 <= self.k < 1, self.name, "k", f"must be in [0, 1), got {self.k}")
+
+    def merge(self, pretrained, finetuned, *, progress=False):
+        spec = inspect_models(pretrained, finetuned)
+        records = encode_deltas(pretrained, finetuned, spec,
+                                lambda key, tau: t_switch_encode(tau, self.k), self.name, progress)
+        return MergeResult(self.name, self.params(), pretrained, spec.tasks, kind=self.kind,
+                           payloads={t: TaskPayload(r) for t, r in records.items()},
+                           merged_params=spec.merged_params)

@@ -1,0 +1,44 @@
+"""Task Arithmetic (Ilharco et al., ICLR 2023, "Editing models with task arithmetic")."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from harness.method import MergeMethod, hp, require
+from harness.result import MergeResult
+from harness.state_dict import inspect_models, merge_shared
+
+
+def sum_task_vectors(taus: Sequence[Tensor]) -> Tensor:
+    """``sum_t tau_t`` accumulated in task order (a new tensor)."""
+    total = taus[0].clone()
+    for tau in taus[1:]:
+        total += tau
+    return total
+
+
+def task_arithmetic(theta0: Tensor, taus: Sequence[Tensor], lam: float) -> Tensor:
+    """``theta_0 + lam * sum_t tau_t`` in float32."""
+    return theta0 + lam * sum_task_vectors(taus)
+
+
+@dataclass(frozen=True)
+class TaskArithmetic(MergeMethod):
+    """``theta = theta_0 + lam * sum_t tau_t`` with the benchmark's lam = 0.3."""
+
+    name = "task-arithmetic"
+    lam: float = hp(0.3, "scaling coefficient of the summed task vectors")
+
+    def check(self):
+        require(self.lam >= 0, self.name, "lam", f"must be >= 0, got {self.lam}")
+
+    def merge(self, pretrained, finetuned, *, progress=False):
+        spec = inspect_models(pretrained, finetuned)
+        base = merge_shared(pretrained, finetuned, spec,
+                            lambda key, theta0, taus: task_arithmetic(theta0, taus, self.lam),
+                            self.name, progress)
+        return MergeResult(self.name, self.params(), base, spec.tasks,
+                           merged_params=spec.merged_params)
