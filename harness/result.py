@@ -82,7 +82,11 @@ class MergeResult:
             raise KeyError(f"task {task!r} is not in this result; its tasks are {self.tasks}")
 
     def weights_for(self, task: str) -> dict[str, Tensor]:
-        """The full state dict used for ``task`` (the same base for shared methods)."""
+        """The full state dict used for ``task`` (the same base for shared methods).
+
+        Keys the task changes are new tensors; the others are the base's own tensors, not
+        copies (so serving costs one model, not two): copy before editing them in place.
+        """
         self._check_task(task)
         if self.kind == "shared":
             return dict(self.base)
@@ -197,8 +201,12 @@ class MergeResult:
             with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
                 json.dump(manifest, f, indent=1, sort_keys=True)
             if os.path.exists(directory):
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
+                previous = tmp + ".previous"
+                os.replace(directory, previous)
+                os.replace(tmp, directory)
+                shutil.rmtree(previous)
+            else:
+                os.replace(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

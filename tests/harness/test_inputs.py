@@ -1,0 +1,103 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from harness import LazyStateDict, MergeInputError, get_method, list_methods
+from tests.conftest import make_models
+
+OPTIONS = {"svd": {"density": 0.3}, "dts-t-star": {"budget": 60}, "dts-d-star": {"budget": 60}}
+ALL = sorted(list_methods())
+
+
+def method(name):
+    return get_method(name, **OPTIONS.get(name, {}))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_inputs_are_never_mutated(name):
+    pre, ft = make_models()
+    pre_copy = {k: v.clone() for k, v in pre.items()}
+    ft_copy = {t: {k: v.clone() for k, v in m.items()} for t, m in ft.items()}
+    result = method(name).merge(pre, ft)
+    for task in ft:
+        result.weights_for(task)
+    if result.kind == "personalized":
+        result.weights_for_unseen({t: 1 / len(ft) for t in ft})
+    for k in pre:
+        assert torch.equal(pre[k], pre_copy[k]), k
+    for t in ft:
+        for k in ft[t]:
+            assert torch.equal(ft[t][k], ft_copy[t][k]), (t, k)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_return_input_dtype(name, dtype):
+    pre, ft = make_models(dtype=dtype)
+    weights = method(name).merge(pre, ft).weights_for("task1")
+    for key, value in pre.items():
+        assert weights[key].dtype == value.dtype, key
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_lazy_safetensors_inputs_give_the_same_result(name, tmp_path):
+    pre, ft = make_models()
+    save_file(pre, tmp_path / "pre.safetensors")
+    lazy_ft = {}
+    for t, m in ft.items():
+        # one sharded checkpoint in the Hugging Face layout, the others single files
+        if t == "task0":
+            folder = tmp_path / t
+            folder.mkdir()
+            keys = list(m)
+            shards = {"model-1.safetensors": keys[:3], "model-2.safetensors": keys[3:]}
+            for file, ks in shards.items():
+                save_file({k: m[k] for k in ks}, folder / file)
+            index = {"weight_map": {k: f for f, ks in shards.items() for k in ks}}
+            (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+            lazy_ft[t] = LazyStateDict(folder)
+        else:
+            save_file(m, tmp_path / f"{t}.safetensors")
+            lazy_ft[t] = LazyStateDict(tmp_path / f"{t}.safetensors")
+    eager = method(name).merge(pre, ft)
+    lazy = method(name).merge(LazyStateDict(tmp_path / "pre.safetensors"), lazy_ft)
+    for task in ft:
+        a, b = eager.weights_for(task), lazy.weights_for(task)
+        for key in a:
+            assert torch.equal(a[key], b[key]), (task, key)
+
+
+def bad(mutator):
+    pre, ft = make_models()
+    mutator(pre, ft)
+    return pre, ft
+
+
+CASES = [
+    ("missing key", lambda p, f: f["task1"].pop("layer.bias"),
+     "key 'layer.bias' is missing from task model 'task1'"),
+    ("extra key", lambda p, f: f["task2"].__setitem__("head.weight", torch.zeros(2)),
+     "key 'head.weight' of task model 'task2' is missing from the pretrained model"),
+    ("shape", lambda p, f: f["task0"].__setitem__("layer.weight", torch.zeros(8, 9)),
+     r"key 'layer.weight' has shape \(8, 9\) in task model 'task0'"),
+    ("nan", lambda p, f: f["task2"]["layer.bias"].__setitem__(0, float("nan")),
+     "key 'layer.bias' of task model 'task2' contains NaN"),
+    ("inf", lambda p, f: p["conv.weight"].view(-1).__setitem__(3, float("inf")),
+     "key 'conv.weight' of the pretrained model contains Inf"),
+    ("non-float", lambda p, f: f["task1"].__setitem__("layer.weight", torch.zeros(8, 8,
+                                                                                  dtype=torch.int64)),
+     "key 'layer.weight' of task model 'task1' has dtype torch.int64, where a floating"),
+    ("zero task", lambda p, f: f.__setitem__("task1", dict(p)),
+     "task model 'task1' equals the pretrained model"),
+    ("empty", lambda p, f: f.clear(), "task set is empty"),
+]
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("case,mutate,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_named_before_work(name, case, mutate, message):
+    pre, ft = bad(mutate)
+    with pytest.raises(MergeInputError, match=message):
+        method(name).merge(pre, ft)

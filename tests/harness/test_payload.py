@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from harness.payload import pack_bits, packed_nbytes, store_zeros, unpack_bits, zero_storage_nbytes
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("n", [0, 1, 3, 8, 1001])
+def test_pack_round_trip(bits, n):
+    codes = torch.randint(0, 1 << bits, (n,), generator=torch.Generator().manual_seed(n),
+                          dtype=torch.uint8)
+    packed = pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_nbytes(n, bits)
+    assert torch.equal(unpack_bits(packed, bits, n), codes)
+
+
+def test_pack_layout_is_little_end_first():
+    assert pack_bits(torch.tensor([1, 2, 3, 0]), 2).tolist() == [1 | 2 << 2 | 3 << 4]
+    assert pack_bits(torch.tensor([True, False, True]), 1).tolist() == [0b101]
+
+
+def test_codes_that_do_not_fit_are_rejected():
+    with pytest.raises(ValueError, match="2 bits"):
+        pack_bits(torch.tensor([4]), 2)
+
+
+def test_zero_storage_picks_the_smaller_form():
+    assert zero_storage_nbytes(800, 0) == 0
+    assert zero_storage_nbytes(800, 3) == 12       # positions: 12 < 100
+    assert zero_storage_nbytes(800, 500) == 100    # mask
+    mask = torch.zeros(800, dtype=torch.bool)
+    mask[[5, 9]] = True
+    stored, form = store_zeros(mask)
+    assert form == "positions" and stored.tolist() == [5, 9]

@@ -1,0 +1,215 @@
+import math
+
+import pytest
+import torch
+
+from harness import HyperparameterError, get_method
+from harness.accounting import dts_paper_amr
+from methods.dts import (dts_encode, group_encode, predicted_stored_bytes, threshold_and_scale,
+                         truncated_svd)
+from methods.ties import ties_merge
+from harness.state_dict import inspect_models
+from tests.conftest import make_models
+
+
+def test_golden_vector():
+    x = torch.tensor([0.4, 0.3, 0.1, -0.2, -0.6, 0.0])
+    expected = torch.tensor([0.4, math.sqrt(0.05), math.sqrt(0.05), -0.2, -0.6, 0.0])
+    out = threshold_and_scale(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-7)
+    assert out[5] == 0.0
+
+
+def test_equal_values_split_by_position():
+    # four equal positives: the first two (by position) form the high group
+    code = group_encode(torch.tensor([0.5, 0.5, 0.5, 0.5, -1.0]))
+    from harness.payload import unpack_bits
+    assert unpack_bits(code.codes, 2, 5).tolist()[:4] == [0, 0, 1, 1]
+
+
+def test_group_scales_are_rms():
+    x = torch.tensor([3.0, 1.0, 2.0, 4.0, -1.0, -3.0, -2.0])
+    # positives sorted 4,3 | 2,1 ; negatives by magnitude 3 | 2,1
+    out = threshold_and_scale(x)
+    hi, lo = math.sqrt((16 + 9) / 2), math.sqrt((4 + 1) / 2)
+    nhi, nlo = 3.0, math.sqrt((4 + 1) / 2)
+    expected = torch.tensor([hi, lo, lo, hi, -nlo, -nhi, -nlo])
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+def test_per_vector_grouping_groups_each_column():
+    u = torch.tensor([[4.0, 0.1], [1.0, 0.2], [-2.0, -0.3]])
+    whole = group_encode(u).decode()
+    per_col = group_encode(u, 1).decode()
+    # per column: column 0 positives {4} | {1}, column 1 positives {0.2} | {0.1}
+    torch.testing.assert_close(per_col, torch.tensor([[4.0, 0.1], [1.0, 0.2], [-2.0, -0.3]]))
+    assert not torch.equal(whole, per_col)
+
+
+def test_zeros_stored_as_positions_or_mask():
+    sparse = torch.zeros(1000)
+    sparse[3] = 1.0
+    sparse[7] = -1.0
+    code = group_encode(sparse)
+    assert code.zeros_as == "mask"          # 998 zeros: a 125-byte mask beats 3992 bytes
+    few = torch.arange(1.0, 101.0)
+    few[10] = 0.0
+    code = group_encode(few)
+    assert code.zeros_as == "positions" and code.zeros.tolist() == [10]
+    assert code.decode()[10] == 0.0
+
+
+def test_canonical_signs_make_largest_entry_positive():
+    delta = torch.randn(30, 20, generator=torch.Generator().manual_seed(1))
+    u, s, vh = truncated_svd(delta, 5, "canonical")
+    pivots = u.abs().argmax(dim=0)
+    assert bool((u[pivots, torch.arange(5)] > 0).all())
+    torch.testing.assert_close((u * s) @ vh, (lambda a: (a[0][:, :5] * a[1][:5]) @ a[2][:5])(
+        torch.linalg.svd(delta, full_matrices=False)))
+    lu, ls, lvh = truncated_svd(delta, 5, "lapack")
+    ru, _, _ = torch.linalg.svd(delta, full_matrices=False)
+    assert torch.equal(lu, ru[:, :5])
+
+
+def test_density_one_leaves_only_thresholding_error():
+    delta = torch.randn(12, 9, generator=torch.Generator().manual_seed(2))
+    codec = dts_encode(delta, 1.0)
+    u, s, vh = truncated_svd(delta, 9)
+    expected = (threshold_and_scale(u) * s) @ threshold_and_scale(vh)
+    assert torch.equal(codec.decode(), expected)
+
+
+def test_rank_rounding_to_zero_drops_delta():
+    delta = torch.randn(1, 768)
+    assert dts_encode(delta, 0.3) is None          # int(0.3 * 1) = 0
+    assert dts_encode(torch.randn(10, 10), 0.09) is None
+
+
+def test_tensor_kinds():
+    scalar = torch.tensor(0.25)
+    assert dts_encode(scalar, 0.3).decode() == scalar
+    vec = torch.tensor([0.4, 0.3, 0.1, -0.2, -0.6, 0.0])
+    torch.testing.assert_close(dts_encode(vec, 0.3).decode(), threshold_and_scale(vec))
+    conv = torch.randn(4, 2, 3, 3)
+    torch.testing.assert_close(dts_encode(conv, 0.3).decode(),
+                               threshold_and_scale(conv.reshape(-1)).reshape(4, 2, 3, 3))
+
+
+def test_stored_bytes_match_prediction():
+    delta = torch.randn(40, 24)
+    for density in (0.05, 0.3, 1.0):
+        codec = dts_encode(delta, density)
+        assert codec.nbytes == predicted_stored_bytes((40, 24), density, 0)
+    vec = torch.randn(300)
+    vec[:5] = 0
+    assert dts_encode(vec, 0.3).nbytes == predicted_stored_bytes((300,), 0.3, 5)
+
+
+def test_dts_t_weights_are_pretrained_plus_decoded_delta(models):
+    pre, ft = models
+    result = get_method("dts-t").merge(pre, ft)
+    w = result.weights_for("task1")
+    delta = ft["task1"]["layer.weight"] - pre["layer.weight"]
+    expected = pre["layer.weight"] + dts_encode(delta, 0.3).decode()
+    assert torch.equal(w["layer.weight"], expected)
+    assert torch.equal(w["frozen.weight"], pre["frozen.weight"])
+    assert torch.equal(w["position_ids"], pre["position_ids"])
+    assert result.kind == "personalized"
+    # embed 20x8: r = int(0.3 * 8) = 2; layer 8x8: r = 2
+    assert result.payloads["task1"].records["embed.weight"].s.numel() == 2
+
+
+def test_dts_d_uses_ties_base(models):
+    pre, ft = models
+    result = get_method("dts-d").merge(pre, ft)
+    spec = inspect_models(pre, ft)
+    base = ties_merge(pre, ft, spec, k=20, merge="sum", lam=0.3)
+    for key in base:
+        assert torch.equal(result.base[key], base[key])
+    delta = ft["task0"]["layer.bias"] - base["layer.bias"]
+    expected = base["layer.bias"] + threshold_and_scale(delta)
+    assert torch.equal(result.weights_for("task0")["layer.bias"], expected)
+
+
+def test_dts_d_reconstructs_better_than_dts_t_at_full_density(models):
+    pre, ft = models
+    for name in ("dts-t", "dts-d"):
+        w = get_method(name, density=1.0).merge(pre, ft).weights_for("task0")
+        err = (w["layer.weight"] - ft["task0"]["layer.weight"]).norm()
+        assert err < (ft["task0"]["layer.weight"] - pre["layer.weight"]).norm()
+
+
+def roberta_base_shapes():
+    """RoBERTa-base's parameter shapes without the classifier (and without a pooler)."""
+    h, inter = 768, 3072
+    shapes = [(50265, h), (514, h), (1, h), (h,), (h,)]
+    for _ in range(12):
+        for _ in range(4):
+            shapes += [(h, h), (h,)]
+        shapes += [(h,), (h,), (inter, h), (inter,), (h, inter), (h,), (h,), (h,)]
+    return shapes
+
+
+def test_paper_amr_reproduces_roberta_table_2():
+    shapes = roberta_base_shapes()
+    assert sum(math.prod(s) for s in shapes) == 124_055_040
+    assert round(dts_paper_amr(shapes, 0.3), 2) == 3.81
+    assert round(dts_paper_amr(shapes, 0.1), 2) == 1.26
+    assert round(dts_paper_amr(shapes, 0.08), 2) == 1.02
+
+
+def test_paper_amr_edge_densities():
+    shapes = roberta_base_shapes()
+    # density 0: every matrix drops out, only the 1-D tensors' 3 bits remain
+    one_d = sum(math.prod(s) for s in shapes if len(s) == 1)
+    assert dts_paper_amr(shapes, 0.0) == pytest.approx(100 * 3 * one_d / 8 / (4 * 124_055_040))
+    # density 1: full rank factors at 3 bits plus float32 singular values
+    bits = sum(3 * math.prod(s) if len(s) == 1 else 3 * s[0] * min(s) + 32 * min(s)
+               + 3 * min(s) * s[1] for s in shapes)
+    assert dts_paper_amr(shapes, 1.0) == pytest.approx(100 * bits / 8 / (4 * 124_055_040))
+
+
+def test_paper_count_reported_beside_stored(models):
+    pre, ft = models
+    result = get_method("dts-t").merge(pre, ft)
+    paper = result.amr("paper")
+    spec = inspect_models(pre, ft)
+    expected = dts_paper_amr([spec.shapes[k] for k in spec.active_keys], 0.3)
+    assert paper["task0"] == pytest.approx(expected)
+    assert result.merged_params == spec.merged_params
+    assert "frozen.weight" not in spec.active_keys
+
+
+def wide_models(n_tasks=2):
+    g = torch.Generator().manual_seed(5)
+    pre = {f"m{i}": torch.randn(128, 128, generator=g) for i in range(3)}
+    pre["bias"] = torch.randn(16, generator=g)
+    ft = {f"t{t}": {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in pre.items()}
+          for t in range(n_tasks)}
+    return pre, ft
+
+
+@pytest.mark.parametrize("name", ["dts-t-star", "dts-d-star"])
+def test_star_density_is_largest_under_budget(name):
+    pre, ft = wide_models()
+    result = get_method(name).merge(pre, ft)
+    density = result.info["density"]
+    assert max(result.amr().values()) < 1.0
+    plain = "dts-t" if name == "dts-t-star" else "dts-d"
+    above = get_method(plain, density=round(density + 0.001, 3)).merge(pre, ft)
+    assert max(above.amr().values()) >= 1.0
+
+
+def test_star_paper_count_and_unreachable_budget():
+    pre, ft = wide_models()
+    result = get_method("dts-t*", budget_count="paper").merge(pre, ft)
+    assert max(result.amr("paper").values()) < 1.0
+    with pytest.raises(ValueError, match="smallest reachable"):
+        get_method("dts-t-star", budget=0.001).merge(pre, ft)
+
+
+def test_density_out_of_range_is_rejected():
+    with pytest.raises(HyperparameterError, match="density"):
+        get_method("dts-d", density=1.5)
+    with pytest.raises(HyperparameterError, match="density"):
+        get_method("dts-t", density=-0.1)

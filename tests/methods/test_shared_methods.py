@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from harness import get_method
+from tests.conftest import make_models
+
+
+def test_weight_averaging_of_identical_models_returns_the_model():
+    pre, ft = make_models(n_tasks=1)
+    same = {f"copy{i}": ft["task0"] for i in range(7)}
+    result = get_method("weight-averaging").merge(pre, same)
+    for key, value in ft["task0"].items():
+        assert torch.equal(result.base[key], value), key
+
+
+def test_weight_averaging_is_the_mean(models):
+    pre, ft = models
+    result = get_method("weight-averaging").merge(pre, ft)
+    expected = sum(m["layer.weight"].double() for m in ft.values()) / 3
+    assert torch.equal(result.base["layer.weight"], expected.float())
+    assert result.stored_bytes("task0") == 0 and result.amr() == {t: 0.0 for t in ft}
+
+
+def test_task_arithmetic_formula():
+    pre = {"w": torch.tensor([1.0, 2.0])}
+    ft = {"a": {"w": torch.tensor([2.0, 2.0])}, "b": {"w": torch.tensor([1.0, 4.0])}}
+    assert get_method("task-arithmetic", lam=0.5).merge(pre, ft).base["w"].tolist() == [1.5, 3.0]
+    assert get_method("task-arithmetic").merge(pre, ft).base["w"].tolist() == \
+        pytest.approx([1.3, 2.6])
+
+
+def test_dare_is_seeded_rescaled_and_reduces_to_ta_at_p0(models):
+    pre, ft = models
+    a = get_method("dare", seed=1).merge(pre, ft).base
+    b = get_method("dare", seed=1).merge(pre, ft).base
+    c = get_method("dare", seed=2).merge(pre, ft).base
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["layer.weight"], c["layer.weight"])
+    ta = get_method("task-arithmetic").merge(pre, ft).base
+    p0 = get_method("dare", p=0.0).merge(pre, ft).base
+    assert all(torch.equal(ta[k], p0[k]) for k in ta)
+
+
+def test_dare_survivors_are_scaled_by_inverse_keep_rate():
+    pre = {"w": torch.zeros(10000)}
+    ft = {"a": {"w": torch.ones(10000)}}
+    merged = get_method("dare", p=0.75, lam=1.0).merge(pre, ft).base["w"]
+    values = set(merged.unique().tolist())
+    assert values == {0.0, 4.0}
+    assert abs(float((merged == 0).float().mean()) - 0.75) < 0.02

@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from harness import get_method
+from methods.ties import StreamingKthSmallest, trim_rank
+from tests.conftest import make_models
+
+
+def official_ties(pre, ft, k=20, merge="sum", lam=0.3):
+    """The authors' algorithm on flattened models (flatten, kthvalue, elect, disjoint merge)."""
+    keys = [key for key, v in pre.items() if v.is_floating_point()]
+    flat_pre = torch.cat([pre[key].reshape(-1) for key in keys])
+    tvs = torch.stack([torch.cat([m[key].reshape(-1) for key in keys]) - flat_pre
+                       for m in ft.values()])
+    d = tvs.shape[1]
+    kth = d - int(d * (k / 100))
+    thresholds = tvs.abs().kthvalue(kth, dim=1, keepdim=True).values
+    trimmed = tvs * (tvs.abs() >= thresholds)
+    sign = torch.sign(trimmed.sum(dim=0))
+    majority = torch.sign(sign.sum())
+    sign[sign == 0] = majority
+    keep = torch.where(sign.unsqueeze(0) > 0, trimmed > 0, trimmed < 0)
+    selected = trimmed * keep
+    agg = selected.sum(0)
+    if merge == "mean":
+        agg = agg / torch.clamp((selected != 0).sum(0).float(), min=1)
+    merged = flat_pre + lam * agg
+    out, offset = {}, 0
+    for key in keys:
+        n = pre[key].numel()
+        out[key] = merged[offset:offset + n].reshape(pre[key].shape)
+        offset += n
+    return out
+
+
+@pytest.mark.parametrize("merge", ["sum", "mean"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_official_algorithm_bit_for_bit(merge, seed):
+    pre, ft = make_models(n_tasks=4, seed=seed)
+    result = get_method("ties", merge_function=merge).merge(pre, ft)
+    reference = official_ties(pre, ft, merge=merge)
+    for key, value in reference.items():
+        assert torch.equal(result.base[key], value), key
+
+
+def test_hand_computed_trim_elect_disjoint():
+    # two keys, whole-model d = 6; k = 50 keeps |tau| >= the 3rd smallest (6 - int(3))
+    pre = {"a": torch.zeros(3), "b": torch.zeros(3)}
+    ft = {"x": {"a": torch.tensor([1.0, -4.0, 0.5]), "b": torch.tensor([2.0, 0.1, -3.0])},
+          "y": {"a": torch.tensor([-2.0, 1.0, 3.0]), "b": torch.tensor([0.2, 5.0, -1.0])}}
+    # x: |tau| sorted .1 .5 1 2 3 4 -> threshold 1 -> a [1,-4,0] b [2,0,-3]
+    # y: sorted .2 1 1 2 3 5 -> threshold 1 -> a [-2,1,3] b [0,5,-1]
+    # sum: a [-1,-3,3] b [2,5,-4] -> signs [-,-,+] [+,+,-]
+    # disjoint sum: a [-2,-4,3] b [2,5,-4]
+    result = get_method("ties", k=50, lam=1.0).merge(pre, ft)
+    assert result.base["a"].tolist() == [-2.0, -4.0, 3.0]
+    assert result.base["b"].tolist() == [2.0, 5.0, -4.0]
+    mean = get_method("ties", k=50, lam=0.5, merge_function="mean").merge(pre, ft)
+    assert mean.base["a"].tolist() == [-1.0, -2.0, 1.5]
+
+
+def test_zero_elected_sign_uses_majority_or_merges_to_zero():
+    pre = {"a": torch.zeros(4)}
+    # entry 0 sums to 0 with nonzero members; the other entries elect + twice, - once
+    ft = {"x": {"a": torch.tensor([1.0, 2.0, 2.0, -2.0])},
+          "y": {"a": torch.tensor([-1.0, 1.0, 1.0, -1.0])}}
+    result = get_method("ties", k=100, lam=1.0).merge(pre, ft)
+    assert result.base["a"].tolist() == [1.0, 3.0, 3.0, -3.0]   # majority + keeps the +1
+    ft_tie = {"x": {"a": torch.tensor([1.0, 2.0, -2.0, 0.5])},
+              "y": {"a": torch.tensor([-1.0, 1.0, -1.0, 0.0])}}
+    # signs: 0, +, -, +  -> majority + ; entry 0 keeps +1
+    assert get_method("ties", k=100, lam=1.0).merge(pre, ft_tie).base["a"].tolist() == \
+        [1.0, 3.0, -3.0, 0.5]
+    ft_even = {"x": {"a": torch.tensor([1.0, 2.0, -2.0, 0.0])},
+               "y": {"a": torch.tensor([-1.0, 1.0, -1.0, 0.0])}}
+    # signs: 0, +, -, 0 -> majority 0 -> entry 0 merges to 0 (spec)
+    assert get_method("ties", k=100, lam=1.0).merge(pre, ft_even).base["a"].tolist() == \
+        [0.0, 3.0, -3.0, 0.0]
+
+
+def test_streaming_kth_value_is_exact():
+    g = torch.Generator().manual_seed(3)
+    chunks = [torch.randn(n, generator=g).abs() for n in (10, 1000, 37)]
+    chunks.append(torch.zeros(50))
+    values = torch.cat(chunks)
+    for k in (1, 50, 51, 500, values.numel()):
+        sel = StreamingKthSmallest(k)
+        for c in chunks:
+            sel.add_high(c)
+        sel.choose_bin()
+        for c in chunks:
+            sel.add_low(c)
+        assert sel.value() == float(values.kthvalue(k).values)
+
+
+def test_trim_rank():
+    assert trim_rank(10, 20) == 8
+    assert trim_rank(10, 100) == 0
+
+
+def test_fp16_inputs_computed_in_float32_and_returned_in_fp16():
+    pre, ft = make_models(dtype=torch.float16)
+    result = get_method("ties").merge(pre, ft)
+    assert result.base["layer.weight"].dtype == torch.float16
+    pre32 = {k: v.float() if v.is_floating_point() else v for k, v in pre.items()}
+    ft32 = {t: {k: v.float() if v.is_floating_point() else v for k, v in m.items()}
+            for t, m in ft.items()}
+    reference = official_ties(pre32, ft32)
+    assert torch.equal(result.base["layer.weight"], reference["layer.weight"].half())
