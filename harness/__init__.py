@@ -10,13 +10,14 @@ The Python API::
 from __future__ import annotations
 
 from harness.method import HyperparameterError, MergeMethod
-from harness.registry import METHODS, UnknownNameError
+from harness.registry import METHODS, SUITES, UnknownNameError
 from harness.result import MergeResult, ResultFormatError
 from harness.state_dict import LazyStateDict, MergeInputError
 
 __all__ = [
     "HyperparameterError", "LazyStateDict", "MergeInputError", "MergeMethod", "MergeResult",
-    "ResultFormatError", "UnknownNameError", "get_method", "list_methods", "method_class",
+    "ResultFormatError", "UnknownNameError", "get_method", "list_methods", "list_suites",
+    "method_class",
 ]
 
 
@@ -33,3 +34,8 @@ def get_method(name: str, **hyperparameters) -> MergeMethod:
 def list_methods() -> list[str]:
     """Every registered method name, plugins included."""
     return METHODS.names()
+
+
+def list_suites() -> list[str]:
+    """Every registered suite name, plugins included."""
+    return SUITES.names()

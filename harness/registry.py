@@ -103,3 +103,10 @@ METHODS = Registry(
     },
     aliases={"dts-t*": "dts-t-star", "dts-d*": "dts-d-star"},
 )
+
+SUITES = Registry(
+    "suite", "merge_harness.suites",
+    {
+        "tiny": "tasks.tiny:TinySuite",
+    },
+)

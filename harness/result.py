@@ -9,7 +9,6 @@ the round trip is bit-exact and a damaged directory is detected.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor
 
 from harness.accounting import amr_percent
+from harness.files import sha256_file
 from harness.payload import CODECS, FORMAT_VERSION, Codec
 from harness.state_dict import StateDict, cast_like, to_float32
 
@@ -163,7 +163,7 @@ class MergeResult:
             def write(name: str, tensors: dict[str, Tensor]) -> None:
                 path = os.path.join(tmp, name)
                 save_file({k: t.contiguous() for k, t in tensors.items()}, path)
-                files[name] = _sha256(path)
+                files[name] = sha256_file(path)
 
             write("base.safetensors", dict(self.base))
             for name, sd in self.shared.items():
@@ -236,7 +236,7 @@ class MergeResult:
             path = os.path.join(directory, name)
             if not os.path.exists(path):
                 raise ResultFormatError(f"{path!r} is missing from the stored result")
-            if _sha256(path) != digest:
+            if sha256_file(path) != digest:
                 raise ResultFormatError(
                     f"{path!r} does not match its checksum: the stored result is corrupt "
                     "or truncated")
@@ -269,10 +269,3 @@ class MergeResult:
             info=manifest["info"],
         )
 
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -28,13 +28,21 @@ _GROUP_SCALE_BYTES = 4 * 4  # four float32 scales per grouped vector
 
 
 def _upper_half(values: Tensor, member: Tensor) -> Tensor:
-    """Per row, the first ``floor(n/2)`` members in descending order of ``values`` (stable)."""
-    key = torch.where(member, values, torch.full((), -math.inf))
-    order = torch.sort(key, dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))
-    half = member.sum(dim=1, keepdim=True) // 2
-    return member & (rank < half)
+    """Per row, the ``floor(n/2)`` largest member ``values``; among values tied at the cut the
+    first by position (the order a stable descending sort gives), found by selection, not sort."""
+    out = torch.zeros_like(member)
+    for row in range(values.shape[0]):
+        positions = torch.nonzero(member[row]).reshape(-1)
+        picked = values[row][positions]
+        half = picked.numel() // 2
+        if half == 0:
+            continue
+        cut = torch.kthvalue(picked, picked.numel() - half + 1).values
+        above = picked > cut
+        tied = picked == cut
+        chosen = above | (tied & (torch.cumsum(tied, 0) <= half - int(above.sum())))
+        out[row, positions[chosen]] = True
+    return out
 
 
 def group_encode(x: Tensor, grouped_dim: int | None = None) -> GroupCode:
@@ -73,9 +81,15 @@ def truncated_svd(delta: Tensor, rank: int, signs: str = "canonical") -> tuple[T
     """Exact top-``rank`` SVD ``U_r, S_r, V_r`` of a float32 matrix (thin, never full U).
 
     ``signs="canonical"`` flips each pair so the largest-magnitude entry of ``u_i`` (the first
-    on a tie) is positive; ``"lapack"`` keeps the signs ``torch.linalg.svd`` returns.
+    on a tie) is positive (a wide matrix is decomposed through its transpose, which LAPACK
+    does faster); ``"lapack"`` keeps the signs ``torch.linalg.svd(delta)`` returns.
     """
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    if signs == "canonical" and delta.shape[0] < delta.shape[1]:
+        # LAPACK is faster on tall matrices; the signs are normalized below anyway
+        v, s, uh = torch.linalg.svd(delta.T, full_matrices=False)
+        u, vh = uh.T, v.T
+    else:
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     u, s, vh = u[:, :rank], s[:rank], vh[:rank, :]
     if signs == "canonical":
         pivot = u.abs().argmax(dim=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor
 
@@ -36,6 +37,7 @@ class TallMask(MergeMethod):
 
     name = "tall-mask"
     kind = "personalized"
+    per_task_grid: ClassVar[tuple[str, tuple[float, ...]]] = ("lam", (0.2, 0.3, 0.4, 0.5, 0.6))
     lam: float | dict[str, float] = hp(0.4, "mask threshold, one value or task -> value")
     unseen_lam: float = hp(0.3, "Task Arithmetic coefficient served to unseen tasks")
 

@@ -86,7 +86,7 @@ def test_failed_save_keeps_previous_result(tmp_path, monkeypatch):
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr(result_module, "_sha256", broken)
+    monkeypatch.setattr(result_module, "sha256_file", broken)
     with pytest.raises(OSError):
         result.save(path)
     assert (path / "manifest.json").read_text() == before

@@ -213,3 +213,29 @@ def test_density_out_of_range_is_rejected():
         get_method("dts-d", density=1.5)
     with pytest.raises(HyperparameterError, match="density"):
         get_method("dts-t", density=-0.1)
+
+
+def test_selection_matches_stable_sort_definition_with_many_ties():
+    from harness.payload import unpack_bits
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(-3, 4, (500,), generator=g).float() / 2   # many exact ties and zeros
+    ids = unpack_bits(group_encode(x).codes, 2, 500)
+    for sign, high, low in ((1, 0, 1), (-1, 2, 3)):
+        members = torch.nonzero(sign * x > 0).reshape(-1)
+        order = torch.sort(sign * x[members], descending=True, stable=True).indices
+        half = members.numel() // 2
+        assert ids[members[order[:half]]].tolist() == [high] * half
+        assert ids[members[order[half:]]].tolist() == [low] * (members.numel() - half)
+
+
+def test_wide_matrices_decompose_like_tall_ones():
+    wide = torch.randn(16, 40, generator=torch.Generator().manual_seed(6))
+    u, s, vh = truncated_svd(wide, 10)
+    torch.testing.assert_close(s, torch.linalg.svdvals(wide)[:10])
+    pivots = u.abs().argmax(dim=0)
+    assert bool((u[pivots, torch.arange(10)] > 0).all())
+    ref_u, _, ref_vh = torch.linalg.svd(wide, full_matrices=False)
+    flip = torch.sign(ref_u[pivots, torch.arange(10)])
+    torch.testing.assert_close(u, ref_u[:, :10] * flip, atol=1e-5, rtol=0)
+    torch.testing.assert_close(vh, ref_vh[:10] * flip[:, None], atol=1e-5, rtol=0)

@@ -1,0 +1,164 @@
+"""The ``harness`` command: argument parsing and printing only."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from tabulate import tabulate
+
+DEFAULT_SUITE = "tiny"
+
+
+def _parse_sets(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--set takes name=value, got {pair!r}")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def _run_config(args):
+    from harness.runner import RunConfig
+
+    return RunConfig(method=args.method, suite=args.suite, split=args.split,
+                     overrides=_parse_sets(args.set), seed=args.seed, device=args.device,
+                     results_dir=args.results, cache_dir=args.cache_dir, force=args.force,
+                     quiet=args.quiet, unseen_weighting=args.unseen_weighting)
+
+
+def _print_record(record: dict) -> None:
+    rows = [[task, score["metric"], f"{100 * score['value']:.2f}"]
+            for task, score in record["tasks"].items()]
+    print(tabulate(rows, ["task", "metric", "value %"], tablefmt="github"))
+    amr = record["amr"]
+    paper = f" (paper count {amr['paper_mean']:.3f}%)" if amr.get("paper_mean") is not None else ""
+    print(f"\n{record['label']} on {record['suite']} ({record['split']} split): "
+          f"Avg {100 * record['average']:.2f}  ADR {record['adr']:.2f}%  "
+          f"AMR {amr['mean']:.3f}%{paper}")
+    print(f"merge {record['merge_seconds']:.1f} s, evaluation {record['eval_seconds']:.1f} s, "
+          f"peak RSS {record['peak_rss_bytes'] / 2**30:.2f} GiB")
+    for task, gamma in (record.get("gamma") or {}).items():
+        print(f"gamma for {task}: " + ", ".join(f"{t} {g:.3f}" for t, g in gamma.items()))
+    print(f"result: {record['_path']}")
+
+
+def cmd_run(args) -> int:
+    from harness.runner import run
+
+    _print_record(run(_run_config(args)))
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from harness.runner import validate
+
+    suite, method = validate(_run_config(args))
+    print(f"ok: {method.name} {method.params()} on {suite.name} "
+          f"({len(suite.split_tasks(args.split))} {args.split} tasks)")
+    return 0
+
+
+def cmd_ls(args) -> int:
+    from harness.registry import METHODS, SUITES
+
+    if args.what == "methods":
+        for name in METHODS.names():
+            cls = METHODS.get(name)
+            summary = (cls.__doc__ or "").strip().splitlines()[0]
+            print(f"{name}  [{cls.kind}]  {summary}")
+            for hp in cls.hyperparameters():
+                print(f"    {hp.name}: {hp.type} = {hp.default!r}  {hp.help}")
+    else:
+        for name in SUITES.names():
+            cls = SUITES.get(name)
+            seen = [t.name for t in cls.tasks if t.name not in cls.unseen]
+            print(f"{name}  [{cls.family}]  seen: {', '.join(seen)}; "
+                  f"unseen: {', '.join(cls.unseen) or '-'}")
+    return 0
+
+
+def cmd_leaderboard(args) -> int:
+    from harness.leaderboard import render_all
+
+    rendered, skipped = render_all(args.results, args.out, args.suite)
+    for s in skipped:
+        print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
+    stale = []
+    for item in rendered:
+        current = open(item.path, encoding="utf-8").read() if os.path.exists(item.path) else None
+        if args.check:
+            if current != item.text:
+                stale.append(item.path)
+        elif current != item.text:
+            os.makedirs(os.path.dirname(item.path) or ".", exist_ok=True)
+            with open(item.path, "w", encoding="utf-8") as f:
+                f.write(item.text)
+            print(f"wrote {item.path}")
+        else:
+            print(f"unchanged {item.path}")
+    if stale:
+        print("out of date (run `harness leaderboard`): " + ", ".join(stale), file=sys.stderr)
+        return 1
+    if args.check:
+        print(f"ok: {len(rendered)} leaderboard(s) match their results")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from harness.results import DEFAULT_RESULTS_DIR
+
+    parser = argparse.ArgumentParser(prog="harness", description="Benchmark model merging.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def run_options(p):
+        p.add_argument("--method", required=True, help="a registered method (harness ls methods)")
+        p.add_argument("--suite", default=DEFAULT_SUITE, help=f"default: {DEFAULT_SUITE}")
+        p.add_argument("--split", default="seen", choices=["seen", "unseen"])
+        p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                       help="a hyperparameter (repeatable)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="cpu", help="cpu or cuda")
+        p.add_argument("--results", default=DEFAULT_RESULTS_DIR, help="result files folder")
+        p.add_argument("--cache-dir", default=None,
+                       help="suite cache (default $MERGE_HARNESS_CACHE or ~/.cache/merge-harness)")
+        p.add_argument("--unseen-weighting", default="method", choices=["method", "similarity"],
+                       help="unseen split: each method's own rule, or similarity weights (eq. 8)")
+        p.add_argument("--force", action="store_true", help="rerun when the result exists")
+        p.add_argument("--quiet", action="store_true", help="no progress output")
+
+    p = sub.add_parser("run", help="merge a suite with a method, evaluate, record")
+    run_options(p)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("validate", help="check a run's names, hyperparameters and files, fast")
+    run_options(p)
+    p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("ls", help="list methods (with hyperparameters) or suites")
+    p.add_argument("what", choices=["methods", "suites"])
+    p.set_defaults(func=cmd_ls)
+    p = sub.add_parser("leaderboard", help="render leaderboards/<suite>.md from result files")
+    p.add_argument("--suite", default=None)
+    p.add_argument("--results", default=DEFAULT_RESULTS_DIR)
+    p.add_argument("--out", default="leaderboards")
+    p.add_argument("--check", action="store_true", help="fail when a file is out of date")
+    p.set_defaults(func=cmd_leaderboard)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted: results already written are intact", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, ImportError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""validate -> load -> merge -> evaluate -> record: one benchmark run of a method on a suite."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+
+from harness.accounting import adr
+from harness.method import MergeMethod
+from harness.registry import METHODS, SUITES
+from harness.result import MergeResult
+from harness.results import (DEFAULT_RESULTS_DIR, hyperparameter_tag, read_records, record_path,
+                             write_record)
+from harness.unseen import similarity_weights
+from tasks.base import Evaluation, Suite
+
+REFERENCE_ROWS = ("pretrained", "individual")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    method: str
+    suite: str = "tiny"
+    split: str = "seen"
+    overrides: dict = dataclasses.field(default_factory=dict)
+    seed: int = 0
+    device: str = "cpu"
+    results_dir: str = DEFAULT_RESULTS_DIR
+    cache_dir: str | None = None
+    force: bool = False
+    quiet: bool = False
+    unseen_weighting: str = "method"   # "method": each method's own rule; "similarity": eq. 8
+
+
+def get_suite(name: str, cache_dir: str | None = None) -> Suite:
+    return SUITES.get(name)(cache_dir)
+
+
+def build_method(suite: Suite, name: str, overrides: dict) -> MergeMethod:
+    """The method with the suite's defaults, then the user's overrides (validated)."""
+    cls = METHODS.get(name)
+    return cls.create(**{**suite.defaults_for(cls.name), **overrides})
+
+
+def validate(config: RunConfig) -> tuple[Suite, MergeMethod]:
+    """Everything that can be checked without reading a weight: names, hyperparameters, split,
+    the suite's files. Raises with a message naming the problem."""
+    if config.split not in ("seen", "unseen"):
+        raise ValueError(f"--split must be 'seen' or 'unseen', not {config.split!r}")
+    if config.unseen_weighting not in ("method", "similarity"):
+        raise ValueError("unseen weighting must be 'method' or 'similarity'")
+    suite = get_suite(config.suite, config.cache_dir)
+    method = build_method(suite, config.method, config.overrides)
+    if not suite.split_tasks("seen"):
+        raise ValueError(f"suite {suite.name!r} has no seen tasks to merge")
+    if config.split == "unseen" and not suite.split_tasks("unseen"):
+        raise ValueError(f"suite {suite.name!r} has no unseen tasks")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+    suite.check()
+    return suite, method
+
+
+def _log(config: RunConfig, message: str) -> None:
+    if not config.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("merge-harness", "numpy", "safetensors", "transformers"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance(suite: Suite, device: str) -> dict:
+    return {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "git_commit": _git_commit(), "versions": _versions(), "device": device,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "suite": suite.provenance()}
+
+
+def _evaluation_dict(e: Evaluation) -> dict:
+    return {"metric": e.metric, "value": e.value, "extras": e.extras, "examples": e.examples}
+
+
+def reference_scores(suite: Suite, config: RunConfig) -> dict[str, dict[str, dict]]:
+    """Individual (fine-tuned) and pretrained metrics of every task, measured once per suite
+    and kept as result records (with provenance) that ADR and the leaderboard read."""
+    scores: dict[str, dict[str, dict]] = {}
+    existing = {(r["method"], r["split"]): r for r in read_records(
+        os.path.join(config.results_dir, suite.name))[0] if r["method"] in REFERENCE_ROWS}
+    fingerprint = hyperparameter_tag(suite.provenance())
+    for row in REFERENCE_ROWS:
+        per_task: dict[str, dict] = {}
+        for split in ("seen", "unseen"):
+            record = existing.get((row, split))
+            if record and record.get("suite_fingerprint") == fingerprint and not config.force:
+                per_task.update(record["tasks"])
+        missing = [t.name for t in suite.tasks if t.name not in per_task]
+        if missing:
+            start = time.perf_counter()
+            _log(config, f"{suite.name}: measuring the {row} model on {len(missing)} tasks")
+            pretrained = suite.load_pretrained() if row == "pretrained" else None
+            for task in missing:
+                backbone = pretrained if row == "pretrained" else suite.load_finetuned(task)
+                per_task[task] = _evaluation_dict(
+                    suite.evaluate(task, backbone, device=config.device, progress=not config.quiet))
+            seconds = time.perf_counter() - start
+            for split in ("seen", "unseen"):
+                names = suite.split_tasks(split)
+                if not names:
+                    continue
+                tasks = {t: per_task[t] for t in names}
+                write_record(record_path(config.results_dir, suite.name, split, row, {}, 0), {
+                    "suite": suite.name, "split": split, "method": row, "label": row.title(),
+                    "hyperparameters": {}, "seed": 0, "suite_fingerprint": fingerprint,
+                    "tasks": tasks, "average": _mean(tasks), "adr": None, "amr": None,
+                    "eval_seconds": seconds, "provenance": provenance(suite, config.device)})
+        scores[row] = per_task
+    return scores
+
+
+def _mean(tasks: dict[str, dict]) -> float:
+    return sum(t["value"] for t in tasks.values()) / len(tasks)
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (Linux reports kilobytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def selected_by_validation(suite: Suite, method: MergeMethod, config: RunConfig) -> str | None:
+    """The hyperparameter the runner picks per task on validation data (TALL-Mask's lam, as
+    the spec asks), when the method declares a grid, the user gave no value and the suite has a
+    validation split; else None."""
+    grid = getattr(method, "per_task_grid", None)
+    if (not grid or config.split != "seen" or grid[0] in config.overrides
+            or not suite.has_validation()):
+        return None
+    return grid[0]
+
+
+def run_identity(suite: Suite, method: MergeMethod, config: RunConfig) -> dict:
+    """What distinguishes one result file from another, besides suite, split and seed."""
+    identity = dict(method.params())
+    selected = selected_by_validation(suite, method, config)
+    if selected:
+        identity[selected] = "validation"
+    if config.split == "unseen" and config.unseen_weighting != "method":
+        identity["unseen_weighting"] = config.unseen_weighting
+    return json_safe(identity)
+
+
+def select_per_task(suite: Suite, method: MergeMethod, pretrained, finetuned,
+                    config: RunConfig) -> MergeMethod:
+    """``method`` with its per-task hyperparameter chosen by validation metric (see
+    :func:`selected_by_validation`); unchanged when nothing is selected."""
+    name = selected_by_validation(suite, method, config)
+    if name is None:
+        return method
+    values = method.per_task_grid[1]
+    best: dict[str, tuple[float, float]] = {}
+    for value in values:
+        trial = dataclasses.replace(method, **{name: value})
+        result = trial.merge(pretrained, finetuned)
+        for task in result.tasks:
+            score = suite.evaluate(task, result.weights_for(task), split="validation",
+                                   device=config.device).value
+            if task not in best or score > best[task][0]:
+                best[task] = (score, value)
+        _log(config, f"  validation {name}={value}: " +
+             ", ".join(f"{t} {s:.3f}" for t, (s, v) in best.items() if v == value))
+    return dataclasses.replace(method, **{name: {t: v for t, (_, v) in best.items()}})
+
+
+def run(config: RunConfig, on_record: Callable[[dict], None] | None = None) -> dict:
+    """Run one benchmark cell and return its record (read back when it exists already)."""
+    suite, method = validate(config)
+    if "seed" in method.params() and "seed" not in config.overrides:
+        method = dataclasses.replace(method, seed=config.seed)
+    path = record_path(config.results_dir, suite.name, config.split, method.name,
+                       run_identity(suite, method, config), config.seed)
+    if os.path.exists(path) and not config.force:
+        _log(config, f"result exists, skipped (use --force to rerun): {path}")
+        records, _ = read_records(os.path.dirname(path))
+        return next(r for r in records if r["_path"] == path)
+
+    torch.manual_seed(config.seed)
+    suite.prepare(progress=not config.quiet)
+    references = reference_scores(suite, config)
+
+    seen = suite.split_tasks("seen")
+    pretrained = suite.load_pretrained()
+    finetuned = {task: suite.load_finetuned(task) for task in seen}
+    method = select_per_task(suite, method, pretrained, finetuned, config)
+    _log(config, f"merging {len(seen)} tasks with {method.name}")
+    start = time.perf_counter()
+    result = method.merge(pretrained, finetuned, progress=not config.quiet)
+    merge_seconds = time.perf_counter() - start
+    peak = peak_rss_bytes()
+
+    start = time.perf_counter()
+    tasks, gammas = evaluate_split(suite, result, config)
+    eval_seconds = time.perf_counter() - start
+
+    individual = {t: references["individual"][t] for t in tasks}
+    average = _mean(tasks)
+    individual_average = _mean(individual)
+    amr = result.amr()
+    record = {
+        "suite": suite.name, "split": config.split, "method": method.name,
+        "label": row_label(method, suite), "hyperparameters": json_safe(method.params()),
+        "seed": config.seed, "tasks": tasks, "average": average,
+        "individual_average": individual_average, "adr": adr(individual_average, average),
+        "amr": {"per_task": amr, "mean": sum(amr.values()) / len(amr),
+                "paper_mean": (sum(result.amr("paper").values()) / len(amr)
+                               if result.paper_bits is not None else None)},
+        "stored_bytes_per_task": {t: result.stored_bytes(t) for t in result.tasks},
+        "merged_params": result.merged_params, "merge_info": json_safe(result.info),
+        "unseen_weighting": config.unseen_weighting if config.split == "unseen" else None,
+        "gamma": gammas, "merge_seconds": merge_seconds, "eval_seconds": eval_seconds,
+        "peak_rss_bytes": peak, "provenance": provenance(suite, config.device),
+    }
+    write_record(path, record)
+    record["_path"] = path
+    if on_record:
+        on_record(record)
+    return record
+
+
+def evaluate_split(suite: Suite, result: MergeResult, config: RunConfig):
+    """Metrics of every task of the split, and the similarity weights used on unseen tasks."""
+    tasks: dict[str, dict] = {}
+    gammas: dict[str, dict[str, float]] = {}
+    for task in suite.split_tasks(config.split):
+        if config.split == "seen":
+            weights = result.weights_for(task)
+        else:
+            weighted = result.kind == "personalized" and (
+                result.unseen.get("weighted") or config.unseen_weighting == "similarity")
+            if weighted:
+                gammas[task] = similarity_weights(
+                    suite.task_embedding(task),
+                    {seen: suite.task_embedding(seen) for seen in result.tasks}, repr(task))
+                weights = result.weights_for_unseen(gammas[task])
+            else:
+                weights = result.weights_for_unseen()
+        tasks[task] = _evaluation_dict(
+            suite.evaluate(task, weights, device=config.device, progress=not config.quiet))
+        _log(config, f"  {task}: {tasks[task]['metric']} {tasks[task]['value']:.4f}")
+    return tasks, gammas
+
+
+def row_label(method: MergeMethod, suite: Suite) -> str:
+    """The method's name plus any hyperparameter that differs from its class default."""
+    defaults = {h.name: h.default for h in type(method).hyperparameters()}
+    changed = {k: v for k, v in method.params().items() if v != defaults.get(k)}
+    suite_defaults = suite.defaults_for(method.name)
+    shown = {k: v for k, v in changed.items() if suite_defaults.get(k) != v}
+    if not shown:
+        return method.name
+    return f"{method.name} ({', '.join(f'{k}={_short(v)}' for k, v in sorted(shown.items()))})"
+
+
+def _short(value) -> str:
+    if isinstance(value, dict):
+        return "per-task"
+    return str(value)
+
+
+def json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return value

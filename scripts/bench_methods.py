@@ -1,0 +1,156 @@
+"""Merge time, peak memory and stored bytes of every method on CLIP ViT-B/32-shaped models.
+
+Synthesizes a pretrained model and N task models with the exact tensor names and shapes of
+transformers' ``CLIPVisionModel`` (patch 32; no weights are downloaded: the config is built in
+code), saves them as safetensors, then merges them with each method in a fresh process reading
+the inputs memory-mapped. Task vectors are rank-4 products plus 10% dense noise at 1e-3 of each
+tensor's RMS, as in ``shared/notes/performance.md``.
+
+    python scripts/bench_methods.py                 # all methods, 8 tasks
+    python scripts/bench_methods.py --methods ties dts-d --tasks 4
+
+Prints one row per method: merge seconds, peak resident memory (GiB), peak above the memory of
+just reading every input once, bytes stored per task, and AMR (stored bytes; the paper's count
+for DTS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def vit_b32_shapes() -> dict[str, tuple[int, ...]]:
+    """Float tensor shapes of ``CLIPVisionModel`` with the ViT-B/32 config."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                              num_attention_heads=12, image_size=224, patch_size=32,
+                              projection_dim=512)
+    with torch.device("meta"):
+        model = CLIPVisionModel(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+def synthesize(folder: str, n_tasks: int, seed: int = 0) -> None:
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    shapes = vit_b32_shapes()
+    pretrained = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
+    save_file(pretrained, os.path.join(folder, "pretrained.safetensors"))
+    for t in range(n_tasks):
+        model = {}
+        for key, base in pretrained.items():
+            rms = float(base.pow(2).mean().sqrt())
+            matrix = base.reshape(base.shape[0], -1) if base.dim() > 1 else base.reshape(1, -1)
+            m, n = matrix.shape
+            low = (torch.randn(m, 4, generator=g) @ torch.randn(4, n, generator=g)) * (0.01 * rms)
+            noise = torch.randn(m, n, generator=g) * (1e-3 * rms)
+            noise *= torch.rand(m, n, generator=g) < 0.1
+            model[key] = base + (low + noise).reshape(base.shape)
+        save_file(model, os.path.join(folder, f"task{t}.safetensors"))
+        del model
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def worker(method_name: str, folder: str, n_tasks: int) -> dict:
+    from harness import LazyStateDict, get_method
+
+    pretrained = LazyStateDict(os.path.join(folder, "pretrained.safetensors"))
+    finetuned = {f"task{t}": LazyStateDict(os.path.join(folder, f"task{t}.safetensors"))
+                 for t in range(n_tasks)}
+    if method_name == "read-inputs":
+        start = time.perf_counter()
+        for sd in [pretrained, *finetuned.values()]:
+            for key in sd:
+                sd[key].sum()
+        return {"seconds": time.perf_counter() - start, "peak_gib": peak_rss_gib()}
+    if method_name == "svd-floor":
+        start = time.perf_counter()
+        for sd in finetuned.values():
+            for key in sd:
+                if len(sd[key].shape) == 2:
+                    torch.linalg.svd(sd[key] - pretrained[key], full_matrices=False)
+        return {"seconds": time.perf_counter() - start, "peak_gib": peak_rss_gib()}
+    method = get_method(method_name)
+    start = time.perf_counter()
+    result = method.merge(pretrained, finetuned)
+    seconds = time.perf_counter() - start
+    tasks = result.tasks
+    out = {"seconds": seconds, "peak_gib": peak_rss_gib(),
+           "bytes_per_task": max(result.stored_bytes(t) for t in tasks),
+           "amr": max(result.amr().values()), "info": result.info}
+    if result.paper_bits is not None:
+        out["amr_paper"] = max(result.amr("paper").values())
+    return out
+
+
+def run_worker(method_name: str, folder: str, n_tasks: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, __file__, "--worker", method_name, "--dir", folder,
+                           "--tasks", str(n_tasks)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    from harness import list_methods
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="*", default=None, help="default: every method")
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--dir", default=None, help="reuse or keep synthesized models here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        torch.set_num_threads(os.cpu_count() or 1)
+        print(json.dumps(worker(args.worker, args.dir, args.tasks)))
+        return
+
+    folder = args.dir or tempfile.mkdtemp(prefix="bench-methods-")
+    os.makedirs(folder, exist_ok=True)
+    if not os.path.exists(os.path.join(folder, f"task{args.tasks - 1}.safetensors")):
+        start = time.perf_counter()
+        synthesize(folder, args.tasks)
+        print(f"synthesized {args.tasks} task models in {folder} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
+    methods = args.methods or list_methods()
+    print(f"# {platform.node()}: {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{time.strftime('%Y-%m-%d')}; CLIP ViT-B/32 vision tower x {args.tasks} tasks")
+    floor = run_worker("read-inputs", folder, args.tasks)
+    svd_floor = run_worker("svd-floor", folder, args.tasks)
+    print(f"reading all inputs once: {floor['seconds']:.2f} s, peak RSS {floor['peak_gib']:.2f} GiB")
+    print(f"exact SVDs of every 2-D task vector: {svd_floor['seconds']:.1f} s")
+    header = ("| method | merge s | peak RSS GiB | above read-once GiB | bytes stored/task "
+              "| AMR % (stored) | AMR % (paper count) |")
+    print(header)
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name in methods:
+        r = run_worker(name, folder, args.tasks)
+        if "error" in r:
+            print(f"| {name} | failed: {r['error']} | | | | | |", flush=True)
+            continue
+        paper = f"{r['amr_paper']:.2f}" if "amr_paper" in r else ""
+        print(f"| {name} | {r['seconds']:.2f} | {r['peak_gib']:.2f} | "
+              f"{r['peak_gib'] - floor['peak_gib']:+.2f} | {r['bytes_per_task']:,} | "
+              f"{r['amr']:.3f} | {paper} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The suite contract: tasks, the seen/unseen split, loading, evaluation, method defaults.
+
+A suite hands the runner backbone state dicts with every task head removed (heads are never
+merged) and evaluates a backbone state dict on one task with that task's own head attached.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from harness.state_dict import StateDict
+
+
+class SuiteUnavailableError(RuntimeError):
+    """A suite's checkpoints or data cannot be found; the message says what to provide."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of a suite."""
+
+    name: str
+    labels: tuple[str, ...]          # class names, in label-id order
+    description: str                 # one sentence, for the unseen-task variant
+    metric: str = "accuracy"         # spec, Accounting
+
+
+@dataclass
+class Evaluation:
+    """A task's score: the headline metric (a fraction in [0, 1], or a correlation) and extras."""
+
+    metric: str
+    value: float
+    extras: dict[str, float] = field(default_factory=dict)
+    examples: int = 0
+
+
+class Suite:
+    """Base class of every suite; subclasses fill in the class attributes and the loaders."""
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    tasks: ClassVar[tuple[Task, ...]] = ()
+    unseen: ClassVar[tuple[str, ...]] = ()         # evaluated on the unseen split only
+    method_defaults: ClassVar[dict[str, dict]] = {}
+
+    def __init__(self, cache_dir: str | None = None) -> None:
+        self.cache_dir = cache_dir or default_cache_dir()
+
+    # ---- the split -----------------------------------------------------------------------
+    def task(self, name: str) -> Task:
+        for task in self.tasks:
+            if task.name == name:
+                return task
+        raise KeyError(f"suite {self.name!r} has no task {name!r}; tasks: "
+                       f"{[t.name for t in self.tasks]}")
+
+    def split_tasks(self, split: str) -> list[str]:
+        """Task names of the ``seen`` split (merged) or the ``unseen`` split (evaluated only)."""
+        if split == "seen":
+            return [t.name for t in self.tasks if t.name not in self.unseen]
+        if split == "unseen":
+            return list(self.unseen)
+        raise ValueError(f"split must be 'seen' or 'unseen', not {split!r}")
+
+    def defaults_for(self, method: str) -> dict:
+        return dict(self.method_defaults.get(method, {}))
+
+    # ---- to be provided by each suite -----------------------------------------------------
+    def check(self) -> None:
+        """Raise :class:`SuiteUnavailableError` naming anything missing, before any long work."""
+
+    def prepare(self, progress: bool = True) -> None:
+        """Build or fetch whatever the suite needs (cached); called before loading."""
+
+    def load_pretrained(self) -> StateDict:
+        raise NotImplementedError
+
+    def load_finetuned(self, task: str) -> StateDict:
+        raise NotImplementedError
+
+    def evaluate(self, task: str, backbone: StateDict, *, split: str = "test",
+                 device: str = "cpu", progress: bool = False) -> Evaluation:
+        raise NotImplementedError
+
+    def has_validation(self) -> bool:
+        return False
+
+    def task_embedding(self, task: str) -> Tensor:
+        """A unit vector describing the task, for similarity weights on unseen tasks."""
+        raise NotImplementedError(f"suite {self.name!r} has no task embeddings")
+
+    def provenance(self) -> dict:
+        """What produced the suite's models and data (recorded in every result)."""
+        return {"suite": self.name}
+
+
+def default_cache_dir() -> str:
+    """``$MERGE_HARNESS_CACHE``, else ``~/.cache/merge-harness``."""
+    return os.environ.get("MERGE_HARNESS_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "merge-harness")
+
+
+def unit(vector: Tensor) -> Tensor:
+    return vector / torch.linalg.vector_norm(vector).clamp(min=1e-12)

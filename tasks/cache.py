@@ -1,0 +1,75 @@
+"""A checksummed folder of state dicts that suites build once and reuse.
+
+Each entry is a safetensors file; ``manifest.json`` (written atomically after every entry) holds
+their sha256 and the recipe that produced them. An entry whose bytes no longer match is reported
+and treated as absent, so it is rebuilt rather than used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+
+from torch import Tensor
+
+from harness.files import sha256_file, write_json_atomic
+from harness.state_dict import LazyStateDict, StateDict
+
+
+class CheckpointCache:
+    """State dicts by name in ``folder``, each verified against its recorded checksum."""
+
+    def __init__(self, folder: str, recipe: dict) -> None:
+        self.folder = folder
+        self.recipe = recipe
+        self._manifest_path = os.path.join(folder, "manifest.json")
+        self._entries: dict[str, dict] = {}
+        if os.path.exists(self._manifest_path):
+            try:
+                with open(self._manifest_path, encoding="utf-8") as f:
+                    manifest = json.load(f)
+                if manifest.get("recipe") == recipe:
+                    self._entries = manifest.get("entries", {})
+            except (json.JSONDecodeError, OSError):
+                warnings.warn(f"cache manifest {self._manifest_path} is corrupt: rebuilding")
+        self._verified: set[str] = set()
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.folder, f"{name}.safetensors")
+
+    def has(self, name: str) -> bool:
+        """True when the entry exists and its bytes match the recorded checksum."""
+        if name in self._verified:
+            return True
+        entry = self._entries.get(name)
+        if entry is None or not os.path.exists(self.path(name)):
+            return False
+        if sha256_file(self.path(name)) != entry["sha256"]:
+            warnings.warn(f"cache entry {self.path(name)} does not match its checksum: "
+                          "it will be rebuilt")
+            del self._entries[name]
+            return False
+        self._verified.add(name)
+        return True
+
+    def put(self, name: str, state_dict: dict[str, Tensor], **info) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(self.folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=self.folder)
+        os.close(fd)
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp)
+        os.replace(tmp, self.path(name))
+        self._entries[name] = {"sha256": sha256_file(self.path(name)), **info}
+        self._verified.add(name)
+        write_json_atomic(self._manifest_path, {"recipe": self.recipe, "entries": self._entries})
+
+    def get(self, name: str) -> StateDict:
+        if not self.has(name):
+            raise KeyError(f"{name!r} is not in the cache at {self.folder}")
+        return LazyStateDict(self.path(name))
+
+    def info(self, name: str) -> dict:
+        return dict(self._entries[name])

@@ -1,0 +1,208 @@
+"""``tiny``: a synthetic suite that builds itself in seconds, for tests and demos.
+
+A two-layer transformer encoder over token sequences is pretrained from a fixed seed on a
+generic objective (predicting how often each token occurs), then fully fine-tuned once per
+task. Each task asks whether a weighted count of some tokens is positive; tasks share tokens,
+so their task vectors overlap and interfere: merging loses accuracy, personalized methods win it
+back. A task's embedding is its normalized token-weight vector, so related tasks are similar.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor, nn
+
+from harness.state_dict import StateDict
+from tasks.base import Evaluation, Suite, SuiteUnavailableError, Task, unit
+from tasks.cache import CheckpointCache
+
+VOCAB = 16
+LENGTH = 12
+DIM = 32
+
+# task -> {token: weight}; label 1 when sum of weights over the sequence is > 0
+TASK_WEIGHTS: dict[str, dict[int, float]] = {
+    "a-vs-b": {0: 1, 1: -1},
+    "b-vs-c": {1: 1, 2: -1},
+    "c-vs-d": {2: 1, 3: -1},
+    "ab-vs-cd": {0: 1, 1: 1, 2: -1, 3: -1},
+    "e-vs-f": {4: 1, 5: -1},
+    "f-vs-g": {5: 1, 6: -1},
+    "a-vs-c": {0: 1, 2: -1},
+    "e-vs-g": {4: 1, 6: -1},
+}
+RECIPE = {"version": 2, "vocab": VOCAB, "length": LENGTH, "dim": DIM, "seed": 0,
+          "pretrain_steps": 300, "finetune_steps": 200, "batch": 64, "lr": 1e-3,
+          "sizes": {"train": 4000, "validation": 500, "test": 1000}, "tasks": TASK_WEIGHTS}
+
+
+def _name(token: int) -> str:
+    return "token " + "abcdefghijklmnop"[token]
+
+
+def _describe(weights: dict[int, float]) -> str:
+    more = " and ".join(_name(t) for t, w in weights.items() if w > 0)
+    less = " and ".join(_name(t) for t, w in weights.items() if w < 0)
+    return f"whether a sequence holds more of {more} than of {less}"
+
+
+class TinyEncoder(nn.Module):
+    """Token embedding, learned positions, two transformer layers, mean pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.position = nn.Parameter(torch.zeros(LENGTH, DIM))
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(DIM, 2, 2 * DIM, dropout=0.0, batch_first=True)
+            for _ in range(2))
+        self.norm = nn.LayerNorm(DIM)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.embed(tokens) + self.position
+        for layer in self.layers:
+            h = layer(h)
+        return self.norm(h).mean(dim=1)
+
+
+class TinyClassifier(nn.Module):
+    def __init__(self, labels: int) -> None:
+        super().__init__()
+        self.encoder = TinyEncoder()
+        self.head = nn.Linear(DIM, labels)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.encoder(tokens))
+
+
+def make_split(task: str, split: str) -> tuple[Tensor, Tensor]:
+    """Deterministic sequences and labels; sequences whose weighted count is 0 are redrawn."""
+    offsets = {"train": 0, "validation": 1, "test": 2}
+    g = torch.Generator().manual_seed(1000 * (list(TASK_WEIGHTS).index(task) + 1) + offsets[split])
+    size = RECIPE["sizes"][split]
+    weights = torch.zeros(VOCAB)
+    for token, w in TASK_WEIGHTS[task].items():
+        weights[token] = w
+    tokens, labels = [], []
+    while sum(len(t) for t in tokens) < size:
+        x = torch.randint(0, VOCAB, (size, LENGTH), generator=g)
+        score = weights[x].sum(dim=1)
+        keep = score != 0
+        tokens.append(x[keep])
+        labels.append((score[keep] > 0).long())
+    return torch.cat(tokens)[:size], torch.cat(labels)[:size]
+
+
+def _train(model: nn.Module, inputs: Tensor, targets: Tensor, steps: int, loss_fn,
+           seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=RECIPE["lr"])
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(inputs), (RECIPE["batch"],), generator=g)
+        loss = loss_fn(model(inputs[idx]), targets[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+class TinySuite(Suite):
+    """Synthetic token-counting tasks on a tiny transformer; builds and caches itself."""
+
+    name = "tiny"
+    family = "tiny-transformer"
+    tasks = tuple(Task(name, ("no", "yes"), _describe(w)) for name, w in TASK_WEIGHTS.items())
+    unseen = ("a-vs-c", "e-vs-g")
+    method_defaults = {"t-switch": {"k": 0.6}}
+
+    def __init__(self, cache_dir: str | None = None) -> None:
+        super().__init__(cache_dir)
+        self.cache = CheckpointCache(os.path.join(self.cache_dir, "tiny"), RECIPE)
+        self._data: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
+
+    # ---- building ------------------------------------------------------------------------
+    def prepare(self, progress: bool = True) -> None:
+        names = [t.name for t in self.tasks]
+        missing = [n for n in names if not self.cache.has(f"task-{n}")]
+        if self.cache.has("pretrained") and not missing:
+            return
+        torch.manual_seed(RECIPE["seed"])
+        if not self.cache.has("pretrained"):
+            model = TinyClassifier(VOCAB)
+            inputs = torch.randint(0, VOCAB, (4000, LENGTH),
+                                   generator=torch.Generator().manual_seed(7))
+            counts = nn.functional.one_hot(inputs, VOCAB).sum(dim=1).float()
+            _train(model, inputs, counts, RECIPE["pretrain_steps"], nn.functional.mse_loss, 1)
+            self.cache.put("pretrained", model.encoder.state_dict(), steps=RECIPE["pretrain_steps"])
+            missing = names
+        pretrained = dict(self.cache.get("pretrained"))
+        from tqdm.auto import tqdm
+
+        for i, name in enumerate(tqdm(missing, desc="tiny: fine-tuning", disable=not progress)):
+            model = TinyClassifier(2)
+            model.encoder.load_state_dict(pretrained)
+            torch.manual_seed(100 + i)
+            nn.init.normal_(model.head.weight, std=0.02)
+            nn.init.zeros_(model.head.bias)
+            inputs, labels = self.data(name, "train")
+            _train(model, inputs, labels, RECIPE["finetune_steps"], nn.functional.cross_entropy,
+                   list(TASK_WEIGHTS).index(name) + 11)
+            state = {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
+            state.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
+            self.cache.put(f"task-{name}", state, steps=RECIPE["finetune_steps"])
+
+    def check(self) -> None:
+        """Nothing to download: the suite builds itself on first use."""
+
+    # ---- loading -------------------------------------------------------------------------
+    def data(self, task: str, split: str) -> tuple[Tensor, Tensor]:
+        if (task, split) not in self._data:
+            self._data[task, split] = make_split(task, split)
+        return self._data[task, split]
+
+    def _entry(self, name: str) -> StateDict:
+        if not self.cache.has(name):
+            raise SuiteUnavailableError(f"tiny: {name!r} is not built yet: call prepare()")
+        return self.cache.get(name)
+
+    def load_pretrained(self) -> StateDict:
+        return self._entry("pretrained")
+
+    def load_finetuned(self, task: str) -> StateDict:
+        self.task(task)
+        full = self._entry(f"task-{task}")
+        return {k[len("encoder."):]: full[k] for k in full if k.startswith("encoder.")}
+
+    def _head(self, task: str) -> dict[str, Tensor]:
+        full = self._entry(f"task-{task}")
+        return {k[len("head."):]: full[k] for k in full if k.startswith("head.")}
+
+    # ---- evaluation ----------------------------------------------------------------------
+    def has_validation(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def evaluate(self, task, backbone, *, split="test", device="cpu", progress=False):
+        model = TinyClassifier(2)
+        model.encoder.load_state_dict(dict(backbone))
+        model.head.load_state_dict(self._head(task))
+        model.to(device).eval()
+        inputs, labels = self.data(task, "validation" if split == "validation" else "test")
+        predictions = model(inputs.to(device)).argmax(dim=1).cpu()
+        return Evaluation("accuracy", float((predictions == labels).float().mean()),
+                          examples=len(labels))
+
+    def task_embedding(self, task: str) -> Tensor:
+        weights = torch.zeros(VOCAB)
+        for token, w in TASK_WEIGHTS[self.task(task).name].items():
+            weights[token] = w
+        return unit(weights)
+
+    def provenance(self) -> dict:
+        return {"suite": self.name, "recipe": RECIPE,
+                "checkpoints": {n: self.cache.info(n)["sha256"]
+                                for n in ["pretrained", *(f"task-{t.name}" for t in self.tasks)]
+                                if self.cache.has(n)}}
