@@ -33,7 +33,7 @@ def _run_config(args):
 def _print_record(record: dict) -> None:
     rows = [[task, score["metric"], f"{100 * score['value']:.2f}"]
             for task, score in record["tasks"].items()]
-    print(tabulate(rows, ["task", "metric", "value %"], tablefmt="github"))
+    print(tabulate(rows, ["task", "metric", "value %"], tablefmt="github", disable_numparse=True))
     amr = record["amr"]
     paper = f" (paper count {amr['paper_mean']:.3f}%)" if amr.get("paper_mean") is not None else ""
     print(f"\n{record['label']} on {record['suite']} ({record['split']} split): "

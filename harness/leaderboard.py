@@ -70,7 +70,7 @@ def render_table(records: list[dict]) -> str:
     records = sorted(records, key=_row_key)
     tasks: list[str] = []
     for record in records:
-        tasks += [t for t in record["tasks"] if t not in tasks]
+        tasks += [t for t in record.get("task_order", record["tasks"]) if t not in tasks]
     counts: dict[str, int] = defaultdict(int)
     for record in records:
         counts[record["label"]] += 1
@@ -101,16 +101,27 @@ def _runs_table(records: list[dict]) -> str:
     for r in sorted(records, key=lambda r: (r["split"], _row_key(r))):
         prov = r.get("provenance", {})
         hps = ", ".join(f"{k}={v}" for k, v in sorted(r.get("hyperparameters", {}).items()))
+        chosen = ", ".join(f"{k}={_compact(v)}" for k, v in sorted(r.get("merge_info", {}).items())
+                           if k == "density")
         merge = r.get("merge_seconds")
         peak = r.get("peak_rss_bytes")
-        rows.append([r["split"], r["label"], hps or "–", str(r["seed"]),
+        rows.append([r["split"], r["label"], hps or "–", chosen or "–", str(r["seed"]),
                      "–" if merge is None else f"{merge:.1f}",
                      "–" if peak is None else f"{peak / 2**30:.2f}",
                      prov.get("device", "–"), (prov.get("git_commit") or "–")[:12],
                      prov.get("created", "–")[:10], os.path.basename(r["_path"])])
-    headers = ["Split", "Row", "Hyperparameters", "Seed", "Merge s", "Peak RSS GiB", "Device",
+    headers = ["Split", "Row", "Hyperparameters", "Chosen at run time", "Seed", "Merge s",
+               "Peak RSS GiB", "Device",
                "Commit", "Date", "Result file"]
     return tabulate(rows, headers, tablefmt="github", disable_numparse=True)
+
+
+def _compact(value) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_compact(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 def render_suite(suite: str, records: list[dict], results_dir: str) -> str:

@@ -142,7 +142,7 @@ def reference_scores(suite: Suite, config: RunConfig) -> dict[str, dict[str, dic
                 write_record(record_path(config.results_dir, suite.name, split, row, {}, 0), {
                     "suite": suite.name, "split": split, "method": row, "label": row.title(),
                     "hyperparameters": {}, "seed": 0, "suite_fingerprint": fingerprint,
-                    "tasks": tasks, "average": _mean(tasks), "adr": None, "amr": None,
+                    "task_order": names, "tasks": tasks, "average": _mean(tasks), "adr": None, "amr": None,
                     "eval_seconds": seconds, "provenance": provenance(suite, config.device)})
         scores[row] = per_task
     return scores
@@ -239,7 +239,7 @@ def run(config: RunConfig, on_record: Callable[[dict], None] | None = None) -> d
     record = {
         "suite": suite.name, "split": config.split, "method": method.name,
         "label": row_label(method, suite), "hyperparameters": json_safe(method.params()),
-        "seed": config.seed, "tasks": tasks, "average": average,
+        "seed": config.seed, "task_order": list(tasks), "tasks": tasks, "average": average,
         "individual_average": individual_average, "adr": adr(individual_average, average),
         "amr": {"per_task": amr, "mean": sum(amr.values()) / len(amr),
                 "paper_mean": (sum(result.amr("paper").values()) / len(amr)

@@ -23,14 +23,14 @@ class CheckpointCache:
 
     def __init__(self, folder: str, recipe: dict) -> None:
         self.folder = folder
-        self.recipe = recipe
+        self.recipe = json.loads(json.dumps(recipe, sort_keys=True))  # as it reads back
         self._manifest_path = os.path.join(folder, "manifest.json")
         self._entries: dict[str, dict] = {}
         if os.path.exists(self._manifest_path):
             try:
                 with open(self._manifest_path, encoding="utf-8") as f:
                     manifest = json.load(f)
-                if manifest.get("recipe") == recipe:
+                if manifest.get("recipe") == self.recipe:
                     self._entries = manifest.get("entries", {})
             except (json.JSONDecodeError, OSError):
                 warnings.warn(f"cache manifest {self._manifest_path} is corrupt: rebuilding")

@@ -43,3 +43,37 @@ def make_models(n_tasks: int = 3, seed: int = 0, dtype: torch.dtype = torch.floa
 @pytest.fixture
 def models():
     return make_models()
+
+
+def install_plugin(tmp_path, module: str, source: str, entry_points: dict[str, dict[str, str]]):
+    """Build and install a one-module plugin package into ``tmp_path/site``; return the folder
+    to put on PYTHONPATH."""
+    import subprocess
+    import sys
+    import textwrap
+
+    pkg = tmp_path / "plugin"
+    (pkg / module).mkdir(parents=True)
+    (pkg / module / "__init__.py").write_text(textwrap.dedent(source))
+    groups = "".join(
+        f'[project.entry-points."{group}"]\n' + "".join(f'"{k}" = "{v}"\n' for k, v in eps.items())
+        for group, eps in entry_points.items())
+    (pkg / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+        f'[project]\nname = "{module.replace("_", "-")}"\nversion = "0.1"\n{groups}'
+        f'[tool.setuptools]\npackages = ["{module}"]\n')
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "--no-build-isolation", "--no-index", "--target", str(site), str(pkg)],
+                   check=True, capture_output=True)
+    return site
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """A cache folder holding the built ``tiny`` suite (built once per test session)."""
+    from tasks.tiny import TinySuite
+
+    folder = tmp_path_factory.mktemp("cache")
+    TinySuite(str(folder)).prepare(progress=False)
+    return str(folder)

@@ -7,6 +7,7 @@ import pytest
 
 from harness import HyperparameterError, UnknownNameError, get_method, list_methods, method_class
 from harness.registry import Registry
+from tests.conftest import install_plugin
 
 EXPECTED = ["dare", "dts-d", "dts-d-star", "dts-t", "dts-t-star", "emr", "svd", "t-switch",
             "tall-mask", "task-arithmetic", "ties", "weight-averaging"]
@@ -79,25 +80,8 @@ class HalfArithmetic(TaskArithmetic):
 
 
 def test_plugin_method_through_entry_point(tmp_path):
-    pkg = tmp_path / "plugin"
-    (pkg / "mh_demo_plugin").mkdir(parents=True)
-    (pkg / "mh_demo_plugin" / "__init__.py").write_text(PLUGIN)
-    (pkg / "pyproject.toml").write_text(textwrap.dedent('''
-        [build-system]
-        requires = ["setuptools"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "mh-demo-plugin"
-        version = "0.1"
-        [project.entry-points."merge_harness.methods"]
-        half-arithmetic = "mh_demo_plugin:HalfArithmetic"
-        [tool.setuptools]
-        packages = ["mh_demo_plugin"]
-    '''))
-    site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                    "--no-build-isolation", "--no-index", "--target", str(site), str(pkg)],
-                   check=True, capture_output=True)
+    site = install_plugin(tmp_path, "mh_demo_plugin", PLUGIN, {
+        "merge_harness.methods": {"half-arithmetic": "mh_demo_plugin:HalfArithmetic"}})
     code = textwrap.dedent('''
         import torch
         from harness import get_method, list_methods

@@ -1,0 +1,201 @@
+"""End to end through the ``harness`` command on the ``tiny`` suite."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from harness import list_methods
+from harness.cli import main
+from harness.results import read_records
+from harness.unseen import similarity_weights
+from tasks.tiny import TinySuite
+from tests.conftest import install_plugin
+
+METHODS = sorted(list_methods())
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("results"))
+
+
+def record_for(results, split, method):
+    """The record of ``method`` at its default hyperparameters (the only one, or the one
+    labelled by the bare name)."""
+    records, _ = read_records(os.path.join(results, "tiny", split))
+    found = [r for r in records if r["method"] == method]
+    if len(found) > 1:
+        found = [r for r in found if r["label"] == method]
+    assert len(found) == 1, [r["_path"] for r in found]
+    return found[0]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_run_every_method(method, results, tiny_cache, capsys):
+    code, out, err = run_cli(capsys, "run", "--method", method, "--results", results,
+                             "--cache-dir", tiny_cache, "--quiet")
+    assert code == 0, err
+    assert "ADR" in out and "AMR" in out
+    record = record_for(results, "seen", method)
+    suite = TinySuite(tiny_cache)
+    assert record["schema_version"] == 1
+    assert record["method"] == method and record["split"] == "seen"
+    assert record["task_order"] == suite.split_tasks("seen")
+    individual = record_for(results, "seen", "individual")
+    ind_avg = sum(t["value"] for t in individual["tasks"].values()) / 6
+    avg = sum(t["value"] for t in record["tasks"].values()) / 6
+    assert record["average"] == pytest.approx(avg)
+    assert record["adr"] == pytest.approx(100 * (ind_avg - avg) / ind_avg)
+    assert set(record["amr"]["per_task"]) == set(record["task_order"])
+    for key in ("merge_seconds", "eval_seconds", "peak_rss_bytes", "provenance"):
+        assert key in record
+    assert record["provenance"]["versions"]["torch"]
+    assert record["provenance"]["suite"]["recipe"]["tasks"]
+
+
+def test_reference_rows_and_gap(results, tiny_cache, capsys):
+    run_cli(capsys, "run", "--method", "task-arithmetic", "--results", results,
+            "--cache-dir", tiny_cache, "--quiet")
+    pretrained = record_for(results, "seen", "pretrained")
+    individual = record_for(results, "seen", "individual")
+    for task, score in individual["tasks"].items():
+        assert score["value"] > pretrained["tasks"][task]["value"] + 0.05
+    assert record_for(results, "seen", "task-arithmetic")["adr"] > 5
+
+
+def test_personalized_methods_beat_shared_ones(results, tiny_cache, capsys):
+    for method in ("ties", "dts-d"):
+        run_cli(capsys, "run", "--method", method, "--results", results, "--cache-dir",
+                tiny_cache, "--quiet")
+    assert record_for(results, "seen", "dts-d")["adr"] < record_for(results, "seen", "ties")["adr"]
+
+
+def test_unseen_split_weights_by_similarity(results, tiny_cache, capsys):
+    code, out, err = run_cli(capsys, "run", "--method", "dts-d", "--split", "unseen",
+                             "--results", results, "--cache-dir", tiny_cache, "--quiet")
+    assert code == 0, err
+    assert "gamma for a-vs-c" in out
+    record = record_for(results, "unseen", "dts-d")
+    suite = TinySuite(tiny_cache)
+    seen = suite.split_tasks("seen")
+    expected = similarity_weights(suite.task_embedding("e-vs-g"),
+                                  {t: suite.task_embedding(t) for t in seen})
+    assert record["gamma"]["e-vs-g"] == pytest.approx(expected)
+    assert record["gamma"]["e-vs-g"]["e-vs-f"] == pytest.approx(0.5)
+    assert list(record["tasks"]) == ["a-vs-c", "e-vs-g"]
+
+
+@pytest.mark.parametrize("method", ["weight-averaging", "emr", "t-switch", "tall-mask"])
+def test_unseen_split_for_other_methods(method, results, tiny_cache, capsys):
+    code, _, err = run_cli(capsys, "run", "--method", method, "--split", "unseen",
+                           "--results", results, "--cache-dir", tiny_cache, "--quiet")
+    assert code == 0, err
+    record = record_for(results, "unseen", method)
+    assert record["gamma"] == {}
+    if method == "t-switch":   # the pretrained model
+        pretrained = record_for(results, "unseen", "pretrained")
+        assert record["tasks"] == pretrained["tasks"]
+
+
+def test_existing_result_is_skipped_unless_forced(results, tiny_cache, capsys):
+    args = ["run", "--method", "ties", "--results", results, "--cache-dir", tiny_cache]
+    run_cli(capsys, *args, "--quiet")
+    path = os.path.join(results, "tiny", "seen")
+    before = {f: os.path.getmtime(os.path.join(path, f)) for f in os.listdir(path)}
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0 and "skipped" in err
+    after = {f: os.path.getmtime(os.path.join(path, f)) for f in os.listdir(path)}
+    assert before == after
+    code, _, _ = run_cli(capsys, *args, "--force", "--quiet")
+    ties = [f for f in os.listdir(path) if f.startswith("ties-")][0]
+    assert os.path.getmtime(os.path.join(path, ties)) > before[ties]
+
+
+def test_hyperparameters_make_separate_labelled_rows(results, tiny_cache, capsys):
+    run_cli(capsys, "run", "--method", "dts-t", "--set", "density=0.1", "--results", results,
+            "--cache-dir", tiny_cache, "--quiet")
+    run_cli(capsys, "run", "--method", "dts-t", "--results", results, "--cache-dir",
+            tiny_cache, "--quiet")
+    files = [f for f in os.listdir(os.path.join(results, "tiny", "seen")) if f.startswith("dts-t-")
+             and "star" not in f]
+    assert len(files) == 2
+    out_dir = os.path.join(results, "md")
+    code, _, _ = run_cli(capsys, "leaderboard", "--results", results, "--out", out_dir)
+    text = open(os.path.join(out_dir, "tiny.md")).read()
+    assert "| dts-t (density=0.1) " in text and "| dts-t " in text
+
+
+def test_leaderboard_check(results, tiny_cache, capsys):
+    run_cli(capsys, "run", "--method", "emr", "--results", results, "--cache-dir", tiny_cache,
+            "--quiet")
+    out_dir = os.path.join(results, "md-check")
+    assert run_cli(capsys, "leaderboard", "--results", results, "--out", out_dir)[0] == 0
+    assert run_cli(capsys, "leaderboard", "--results", results, "--out", out_dir, "--check")[0] == 0
+    path = os.path.join(out_dir, "tiny.md")
+    with open(path, "a") as f:
+        f.write("edited by hand\n")
+    code, _, err = run_cli(capsys, "leaderboard", "--results", results, "--out", out_dir, "--check")
+    assert code == 1 and "tiny.md" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "--method", "dts_d"], "unknown method 'dts_d'. Did you mean 'dts-d'"),
+    (["run", "--method", "dts-d", "--set", "densty=0.3"], "no hyperparameter 'densty'"),
+    (["run", "--method", "dts-d", "--set", "density=2"], "'density' must be in [0, 1]"),
+    (["run", "--method", "dts-d", "--set", "density"], "--set takes name=value"),
+    (["run", "--method", "ties", "--suite", "tinny"], "unknown suite 'tinny'. Did you mean 'tiny'"),
+    (["validate", "--method", "ties", "--device", "cuda"], "no CUDA device"),
+])
+def test_bad_input_fails_fast_with_a_message(argv, message, tmp_path, capsys):
+    if "cuda" in argv:
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device is present")
+    code, _, err = run_cli(capsys, *argv, "--results", str(tmp_path), "--cache-dir",
+                           str(tmp_path / "cache"))
+    assert code == 2
+    assert message in err
+    assert not os.listdir(tmp_path) or os.listdir(tmp_path) == ["cache"] and \
+        not os.listdir(tmp_path / "cache")
+
+
+def test_validate_and_ls(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "validate", "--method", "dts-d*", "--cache-dir", str(tmp_path))
+    assert code == 0 and "dts-d-star" in out
+    code, out, _ = run_cli(capsys, "ls", "methods")
+    assert "dts-d  [personalized]" in out and "density: float = 0.3" in out
+    code, out, _ = run_cli(capsys, "ls", "suites")
+    assert "tiny" in out and "unseen: a-vs-c, e-vs-g" in out
+
+
+SUITE_PLUGIN = '''
+from tasks.tiny import TinySuite
+
+
+class PluginSuite(TinySuite):
+    """The tiny suite under another name, served by a plugin."""
+
+    name = "tiny-plugin"
+'''
+
+
+def test_plugin_suite_through_entry_point(tmp_path, tiny_cache):
+    site = install_plugin(tmp_path, "mh_suite_plugin", SUITE_PLUGIN, {
+        "merge_harness.suites": {"tiny-plugin": "mh_suite_plugin:PluginSuite"}})
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.getcwd()]))
+    cmd = [sys.executable, "-m", "harness.cli", "run", "--method", "ties", "--suite",
+           "tiny-plugin", "--results", str(tmp_path / "results"), "--cache-dir", tiny_cache,
+           "--quiet"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "ties on tiny-plugin" in out.stdout
+    assert os.listdir(tmp_path / "results" / "tiny-plugin" / "seen")

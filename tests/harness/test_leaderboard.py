@@ -1,0 +1,91 @@
+import json
+import os
+
+import pytest
+
+from harness.files import write_json_atomic
+from harness.leaderboard import render_all
+from harness.results import SCHEMA_VERSION, read_records, write_record
+
+EXPECTED = os.path.join(os.path.dirname(__file__), "..", "data", "expected_leaderboard.md")
+
+
+def record(method, label, split, values, adr=None, amr=None, paper=None, seed=0, hps=None):
+    tasks = {t: {"metric": "accuracy", "value": v, "extras": {}, "examples": 100}
+             for t, v in values.items()}
+    return {
+        "suite": "demo", "split": split, "method": method, "label": label,
+        "hyperparameters": hps or {}, "seed": seed, "task_order": list(values),
+        "tasks": tasks, "average": sum(values.values()) / len(values), "adr": adr,
+        "amr": None if amr is None else {"per_task": {}, "mean": amr, "paper_mean": paper},
+        "merge_seconds": 1.5, "peak_rss_bytes": 2**30,
+        "provenance": {"device": "cpu", "git_commit": "0123456789abcdef",
+                       "created": "2026-11-25T00:00:00+00:00"},
+    }
+
+
+FIXTURE = [
+    record("pretrained", "Pretrained", "seen", {"t2": 0.5, "t1": 0.6}),
+    record("individual", "Individual", "seen", {"t2": 0.9, "t1": 1.0}),
+    record("ties", "ties", "seen", {"t2": 0.7, "t1": 0.8}, adr=21.05, amr=0.0,
+           hps={"k": 20.0}),
+    record("dts-d", "dts-d", "seen", {"t2": 0.88, "t1": 0.97}, adr=2.63, amr=3.1, paper=4.4),
+    record("dts-d", "dts-d (density=0.1)", "seen", {"t2": 0.85, "t1": 0.99}, adr=3.68, amr=1.2,
+           paper=1.5, hps={"density": 0.1}),
+    record("emr", "emr", "seen", {"t2": 0.88, "t1": 0.9}, adr=6.32, amr=3.13),
+    record("ties", "ties", "seen", {"t2": 0.72, "t1": 0.79}, adr=20.0, amr=0.0, seed=1),
+    record("my-plugin", "my-plugin", "unseen", {"t3": 0.4}, adr=50.0, amr=0.0),
+    record("dts-d", "dts-d", "unseen", {"t3": 0.6}, adr=25.0, amr=3.1, paper=4.4),
+    record("individual", "Individual", "unseen", {"t3": 0.8}),
+]
+
+
+def write_fixture(folder):
+    for i, r in enumerate(FIXTURE):
+        write_record(os.path.join(folder, "demo", r["split"], f"{i:02d}-{r['method']}.json"), r)
+
+
+def test_rendering_matches_checked_in_file(tmp_path):
+    write_fixture(tmp_path / "results")
+    rendered, skipped = render_all(str(tmp_path / "results"), str(tmp_path))
+    assert not skipped
+    text = rendered[0].text.replace(str(tmp_path / "results"), "RESULTS")
+    with open(EXPECTED, encoding="utf-8") as f:
+        assert text == f.read()
+
+
+def test_best_is_bold_second_underlined_and_references_unranked(tmp_path):
+    write_fixture(tmp_path / "results")
+    text = render_all(str(tmp_path / "results"), str(tmp_path))[0][0].text
+    assert "**99.00**" in text and "**88.00**" in text   # equal values share the mark
+    assert "**100.00**" not in text          # the individual row is not ranked
+    assert "<u>97.00</u>" in text
+    assert "**2.63**" in text                # lowest ADR bold
+    assert "ties (seed 1)" in text and "ties (seed 0)" in text
+
+
+def test_bad_files_are_reported_by_name_and_skipped(tmp_path):
+    folder = tmp_path / "results"
+    write_fixture(folder)
+    (folder / "demo" / "seen" / "broken.json").write_text("{ not json")
+    old = dict(FIXTURE[2], schema_version=SCHEMA_VERSION + 1)
+    (folder / "demo" / "seen" / "future.json").write_text(json.dumps(old))
+    records, skipped = read_records(str(folder))
+    assert len(records) == len(FIXTURE)
+    reasons = {os.path.basename(s.path): s.reason for s in skipped}
+    assert "does not parse" in reasons["broken.json"]
+    assert "schema version 2" in reasons["future.json"]
+
+
+def test_interrupted_write_leaves_the_old_result_intact(tmp_path):
+    path = str(tmp_path / "r.json")
+    write_json_atomic(path, {"value": 1})
+
+    class Explodes:
+        """Serializes halfway, then fails, as a run killed mid-write would."""
+
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"a": 2, "z": Explodes()})
+    with open(path) as f:
+        assert json.load(f) == {"value": 1}
+    assert os.listdir(tmp_path) == ["r.json"]
