@@ -3,12 +3,14 @@
     python scripts/run_suite.py --suite tiny            # results in leaderboards/results/tiny/
     python scripts/run_suite.py --suite tiny --force    # rerun what already has a result
 
-Each run is a plain ``harness run``: results already present are kept unless --force.
+Each run is a plain ``harness run`` in its own process (so each record's peak memory is that
+run's alone); results already present are kept unless --force.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 
@@ -31,7 +33,7 @@ def main() -> int:
             start = time.perf_counter()
             argv = ["run", "--method", method, "--suite", args.suite, "--split", split,
                     "--results", args.results, "--quiet"] + (["--force"] if args.force else [])
-            code = harness(argv)
+            code = subprocess.run([sys.executable, "-m", "harness.cli", *argv]).returncode
             print(f"{method} {split}: exit {code} ({time.perf_counter() - start:.1f} s)",
                   file=sys.stderr)
             if code:
