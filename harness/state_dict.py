@@ -76,9 +76,18 @@ def _check_finite(t: Tensor, key: str, model: str) -> None:
         raise MergeInputError(f"key {key!r} of {model} contains {bad} values")
 
 
+def _surely_finite(t: Tensor) -> bool:
+    """True when ``t`` holds no NaN/Inf, by one cheap reduction: any NaN or Inf makes the sum
+    non-finite. A False (possibly a finite overflow) calls for the exact check."""
+    return bool(torch.isfinite(t.sum()))
+
+
 def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
-                   *, allow_zero_tasks: bool = False) -> ModelSpec:
+                   *, allow_zero_tasks: bool = False, observe=None) -> ModelSpec:
     """Validate models before any merging work and describe them (one pass over every tensor).
+
+    ``observe(task, key, delta)``, when given, sees each float32 task vector as it is computed,
+    so a method can gather whole-model statistics without another pass over the inputs.
 
     Raises :class:`MergeInputError` on an empty task set, a missing or extra key, a shape
     mismatch, a non-float tensor where a float is required, NaN/Inf values, or a task whose task
@@ -110,7 +119,9 @@ def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
             spec.other_keys.append(key)
             continue
         spec.float_keys.append(key)
-        _check_finite(p, key, "the pretrained model")
+        p32 = to_float32(p)
+        if not _surely_finite(p32):
+            _check_finite(p32, key, "the pretrained model")
         for task in tasks:
             t = finetuned[task][key]
             if not is_float(t):
@@ -121,8 +132,12 @@ def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
                 raise MergeInputError(
                     f"key {key!r} has shape {tuple(t.shape)} in task model {task!r} but "
                     f"{spec.shapes[key]} in the pretrained model")
-            _check_finite(t, key, f"task model {task!r}")
-            spec.changed[task][key] = int(torch.count_nonzero(to_float32(t) != to_float32(p)))
+            delta = to_float32(t) - p32     # NaN/Inf in t shows here too, p being finite
+            if not _surely_finite(delta):
+                _check_finite(t, key, f"task model {task!r}")
+            spec.changed[task][key] = int(torch.count_nonzero(delta))
+            if observe is not None:
+                observe(task, key, delta)
     if not allow_zero_tasks:
         for task in tasks:
             if not any(spec.changed[task].values()):
@@ -190,13 +205,34 @@ def _find_checkpoint(folder: str) -> str:
         f"no model.safetensors or model.safetensors.index.json in {folder!r}")
 
 
-def iter_keys(keys: list[str], desc: str, progress: bool) -> Iterator[str]:
-    """Iterate over keys, with a tqdm bar when ``progress`` is set."""
-    if not progress:
-        return iter(keys)
-    from tqdm.auto import tqdm
+def _heap_trimmer():
+    """glibc's ``malloc_trim``, or None elsewhere."""
+    try:
+        import ctypes
 
-    return iter(tqdm(keys, desc=desc, unit="tensor", leave=False))
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _heap_trimmer()
+
+
+def iter_keys(keys: list[str], desc: str, progress: bool) -> Iterator[str]:
+    """Iterate over keys, with a tqdm bar when ``progress`` is set.
+
+    After each key, freed heap memory is handed back to the OS (glibc): per-key temporaries
+    interleaved with long-lived results otherwise fragment the heap, and resident memory grew
+    by up to 2 GiB over the inputs on 8 ViT-B/32 models.
+    """
+    if progress:
+        from tqdm.auto import tqdm
+
+        keys = tqdm(keys, desc=desc, unit="tensor", leave=False)
+    for key in keys:
+        yield key
+        if _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
 
 
 def task_vectors(pretrained: StateDict, finetuned: Mapping[str, StateDict], tasks: list[str],

@@ -22,7 +22,7 @@ from harness.payload import (Codec, Dense, GroupCode, LowRank, pack_bits, packed
                              store_zeros, zero_storage_nbytes)
 from harness.result import MergeResult, TaskPayload
 from harness.state_dict import ModelSpec, StateDict, encode_deltas, inspect_models, numel
-from methods.ties import ties_merge
+from methods.ties import inspect_for_ties, ties_merge
 
 _GROUP_SCALE_BYTES = 4 * 4  # four float32 scales per grouped vector
 
@@ -194,11 +194,13 @@ def dts_result(method: MergeMethod, spec: ModelSpec, base: StateDict,
                        unseen={"weighted": True}, info={"density": density, **(info or {})})
 
 
-def ties_base(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
-              merge_function: str, lam: float, k: float, progress: bool) -> dict[str, Tensor]:
-    """DTS-D's base model theta_m: TIES over the task models, in the inputs' dtypes."""
-    return ties_merge(pretrained, finetuned, spec, k=k, merge=merge_function, lam=lam,
-                      progress=progress, desc="dts-d base (ties)")
+def ties_base(pretrained: StateDict, finetuned: Mapping[str, StateDict], merge_function: str,
+              lam: float, k: float, progress: bool) -> tuple[ModelSpec, dict[str, Tensor]]:
+    """Validate the models and build DTS-D's base theta_m: TIES over the task models, in the
+    inputs' dtypes."""
+    spec, thresholds = inspect_for_ties(pretrained, finetuned)
+    return spec, ties_merge(pretrained, finetuned, spec, thresholds, k=k, merge=merge_function,
+                            lam=lam, progress=progress, desc="dts-d base (ties)")
 
 
 _DECISIONS = """
@@ -264,8 +266,7 @@ class DtsD(DtsT):
         require(0 < self.ties_k <= 100, self.name, "ties_k", f"must be in (0, 100], got {self.ties_k}")
 
     def merge(self, pretrained, finetuned, *, progress=False):
-        spec = inspect_models(pretrained, finetuned)
-        base = ties_base(pretrained, finetuned, spec, self.ties_merge_function, self.ties_lam,
-                         self.ties_k, progress)
+        spec, base = ties_base(pretrained, finetuned, self.ties_merge_function, self.ties_lam,
+                               self.ties_k, progress)
         return dts_result(self, spec, base, finetuned, self.density, self.svd_signs,
                           self.grouping, progress)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from harness.accounting import amr_percent
 from harness.method import MergeMethod, hp, require
-from harness.state_dict import ModelSpec, inspect_models
+from harness.state_dict import inspect_models
 from methods.dts import (_DECISIONS, delta_zero_counts, dts_result, paper_bits, predicted_amr,
                          ties_base)
 
@@ -50,12 +50,12 @@ class DtsTStar(MergeMethod):
         require(self.budget_count in ("stored", "paper"), self.name, "budget_count",
                 "must be 'stored' or 'paper'")
 
-    def _base(self, pretrained, finetuned, spec, progress):
-        return pretrained, None
+    def _base(self, pretrained, finetuned, progress):
+        """(spec, base, reference for delta zero counts: None means the pretrained model)."""
+        return inspect_models(pretrained, finetuned), pretrained, None
 
     def merge(self, pretrained, finetuned, *, progress=False):
-        spec = inspect_models(pretrained, finetuned)
-        base, reference = self._base(pretrained, finetuned, spec, progress)
+        spec, base, reference = self._base(pretrained, finetuned, progress)
         if self.budget_count == "paper":
             def amr_at(density):
                 return amr_percent(paper_bits(spec, density) / 8, spec.merged_params)
@@ -93,7 +93,7 @@ class DtsDStar(DtsTStar):
         require(self.ties_merge_function in ("sum", "mean"), self.name, "ties_merge_function",
                 "must be 'sum' or 'mean'")
 
-    def _base(self, pretrained, finetuned, spec: ModelSpec, progress):
-        base = ties_base(pretrained, finetuned, spec, self.ties_merge_function, self.ties_lam,
-                         self.ties_k, progress)
-        return base, base
+    def _base(self, pretrained, finetuned, progress):
+        spec, base = ties_base(pretrained, finetuned, self.ties_merge_function, self.ties_lam,
+                               self.ties_k, progress)
+        return spec, base, base

@@ -26,8 +26,7 @@ class StreamingKthSmallest:
     bin (pass 2) finds the value itself. Memory: two 65,536-bin histograms, whatever the model.
     """
 
-    def __init__(self, k: int) -> None:
-        self.k = k
+    def __init__(self) -> None:
         self.high = torch.zeros(_BINS, dtype=torch.int64)
         self.low = torch.zeros(_BINS, dtype=torch.int64)
         self.bin: int | None = None
@@ -37,10 +36,10 @@ class StreamingKthSmallest:
         bits = values.reshape(-1).view(torch.int32) >> 16
         self.high += torch.bincount(bits, minlength=_BINS)
 
-    def choose_bin(self) -> None:
+    def choose_bin(self, k: int) -> None:
         cum = self.high.cumsum(0)
-        self.bin = int(torch.searchsorted(cum, self.k))
-        self.rank = self.k - (int(cum[self.bin - 1]) if self.bin > 0 else 0)
+        self.bin = int(torch.searchsorted(cum, k))
+        self.rank = k - (int(cum[self.bin - 1]) if self.bin > 0 else 0)
 
     def add_low(self, values: Tensor) -> None:
         bits = values.reshape(-1).view(torch.int32)
@@ -58,76 +57,95 @@ def trim_rank(d: int, k: float) -> int:
     return d - int(d * (k / 100))
 
 
-def disjoint_aggregate(selected: Tensor, merge: str) -> Tensor:
-    """Sum, or mean over the non-zero count (at least 1), of sign-agreeing entries (dim 0)."""
-    total = selected.sum(dim=0)
+def disjoint_aggregate(trimmed: Tensor, sign: Tensor, merge: str) -> Tensor:
+    """Sum, or mean over their count (at least 1), of the stacked entries ``(N, ...)`` whose
+    sign agrees with ``sign`` (0 where ``sign`` is 0).
+
+    Computed as ``sign * sum clamp(trimmed * sign, 0)``: negation commutes with rounding, so this
+    equals the sum of the agreeing entries bit for bit, in fewer passes.
+    """
+    aligned = (trimmed * sign).clamp_(min=0)
+    total = aligned.sum(dim=0) * sign
     if merge == "sum":
         return total
-    return total / torch.clamp((selected != 0).sum(dim=0).to(torch.float32), min=1)
-
-
-def elect_and_merge(trimmed: Tensor, merge: str) -> tuple[Tensor, Tensor]:
-    """TIES elect + disjoint merge of stacked trimmed task vectors ``(N, ...)``.
-
-    Returns the merged delta (0 where the elected sign is 0) and the elected sign, so the caller
-    can settle those entries with the whole model's majority sign.
-    """
-    sign = torch.sign(trimmed.sum(dim=0))
-    agree = torch.where(sign > 0, trimmed > 0, trimmed < 0) & (sign != 0)
-    return disjoint_aggregate(trimmed * agree, merge), sign
+    count = (aligned > 0).sum(dim=0).to(torch.float32)
+    return total / torch.clamp(count, min=1)
 
 
 def settle_undecided(columns: Tensor, majority: int, merge: str) -> Tensor:
     """Merge entries whose elected sign is 0 with the model's majority sign (0 -> merge to 0)."""
-    if majority == 0:
-        return torch.zeros(columns.shape[1:], dtype=columns.dtype)
-    agree = columns > 0 if majority > 0 else columns < 0
-    return disjoint_aggregate(columns * agree, merge)
+    sign = torch.full(columns.shape[1:], float(majority))
+    return disjoint_aggregate(columns, sign, merge)
 
 
-def ties_merge(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec, *,
-               k: float = 20.0, merge: str = "sum", lam: float = 0.3,
-               progress: bool = False, desc: str = "ties") -> dict[str, Tensor]:
+class TrimThresholds:
+    """Each task's exact whole-model trim threshold, gathered while the inputs stream by.
+
+    Pass 1 is :meth:`observe`, meant as the ``observe`` hook of
+    :func:`harness.state_dict.inspect_models`, so it costs no extra read of the inputs.
+    """
+
+    def __init__(self) -> None:
+        self.selectors: dict[str, StreamingKthSmallest] = {}
+
+    def observe(self, task: str, key: str, tau: Tensor) -> None:
+        self.selectors.setdefault(task, StreamingKthSmallest()).add_high(tau.abs())
+
+    def finish(self, pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
+               k: float, progress: bool, desc: str) -> dict[str, float | None]:
+        """Pass 2 over the inputs; None for a task means keep everything (k = 100)."""
+        d = sum(torch.Size(spec.shapes[key]).numel() for key in spec.float_keys)
+        rank = trim_rank(d, k)
+        if rank == 0:
+            return {t: None for t in spec.tasks}
+        for sel in self.selectors.values():
+            sel.choose_bin(rank)
+        for key in iter_keys(spec.float_keys, f"{desc}: thresholds", progress):
+            for t, tau in zip(spec.tasks, task_vectors(pretrained, finetuned, spec.tasks, key)):
+                self.selectors[t].add_low(tau.abs())
+        return {t: self.selectors[t].value() for t in spec.tasks}
+
+
+def inspect_for_ties(pretrained: StateDict, finetuned: Mapping[str, StateDict]
+                     ) -> tuple[ModelSpec, TrimThresholds]:
+    """Validate the models and gather TIES's first threshold pass in the same read."""
+    thresholds = TrimThresholds()
+    spec = inspect_models(pretrained, finetuned, observe=thresholds.observe)
+    return spec, thresholds
+
+
+def ties_merge(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
+               thresholds: TrimThresholds, *, k: float = 20.0, merge: str = "sum",
+               lam: float = 0.3, progress: bool = False, desc: str = "ties"
+               ) -> dict[str, Tensor]:
     """The TIES-merged state dict ``theta_0 + lam * merged``, in the inputs' dtypes.
 
-    Three streaming passes over the keys: the high and low halves of each task's exact
-    whole-model trim threshold, then trim/elect/merge. No flattened model is ever built.
+    Streams over the keys twice after validation (the second half of each task's exact
+    whole-model trim threshold, then trim/elect/merge); no flattened model is ever built.
     """
     tasks = spec.tasks
-    keys = spec.float_keys
-    d = sum(torch.Size(spec.shapes[key]).numel() for key in keys)
-    rank = trim_rank(d, k)
-    thresholds: dict[str, float | None] = {t: None for t in tasks}
-    if rank > 0:
-        selectors = {t: StreamingKthSmallest(rank) for t in tasks}
-        for key in iter_keys(keys, f"{desc}: thresholds 1/2", progress):
-            for t, tau in zip(tasks, task_vectors(pretrained, finetuned, tasks, key)):
-                selectors[t].add_high(tau.abs())
-        for sel in selectors.values():
-            sel.choose_bin()
-        for key in iter_keys(keys, f"{desc}: thresholds 2/2", progress):
-            for t, tau in zip(tasks, task_vectors(pretrained, finetuned, tasks, key)):
-                selectors[t].add_low(tau.abs())
-        thresholds = {t: sel.value() for t, sel in selectors.items()}
-
+    cut = thresholds.finish(pretrained, finetuned, spec, k, progress, desc)
     merged: dict[str, Tensor] = {}
     undecided: list[tuple[str, Tensor, Tensor]] = []
     sign_total = 0
-    float_keys = set(keys)
+    float_keys = set(spec.float_keys)
     for key in iter_keys(list(pretrained.keys()), f"{desc}: merge", progress):
         p = pretrained[key]
         if key not in float_keys:
             merged[key] = p
             continue
-        taus = task_vectors(pretrained, finetuned, tasks, key)
-        trimmed = torch.stack([tau if thresholds[t] is None else tau * (tau.abs() >= thresholds[t])
-                               for t, tau in zip(tasks, taus)])
-        delta, sign = elect_and_merge(trimmed, merge)
+        trimmed = torch.empty((len(tasks), *spec.shapes[key]), dtype=torch.float32)
+        kept = torch.zeros(spec.shapes[key], dtype=torch.bool)
+        for row, (t, tau) in enumerate(zip(tasks, task_vectors(pretrained, finetuned, tasks, key))):
+            mask = tau != 0 if cut[t] is None else tau.abs() >= cut[t]
+            torch.mul(tau, mask, out=trimmed[row])
+            kept |= mask
+        sign = torch.sign(trimmed.sum(dim=0))      # elect
         sign_total += int(sign.sum())
-        open_ = ((sign == 0) & (trimmed != 0).any(dim=0)).reshape(-1)
-        if bool(open_.any()):
-            positions = torch.nonzero(open_).reshape(-1)
-            undecided.append((key, positions, trimmed.reshape(len(tasks), -1)[:, positions]))
+        delta = disjoint_aggregate(trimmed, sign, merge)
+        open_ = torch.nonzero(((sign == 0) & kept).reshape(-1)).reshape(-1)
+        if open_.numel():
+            undecided.append((key, open_, trimmed.reshape(len(tasks), -1)[:, open_]))
         merged[key] = cast_like(to_float32(p) + lam * delta, p.dtype)
 
     majority = (sign_total > 0) - (sign_total < 0)
@@ -161,8 +179,9 @@ class Ties(MergeMethod):
         require(self.lam >= 0, self.name, "lam", f"must be >= 0, got {self.lam}")
 
     def merge(self, pretrained, finetuned, *, progress=False):
-        spec = inspect_models(pretrained, finetuned)
-        base = ties_merge(pretrained, finetuned, spec, k=self.k, merge=self.merge_function,
-                          lam=self.lam, progress=progress, desc=self.name)
+        spec, thresholds = inspect_for_ties(pretrained, finetuned)
+        base = ties_merge(pretrained, finetuned, spec, thresholds, k=self.k,
+                          merge=self.merge_function, lam=self.lam, progress=progress,
+                          desc=self.name)
         return MergeResult(self.name, self.params(), base, spec.tasks,
                            merged_params=spec.merged_params)

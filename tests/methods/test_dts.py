@@ -7,7 +7,7 @@ from harness import HyperparameterError, get_method
 from harness.accounting import dts_paper_amr
 from methods.dts import (dts_encode, group_encode, predicted_stored_bytes, threshold_and_scale,
                          truncated_svd)
-from methods.ties import ties_merge
+from methods.ties import inspect_for_ties, ties_merge
 from harness.state_dict import inspect_models
 from tests.conftest import make_models
 
@@ -122,8 +122,8 @@ def test_dts_t_weights_are_pretrained_plus_decoded_delta(models):
 def test_dts_d_uses_ties_base(models):
     pre, ft = models
     result = get_method("dts-d").merge(pre, ft)
-    spec = inspect_models(pre, ft)
-    base = ties_merge(pre, ft, spec, k=20, merge="sum", lam=0.3)
+    spec, thresholds = inspect_for_ties(pre, ft)
+    base = ties_merge(pre, ft, spec, thresholds, k=20, merge="sum", lam=0.3)
     for key in base:
         assert torch.equal(result.base[key], base[key])
     delta = ft["task0"]["layer.bias"] - base["layer.bias"]

@@ -48,3 +48,12 @@ def test_dare_survivors_are_scaled_by_inverse_keep_rate():
     values = set(merged.unique().tolist())
     assert values == {0.0, 4.0}
     assert abs(float((merged == 0).float().mean()) - 0.75) < 0.02
+
+
+def test_dare_seed_zero_golden_bits():
+    # survivors scaled by 2: 2 = only task a kept, 4 = only b, 6 = both, 0 = neither.
+    # Pins the per-(seed, task, key) seeding: a change here changes every published DARE row.
+    pre = {"w": torch.zeros(12)}
+    ft = {"a": {"w": torch.ones(12)}, "b": {"w": torch.full((12,), 2.0)}}
+    merged = get_method("dare", lam=1.0, seed=0).merge(pre, ft).base["w"]
+    assert merged.tolist() == [2.0, 6.0, 2.0, 2.0, 0.0, 2.0, 4.0, 0.0, 6.0, 6.0, 2.0, 2.0]

@@ -84,10 +84,10 @@ def test_streaming_kth_value_is_exact():
     chunks.append(torch.zeros(50))
     values = torch.cat(chunks)
     for k in (1, 50, 51, 500, values.numel()):
-        sel = StreamingKthSmallest(k)
+        sel = StreamingKthSmallest()
         for c in chunks:
             sel.add_high(c)
-        sel.choose_bin()
+        sel.choose_bin(k)
         for c in chunks:
             sel.add_low(c)
         assert sel.value() == float(values.kthvalue(k).values)
