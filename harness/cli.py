@@ -62,6 +62,16 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from harness.runner import get_suite
+
+    suite = get_suite(args.suite, args.cache_dir)
+    suite.check()
+    suite.prepare(progress=not args.quiet)
+    print(f"ok: {suite.name} task models are in {suite.cache_dir}")
+    return 0
+
+
 def cmd_ls(args) -> int:
     from harness.registry import METHODS, SUITES
 
@@ -136,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a run's names, hyperparameters and files, fast")
     run_options(p)
     p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("finetune", help="build a suite's task models (cached; run on first use)")
+    p.add_argument("--suite", default=DEFAULT_SUITE, help=f"default: {DEFAULT_SUITE}")
+    p.add_argument("--cache-dir", default=None,
+                   help="suite cache (default $MERGE_HARNESS_CACHE or ~/.cache/merge-harness)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_finetune)
     p = sub.add_parser("ls", help="list methods (with hyperparameters) or suites")
     p.add_argument("what", choices=["methods", "suites"])
     p.set_defaults(func=cmd_ls)

@@ -108,5 +108,6 @@ SUITES = Registry(
     "suite", "merge_harness.suites",
     {
         "tiny": "tasks.tiny:TinySuite",
+        "offline-text": "tasks.offline_text:OfflineTextSuite",
     },
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -50,7 +51,15 @@ def matched_density(spec: ModelSpec) -> float:
         raise ValueError(
             f"svd: no density matches DTS-T's AMR at density 0.3 ({target:.4f}%): the tensors "
             f"stored as they are already take {amr_at(0.0):.4f}%")
-    return step / GRID
+    density = step / GRID
+    if all(dts_rank(density, spec.shapes[k]) == 0 for k in spec.active_keys
+           if len(spec.shapes[k]) == 2):
+        warnings.warn(
+            f"svd: at DTS-T's AMR ({target:.3f}%) the tensors stored as they are (1-D and >2-D, "
+            f"float32) take {amr_at(0.0):.3f}%, leaving rank 0 for every matrix: this baseline "
+            "keeps no low-rank information; pass density to compare at another budget",
+            stacklevel=3)
+    return density
 
 
 @dataclass(frozen=True)

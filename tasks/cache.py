@@ -40,19 +40,30 @@ class CheckpointCache:
         return os.path.join(self.folder, f"{name}.safetensors")
 
     def has(self, name: str) -> bool:
-        """True when the entry exists and its bytes match the recorded checksum."""
-        if name in self._verified:
+        """True when the state dict ``name`` exists and matches its recorded checksum."""
+        return self.has_file(self.path(name))
+
+    def has_file(self, path: str) -> bool:
+        """True when the file exists and its bytes match the recorded checksum."""
+        key = os.path.basename(path)
+        if key in self._verified:
             return True
-        entry = self._entries.get(name)
-        if entry is None or not os.path.exists(self.path(name)):
+        entry = self._entries.get(key)
+        if entry is None or not os.path.exists(path):
             return False
-        if sha256_file(self.path(name)) != entry["sha256"]:
-            warnings.warn(f"cache entry {self.path(name)} does not match its checksum: "
-                          "it will be rebuilt")
-            del self._entries[name]
+        if sha256_file(path) != entry["sha256"]:
+            warnings.warn(f"cache entry {path} does not match its checksum: it will be rebuilt")
+            del self._entries[key]
             return False
-        self._verified.add(name)
+        self._verified.add(key)
         return True
+
+    def record_file(self, path: str, **info) -> None:
+        """Record a file written into the cache folder (atomically, by the caller)."""
+        key = os.path.basename(path)
+        self._entries[key] = {"sha256": sha256_file(path), **info}
+        self._verified.add(key)
+        write_json_atomic(self._manifest_path, {"recipe": self.recipe, "entries": self._entries})
 
     def put(self, name: str, state_dict: dict[str, Tensor], **info) -> None:
         from safetensors.torch import save_file
@@ -62,9 +73,7 @@ class CheckpointCache:
         os.close(fd)
         save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp)
         os.replace(tmp, self.path(name))
-        self._entries[name] = {"sha256": sha256_file(self.path(name)), **info}
-        self._verified.add(name)
-        write_json_atomic(self._manifest_path, {"recipe": self.recipe, "entries": self._entries})
+        self.record_file(self.path(name), **info)
 
     def get(self, name: str) -> StateDict:
         if not self.has(name):
@@ -72,4 +81,4 @@ class CheckpointCache:
         return LazyStateDict(self.path(name))
 
     def info(self, name: str) -> dict:
-        return dict(self._entries[name])
+        return dict(self._entries[os.path.basename(self.path(name))])

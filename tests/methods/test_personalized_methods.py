@@ -114,3 +114,14 @@ def test_svd_baseline_density_matches_dts_t():
     u, s, vh = torch.linalg.svd(ft["a"]["m0"] - pre["m0"], full_matrices=False)
     expected = pre["m0"] + (u[:, :r] * s[:r]) @ vh[:r]
     torch.testing.assert_close(svd.weights_for("a")["m0"], expected)
+
+
+def test_svd_warns_when_matched_density_keeps_no_matrix():
+    g = torch.Generator().manual_seed(1)
+    # float32 conv: 216 bytes; DTS-T: 242 bytes in all; one rank of the matrix: 260 more
+    pre = {"m": torch.randn(32, 32, generator=g), "conv": torch.randn(2, 3, 3, 3, generator=g)}
+    ft = {t: {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in pre.items()}
+          for t in ("a", "b")}
+    with pytest.warns(UserWarning, match="rank 0 for every matrix"):
+        result = get_method("svd").merge(pre, ft)
+    assert result.info["density"] < 1 / 32
