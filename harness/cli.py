@@ -8,9 +8,6 @@ import sys
 
 from tabulate import tabulate
 
-DEFAULT_SUITE = "tiny"
-
-
 def _parse_sets(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
@@ -120,6 +117,7 @@ def cmd_leaderboard(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from harness.results import DEFAULT_RESULTS_DIR
+    from harness.runner import DEFAULT_SUITE
 
     parser = argparse.ArgumentParser(prog="harness", description="Benchmark model merging.")
     sub = parser.add_subparsers(dest="command", required=True)

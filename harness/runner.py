@@ -25,12 +25,13 @@ from harness.unseen import similarity_weights
 from tasks.base import Evaluation, Suite
 
 REFERENCE_ROWS = ("pretrained", "individual")
+DEFAULT_SUITE = "offline-text"
 
 
 @dataclasses.dataclass
 class RunConfig:
     method: str
-    suite: str = "tiny"
+    suite: str = DEFAULT_SUITE
     split: str = "seen"
     overrides: dict = dataclasses.field(default_factory=dict)
     seed: int = 0

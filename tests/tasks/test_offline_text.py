@@ -21,7 +21,7 @@ WORDS = ["good", "bad", "fine", "awful", "yes", "no", "same", "other", "valid", 
          "the", "a", "room", "pill", "box", "claim", "order", "talk"]
 LABELS = {"sentiment": ["ambivalent", "negative", "neutral", "positive"],
           "fact-verification": ["False", "Neither", "True"], "adjective-order": ["a", "b"],
-          "same-speaker": ["different", "same"], "syllogism-validity": ["invalid", "valid"],
+          "intent-recognition": ["add_to_playlist", "get_weather", "play_music"],
           "epistemic-entailment": ["entailment", "non-entailment"]}
 
 
@@ -125,10 +125,10 @@ def test_missing_backbone_says_how_to_provide_it(tmp_path):
 def test_finetune_cache_and_corruption(assets, tmp_path):
     suite = make_suite(assets, tmp_path / "cache")
     suite.prepare(progress=False)
-    name = "task-same-speaker"
+    name = "task-intent-recognition"
     path = suite.cache.path(name)
     good = open(path, "rb").read()
-    backbone = suite.load_finetuned("same-speaker")
+    backbone = suite.load_finetuned("intent-recognition")
     pretrained = suite.load_pretrained()
     assert set(backbone) == set(pretrained)
     assert any(not torch.equal(backbone[k], pretrained[k]) for k in backbone)
@@ -164,3 +164,22 @@ def test_runs_end_to_end(method, assets, tmp_path):
         assert record["hyperparameters"]["merge_function"] == "mean"
     else:
         assert set(record["gamma"]) == set(suite.split_tasks("unseen"))
+
+
+def test_capped_splits_sample_the_whole_file_not_its_start(tmp_path):
+    from tasks.offline_text import TextTask
+
+    # BIG-bench files are often sorted by label: all "valid" first, then all "invalid"
+    examples = [{"input": f"argument number {i}", "target_scores": {"valid": int(i < 500),
+                                                                    "invalid": int(i >= 500)}}
+                for i in range(1000)]
+    task = TextTask("sorted", "sorted/task.json", "a label-sorted task", train=50, test=20)
+    data = json.dumps({"examples": examples}).encode()
+    with tarfile.open(tmp_path / "a.tar.gz", "w:gz") as tf:
+        info = tarfile.TarInfo(MEMBER_ROOT + task.member)
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    d = extract_tasks(str(tmp_path / "a.tar.gz"), (task,))["sorted"]
+    for split in ("train", "test"):
+        share = sum(label for _, label in d[split]) / len(d[split])
+        assert 0.25 < share < 0.75, (split, share)
