@@ -8,7 +8,6 @@ DTS-D the difference to a TIES-merged model.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -248,13 +247,9 @@ class DtsT(MergeMethod):
 
 
 @dataclass(frozen=True)
-class DtsD(DtsT):
-    __doc__ = """DTS-D: compress ``theta_t - theta_m`` against a TIES-merged ``theta_m`` (k = 20,
-    lam = 0.3, the suite's merge function); serve ``theta_m + D_hat``. The delta is taken
-    against theta_m as stored (in the inputs' dtype), so base plus delta reconstructs theta_t.
-    """ + _DECISIONS
+class TiesBaseOptions(MergeMethod):
+    """The hyperparameters of DTS-D's TIES base theta_m (mixed into DTS-D and DTS-D*)."""
 
-    name = "dts-d"
     ties_merge_function: Literal["sum", "mean"] = hp("sum", "TIES merge function of theta_m")
     ties_lam: float = hp(0.3, "TIES scaling coefficient of theta_m")
     ties_k: float = hp(20.0, "TIES percent kept of theta_m")
@@ -263,10 +258,26 @@ class DtsD(DtsT):
         super().check()
         require(self.ties_merge_function in ("sum", "mean"), self.name, "ties_merge_function",
                 "must be 'sum' or 'mean'")
-        require(0 < self.ties_k <= 100, self.name, "ties_k", f"must be in (0, 100], got {self.ties_k}")
+        require(0 < self.ties_k <= 100, self.name, "ties_k",
+                f"must be in (0, 100], got {self.ties_k}")
+        require(self.ties_lam >= 0, self.name, "ties_lam", f"must be >= 0, got {self.ties_lam}")
+
+    def ties_base(self, pretrained, finetuned, progress):
+        """(spec, theta_m) for these options."""
+        return ties_base(pretrained, finetuned, self.ties_merge_function, self.ties_lam,
+                         self.ties_k, progress)
+
+
+@dataclass(frozen=True)
+class DtsD(TiesBaseOptions, DtsT):
+    __doc__ = """DTS-D: compress ``theta_t - theta_m`` against a TIES-merged ``theta_m`` (k = 20,
+    lam = 0.3, the suite's merge function); serve ``theta_m + D_hat``. The delta is taken
+    against theta_m as stored (in the inputs' dtype), so base plus delta reconstructs theta_t.
+    """ + _DECISIONS
+
+    name = "dts-d"
 
     def merge(self, pretrained, finetuned, *, progress=False):
-        spec, base = ties_base(pretrained, finetuned, self.ties_merge_function, self.ties_lam,
-                               self.ties_k, progress)
+        spec, base = self.ties_base(pretrained, finetuned, progress)
         return dts_result(self, spec, base, finetuned, self.density, self.svd_signs,
                           self.grouping, progress)

@@ -8,8 +8,8 @@ from typing import Literal
 from harness.accounting import amr_percent
 from harness.method import MergeMethod, hp, require
 from harness.state_dict import inspect_models
-from methods.dts import (_DECISIONS, delta_zero_counts, dts_result, paper_bits, predicted_amr,
-                         ties_base)
+from methods.dts import (_DECISIONS, TiesBaseOptions, delta_zero_counts, dts_result, paper_bits,
+                         predicted_amr)
 
 GRID = 1000  # densities are searched on a 0.001 grid
 
@@ -78,22 +78,13 @@ class DtsTStar(MergeMethod):
 
 
 @dataclass(frozen=True)
-class DtsDStar(DtsTStar):
+class DtsDStar(TiesBaseOptions, DtsTStar):
     __doc__ = """DTS-D*: DTS-D (TIES base theta_m) at the largest density on a 0.001 grid whose
     AMR, maximum over tasks, is below ``budget`` percent; see DTS-T* for the counting.
     """ + _DECISIONS
 
     name = "dts-d-star"
-    ties_merge_function: Literal["sum", "mean"] = hp("sum", "TIES merge function of theta_m")
-    ties_lam: float = hp(0.3, "TIES scaling coefficient of theta_m")
-    ties_k: float = hp(20.0, "TIES percent kept of theta_m")
-
-    def check(self):
-        super().check()
-        require(self.ties_merge_function in ("sum", "mean"), self.name, "ties_merge_function",
-                "must be 'sum' or 'mean'")
 
     def _base(self, pretrained, finetuned, progress):
-        spec, base = ties_base(pretrained, finetuned, self.ties_merge_function, self.ties_lam,
-                               self.ties_k, progress)
+        spec, base = self.ties_base(pretrained, finetuned, progress)
         return spec, base, base

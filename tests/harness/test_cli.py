@@ -1,6 +1,5 @@
 """End to end through the ``harness`` command on the ``tiny`` suite."""
 
-import json
 import os
 import subprocess
 import sys
@@ -44,8 +43,12 @@ def record_for(results, split, method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_run_every_method(method, results, tiny_cache, capsys):
-    code, out, err = run_cli(capsys, "run", "--method", method, "--results", results,
-                             "--cache-dir", tiny_cache, "--quiet")
+    args = ("run", "--method", method, "--results", results, "--cache-dir", tiny_cache, "--quiet")
+    if method == "svd":   # on tiny, DTS-T's budget leaves the baseline rank 0: it says so
+        with pytest.warns(UserWarning, match="rank 0 for every matrix"):
+            code, out, err = run_cli(capsys, *args)
+    else:
+        code, out, err = run_cli(capsys, *args)
     assert code == 0, err
     assert "ADR" in out and "AMR" in out
     record = record_for(results, "seen", method)

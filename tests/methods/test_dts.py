@@ -9,7 +9,6 @@ from methods.dts import (dts_encode, group_encode, predicted_stored_bytes, thres
                          truncated_svd)
 from methods.ties import inspect_for_ties, ties_merge
 from harness.state_dict import inspect_models
-from tests.conftest import make_models
 
 
 def test_golden_vector():
