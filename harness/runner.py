@@ -269,6 +269,12 @@ def evaluate_split(suite: Suite, result: MergeResult, config: RunConfig):
             weighted = result.kind == "personalized" and (
                 result.unseen.get("weighted") or config.unseen_weighting == "similarity")
             if weighted:
+                undescribed = [t for t in (task, *result.tasks)
+                               if not suite.task(t).description.strip()]
+                if undescribed:
+                    raise ValueError(
+                        f"similarity weights need a description of every task; "
+                        f"{', '.join(map(repr, undescribed))} of suite {suite.name!r} has none")
                 gammas[task] = similarity_weights(
                     suite.task_embedding(task),
                     {seen: suite.task_embedding(seen) for seen in result.tasks}, repr(task))

@@ -31,6 +31,6 @@ def similarity_weights(embedding: Tensor, seen: Mapping[str, Tensor],
         detail = ", ".join(f"{n} {c:+.3f}" for n, c in cos.items())
         raise ValueError(
             f"similarity weights for {target} are undefined: its cosine similarities to the seen "
-            f"tasks sum to {total:.3g} ({detail}); describe the task differently or serve it "
-            "with --unseen-weighting method")
+            f"tasks sum to {total:.3g} ({detail}): give it a description closer to the seen "
+            "tasks (or, for a method other than DTS, use --unseen-weighting method)")
     return {name: c / total for name, c in cos.items()}

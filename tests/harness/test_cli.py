@@ -205,3 +205,30 @@ def test_plugin_suite_through_entry_point(tmp_path, tiny_cache):
     assert out.returncode == 0, out.stderr
     assert "ties on tiny-plugin" in out.stdout
     assert os.listdir(tmp_path / "results" / "tiny-plugin" / "seen")
+
+
+UNDESCRIBED_PLUGIN = '''
+import dataclasses
+
+from tasks.tiny import TinySuite
+
+
+class UndescribedSuite(TinySuite):
+    """The tiny suite with one unseen task lacking a description."""
+
+    name = "tiny-undescribed"
+    tasks = tuple(dataclasses.replace(t, description="") if t.name == "e-vs-g" else t
+                  for t in TinySuite.tasks)
+'''
+
+
+def test_unseen_task_without_description_is_an_error(tmp_path, tiny_cache):
+    site = install_plugin(tmp_path, "mh_undescribed", UNDESCRIBED_PLUGIN, {
+        "merge_harness.suites": {"tiny-undescribed": "mh_undescribed:UndescribedSuite"}})
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.getcwd()]))
+    cmd = [sys.executable, "-m", "harness.cli", "run", "--method", "dts-t", "--suite",
+           "tiny-undescribed", "--split", "unseen", "--results", str(tmp_path / "results"),
+           "--cache-dir", tiny_cache, "--quiet"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "'e-vs-g' of suite 'tiny-undescribed' has none" in out.stderr
