@@ -8,6 +8,7 @@ import sys
 
 from tabulate import tabulate
 
+
 def _parse_sets(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
@@ -122,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description="Benchmark model merging.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def cache_option(p):
+        p.add_argument("--cache-dir", default=None,
+                       help="suite cache (default $MERGE_HARNESS_CACHE or ~/.cache/merge-harness)")
+
     def run_options(p):
         p.add_argument("--method", required=True, help="a registered method (harness ls methods)")
         p.add_argument("--suite", default=DEFAULT_SUITE, help=f"default: {DEFAULT_SUITE}")
@@ -131,8 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default="cpu", help="cpu or cuda")
         p.add_argument("--results", default=DEFAULT_RESULTS_DIR, help="result files folder")
-        p.add_argument("--cache-dir", default=None,
-                       help="suite cache (default $MERGE_HARNESS_CACHE or ~/.cache/merge-harness)")
+        cache_option(p)
         p.add_argument("--unseen-weighting", default="method", choices=["method", "similarity"],
                        help="unseen split: each method's own rule, or similarity weights (eq. 8)")
         p.add_argument("--force", action="store_true", help="rerun when the result exists")
@@ -146,8 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("finetune", help="build a suite's task models (cached; run on first use)")
     p.add_argument("--suite", default=DEFAULT_SUITE, help=f"default: {DEFAULT_SUITE}")
-    p.add_argument("--cache-dir", default=None,
-                   help="suite cache (default $MERGE_HARNESS_CACHE or ~/.cache/merge-harness)")
+    cache_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_finetune)
     p = sub.add_parser("ls", help="list methods (with hyperparameters) or suites")

@@ -10,7 +10,6 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
@@ -143,8 +142,9 @@ def reference_scores(suite: Suite, config: RunConfig) -> dict[str, dict[str, dic
                 write_record(record_path(config.results_dir, suite.name, split, row, {}, 0), {
                     "suite": suite.name, "split": split, "method": row, "label": row.title(),
                     "hyperparameters": {}, "seed": 0, "suite_fingerprint": fingerprint,
-                    "task_order": names, "tasks": tasks, "average": _mean(tasks), "adr": None, "amr": None,
-                    "eval_seconds": seconds, "provenance": provenance(suite, config.device)})
+                    "task_order": names, "tasks": tasks, "average": _mean(tasks),
+                    "adr": None, "amr": None, "eval_seconds": seconds,
+                    "provenance": provenance(suite, config.device)})
         scores[row] = per_task
     return scores
 
@@ -203,7 +203,7 @@ def select_per_task(suite: Suite, method: MergeMethod, pretrained, finetuned,
     return dataclasses.replace(method, **{name: {t: v for t, (_, v) in best.items()}})
 
 
-def run(config: RunConfig, on_record: Callable[[dict], None] | None = None) -> dict:
+def run(config: RunConfig) -> dict:
     """Run one benchmark cell and return its record (read back when it exists already)."""
     suite, method = validate(config)
     if "seed" in method.params() and "seed" not in config.overrides:
@@ -253,8 +253,6 @@ def run(config: RunConfig, on_record: Callable[[dict], None] | None = None) -> d
     }
     write_record(path, record)
     record["_path"] = path
-    if on_record:
-        on_record(record)
     return record
 
 
@@ -262,6 +260,7 @@ def evaluate_split(suite: Suite, result: MergeResult, config: RunConfig):
     """Metrics of every task of the split, and the similarity weights used on unseen tasks."""
     tasks: dict[str, dict] = {}
     gammas: dict[str, dict[str, float]] = {}
+    seen_embeddings: dict[str, object] = {}     # computed once, on the first weighted task
     for task in suite.split_tasks(config.split):
         if config.split == "seen":
             weights = result.weights_for(task)
@@ -275,9 +274,10 @@ def evaluate_split(suite: Suite, result: MergeResult, config: RunConfig):
                     raise ValueError(
                         f"similarity weights need a description of every task; "
                         f"{', '.join(map(repr, undescribed))} of suite {suite.name!r} has none")
-                gammas[task] = similarity_weights(
-                    suite.task_embedding(task),
-                    {seen: suite.task_embedding(seen) for seen in result.tasks}, repr(task))
+                if not seen_embeddings:
+                    seen_embeddings = {seen: suite.task_embedding(seen) for seen in result.tasks}
+                gammas[task] = similarity_weights(suite.task_embedding(task), seen_embeddings,
+                                                  repr(task))
                 weights = result.weights_for_unseen(gammas[task])
             else:
                 weights = result.weights_for_unseen()

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tarfile
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -277,7 +278,7 @@ class OfflineTextSuite(Suite):
         from harness.state_dict import LazyStateDict
 
         stored = LazyStateDict(os.path.join(self.backbone_dir, "model.safetensors"))
-        keys = self._backbone_keys()
+        keys = self._backbone_keys
         missing = [k for k in keys if k not in stored]
         if missing:
             raise SuiteUnavailableError(
@@ -285,11 +286,10 @@ class OfflineTextSuite(Suite):
                 "backbone")
         return {k: stored[k] for k in keys}
 
+    @cached_property
     def _backbone_keys(self) -> list[str]:
-        if not hasattr(self, "_keys"):
-            with torch.device("meta"):
-                self._keys = list(self._model(2).base_model.state_dict())
-        return self._keys
+        with torch.device("meta"):
+            return list(self._model(2).base_model.state_dict())
 
     def _entry(self, task: str) -> StateDict:
         self.task(task)
@@ -335,12 +335,14 @@ class OfflineTextSuite(Suite):
         texts = [*self.labels(task), self.task(task).description]
         return unit(torch.stack([unit(e) for e in self._encode(texts)]).mean(dim=0))
 
-    @torch.no_grad()
-    def _encode(self, texts: list[str]) -> Tensor:
+    @cached_property
+    def _encoder(self):
         from transformers import AutoModel
 
-        if not hasattr(self, "_encoder"):
-            self._encoder = AutoModel.from_pretrained(self.backbone_dir).eval()
+        return AutoModel.from_pretrained(self.backbone_dir).eval()
+
+    @torch.no_grad()
+    def _encode(self, texts: list[str]) -> Tensor:
         encoded = self.tokenizer()(texts, padding=True, truncation=True, return_tensors="pt")
         hidden = self._encoder(**encoded).last_hidden_state
         mask = encoded["attention_mask"].unsqueeze(-1).float()
