@@ -109,5 +109,6 @@ SUITES = Registry(
     {
         "tiny": "tasks.tiny:TinySuite",
         "offline-text": "tasks.offline_text:OfflineTextSuite",
+        "offline-vision": "tasks.offline_vision:OfflineVisionSuite",
     },
 )

