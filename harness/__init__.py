@@ -9,13 +9,14 @@ The Python API::
 
 from __future__ import annotations
 
-from harness.method import HyperparameterError, MergeMethod
+from harness.method import HyperparameterError, MergeMethod, MethodNotApplicable
 from harness.registry import METHODS, SUITES, UnknownNameError
 from harness.result import MergeResult, ResultFormatError
 from harness.state_dict import LazyStateDict, MergeInputError
 
 __all__ = [
     "HyperparameterError", "LazyStateDict", "MergeInputError", "MergeMethod", "MergeResult",
+    "MethodNotApplicable",
     "ResultFormatError", "UnknownNameError", "get_method", "list_methods", "list_suites",
     "method_class",
 ]

@@ -143,10 +143,16 @@ def render_suite(suite: str, records: list[dict], results_dir: str) -> str:
               "unseen": "Unseen tasks (not merged; served from the seen tasks' result)"}
     for split in ("seen", "unseen"):
         lines += [f"## {titles[split]}", ""]
-        if by_split[split]:
-            lines += [render_table(by_split[split]), ""]
+        measured = [r for r in by_split[split] if r.get("status") != "not-applicable"]
+        if measured:
+            lines += [render_table(measured), ""]
         else:
             lines += ["No results yet.", ""]
+        inapplicable = sorted((r for r in by_split[split] if r not in measured), key=_row_key)
+        if inapplicable:
+            lines += ["Not applicable on this suite (the run stopped before merging, as the "
+                      "spec asks):", ""]
+            lines += [f"- `{r['label']}`: {r['reason']}" for r in inapplicable] + [""]
     lines += ["## Runs and provenance", "", _runs_table(records), ""]
     return "\n".join(lines)
 

@@ -22,6 +22,11 @@ class HyperparameterError(ValueError):
     """An unknown hyperparameter, or a value of the wrong type or out of range."""
 
 
+class MethodNotApplicable(ValueError):
+    """The method's own rule cannot be met on these models (e.g. no rank keeps AMR under the
+    budget when the tensors it stores as they are already exceed it)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Hyperparameter:
     name: str

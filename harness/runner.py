@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 
 from harness.accounting import adr
-from harness.method import MergeMethod
+from harness.method import MergeMethod, MethodNotApplicable
 from harness.registry import METHODS, SUITES
 from harness.result import MergeResult
 from harness.results import (DEFAULT_RESULTS_DIR, hyperparameter_tag, read_records, record_path,
@@ -213,7 +213,10 @@ def run(config: RunConfig) -> dict:
     if os.path.exists(path) and not config.force:
         _log(config, f"result exists, skipped (use --force to rerun): {path}")
         records, _ = read_records(os.path.dirname(path))
-        return next(r for r in records if r["_path"] == path)
+        record = next(r for r in records if r["_path"] == path)
+        if record.get("status") == "not-applicable":
+            raise MethodNotApplicable(f"{record['reason']} (recorded in {path})")
+        return record
 
     torch.manual_seed(config.seed)
     suite.prepare(progress=not config.quiet)
@@ -225,7 +228,16 @@ def run(config: RunConfig) -> dict:
     method = select_per_task(suite, method, pretrained, finetuned, config)
     _log(config, f"merging {len(seen)} tasks with {method.name}")
     start = time.perf_counter()
-    result = method.merge(pretrained, finetuned, progress=not config.quiet)
+    try:
+        result = method.merge(pretrained, finetuned, progress=not config.quiet)
+    except MethodNotApplicable as reason:
+        # recorded, so the leaderboard says why this method has no row here
+        write_record(path, {
+            "suite": suite.name, "split": config.split, "method": method.name,
+            "label": row_label(method, suite), "hyperparameters": json_safe(method.params()),
+            "seed": config.seed, "status": "not-applicable", "reason": str(reason),
+            "tasks": {}, "provenance": provenance(suite, config.device)})
+        raise
     merge_seconds = time.perf_counter() - start
     peak = peak_rss_bytes()
 

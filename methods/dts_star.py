@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from harness.accounting import amr_percent
-from harness.method import MergeMethod, hp, require
+from harness.method import MergeMethod, MethodNotApplicable, hp, require
 from harness.state_dict import inspect_models
 from methods.dts import (_DECISIONS, TiesBaseOptions, delta_zero_counts, dts_result, paper_bits,
                          predicted_amr)
@@ -66,7 +66,7 @@ class DtsTStar(MergeMethod):
                 return predicted_amr(spec, density, zeros, self.grouping)
         step = largest_density(amr_at, self.budget)
         if step < 0:
-            raise ValueError(
+            raise MethodNotApplicable(
                 f"{self.name}: no density keeps AMR below {self.budget}%: the smallest "
                 f"reachable ({self.budget_count} count, density 0) is {amr_at(0.0):.4f}%")
         while True:

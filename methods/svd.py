@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from harness.accounting import amr_percent, dts_rank
-from harness.method import MergeMethod, hp, require
+from harness.method import MergeMethod, MethodNotApplicable, hp, require
 from harness.payload import Codec, Dense, LowRank
 from harness.result import MergeResult, TaskPayload
 from harness.state_dict import ModelSpec, encode_deltas, inspect_models, numel
@@ -48,7 +48,7 @@ def matched_density(spec: ModelSpec) -> float:
     # "does not exceed" the target: search strictly below a hair above it
     step = largest_density(amr_at, target * (1 + 1e-12))
     if step < 0:
-        raise ValueError(
+        raise MethodNotApplicable(
             f"svd: no density matches DTS-T's AMR at density 0.3 ({target:.4f}%): the tensors "
             f"stored as they are already take {amr_at(0.0):.4f}%")
     density = step / GRID

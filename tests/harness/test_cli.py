@@ -232,3 +232,42 @@ def test_unseen_task_without_description_is_an_error(tmp_path, tiny_cache):
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert out.returncode == 2
     assert "'e-vs-g' of suite 'tiny-undescribed' has none" in out.stderr
+
+
+def test_method_that_cannot_apply_is_recorded_and_listed(tiny_cache, tmp_path, capsys):
+    """A method whose own rule cannot be met (DTS-D* on a model of convolutions) stops with a
+    message, writes a not-applicable record, and the leaderboard lists it under the table."""
+    from dataclasses import dataclass
+
+    from harness.method import MergeMethod, MethodNotApplicable
+    from harness.registry import METHODS as REGISTRY
+
+    @dataclass(frozen=True)
+    class NeverFits(MergeMethod):
+        name = "never-fits"
+
+        def merge(self, pretrained, finetuned, *, progress=False):
+            raise MethodNotApplicable("never-fits: the budget is below what must be stored")
+
+    REGISTRY.register("never-fits", NeverFits)
+    try:
+        check_not_applicable(tiny_cache, tmp_path, capsys)
+    finally:
+        REGISTRY._targets.pop("never-fits")
+
+
+def check_not_applicable(tiny_cache, tmp_path, capsys):
+    results = str(tmp_path / "results")
+    args = ("run", "--method", "never-fits", "--results", results, "--cache-dir", tiny_cache,
+            "--quiet")
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and "budget is below" in err
+    (record,) = [r for r in read_records(results)[0] if r["method"] == "never-fits"]
+    assert record["status"] == "not-applicable" and record["tasks"] == {}
+    code, _, err = run_cli(capsys, *args)             # asked again: same answer, no rerun
+    assert code == 2 and "recorded in" in err
+    out = tmp_path / "boards"
+    assert main(["leaderboard", "--results", results, "--out", str(out)]) == 0
+    text = (out / "tiny.md").read_text()
+    assert "- `never-fits`: never-fits: the budget is below what must be stored" in text
+    assert "| never-fits" not in text.split("## Runs")[0]
