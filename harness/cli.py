@@ -25,7 +25,8 @@ def _run_config(args):
     return RunConfig(method=args.method, suite=args.suite, split=args.split,
                      overrides=_parse_sets(args.set), seed=args.seed, device=args.device,
                      results_dir=args.results, cache_dir=args.cache_dir, force=args.force,
-                     quiet=args.quiet, unseen_weighting=args.unseen_weighting)
+                     quiet=args.quiet, unseen_weighting=args.unseen_weighting,
+                     suite_config=args.suite_config, encoder=args.encoder)
 
 
 def _print_record(record: dict) -> None:
@@ -63,7 +64,7 @@ def cmd_validate(args) -> int:
 def cmd_finetune(args) -> int:
     from harness.runner import get_suite
 
-    suite = get_suite(args.suite, args.cache_dir)
+    suite = get_suite(args.suite, args.cache_dir, config=args.suite_config)
     suite.check()
     suite.prepare(progress=not args.quiet)
     print(f"ok: {suite.name} task models are in {suite.cache_dir}")
@@ -82,10 +83,9 @@ def cmd_ls(args) -> int:
                 print(f"    {hp.name}: {hp.type} = {hp.default!r}  {hp.help}")
     else:
         for name in SUITES.names():
-            cls = SUITES.get(name)
-            seen = [t.name for t in cls.tasks if t.name not in cls.unseen]
-            print(f"{name}  [{cls.family}]  seen: {', '.join(seen)}; "
-                  f"unseen: {', '.join(cls.unseen) or '-'}")
+            suite = SUITES.get(name)()
+            print(f"{name}  [{suite.family}]  seen: {', '.join(suite.split_tasks('seen'))}; "
+                  f"unseen: {', '.join(suite.unseen) or '-'}")
     return 0
 
 
@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     def cache_option(p):
         p.add_argument("--cache-dir", default=None,
                        help="suite cache (default $MERGE_HARNESS_CACHE or ~/.cache/merge-harness)")
+        p.add_argument("--suite-config", default=None, metavar="FILE",
+                       help="an edited copy of a paper suite's tasks/configs/<suite>.toml")
 
     def run_options(p):
         p.add_argument("--method", required=True, help="a registered method (harness ls methods)")
@@ -137,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="cpu", help="cpu or cuda")
         p.add_argument("--results", default=DEFAULT_RESULTS_DIR, help="result files folder")
         cache_option(p)
+        p.add_argument("--encoder", default=None, metavar="NAME_OR_DIR",
+                       help="text encoder of unseen-task embeddings (a sentence-transformers "
+                            "folder or hub name; default: the suite's)")
         p.add_argument("--unseen-weighting", default="method", choices=["method", "similarity"],
                        help="unseen split: each method's own rule, or similarity weights (eq. 8)")
         p.add_argument("--force", action="store_true", help="rerun when the result exists")

@@ -110,5 +110,9 @@ SUITES = Registry(
         "tiny": "tasks.tiny:TinySuite",
         "offline-text": "tasks.offline_text:OfflineTextSuite",
         "offline-vision": "tasks.offline_vision:OfflineVisionSuite",
+        "vit-b32": "tasks.clip:VitB32Suite",
+        "vit-l14": "tasks.clip:VitL14Suite",
+        "roberta-glue": "tasks.glue:RobertaGlueSuite",
+        "gpt2-glue": "tasks.glue:Gpt2GlueSuite",
     },
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import inspect
 import os
 import platform
 import resource
@@ -40,10 +41,21 @@ class RunConfig:
     force: bool = False
     quiet: bool = False
     unseen_weighting: str = "method"   # "method": each method's own rule; "similarity": eq. 8
+    suite_config: str | None = None    # a copy of the suite's TOML config (paper suites)
+    encoder: str | None = None         # the text encoder of unseen-task embeddings
 
 
-def get_suite(name: str, cache_dir: str | None = None) -> Suite:
-    return SUITES.get(name)(cache_dir)
+def get_suite(name: str, cache_dir: str | None = None, *, config: str | None = None,
+              encoder: str | None = None) -> Suite:
+    """The suite ``name``; ``config`` and ``encoder`` go to suites that take them."""
+    cls = SUITES.get(name)
+    options = {k: v for k, v in (("config", config), ("encoder", encoder)) if v is not None}
+    params = inspect.signature(cls).parameters
+    refused = [k for k in options if k not in params]
+    if refused:
+        flag = {"config": "--suite-config", "encoder": "--encoder"}[refused[0]]
+        raise ValueError(f"suite {name!r} takes no {flag}")
+    return cls(cache_dir, **options)
 
 
 def build_method(suite: Suite, name: str, overrides: dict) -> MergeMethod:
@@ -59,7 +71,8 @@ def validate(config: RunConfig) -> tuple[Suite, MergeMethod]:
         raise ValueError(f"--split must be 'seen' or 'unseen', not {config.split!r}")
     if config.unseen_weighting not in ("method", "similarity"):
         raise ValueError("unseen weighting must be 'method' or 'similarity'")
-    suite = get_suite(config.suite, config.cache_dir)
+    suite = get_suite(config.suite, config.cache_dir, config=config.suite_config,
+                      encoder=config.encoder)
     method = build_method(suite, config.method, config.overrides)
     if not suite.split_tasks("seen"):
         raise ValueError(f"suite {suite.name!r} has no seen tasks to merge")
@@ -172,7 +185,7 @@ def selected_by_validation(suite: Suite, method: MergeMethod, config: RunConfig)
 
 def run_identity(suite: Suite, method: MergeMethod, config: RunConfig) -> dict:
     """What distinguishes one result file from another, besides suite, split and seed."""
-    identity = dict(method.params())
+    identity = {**method.params(), **suite.identity()}
     selected = selected_by_validation(suite, method, config)
     if selected:
         identity[selected] = "validation"

@@ -95,6 +95,10 @@ class Suite:
         """A unit vector describing the task, for similarity weights on unseen tasks."""
         raise NotImplementedError(f"suite {self.name!r} has no task embeddings")
 
+    def identity(self) -> dict:
+        """What, besides the method, tells this suite's result files apart (a user config)."""
+        return {}
+
     def provenance(self) -> dict:
         """What produced the suite's models and data (recorded in every result)."""
         return {"suite": self.name}

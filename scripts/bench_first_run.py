@@ -1,0 +1,62 @@
+"""Time a suite's first `harness run` on an empty cache, then a later run with cached models.
+
+    python scripts/bench_first_run.py                      # offline-text, dts-d
+    python scripts/bench_first_run.py --suite offline-vision --method ties
+    python scripts/bench_first_run.py --reuse-downloads    # skip the one-time data fetch
+
+The first run fetches the data (unless --reuse-downloads links the existing downloads folder),
+fine-tunes every task model, measures the individual and pretrained models and runs the method;
+the second run reuses the cache and only merges and evaluates. Each is a fresh `harness run`
+process with its own temporary results folder. Prints wall times and the cache's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from tasks.base import default_cache_dir
+
+
+def timed_run(argv: list[str], env: dict) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "harness.cli", *argv], env=env, check=True)
+    return time.perf_counter() - start
+
+
+def folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder)
+               for f in files if not os.path.islink(os.path.join(d, f)))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", default="offline-text")
+    parser.add_argument("--method", default="dts-d")
+    parser.add_argument("--reuse-downloads", action="store_true",
+                        help="link the existing cache's downloads/ instead of fetching again")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="merge-harness-bench-") as root:
+        cache = os.path.join(root, "cache")
+        os.makedirs(cache)
+        downloads = os.path.join(default_cache_dir(), "downloads")
+        if args.reuse_downloads and os.path.isdir(downloads):
+            os.symlink(downloads, os.path.join(cache, "downloads"))
+        env = {**os.environ, "MERGE_HARNESS_CACHE": cache}
+        base = ["run", "--method", args.method, "--suite", args.suite, "--quiet"]
+        first = timed_run([*base, "--results", os.path.join(root, "r1")], env)
+        later = timed_run([*base, "--results", os.path.join(root, "r2")], env)
+        print(f"# {args.suite}, {args.method}, {os.cpu_count()} CPUs"
+              + (" (downloads reused)" if args.reuse_downloads else ""))
+        print(f"first run (empty cache): {first:.1f} s ({first / 60:.1f} min)")
+        print(f"later run (cached models): {later:.1f} s")
+        print(f"cache size: {folder_bytes(cache) / 2**20:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""``vit-b32`` and ``vit-l14``: CLIP vision encoders on the paper's 8 image tasks.
+
+Checkpoints and data are the public ones FusionBench uses (``notes/official-code.md`` 0.1): the
+pretrained ``openai/clip-vit-*`` CLIPModel and one fine-tuned ``CLIPVisionModel`` per task,
+loaded with transformers; the test split of each dataset, top-1 accuracy. Only the vision tower
+is merged. Each task's head is zero-shot, built once from the pretrained CLIP text encoder: for
+every class, the template texts are encoded and L2-normalized, averaged, normalized again, and
+scaled by ``logit_scale.exp()``; the head normalizes the image feature and applies those rows
+(the task_vectors recipe). The same rows give the unseen-task embeddings (spec: the CLIP text
+encoder with the suite's templates). Everything is named in ``tasks/configs/<suite>.toml``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from harness.state_dict import StateDict
+from tasks.base import Evaluation, Suite, SuiteUnavailableError, Task, unit
+from tasks.hub import check_dataset, check_model, load_config, load_split
+
+
+def pooled(output) -> Tensor:
+    """Features from ``get_*_features`` (a tensor in transformers 4, an output object in 5)."""
+    return output if isinstance(output, Tensor) else output.pooler_output
+
+
+def tower(model):
+    """The vision transformer inside a CLIPVisionModel (transformers 4 wraps it, 5 does not)."""
+    return getattr(model, "vision_model", model)
+
+
+class ClipSuite(Suite):
+    """CLIP vision encoders, zero-shot heads from the CLIP text encoder; a config per suite."""
+
+    name = "vit-b32"
+
+    def __init__(self, cache_dir: str | None = None, *, config: str | None = None) -> None:
+        super().__init__(cache_dir)
+        self.config, self.config_sha256 = load_config(self.name, config)
+        self.user_config = config
+        self.family = self.config.get("family", "")
+        self.specs: dict[str, dict] = self.config["tasks"]
+        self.tasks = tuple(Task(n, (), s.get("description", f"the {n} image task"))
+                           for n, s in self.specs.items())
+        self.unseen = tuple(self.config.get("unseen", ()))
+        unknown = [t for t in self.unseen if t not in self.specs]
+        if unknown:
+            raise SuiteUnavailableError(f"{self.name}: unseen tasks {unknown} are not in [tasks]")
+        self.folder = os.path.join(self.cache_dir, self.name)
+        self._heads: dict[str, Tensor] = {}
+        self._data: dict[str, object] = {}
+
+    # ---- checks --------------------------------------------------------------------------
+    def check(self) -> None:
+        """Every checkpoint and dataset reachable, and every task model a vision tower of the
+        pretrained model's shape, before anything long starts."""
+        from transformers import AutoConfig
+
+        base = self.config["pretrained"]
+        check_model(base, f"{self.name} pretrained model", revision=self.config.get("revision"))
+        vision = AutoConfig.from_pretrained(base, revision=self.config.get("revision"))
+        vision = getattr(vision, "vision_config", vision)
+        for task, spec in self.specs.items():
+            check_model(spec["checkpoint"], f"{self.name} task {task!r}",
+                        revision=spec.get("revision"))
+            check_dataset(spec, f"{self.name} task {task!r}")
+            theirs = AutoConfig.from_pretrained(spec["checkpoint"], revision=spec.get("revision"))
+            theirs = getattr(theirs, "vision_config", theirs)
+            for field in ("hidden_size", "num_hidden_layers", "patch_size", "image_size"):
+                if getattr(theirs, field, None) != getattr(vision, field, None):
+                    raise SuiteUnavailableError(
+                        f"{self.name} task {task!r}: {spec['checkpoint']} has {field} = "
+                        f"{getattr(theirs, field, None)}, the pretrained {base} has "
+                        f"{getattr(vision, field, None)}: not fine-tuned from it")
+
+    # ---- models --------------------------------------------------------------------------
+    @cached_property
+    def clip(self):
+        from transformers import CLIPModel
+
+        return CLIPModel.from_pretrained(self.config["pretrained"],
+                                         revision=self.config.get("revision"),
+                                         dtype=torch.float32).eval()
+
+    def load_pretrained(self) -> StateDict:
+        return dict(self.clip.vision_model.state_dict())
+
+    def load_finetuned(self, task: str) -> StateDict:
+        from transformers import CLIPVisionModel
+
+        spec = self.specs[task]
+        model = CLIPVisionModel.from_pretrained(spec["checkpoint"], revision=spec.get("revision"),
+                                                dtype=torch.float32)
+        return dict(tower(model).state_dict())
+
+    # ---- heads ---------------------------------------------------------------------------
+    def classnames(self, task: str) -> list[str]:
+        """The config's ``classnames``, else the dataset's label names."""
+        spec = self.specs[task]
+        if "classnames" in spec:
+            return list(spec["classnames"])
+        feature = self.dataset(task).features[spec.get("label_column", "label")]
+        if not hasattr(feature, "names"):
+            raise SuiteUnavailableError(
+                f"{self.name} task {task!r}: the label column has no class names; give "
+                "classnames = [...] in the suite config")
+        return [name.replace("_", " ") for name in feature.names]
+
+    def head(self, task: str) -> Tensor:
+        """The zero-shot head (classes x projection dim), cached on disk by its inputs."""
+        if task in self._heads:
+            return self._heads[task]
+        from safetensors.torch import load_file, save_file
+
+        spec = self.specs[task]
+        names, templates = self.classnames(task), spec.get("templates", ["a photo of a {}."])
+        key = hashlib.sha256(json.dumps([self.config["pretrained"], self.config.get("revision"),
+                                         names, templates]).encode()).hexdigest()[:16]
+        path = os.path.join(self.folder, "heads", f"{task}-{key}.safetensors")
+        if os.path.exists(path):
+            weight = load_file(path)["weight"]
+        else:
+            weight = self._build_head(names, templates)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            save_file({"weight": weight.contiguous()}, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        self._heads[task] = weight
+        return weight
+
+    @torch.no_grad()
+    def _build_head(self, names: list[str], templates: list[str]) -> Tensor:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.config["pretrained"],
+                                                  revision=self.config.get("revision"))
+        rows = []
+        for name in names:
+            texts = [template.format(name) for template in templates]
+            encoded = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+            features = pooled(self.clip.get_text_features(**encoded))
+            rows.append(unit(torch.stack([unit(f) for f in features]).mean(dim=0)))
+        return torch.stack(rows) * self.clip.logit_scale.exp()
+
+    def task_embedding(self, task: str) -> Tensor:
+        """Mean of the unit class embeddings (templates averaged), renormalized."""
+        return unit(torch.stack([unit(row) for row in self.head(task)]).mean(dim=0))
+
+    # ---- evaluation ----------------------------------------------------------------------
+    def dataset(self, task: str):
+        if task not in self._data:
+            spec = {**self.specs[task]}
+            if self.config.get("max_examples") and "max_examples" not in spec:
+                spec["max_examples"] = self.config["max_examples"]
+            self._data[task] = load_split(spec, os.path.join(self.folder, "datasets"))
+        return self._data[task]
+
+    @cached_property
+    def processor(self):
+        from transformers import CLIPImageProcessor
+
+        return CLIPImageProcessor.from_pretrained(self.config["pretrained"],
+                                                  revision=self.config.get("revision"))
+
+    @torch.no_grad()
+    def evaluate(self, task, backbone, *, split="test", device="cpu", progress=False):
+        from tqdm.auto import tqdm
+        from transformers import CLIPVisionModel
+
+        spec = self.specs[task]
+        model = CLIPVisionModel(self.clip.config.vision_config)
+        tower(model).load_state_dict(dict(backbone))
+        model.to(device).eval()
+        projection = self.clip.visual_projection.to(device)
+        head = self.head(task).to(device)
+        data = self.dataset(task)
+        image_column, label_column = spec.get("image_column", "image"), spec.get("label_column",
+                                                                                 "label")
+        size = int(self.config.get("batch_size", 64))
+        correct = 0
+        for start in tqdm(range(0, len(data), size), desc=task, leave=False,
+                          disable=not progress):
+            batch = data[start:start + size]
+            images = [image.convert("RGB") for image in batch[image_column]]
+            pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+            features = projection(model(pixel_values=pixels.to(device)).pooler_output)
+            logits = unit_rows(features) @ head.T
+            labels = torch.tensor(batch[label_column])
+            correct += int((logits.argmax(dim=1).cpu() == labels).sum())
+        return Evaluation("accuracy", correct / len(data), examples=len(data))
+
+    def identity(self) -> dict:
+        return {"suite_config": self.config_sha256[:10]} if self.user_config else {}
+
+    def provenance(self) -> dict:
+        return {"suite": self.name, "config_sha256": self.config_sha256,
+                "config": self.user_config or f"tasks/configs/{self.name}.toml",
+                "pretrained": self.config["pretrained"],
+                "checkpoints": {t: s["checkpoint"] for t, s in self.specs.items()}}
+
+
+def unit_rows(x: Tensor) -> Tensor:
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+class VitB32Suite(ClipSuite):
+    name = "vit-b32"
+
+
+class VitL14Suite(ClipSuite):
+    name = "vit-l14"

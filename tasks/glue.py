@@ -1,0 +1,200 @@
+"""``roberta-glue`` and ``gpt2-glue``: sequence classifiers on GLUE (DTS paper, Tables 2, 5, 8).
+
+Each task model is a transformers ``AutoModelForSequenceClassification`` (RoBERTa-base or GPT-2)
+whose backbone is merged and whose head (``classifier`` / ``score``) stays the task's own. Tasks
+are evaluated on GLUE's validation splits with the spec's metrics (CoLA Matthews correlation, STS-B
+mean of Pearson and Spearman, MRPC/QQP mean of accuracy and F1 for RoBERTa; accuracy everywhere
+for GPT-2, as the paper's sources do). Checkpoints, datasets, splits and metrics are named in
+``tasks/configs/<suite>.toml``. Task embeddings for unseen tasks: a sentence encoder over the
+label names and the description (default), or, with ``task_embedding = "classifier-head"``, the
+flattened ``classifier.dense`` weights of each task's own head, as the authors' RoBERTa code did.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from harness.state_dict import StateDict
+from tasks.base import Evaluation, Suite, SuiteUnavailableError, Task, unit
+from tasks.embeddings import SentenceEncoder, default_minilm_dir
+from tasks.hub import check_dataset, check_model, load_config, load_split
+from tasks.metrics import glue_score
+
+
+class GlueSuite(Suite):
+    """Sequence classifiers fine-tuned from one backbone on GLUE tasks; a config per suite."""
+
+    name = "roberta-glue"
+
+    def __init__(self, cache_dir: str | None = None, *, config: str | None = None,
+                 encoder: str | None = None) -> None:
+        super().__init__(cache_dir)
+        self.config, self.config_sha256 = load_config(self.name, config)
+        self.user_config = config
+        self.family = self.config.get("family", "")
+        self.specs: dict[str, dict] = self.config["tasks"]
+        self.tasks = tuple(Task(n, tuple(s.get("labels", ())), s.get("description", n),
+                                s.get("metric", "accuracy")) for n, s in self.specs.items())
+        self.unseen = tuple(self.config.get("unseen", ()))
+        unknown = [t for t in self.unseen if t not in self.specs]
+        if unknown:
+            raise SuiteUnavailableError(f"{self.name}: unseen tasks {unknown} are not in [tasks]")
+        self.method_defaults = self.config.get("method_defaults", {})
+        self.embedding = self.config.get("task_embedding", "sentence-encoder")
+        if self.embedding not in ("sentence-encoder", "classifier-head"):
+            raise SuiteUnavailableError(
+                f"{self.name}: task_embedding must be 'sentence-encoder' or 'classifier-head', "
+                f"not {self.embedding!r}")
+        self.encoder_name = encoder or self.config.get("encoder")
+        self.folder = os.path.join(self.cache_dir, self.name)
+        self._models: dict[str, object] = {}
+        self._data: dict[str, object] = {}
+
+    def _source(self, task: str | None) -> tuple[str, dict]:
+        """(name or folder, from_pretrained keyword arguments) of the base or a task model."""
+        spec = self.config if task is None else self.specs[task]
+        name = spec["pretrained"] if task is None else spec["checkpoint"]
+        kwargs = {"revision": spec.get("revision")}
+        if spec.get("subfolder"):
+            kwargs["subfolder"] = spec["subfolder"]
+        return name, kwargs
+
+    # ---- checks --------------------------------------------------------------------------
+    def check(self) -> None:
+        from transformers import AutoConfig
+
+        base, kwargs = self._source(None)
+        check_model(base, f"{self.name} pretrained model", revision=kwargs["revision"])
+        reference = AutoConfig.from_pretrained(base, **kwargs)
+        for task in self.specs:
+            name, kwargs = self._source(task)
+            check_model(name, f"{self.name} task {task!r}", revision=kwargs["revision"],
+                        subfolder=kwargs.get("subfolder", ""))
+            check_dataset(self.specs[task], f"{self.name} task {task!r}")
+            theirs = AutoConfig.from_pretrained(name, **kwargs)
+            for field in ("model_type", "hidden_size", "num_hidden_layers", "n_embd", "n_layer"):
+                if getattr(theirs, field, None) != getattr(reference, field, None):
+                    raise SuiteUnavailableError(
+                        f"{self.name} task {task!r}: {name} has {field} = "
+                        f"{getattr(theirs, field, None)}, the pretrained {base} has "
+                        f"{getattr(reference, field, None)}: not fine-tuned from it")
+
+    # ---- models --------------------------------------------------------------------------
+    def task_model(self, task: str):
+        """The task's full sequence classifier (kept: evaluation reuses its head)."""
+        if task not in self._models:
+            from transformers import AutoModelForSequenceClassification
+
+            name, kwargs = self._source(task)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                name, dtype=torch.float32, **kwargs).eval()
+            if model.config.pad_token_id is None:          # GPT-2 has no padding token
+                model.config.pad_token_id = model.config.eos_token_id
+            self._models[task] = model
+        return self._models[task]
+
+    def load_finetuned(self, task: str) -> StateDict:
+        return dict(self.task_model(task).base_model.state_dict())
+
+    def load_pretrained(self) -> StateDict:
+        """The pretrained backbone, restricted to the keys a task model's backbone has (a
+        RoBERTa checkpoint also holds a pooler the classifier does not use)."""
+        from transformers import AutoModel
+
+        base, kwargs = self._source(None)
+        stored = AutoModel.from_pretrained(base, dtype=torch.float32, **kwargs).state_dict()
+        keys = list(self.task_model(next(iter(self.specs))).base_model.state_dict())
+        missing = [k for k in keys if k not in stored]
+        if missing:
+            raise SuiteUnavailableError(
+                f"{self.name}: the pretrained {base} lacks {missing[:3]}: the task models are "
+                "not of its architecture")
+        return {k: stored[k] for k in keys}
+
+    # ---- evaluation ----------------------------------------------------------------------
+    @cached_property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        base, kwargs = self._source(None)
+        tokenizer = AutoTokenizer.from_pretrained(base, **kwargs)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
+    def dataset(self, task: str):
+        if task not in self._data:
+            spec = {**self.specs[task]}
+            if self.config.get("max_examples") and "max_examples" not in spec:
+                spec["max_examples"] = self.config["max_examples"]
+            self._data[task] = load_split(spec, os.path.join(self.folder, "datasets"))
+        return self._data[task]
+
+    @torch.no_grad()
+    def evaluate(self, task, backbone, *, split="test", device="cpu", progress=False):
+        from tqdm.auto import tqdm
+
+        spec = self.specs[task]
+        model = self.task_model(task)
+        original = {k: v.clone() for k, v in model.base_model.state_dict().items()}
+        model.base_model.load_state_dict(dict(backbone))
+        model.to(device)
+        data = self.dataset(task)
+        columns = spec.get("text", ["sentence"])
+        size = int(self.config.get("batch_size", 32))
+        predictions, labels = [], []
+        try:
+            for start in tqdm(range(0, len(data), size), desc=task, leave=False,
+                              disable=not progress):
+                batch = data[start:start + size]
+                encoded = self.tokenizer(*[batch[c] for c in columns], truncation=True,
+                                         padding=True, return_tensors="pt",
+                                         max_length=int(self.config.get("max_length", 128)))
+                logits = model(**{k: v.to(device) for k, v in encoded.items()}).logits.cpu()
+                predictions.append(logits[:, 0] if logits.shape[1] == 1 else logits.argmax(1))
+                labels.append(torch.tensor(batch[spec.get("label_column", "label")]))
+        finally:
+            model.to("cpu")
+            model.base_model.load_state_dict(original)
+        value, extras = glue_score(spec.get("metric", "accuracy"), torch.cat(predictions),
+                                   torch.cat(labels))
+        return Evaluation(spec.get("metric", "accuracy"), value, extras, examples=len(data))
+
+    # ---- unseen tasks --------------------------------------------------------------------
+    @cached_property
+    def encoder(self) -> SentenceEncoder:
+        return SentenceEncoder(self.encoder_name or default_minilm_dir())
+
+    def task_embedding(self, task: str) -> Tensor:
+        if self.embedding == "classifier-head":
+            head = self.task_model(task).state_dict()
+            keys = [k for k in head if k.startswith("classifier.dense.")]
+            if not keys:
+                raise SuiteUnavailableError(
+                    f"{self.name}: task_embedding = 'classifier-head' needs a classifier.dense "
+                    "layer (RoBERTa heads have one; GPT-2's score head does not)")
+            return unit(torch.cat([head[k].flatten() for k in sorted(keys)]))
+        task_def = self.task(task)
+        return self.encoder.task_embedding([*task_def.labels, task_def.description])
+
+    def identity(self) -> dict:
+        return {"suite_config": self.config_sha256[:10]} if self.user_config else {}
+
+    def provenance(self) -> dict:
+        return {"suite": self.name, "config_sha256": self.config_sha256,
+                "config": self.user_config or f"tasks/configs/{self.name}.toml",
+                "pretrained": self.config["pretrained"], "task_embedding": self.embedding,
+                "checkpoints": {t: [s["checkpoint"], s.get("subfolder", "")]
+                                for t, s in self.specs.items()}}
+
+
+class RobertaGlueSuite(GlueSuite):
+    name = "roberta-glue"
+
+
+class Gpt2GlueSuite(GlueSuite):
+    name = "gpt2-glue"

@@ -1,0 +1,143 @@
+"""What the paper suites share: readable suite configs, checkpoint and dataset resolution.
+
+Every paper suite is described by one TOML file in ``tasks/configs/`` (checkpoints, datasets,
+splits, revisions, templates) that a user can copy, edit and pass with ``--suite-config``.
+Wherever a hub name is accepted, a local folder (or, for data, local files) works too. Before any
+long work, :func:`check_model` and :func:`check_dataset` say what is missing and how to provide it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+
+from tasks.base import SuiteUnavailableError
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:                                                  # pragma: no cover
+    import tomli as tomllib
+
+
+def load_config(suite: str, path: str | None = None) -> tuple[dict, str]:
+    """(config, sha256 of its bytes) of ``path``, or of the suite's packaged default."""
+    if path is None:
+        path_here = os.path.join(CONFIG_DIR, f"{suite}.toml")
+        if not os.path.exists(path_here):
+            raise SuiteUnavailableError(f"suite {suite!r} has no packaged config; pass one with "
+                                        "--suite-config FILE")
+        with open(path_here, "rb") as f:
+            blob = f.read()
+    else:
+        try:
+            with open(path, "rb") as f:
+                blob = f.read()
+        except OSError as error:
+            raise SuiteUnavailableError(f"cannot read suite config {path}: {error}") from None
+    try:
+        config = tomllib.loads(blob.decode())
+    except tomllib.TOMLDecodeError as error:
+        raise SuiteUnavailableError(f"suite config {path or suite}: {error}") from None
+    if config.get("suite", suite) != suite:
+        raise SuiteUnavailableError(
+            f"{path} is a config for suite {config['suite']!r}, not {suite!r}")
+    if not config.get("tasks"):
+        raise SuiteUnavailableError(f"suite config {path or suite} defines no [tasks.*]")
+    return config, hashlib.sha256(blob).hexdigest()
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def check_model(name: str, what: str, *, revision: str | None = None,
+                subfolder: str = "") -> None:
+    """Raise unless ``name`` (a folder or a hub name) can be loaded: a folder must hold a
+    config.json; a hub name must be in the local hub cache when offline, or exist online."""
+    if os.path.isdir(name) or name.startswith((".", "/", "~")):
+        folder = os.path.join(os.path.expanduser(name), subfolder)
+        if not os.path.exists(os.path.join(folder, "config.json")):
+            raise SuiteUnavailableError(
+                f"{what}: no config.json in the local folder {folder} (a transformers "
+                "save_pretrained folder is expected)")
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    filename = os.path.join(subfolder, "config.json") if subfolder else "config.json"
+    if isinstance(try_to_load_from_cache(name, filename, revision=revision), str):
+        return
+    if offline():
+        raise SuiteUnavailableError(
+            f"{what}: {name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. "
+            f"Download it on a connected machine (huggingface-cli download {name}) and copy the "
+            "cache, or save it with save_pretrained and put the folder's path in the suite "
+            "config (--suite-config)")
+    from huggingface_hub import file_exists
+
+    try:
+        found = file_exists(name, filename, revision=revision)
+    except Exception as error:                         # network errors of every kind
+        raise SuiteUnavailableError(
+            f"{what}: cannot reach the hub to find {name} ({type(error).__name__}: {error}); "
+            "put a local folder in the suite config instead") from None
+    if not found:
+        raise SuiteUnavailableError(f"{what}: {name} has no {filename} on the hub")
+
+
+def check_dataset(spec: dict, what: str) -> None:
+    """Raise unless a task's dataset (local ``data_files`` or a hub ``dataset``) is reachable."""
+    if "data_files" in spec:
+        missing = [f for f in _as_list(spec["data_files"]) if not os.path.exists(f)]
+        if missing:
+            raise SuiteUnavailableError(f"{what}: data file {missing[0]} does not exist")
+        return
+    if "dataset" not in spec:
+        raise SuiteUnavailableError(f"{what}: the config gives neither dataset nor data_files")
+    if os.path.isdir(spec["dataset"]):
+        return
+    if offline():
+        from huggingface_hub import scan_cache_dir
+
+        try:
+            cached = {repo.repo_id for repo in scan_cache_dir().repos if repo.repo_type == "dataset"}
+        except Exception:                              # no cache folder at all
+            cached = set()
+        if spec["dataset"] not in cached and not os.environ.get("HF_DATASETS_OFFLINE"):
+            raise SuiteUnavailableError(
+                f"{what}: dataset {spec['dataset']} is not in the local Hugging Face cache and "
+                "HF_HUB_OFFLINE is set; download it on a connected machine, or point data_files "
+                "at local parquet/json/csv files in the suite config")
+
+
+def load_split(spec: dict, cache_dir: str):
+    """A task's evaluation split as a ``datasets.Dataset`` (hub name or local files), limited
+    to ``max_examples`` when the config asks."""
+    from datasets import load_dataset
+
+    if "data_files" in spec:
+        files = _as_list(spec["data_files"])
+        kind = spec.get("format") or _format_of(files[0])
+        data = load_dataset(kind, data_files={"test": files}, split="test", cache_dir=cache_dir)
+    else:
+        data = load_dataset(spec["dataset"], spec.get("subset"), split=spec.get("split", "test"),
+                            revision=spec.get("dataset_revision"), cache_dir=cache_dir)
+    limit = spec.get("max_examples")
+    if limit and limit < len(data):
+        data = data.select(range(int(limit)))
+    return data
+
+
+def _as_list(value) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _format_of(path: str) -> str:
+    for suffix, kind in ((".parquet", "parquet"), (".jsonl", "json"), (".json", "json"),
+                         (".csv", "csv")):
+        if path.endswith(suffix):
+            return kind
+    raise SuiteUnavailableError(f"cannot tell the format of {path}: set format = ... in the "
+                                "task's config (parquet, json or csv)")
