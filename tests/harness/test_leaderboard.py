@@ -89,3 +89,55 @@ def test_interrupted_write_leaves_the_old_result_intact(tmp_path):
     with open(path) as f:
         assert json.load(f) == {"value": 1}
     assert os.listdir(tmp_path) == ["r.json"]
+
+
+REPORTED = {
+    "suite": "demo", "source": "a paper",
+    "tables": [{"table": "Table 4", "caption": "Table 4: demo.", "split": "seen",
+                "tasks": ["t2", "t1"],
+                "rows": [{"paper_name": "Individual", "method": "individual",
+                          "tasks": {"t2": 91.0, "t1": 99.5}, "average": 95.25},
+                         {"paper_name": "DTS-D", "method": "dts-d",
+                          "tasks": {"t2": 87.0, "t1": 98.0}, "average": 92.5, "adr": 2.9,
+                          "amr": 3.68},
+                         {"paper_name": "WEMOE", "method": "wemoe",
+                          "tasks": {"t2": 80.0, "t1": 90.0}, "average": 85.0}]},
+               {"table": "Table 1", "caption": "Table 1: other tasks.", "split": "seen",
+                "tasks": ["t1", "t2", "t9"], "rows": [{"paper_name": "DTS-D", "method": "dts-d",
+                                                       "tasks": {"t1": 1.0}}]}],
+}
+
+
+def test_reported_rows_are_marked_and_compared_with_measured(tmp_path):
+    write_fixture(tmp_path / "results")
+    write_json_atomic(str(tmp_path / "reported" / "demo.json"), REPORTED)
+    text = render_all(str(tmp_path / "results"), str(tmp_path))[0][0].text
+    measured, reported = text.split("## Reported by the paper")
+    assert "(reported)" not in measured                   # never mixed with measured rows
+    assert "| DTS-D (reported)" in reported and "| WEMOE (reported)" in reported
+    delta = reported.split("### Measured minus reported: seen split against Table 4")[1]
+    # dts-d measured 88.00 / 97.00 (avg 92.50) against reported 87.0 / 98.0 (92.5)
+    assert "| dts-d " in delta and "+1.00" in delta and "-1.00" in delta and "+0.00" in delta
+    assert "| Individual " in delta and "-1.00" in delta  # 90.0 - 91.0
+    assert "against Table 1" not in reported               # other task set: no comparison
+
+
+def test_reported_files_match_the_paper():
+    """The checked-in figures are what scripts/extract_reported.py reads from the paper."""
+    import sys
+
+    paper = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "paper",
+                         "dts-paper.txt")
+    if not os.path.exists(paper):
+        pytest.skip("the paper's text is not beside the project")
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
+    from extract_reported import extract
+
+    with open(paper, encoding="utf-8") as f:
+        extracted = extract(f.read())
+    folder = os.path.join(os.path.dirname(__file__), "..", "..", "leaderboards", "reported")
+    for suite, entry in extracted.items():
+        with open(os.path.join(folder, f"{suite}.json"), encoding="utf-8") as f:
+            assert json.load(f) == json.loads(json.dumps(entry))
+    dts = next(r for r in extracted["vit-b32"]["tables"][0]["rows"] if r["method"] == "dts-d")
+    assert dts["tasks"]["sun397"] == 74.15 and dts["amr"] == 3.68       # Table 1, as printed
