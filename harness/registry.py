@@ -114,5 +114,6 @@ SUITES = Registry(
         "vit-l14": "tasks.clip:VitL14Suite",
         "roberta-glue": "tasks.glue:RobertaGlueSuite",
         "gpt2-glue": "tasks.glue:Gpt2GlueSuite",
+        "qwen": "tasks.qwen:QwenSuite",
     },
 )

@@ -29,14 +29,42 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
-def save_tokenizer(folder):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+CORPUS = [" ".join(WORDS[4:]), "which word is an animal ? which word is true ? cat dog car",
+          "the number texture photo of a sign is good bad yes no it"]
+BPE_CLASSES = {"gpt2": "GPT2Tokenizer", "roberta": "RobertaTokenizer", "qwen2": "Qwen2Tokenizer"}
 
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                            bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+
+def save_tokenizer(folder, kind):
+    """A small tokenizer of the model's own class (so AutoTokenizer loads it as it would load
+    the real one): byte-level BPE trained here for GPT-2, RoBERTa and Qwen2; CLIP's BPE over
+    single characters. Returns its vocabulary size."""
+    import transformers
+
+    if kind == "clip":
+        from transformers import CLIPTokenizer
+
+        chars = sorted(set("".join(CORPUS).replace(" ", "")))
+        vocab = {c: i for i, c in enumerate(chars)}
+        vocab |= {c + "</w>": len(chars) + i for i, c in enumerate(chars)}
+        vocab |= {"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
+        (folder / "vocab.json").write_text(json.dumps(vocab))
+        (folder / "merges.txt").write_text("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    else:
+        from tokenizers import ByteLevelBPETokenizer
+
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator(CORPUS, vocab_size=300, min_frequency=1,
+                                special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
+        bpe.save_model(str(folder))
+        merges = [tuple(line.split()) for line in
+                  (folder / "merges.txt").read_text().splitlines()[1:] if line]
+        vocab = json.loads((folder / "vocab.json").read_text())
+        tokenizer = getattr(transformers, BPE_CLASSES[kind])(
+            vocab=vocab, merges=merges, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+            pad_token="<pad>")
+    tokenizer.save_pretrained(folder)
+    return len(tokenizer)
 
 
 def perturbed(state, seed, scale=0.05):
@@ -64,17 +92,18 @@ def build_clip_suite(root, suite):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionModel
 
     torch.manual_seed(0)
+    base = root / "clip-base"
+    base.mkdir()
+    vocab = save_tokenizer(base, "clip")
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32,
-                         bos_token_id=2, eos_token_id=2, pad_token_id=0),
+        text_config=dict(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
+                         bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1),
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                            num_attention_heads=2, image_size=32, patch_size=16),
         projection_dim=8)
-    base = root / "clip-base"
     model = CLIPModel(config)
     model.save_pretrained(base)
-    save_tokenizer(base)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
                        ).save_pretrained(base)
     packaged, _ = load_config(suite)
@@ -106,18 +135,19 @@ def build_glue_suite(root, suite):
                               RobertaConfig)
 
     torch.manual_seed(0)
-    if suite == "roberta-glue":
-        config = RobertaConfig(vocab_size=len(WORDS), hidden_size=16, num_hidden_layers=2,
-                               num_attention_heads=2, intermediate_size=32,
-                               max_position_embeddings=40, pad_token_id=0, bos_token_id=2,
-                               eos_token_id=3)
-    else:
-        config = GPT2Config(vocab_size=len(WORDS), n_embd=16, n_layer=2, n_head=2,
-                            n_positions=40, bos_token_id=2, eos_token_id=3, pad_token_id=0)
     base = root / f"{suite}-base"
+    base.mkdir()
+    vocab = save_tokenizer(base, "roberta" if suite == "roberta-glue" else "gpt2")
+    if suite == "roberta-glue":
+        config = RobertaConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=2,
+                               num_attention_heads=2, intermediate_size=32,
+                               max_position_embeddings=40, pad_token_id=0, bos_token_id=1,
+                               eos_token_id=2)
+    else:
+        config = GPT2Config(vocab_size=vocab, n_embd=16, n_layer=2, n_head=2,
+                            n_positions=40, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     backbone = AutoModel.from_config(config)
     backbone.save_pretrained(base)
-    save_tokenizer(base)
     packaged, _ = load_config(suite)
     tasks = {"_config": {"suite": suite, "unseen": packaged["unseen"], "batch_size": 8,
                          "max_length": 16}}

@@ -1,0 +1,175 @@
+"""``qwen``: causal LMs of one Qwen family on MMLU, TruthfulQA and BBQ through lm-eval (Tables 3, 10).
+
+Every weight of the model is merged (there are no task heads). Each task is scored by lm-eval's
+``simple_evaluate`` on the merged model in memory (an ``HFLM`` around the transformers model, no
+save to disk per task). Checkpoints are read key by key from their safetensors files (a local
+folder or a hub snapshot), so the inputs stay memory-mapped. Model names, lm-eval task names,
+metrics, the example limit and an ``include_path`` for local lm-eval task YAMLs are all in
+``tasks/configs/qwen.toml``. Unseen-task embeddings: a sentence encoder over each task's
+description (the spec's rule for generation tasks).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from harness.state_dict import LazyStateDict, StateDict
+from tasks.base import Evaluation, Suite, SuiteUnavailableError, Task
+from tasks.embeddings import SentenceEncoder, default_minilm_dir
+from tasks.hub import check_model, load_config
+
+
+def model_folder(name: str, revision: str | None = None) -> str:
+    """A folder holding the model's config and safetensors files (a hub snapshot if needed)."""
+    if os.path.isdir(name):
+        return name
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(name, revision=revision,
+                             allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+
+
+def safetensors_state(folder: str) -> StateDict:
+    """The model's tensors, memory-mapped from its safetensors file(s)."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        return LazyStateDict(index)
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if len(files) != 1:
+        raise SuiteUnavailableError(
+            f"{folder}: expected model.safetensors or a sharded index, found {files or 'none'}")
+    return LazyStateDict(files[0])
+
+
+class QwenSuite(Suite):
+    """A causal-LM family evaluated with lm-eval; a config names models and tasks."""
+
+    name = "qwen"
+
+    def __init__(self, cache_dir: str | None = None, *, config: str | None = None,
+                 encoder: str | None = None) -> None:
+        super().__init__(cache_dir)
+        self.config, self.config_sha256 = load_config(self.name, config)
+        self.user_config = config
+        self.family = self.config.get("family", "")
+        self.specs: dict[str, dict] = self.config["tasks"]
+        self.tasks = tuple(Task(n, (), s.get("description", n), s.get("metric", "acc"))
+                           for n, s in self.specs.items())
+        self.unseen = tuple(self.config.get("unseen", ()))
+        self.method_defaults = self.config.get("method_defaults", {})
+        self.encoder_name = encoder or self.config.get("encoder")
+
+    # ---- checks --------------------------------------------------------------------------
+    def check(self) -> None:
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            raise SuiteUnavailableError(
+                "the qwen suite evaluates through lm-eval: pip install -c constraints.txt "
+                "'merge-harness[lmeval]'") from None
+        check_model(self.config["pretrained"], f"{self.name} pretrained model",
+                    revision=self.config.get("revision"))
+        for task, spec in self.specs.items():
+            if not spec.get("checkpoint"):
+                raise SuiteUnavailableError(
+                    f"{self.name} task {task!r}: no checkpoint configured. The paper's Qwen-14B "
+                    "fine-tunes are not public: put a hub name or a local folder of a model "
+                    f"fine-tuned from {self.config['pretrained']} in a copy of "
+                    "tasks/configs/qwen.toml and pass it with --suite-config")
+            check_model(spec["checkpoint"], f"{self.name} task {task!r}",
+                        revision=spec.get("revision"))
+            if not spec.get("lm_eval_task"):
+                raise SuiteUnavailableError(f"{self.name} task {task!r}: no lm_eval_task given")
+
+    # ---- models --------------------------------------------------------------------------
+    def load_pretrained(self) -> StateDict:
+        return safetensors_state(model_folder(self.config["pretrained"],
+                                              self.config.get("revision")))
+
+    def load_finetuned(self, task: str) -> StateDict:
+        spec = self.specs[task]
+        return safetensors_state(model_folder(spec["checkpoint"], spec.get("revision")))
+
+    @cached_property
+    def base_folder(self) -> str:
+        return model_folder(self.config["pretrained"], self.config.get("revision"))
+
+    def _model(self, weights: StateDict, device: str):
+        """The base architecture (with its buffers, e.g. rotary frequencies) holding ``weights``."""
+        from transformers import AutoModelForCausalLM
+
+        dtype = getattr(torch, self.config.get("dtype", "float32"))
+        model = AutoModelForCausalLM.from_pretrained(self.base_folder, dtype=dtype)
+        expected = model.state_dict()
+        tied = getattr(model.config, "tie_word_embeddings", False)
+        missing = [k for k in expected if k not in weights
+                   and not (tied and k == "lm_head.weight")]
+        if missing:
+            raise SuiteUnavailableError(f"{self.name}: the merged weights lack {missing[:3]}")
+        model.load_state_dict({k: weights[k].to(dtype) for k in expected if k in weights},
+                              strict=False, assign=True)
+        if tied:
+            model.tie_weights()
+        return model.to(device).eval()
+
+    @cached_property
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.base_folder)
+
+    # ---- evaluation ----------------------------------------------------------------------
+    @cached_property
+    def task_manager(self):
+        """lm-eval's task index, built once (it reads every task YAML it knows); with
+        ``lm_eval_defaults = false`` only ``include_path`` is indexed."""
+        from lm_eval.tasks import TaskManager
+
+        return TaskManager(include_path=self.config.get("include_path"),
+                           include_defaults=self.config.get("lm_eval_defaults", True))
+
+    def evaluate(self, task, backbone, *, split="test", device="cpu", progress=False):
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+
+        spec = self.specs[task]
+        model = self._model(backbone, device)
+        lm = HFLM(pretrained=model, tokenizer=self.tokenizer, device=device,
+                  batch_size=int(self.config.get("batch_size", 8)))
+        name = spec["lm_eval_task"]
+        out = simple_evaluate(model=lm, tasks=[name], num_fewshot=spec.get("num_fewshot"),
+                              limit=spec.get("limit", self.config.get("limit")),
+                              task_manager=self.task_manager, verbosity="ERROR",
+                              bootstrap_iters=0)
+        metric = spec.get("metric", "acc")
+        scores = out["results"].get(name, {})
+        key = f"{metric},{spec.get('filter', 'none')}"
+        if key not in scores:
+            raise SuiteUnavailableError(
+                f"{self.name} task {task!r}: lm-eval task {name} reported {sorted(scores)}, not "
+                f"{key}; set metric (and filter) in the suite config")
+        samples = out.get("n-samples", {}).get(name, {})
+        return Evaluation(metric, float(scores[key]),
+                          examples=int(samples.get("effective", 0)) if samples else 0)
+
+    # ---- unseen tasks --------------------------------------------------------------------
+    @cached_property
+    def encoder(self) -> SentenceEncoder:
+        return SentenceEncoder(self.encoder_name or default_minilm_dir())
+
+    def task_embedding(self, task: str) -> Tensor:
+        return self.encoder.task_embedding([self.task(task).description])
+
+    def identity(self) -> dict:
+        return {"suite_config": self.config_sha256[:10]} if self.user_config else {}
+
+    def provenance(self) -> dict:
+        return {"suite": self.name, "config_sha256": self.config_sha256,
+                "config": self.user_config or f"tasks/configs/{self.name}.toml",
+                "pretrained": self.config["pretrained"],
+                "checkpoints": {t: s.get("checkpoint") for t, s in self.specs.items()}}
