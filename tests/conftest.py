@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)     # one thread per xdist worker: no oversubscribed cores
 
 
 def make_models(n_tasks: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32,
