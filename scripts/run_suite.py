@@ -1,7 +1,8 @@
-"""Run every registered method on both splits of a suite, then regenerate its leaderboard.
+"""Run every registered method on both splits of suites, then regenerate their leaderboards.
 
     python scripts/run_suite.py --suite tiny            # results in leaderboards/results/tiny/
     python scripts/run_suite.py --suite tiny --force    # rerun what already has a result
+    python scripts/run_suite.py --suite tiny offline-text offline-vision   # every checked-in one
 
 Each run is a plain ``harness run`` in its own process (so each record's peak memory is that
 run's alone); results already present are kept unless --force.
@@ -21,24 +22,26 @@ from harness.results import DEFAULT_RESULTS_DIR
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", required=True)
+    parser.add_argument("--suite", required=True, nargs="+")
     parser.add_argument("--methods", nargs="*", default=None, help="default: every method")
     parser.add_argument("--splits", nargs="*", default=["seen", "unseen"])
     parser.add_argument("--results", default=DEFAULT_RESULTS_DIR)
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args()
     failed = []
-    for method in args.methods or list_methods():
-        for split in args.splits:
-            start = time.perf_counter()
-            argv = ["run", "--method", method, "--suite", args.suite, "--split", split,
-                    "--results", args.results, "--quiet"] + (["--force"] if args.force else [])
-            code = subprocess.run([sys.executable, "-m", "harness.cli", *argv]).returncode
-            print(f"{method} {split}: exit {code} ({time.perf_counter() - start:.1f} s)",
-                  file=sys.stderr)
-            if code:
-                failed.append(f"{method}/{split}")
-    harness(["leaderboard", "--suite", args.suite, "--results", args.results])
+    for suite in args.suite:
+        for method in args.methods or list_methods():
+            for split in args.splits:
+                start = time.perf_counter()
+                argv = ["run", "--method", method, "--suite", suite, "--split", split,
+                        "--results", args.results, "--quiet"] + (["--force"] if args.force
+                                                                  else [])
+                code = subprocess.run([sys.executable, "-m", "harness.cli", *argv]).returncode
+                print(f"{suite} {method} {split}: exit {code} "
+                      f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)
+                if code:
+                    failed.append(f"{suite}/{method}/{split}")
+        harness(["leaderboard", "--suite", suite, "--results", args.results])
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

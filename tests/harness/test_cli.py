@@ -271,3 +271,9 @@ def check_not_applicable(tiny_cache, tmp_path, capsys):
     text = (out / "tiny.md").read_text()
     assert "- `never-fits`: never-fits: the budget is below what must be stored" in text
     assert "| never-fits" not in text.split("## Runs")[0]
+
+
+def test_encoder_flag_is_refused_by_a_suite_without_embeddings_from_text(tiny_cache, capsys):
+    code, _, err = run_cli(capsys, "validate", "--method", "dts-d", "--encoder", "x",
+                           "--cache-dir", tiny_cache)
+    assert code == 2 and "takes no --encoder" in err

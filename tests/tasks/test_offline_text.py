@@ -183,3 +183,29 @@ def test_capped_splits_sample_the_whole_file_not_its_start(tmp_path):
     for split in ("train", "test"):
         share = sum(label for _, label in d[split]) / len(d[split])
         assert 0.25 < share < 0.75, (split, share)
+
+
+def test_an_encoder_that_cannot_load_is_named(assets, tmp_path):
+    suite = OfflineTextSuite(str(tmp_path), backbone_dir=str(assets / "minilm"),
+                             encoder=str(tmp_path / "no-such-encoder"))
+    with pytest.raises(SuiteUnavailableError, match="cannot load the text encoder .*no-such"):
+        suite.task_embedding("sentiment-medicine")
+
+
+def test_another_encoder_changes_the_embeddings_and_the_provenance(assets, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    other = tmp_path / "other-encoder"
+    torch.manual_seed(1)
+    BertModel(BertConfig(vocab_size=len(WORDS) + 5, hidden_size=8, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=16,
+                         max_position_embeddings=64)).save_pretrained(other)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+        if (assets / "minilm" / name).exists():
+            (other / name).write_bytes((assets / "minilm" / name).read_bytes())
+    default = make_suite(assets, tmp_path / "a")
+    chosen = OfflineTextSuite(str(tmp_path / "b"), backbone_dir=str(assets / "minilm"),
+                              encoder=str(other))
+    e1, e2 = (s.task_embedding("sentiment-hotels") for s in (default, chosen))
+    assert e1.shape != e2.shape or not torch.allclose(e1, e2)
+    assert chosen.provenance()["encoder"] == str(other)
