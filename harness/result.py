@@ -122,6 +122,21 @@ class MergeResult:
         shared = self.shared[name]
         return self._with_deltas(lambda key: to_float32(shared[key]) * scale if key in shared else None)
 
+    def apply(self, model, task: str, *, prefix: str = ""):
+        """Switch ``model`` (a module holding this result's base) to ``task`` in place, key by
+        key; returns a handle whose ``undo()`` (or ``with`` exit) restores the base exactly.
+        ``prefix`` is prepended to this result's keys to find the model's tensors."""
+        from harness.serving import apply
+
+        return apply(self, model, task, prefix=prefix)
+
+    def attach_low_rank(self, model, task: str, *, prefix: str = ""):
+        """Serve ``task`` without building its full deltas: each low-rank delta (DTS, svd) runs
+        as ``x V^T diag(S) U^T`` beside its linear layer; the rest is switched in place."""
+        from harness.serving import attach_low_rank
+
+        return attach_low_rank(self, model, task, prefix=prefix)
+
     def _with_deltas(self, delta_of) -> dict[str, Tensor]:
         out = {}
         for key in self.base.keys():
