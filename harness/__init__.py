@@ -12,13 +12,14 @@ from __future__ import annotations
 from harness.method import HyperparameterError, MergeMethod, MethodNotApplicable
 from harness.registry import METHODS, SUITES, UnknownNameError
 from harness.result import MergeResult, ResultFormatError
+from harness.sharded import stream_outputs
 from harness.state_dict import LazyStateDict, MergeInputError
 
 __all__ = [
     "HyperparameterError", "LazyStateDict", "MergeInputError", "MergeMethod", "MergeResult",
     "MethodNotApplicable",
     "ResultFormatError", "UnknownNameError", "get_method", "list_methods", "list_suites",
-    "method_class",
+    "method_class", "stream_outputs",
 ]
 
 

@@ -151,6 +151,16 @@ def cast_like(value: Tensor, dtype: torch.dtype) -> Tensor:
     return value if value.dtype == dtype else value.to(dtype)
 
 
+def _open_checked(path: str):
+    """A safetensors handle, or an error naming the file (missing, truncated, not safetensors)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, "pt")
+    except (SafetensorError, OSError) as error:
+        raise MergeInputError(f"cannot read the safetensors file {path}: {error}") from None
+
+
 class LazyStateDict(Mapping[str, Tensor]):
     """A read-only state dict over safetensors files, loading one tensor at a time.
 
@@ -159,8 +169,6 @@ class LazyStateDict(Mapping[str, Tensor]):
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
-        from safetensors import safe_open
-
         path = os.fspath(path)
         if os.path.isdir(path):
             path = _find_checkpoint(path)
@@ -170,10 +178,15 @@ class LazyStateDict(Mapping[str, Tensor]):
                 weight_map = json.load(f)["weight_map"]
             folder = os.path.dirname(path)
             files = sorted(set(weight_map.values()))
-            handles = {f: safe_open(os.path.join(folder, f), "pt") for f in files}
+            handles = {f: _open_checked(os.path.join(folder, f)) for f in files}
+            for key, file in weight_map.items():
+                if key not in handles[file].keys():
+                    raise MergeInputError(
+                        f"shard {os.path.join(folder, file)} does not hold {key!r}, which "
+                        f"its index {path} places there: the shard and the index disagree")
             self._where = {k: handles[f] for k, f in weight_map.items()}
         else:
-            handle = safe_open(path, "pt")
+            handle = _open_checked(path)
             self._where = {k: handle for k in handle.keys()}
 
     def __getitem__(self, key: str) -> Tensor:
@@ -243,19 +256,21 @@ def task_vectors(pretrained: StateDict, finetuned: Mapping[str, StateDict], task
 
 
 def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
-                 merge_key, desc: str, progress: bool) -> dict[str, Tensor]:
+                 merge_key, desc: str, progress: bool) -> StateDict:
     """A merged state dict built key by key: ``merge_key(key, theta0_f32, taus)`` gives the
     float32 merged tensor of each float key; other keys are copied from the pretrained model."""
-    merged: dict[str, Tensor] = {}
+    from harness.sharded import building, finish_output
+
     float_keys = set(spec.float_keys)
-    for key in iter_keys(list(pretrained.keys()), desc, progress):
-        p = pretrained[key]
-        if key not in float_keys:
-            merged[key] = p
-            continue
-        taus = task_vectors(pretrained, finetuned, spec.tasks, key)
-        merged[key] = cast_like(merge_key(key, to_float32(p), taus), p.dtype)
-    return merged
+    with building("merged") as merged:
+        for key in iter_keys(list(pretrained.keys()), desc, progress):
+            p = pretrained[key]
+            if key not in float_keys:
+                merged[key] = p
+                continue
+            taus = task_vectors(pretrained, finetuned, spec.tasks, key)
+            merged[key] = cast_like(merge_key(key, to_float32(p), taus), p.dtype)
+        return finish_output(merged)
 
 
 def encode_deltas(reference: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,

@@ -13,6 +13,7 @@ from torch import Tensor
 from harness.method import MergeMethod
 from harness.payload import Mask, pack_bits
 from harness.result import MergeResult, TaskPayload
+from harness.sharded import building, finish_output
 from harness.state_dict import inspect_models, iter_keys, task_vectors
 
 
@@ -47,19 +48,20 @@ class Emr(MergeMethod):
     def merge(self, pretrained, finetuned, *, progress=False):
         spec = inspect_models(pretrained, finetuned)
         tasks = spec.tasks
-        tau_uni: dict[str, Tensor] = {}
         records: dict[str, dict] = {t: {} for t in tasks}
         numerator = {t: 0.0 for t in tasks}
         denominator = {t: 0.0 for t in tasks}
-        for key in iter_keys(spec.active_keys, self.name, progress):
-            taus = task_vectors(pretrained, finetuned, tasks, key)
-            uni, masks = emr_elect(taus)
-            tau_uni[key] = uni
-            shape = tuple(uni.shape)
-            for t, tau, mask in zip(tasks, taus, masks):
-                numerator[t] += float(tau.abs().mean())
-                denominator[t] += float((uni * mask).abs().mean())
-                records[t][key] = Mask(pack_bits(mask, 1), shape)
+        with building("tau_uni") as tau_uni:
+            for key in iter_keys(spec.active_keys, self.name, progress):
+                taus = task_vectors(pretrained, finetuned, tasks, key)
+                uni, masks = emr_elect(taus)
+                tau_uni[key] = uni
+                shape = tuple(uni.shape)
+                for t, tau, mask in zip(tasks, taus, masks):
+                    numerator[t] += float(tau.abs().mean())
+                    denominator[t] += float((uni * mask).abs().mean())
+                    records[t][key] = Mask(pack_bits(mask, 1), shape)
+            tau_uni = finish_output(tau_uni)
         payloads, scales = {}, {}
         for t in tasks:
             if denominator[t] == 0:

@@ -12,6 +12,7 @@ from torch import Tensor
 from harness.method import MergeMethod, hp, require
 from harness.payload import Mask, pack_bits
 from harness.result import MergeResult, TaskPayload
+from harness.sharded import building, finish_output
 from harness.state_dict import MergeInputError, inspect_models, iter_keys, task_vectors
 from methods.task_arithmetic import sum_task_vectors
 
@@ -57,13 +58,14 @@ class TallMask(MergeMethod):
         spec = inspect_models(pretrained, finetuned)
         tasks = spec.tasks
         lams = [self.lam_for(t) for t in tasks]
-        tau_mtl: dict[str, Tensor] = {}
         records: dict[str, dict] = {t: {} for t in tasks}
-        for key in iter_keys(spec.active_keys, self.name, progress):
-            mtl, masks = tall_masks(task_vectors(pretrained, finetuned, tasks, key), lams)
-            tau_mtl[key] = mtl
-            for t, mask in zip(tasks, masks):
-                records[t][key] = Mask(pack_bits(mask, 1), tuple(mtl.shape))
+        with building("tau_mtl") as tau_mtl:
+            for key in iter_keys(spec.active_keys, self.name, progress):
+                mtl, masks = tall_masks(task_vectors(pretrained, finetuned, tasks, key), lams)
+                tau_mtl[key] = mtl
+                for t, mask in zip(tasks, masks):
+                    records[t][key] = Mask(pack_bits(mask, 1), tuple(mtl.shape))
+            tau_mtl = finish_output(tau_mtl)
         return MergeResult(self.name, self.params(), pretrained, tasks, kind=self.kind,
                            payloads={t: TaskPayload(r, shared="tau_mtl") for t, r in records.items()},
                            shared={"tau_mtl": tau_mtl}, merged_params=spec.merged_params,

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from harness.method import MergeMethod, hp, require
 from harness.result import MergeResult
+from harness.sharded import building, finish_output
 from harness.state_dict import (ModelSpec, StateDict, cast_like, inspect_models, iter_keys,
                                 task_vectors, to_float32)
 
@@ -123,9 +124,16 @@ def ties_merge(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: 
     Streams over the keys twice after validation (the second half of each task's exact
     whole-model trim threshold, then trim/elect/merge); no flattened model is ever built.
     """
-    tasks = spec.tasks
     cut = thresholds.finish(pretrained, finetuned, spec, k, progress, desc)
-    merged: dict[str, Tensor] = {}
+    with building("merged") as merged:
+        return _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progress)
+
+
+def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progress):
+    """Trim, elect and merge key by key into ``merged``; keys with undecided entries (sign 0
+    where some task kept a value) are held back until the model-wide majority sign is known."""
+    tasks = spec.tasks
+    held: dict[str, Tensor] = {}
     undecided: list[tuple[str, Tensor, Tensor]] = []
     sign_total = 0
     float_keys = set(spec.float_keys)
@@ -144,17 +152,23 @@ def ties_merge(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: 
         sign_total += int(sign.sum())
         delta = disjoint_aggregate(trimmed, sign, merge)
         open_ = torch.nonzero(((sign == 0) & kept).reshape(-1)).reshape(-1)
+        value = cast_like(to_float32(p) + lam * delta, p.dtype)
         if open_.numel():
             undecided.append((key, open_, trimmed.reshape(len(tasks), -1)[:, open_]))
-        merged[key] = cast_like(to_float32(p) + lam * delta, p.dtype)
+            held[key] = value
+        else:
+            merged[key] = value
 
     majority = (sign_total > 0) - (sign_total < 0)
     for key, positions, columns in undecided:
         p = to_float32(pretrained[key]).reshape(-1)[positions]
         value = p + lam * settle_undecided(columns, majority, merge)
-        flat = merged[key].reshape(-1)
+        flat = held[key].reshape(-1)
         flat[positions] = cast_like(value, flat.dtype)
-    return merged
+        merged[key] = held.pop(key)
+    if not isinstance(merged, dict):
+        return finish_output(merged)
+    return {key: merged[key] for key in pretrained.keys()}    # the inputs' key order
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ to; leaderboards show these as rows marked "reported" and never mix them with me
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys

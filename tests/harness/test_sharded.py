@@ -1,0 +1,70 @@
+"""Streaming outputs: model-sized results written shard by shard, atomically, read back lazily."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from harness import LazyStateDict, get_method
+from harness.sharded import INDEX, stream_outputs
+from harness.state_dict import MergeInputError, inspect_models, merge_shared
+from tests.conftest import make_models
+
+SMALL = 600       # bytes per shard: several shards even for the test models
+
+
+@pytest.mark.parametrize("method", ["weight-averaging", "task-arithmetic", "ties", "dare",
+                                    "emr", "tall-mask", "dts-d"])
+def test_streamed_outputs_are_bit_identical(method, tmp_path):
+    pretrained, finetuned = make_models()
+    plain = get_method(method).merge(pretrained, finetuned)
+    with stream_outputs(tmp_path / "out", shard_bytes=SMALL):
+        streamed = get_method(method).merge(pretrained, finetuned)
+    for task in plain.tasks:
+        a, b = plain.weights_for(task), streamed.weights_for(task)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    folders = sorted(os.listdir(tmp_path / "out"))
+    assert folders and not any(".partial-" in f for f in folders)
+    for folder in folders:
+        index = json.loads((tmp_path / "out" / folder / INDEX).read_text())
+        shards = set(index["weight_map"].values())
+        assert len(shards) > 1 and all((tmp_path / "out" / folder / s).exists() for s in shards)
+    if method in ("weight-averaging", "task-arithmetic", "ties", "dare", "dts-d"):
+        assert isinstance(streamed.base, LazyStateDict)
+
+
+def test_an_interrupted_merge_leaves_nothing_that_looks_complete(tmp_path):
+    pretrained, finetuned = make_models()
+    spec = inspect_models(pretrained, finetuned)
+    seen = []
+
+    def failing(key, theta0, taus):
+        seen.append(key)
+        if len(seen) == 4:
+            raise KeyboardInterrupt
+        return theta0 + sum(taus)
+
+    with stream_outputs(tmp_path / "out", shard_bytes=SMALL):
+        with pytest.raises(KeyboardInterrupt):
+            merge_shared(pretrained, finetuned, spec, failing, "test", False)
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+    assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+
+
+def test_a_shard_that_disagrees_with_its_index_is_named(tmp_path):
+    pretrained, finetuned = make_models()
+    with stream_outputs(tmp_path / "out", shard_bytes=SMALL):
+        result = get_method("task-arithmetic").merge(pretrained, finetuned)
+    folder = os.path.dirname(result.base.path)
+    index = json.loads(open(result.base.path).read())
+    key, shard = next(iter(index["weight_map"].items()))
+    other = next(s for s in set(index["weight_map"].values()) if s != shard)
+    index["weight_map"][key] = other
+    open(result.base.path, "w").write(json.dumps(index))
+    with pytest.raises(MergeInputError, match=f"shard .*{other}.* does not hold '{key}'"):
+        LazyStateDict(result.base.path)
+    with open(os.path.join(folder, shard), "r+b") as f:
+        f.truncate(20)
+    with pytest.raises(MergeInputError, match=f"cannot read the safetensors file .*{shard}"):
+        LazyStateDict(os.path.join(folder, shard))
