@@ -1,0 +1,165 @@
+"""Out-of-core merging at LLM scale: sharded checkpoints with Qwen2.5 tensor shapes.
+
+    python scripts/bench_scale.py --size 0.5b --layers 4 --tasks 3
+    python scripts/bench_scale.py --size 14b --layers 1 --tasks 3 --no-embeddings --methods ties
+
+Synthesizes a pretrained model and task models with the tensor shapes of a Qwen2.5 architecture
+(optionally only the first N decoder layers, with or without the 150k-token embedding), saved as
+Hugging Face sharded safetensors (an index plus shards), written tensor by tensor. Then, each in
+a fresh process: reading every input once (the floor), and each method merging the memory-mapped
+inputs with its outputs streamed to shards (``harness.stream_outputs``). Prints wall time, read
+throughput, the time over the read floor, and peak resident memory next to the largest tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+SIZES = {  # hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings
+    "0.5b": (896, 4864, 24, 14, 2, 151936, True),
+    "7b": (3584, 18944, 28, 28, 4, 152064, False),
+    "14b": (5120, 13824, 48, 40, 8, 152064, False),
+}
+
+
+def shapes(size: str, layers: int | None, embeddings: bool) -> dict[str, tuple[int, ...]]:
+    """Float tensor shapes of ``Qwen2ForCausalLM`` for the size (built on the meta device)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    hidden, inter, depth, heads, kv, vocab, tied = SIZES[size]
+    config = Qwen2Config(hidden_size=hidden, intermediate_size=inter,
+                         num_hidden_layers=min(layers or depth, depth), num_attention_heads=heads,
+                         num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=tied)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    out = {k: tuple(v.shape) for k, v in model.state_dict().items() if v.is_floating_point()}
+    if not embeddings:
+        out = {k: s for k, s in out.items() if "embed_tokens" not in k and "lm_head" not in k}
+    return out
+
+
+def write_sharded(folder: str, tensors, shard_bytes: int) -> int:
+    """Write (key, tensor) pairs as HF shards plus index, one shard in memory at a time."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    weight_map, pending, size, total, n = {}, {}, 0, 0, 0
+
+    def flush():
+        nonlocal pending, size, n
+        if pending:
+            n += 1
+            name = f"model-{n:05d}.safetensors"
+            save_file(pending, os.path.join(folder, name))
+            weight_map.update({k: name for k in pending})
+            pending, size = {}, 0
+
+    for key, tensor in tensors:
+        pending[key] = tensor
+        size += tensor.numel() * tensor.element_size()
+        total += tensor.numel() * tensor.element_size()
+        if size >= shard_bytes:
+            flush()
+    flush()
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    return total
+
+
+def synthesize(root: str, shape_of: dict, tasks: int, dtype: torch.dtype, shard_bytes: int):
+    def base_tensors():
+        for i, (key, shape) in enumerate(shape_of.items()):
+            g = torch.Generator().manual_seed(i)
+            yield key, (torch.randn(shape, generator=g) * 0.02).to(dtype)
+
+    write_sharded(os.path.join(root, "pretrained"), base_tensors(), shard_bytes)
+    for t in range(tasks):
+        def task_tensors(t=t):
+            for i, (key, base) in enumerate(base_tensors()):
+                g = torch.Generator().manual_seed(10_000 * (t + 1) + i)
+                m, n = base.shape[0], base[0].numel() if base.dim() > 1 else 1
+                low = (torch.randn(m, 4, generator=g) @ torch.randn(4, n, generator=g)) * 2e-4
+                yield key, (base.float() + low.reshape(base.shape)).to(dtype)
+        write_sharded(os.path.join(root, f"task{t}"), task_tensors(), shard_bytes)
+
+
+def peak_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def worker(method: str, root: str, tasks: int) -> dict:
+    from harness import LazyStateDict, get_method, stream_outputs
+
+    pretrained = LazyStateDict(os.path.join(root, "pretrained"))
+    finetuned = {f"task{t}": LazyStateDict(os.path.join(root, f"task{t}")) for t in range(tasks)}
+    start = time.perf_counter()
+    if method == "read":
+        for sd in (pretrained, *finetuned.values()):
+            for key in sd:
+                float(sd[key].float().sum())
+    else:
+        with tempfile.TemporaryDirectory(dir=root) as out, stream_outputs(out, 2**30):
+            get_method(method).merge(pretrained, finetuned)
+    return {"seconds": time.perf_counter() - start, "peak_gib": peak_gib()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="0.5b", choices=sorted(SIZES))
+    parser.add_argument("--layers", type=int, default=None, help="first N decoder layers only")
+    parser.add_argument("--tasks", type=int, default=3)
+    parser.add_argument("--no-embeddings", action="store_true")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--shard-mb", type=int, default=1024)
+    parser.add_argument("--methods", nargs="*", default=["ties", "dts-d"])
+    parser.add_argument("--worker", nargs=3, metavar=("METHOD", "ROOT", "TASKS"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        method, root, tasks = args.worker
+        print(json.dumps(worker(method, root, int(tasks))))
+        return 0
+    shape_of = shapes(args.size, args.layers, not args.no_embeddings)
+    dtype = getattr(torch, args.dtype)
+    params = sum(torch.Size(s).numel() for s in shape_of.values())
+    largest = max(torch.Size(s).numel() for s in shape_of.values())
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as root:
+        start = time.perf_counter()
+        synthesize(root, shape_of, args.tasks, dtype, args.shard_mb * 2**20)
+        written = time.perf_counter() - start
+        input_bytes = params * dtype.itemsize * (args.tasks + 1)
+        print(f"# Qwen2.5-{args.size} shapes, {args.layers or 'all'} layers"
+              f"{'' if not args.no_embeddings else ', no embeddings'}: {params:,} parameters "
+              f"per model in {args.dtype}, {args.tasks} tasks + base = "
+              f"{input_bytes / 2**30:.2f} GiB of input; largest tensor {largest:,} parameters "
+              f"({largest * 4 / 2**30:.2f} GiB in float32); {os.cpu_count()} CPUs, "
+              f"torch {torch.__version__}; synthesized in {written:.0f} s")
+        rows = {}
+        for method in ["read", *args.methods]:
+            out = subprocess.run([sys.executable, __file__, "--worker", method, root,
+                                  str(args.tasks)], capture_output=True, text=True)
+            if out.returncode:
+                print(f"{method}: failed\n{out.stderr[-2000:]}")
+                continue
+            rows[method] = json.loads(out.stdout.strip().splitlines()[-1])
+        floor = rows.get("read", {}).get("seconds")
+        print("| run | wall s | read GB/s | x read floor | peak RSS GiB |")
+        print("|---|---:|---:|---:|---:|")
+        for method, row in rows.items():
+            ratio = f"{row['seconds'] / floor:.1f}" if floor else "–"
+            print(f"| {method} | {row['seconds']:.1f} | "
+                  f"{input_bytes / row['seconds'] / 1e9:.2f} | {ratio} | {row['peak_gib']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
