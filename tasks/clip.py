@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from harness.state_dict import StateDict
-from tasks.base import Evaluation, Suite, SuiteUnavailableError, Task, unit
-from tasks.hub import check_dataset, check_model, load_config, load_split
+from tasks.base import Evaluation, SuiteUnavailableError, unit
+from tasks.hub import ConfiguredSuite, check_dataset, check_model
 
 
 def pooled(output) -> Tensor:
@@ -35,26 +35,14 @@ def tower(model):
     return getattr(model, "vision_model", model)
 
 
-class ClipSuite(Suite):
+class ClipSuite(ConfiguredSuite):
     """CLIP vision encoders, zero-shot heads from the CLIP text encoder; a config per suite."""
 
     name = "vit-b32"
 
     def __init__(self, cache_dir: str | None = None, *, config: str | None = None) -> None:
-        super().__init__(cache_dir)
-        self.config, self.config_sha256 = load_config(self.name, config)
-        self.user_config = config
-        self.family = self.config.get("family", "")
-        self.specs: dict[str, dict] = self.config["tasks"]
-        self.tasks = tuple(Task(n, (), s.get("description", f"the {n} image task"))
-                           for n, s in self.specs.items())
-        self.unseen = tuple(self.config.get("unseen", ()))
-        unknown = [t for t in self.unseen if t not in self.specs]
-        if unknown:
-            raise SuiteUnavailableError(f"{self.name}: unseen tasks {unknown} are not in [tasks]")
-        self.folder = os.path.join(self.cache_dir, self.name)
+        super().__init__(cache_dir, config=config)
         self._heads: dict[str, Tensor] = {}
-        self._data: dict[str, object] = {}
 
     # ---- checks --------------------------------------------------------------------------
     def check(self) -> None:
@@ -152,14 +140,6 @@ class ClipSuite(Suite):
         return unit(torch.stack([unit(row) for row in self.head(task)]).mean(dim=0))
 
     # ---- evaluation ----------------------------------------------------------------------
-    def dataset(self, task: str):
-        if task not in self._data:
-            spec = {**self.specs[task]}
-            if self.config.get("max_examples") and "max_examples" not in spec:
-                spec["max_examples"] = self.config["max_examples"]
-            self._data[task] = load_split(spec, os.path.join(self.folder, "datasets"))
-        return self._data[task]
-
     @cached_property
     def processor(self):
         from transformers import CLIPImageProcessor
@@ -194,14 +174,6 @@ class ClipSuite(Suite):
             correct += int((logits.argmax(dim=1).cpu() == labels).sum())
         return Evaluation("accuracy", correct / len(data), examples=len(data))
 
-    def identity(self) -> dict:
-        return {"suite_config": self.config_sha256[:10]} if self.user_config else {}
-
-    def provenance(self) -> dict:
-        return {"suite": self.name, "config_sha256": self.config_sha256,
-                "config": self.user_config or f"tasks/configs/{self.name}.toml",
-                "pretrained": self.config["pretrained"],
-                "checkpoints": {t: s["checkpoint"] for t, s in self.specs.items()}}
 
 
 def unit_rows(x: Tensor) -> Tensor:

@@ -12,47 +12,32 @@ flattened ``classifier.dense`` weights of each task's own head, as the authors' 
 
 from __future__ import annotations
 
-import os
 from functools import cached_property
 
 import torch
 from torch import Tensor
 
 from harness.state_dict import StateDict
-from tasks.base import Evaluation, Suite, SuiteUnavailableError, Task, unit
+from tasks.base import Evaluation, SuiteUnavailableError, unit
 from tasks.embeddings import SentenceEncoder, default_minilm_dir
-from tasks.hub import check_dataset, check_model, load_config, load_split
+from tasks.hub import ConfiguredSuite, check_dataset, check_model
 from tasks.metrics import glue_score
 
 
-class GlueSuite(Suite):
+class GlueSuite(ConfiguredSuite):
     """Sequence classifiers fine-tuned from one backbone on GLUE tasks; a config per suite."""
 
     name = "roberta-glue"
 
     def __init__(self, cache_dir: str | None = None, *, config: str | None = None,
                  encoder: str | None = None) -> None:
-        super().__init__(cache_dir)
-        self.config, self.config_sha256 = load_config(self.name, config)
-        self.user_config = config
-        self.family = self.config.get("family", "")
-        self.specs: dict[str, dict] = self.config["tasks"]
-        self.tasks = tuple(Task(n, tuple(s.get("labels", ())), s.get("description", n),
-                                s.get("metric", "accuracy")) for n, s in self.specs.items())
-        self.unseen = tuple(self.config.get("unseen", ()))
-        unknown = [t for t in self.unseen if t not in self.specs]
-        if unknown:
-            raise SuiteUnavailableError(f"{self.name}: unseen tasks {unknown} are not in [tasks]")
-        self.method_defaults = self.config.get("method_defaults", {})
+        super().__init__(cache_dir, config=config, encoder=encoder)
         self.embedding = self.config.get("task_embedding", "sentence-encoder")
         if self.embedding not in ("sentence-encoder", "classifier-head"):
             raise SuiteUnavailableError(
                 f"{self.name}: task_embedding must be 'sentence-encoder' or 'classifier-head', "
                 f"not {self.embedding!r}")
-        self.encoder_name = encoder or self.config.get("encoder")
-        self.folder = os.path.join(self.cache_dir, self.name)
         self._models: dict[str, object] = {}
-        self._data: dict[str, object] = {}
 
     def _source(self, task: str | None) -> tuple[str, dict]:
         """(name or folder, from_pretrained keyword arguments) of the base or a task model."""
@@ -126,14 +111,6 @@ class GlueSuite(Suite):
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
 
-    def dataset(self, task: str):
-        if task not in self._data:
-            spec = {**self.specs[task]}
-            if self.config.get("max_examples") and "max_examples" not in spec:
-                spec["max_examples"] = self.config["max_examples"]
-            self._data[task] = load_split(spec, os.path.join(self.folder, "datasets"))
-        return self._data[task]
-
     @torch.no_grad()
     def evaluate(self, task, backbone, *, split="test", device="cpu", progress=False):
         from tqdm.auto import tqdm
@@ -181,15 +158,8 @@ class GlueSuite(Suite):
         task_def = self.task(task)
         return self.encoder.task_embedding([*task_def.labels, task_def.description])
 
-    def identity(self) -> dict:
-        return {"suite_config": self.config_sha256[:10]} if self.user_config else {}
-
     def provenance(self) -> dict:
-        return {"suite": self.name, "config_sha256": self.config_sha256,
-                "config": self.user_config or f"tasks/configs/{self.name}.toml",
-                "pretrained": self.config["pretrained"], "task_embedding": self.embedding,
-                "checkpoints": {t: [s["checkpoint"], s.get("subfolder", "")]
-                                for t, s in self.specs.items()}}
+        return {**super().provenance(), "task_embedding": self.embedding}
 
 
 class RobertaGlueSuite(GlueSuite):

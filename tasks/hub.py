@@ -12,7 +12,7 @@ import hashlib
 import os
 import sys
 
-from tasks.base import SuiteUnavailableError
+from tasks.base import Suite, SuiteUnavailableError, Task
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -141,3 +141,49 @@ def _format_of(path: str) -> str:
             return kind
     raise SuiteUnavailableError(f"cannot tell the format of {path}: set format = ... in the "
                                 "task's config (parquet, json or csv)")
+
+
+class ConfiguredSuite(Suite):
+    """A suite described by a TOML config (``tasks/configs/<name>.toml`` or ``--suite-config``):
+    its tasks, unseen split, method defaults, datasets, and the result-file identity."""
+
+    name = ""
+    task_metric = "accuracy"
+
+    def __init__(self, cache_dir: str | None = None, *, config: str | None = None,
+                 encoder: str | None = None) -> None:
+        super().__init__(cache_dir)
+        self.config, self.config_sha256 = load_config(self.name, config)
+        self.user_config = config
+        self.family = self.config.get("family", "")
+        self.specs: dict[str, dict] = self.config["tasks"]
+        self.tasks = tuple(Task(n, tuple(s.get("labels", ())), s.get("description", n),
+                                s.get("metric", self.task_metric))
+                           for n, s in self.specs.items())
+        self.unseen = tuple(self.config.get("unseen", ()))
+        unknown = [t for t in self.unseen if t not in self.specs]
+        if unknown:
+            raise SuiteUnavailableError(f"{self.name}: unseen tasks {unknown} are not in [tasks]")
+        self.method_defaults = self.config.get("method_defaults", {})
+        self.encoder_name = encoder or self.config.get("encoder")
+        self.folder = os.path.join(self.cache_dir, self.name)
+        self._data: dict[str, object] = {}
+
+    def dataset(self, task: str):
+        """The task's evaluation split, loaded once (``max_examples`` applies suite-wide)."""
+        if task not in self._data:
+            spec = {**self.specs[task]}
+            if self.config.get("max_examples") and "max_examples" not in spec:
+                spec["max_examples"] = self.config["max_examples"]
+            self._data[task] = load_split(spec, os.path.join(self.folder, "datasets"))
+        return self._data[task]
+
+    def identity(self) -> dict:
+        return {"suite_config": self.config_sha256[:10]} if self.user_config else {}
+
+    def provenance(self) -> dict:
+        return {"suite": self.name, "config_sha256": self.config_sha256,
+                "config": self.user_config or f"tasks/configs/{self.name}.toml",
+                "pretrained": self.config["pretrained"],
+                "checkpoints": {t: [s.get("checkpoint"), s.get("subfolder", "")]
+                                for t, s in self.specs.items()}}

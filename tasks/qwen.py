@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from harness.state_dict import LazyStateDict, StateDict
-from tasks.base import Evaluation, Suite, SuiteUnavailableError, Task
+from tasks.base import Evaluation, SuiteUnavailableError
 from tasks.embeddings import SentenceEncoder, default_minilm_dir
-from tasks.hub import check_model, load_config
+from tasks.hub import ConfiguredSuite, check_model
 
 
 def model_folder(name: str, revision: str | None = None) -> str:
@@ -46,23 +46,11 @@ def safetensors_state(folder: str) -> StateDict:
     return LazyStateDict(files[0])
 
 
-class QwenSuite(Suite):
+class QwenSuite(ConfiguredSuite):
     """A causal-LM family evaluated with lm-eval; a config names models and tasks."""
 
     name = "qwen"
-
-    def __init__(self, cache_dir: str | None = None, *, config: str | None = None,
-                 encoder: str | None = None) -> None:
-        super().__init__(cache_dir)
-        self.config, self.config_sha256 = load_config(self.name, config)
-        self.user_config = config
-        self.family = self.config.get("family", "")
-        self.specs: dict[str, dict] = self.config["tasks"]
-        self.tasks = tuple(Task(n, (), s.get("description", n), s.get("metric", "acc"))
-                           for n, s in self.specs.items())
-        self.unseen = tuple(self.config.get("unseen", ()))
-        self.method_defaults = self.config.get("method_defaults", {})
-        self.encoder_name = encoder or self.config.get("encoder")
+    task_metric = "acc"
 
     # ---- checks --------------------------------------------------------------------------
     def check(self) -> None:
@@ -164,12 +152,3 @@ class QwenSuite(Suite):
 
     def task_embedding(self, task: str) -> Tensor:
         return self.encoder.task_embedding([self.task(task).description])
-
-    def identity(self) -> dict:
-        return {"suite_config": self.config_sha256[:10]} if self.user_config else {}
-
-    def provenance(self) -> dict:
-        return {"suite": self.name, "config_sha256": self.config_sha256,
-                "config": self.user_config or f"tasks/configs/{self.name}.toml",
-                "pretrained": self.config["pretrained"],
-                "checkpoints": {t: s.get("checkpoint") for t, s in self.specs.items()}}
