@@ -110,5 +110,13 @@ def default_cache_dir() -> str:
         os.path.expanduser("~"), ".cache", "merge-harness")
 
 
+def restrict(stored: StateDict, keys: list[str], problem: str) -> StateDict:
+    """``stored`` limited to ``keys``; a missing key raises with ``problem`` in the message."""
+    missing = [k for k in keys if k not in stored]
+    if missing:
+        raise SuiteUnavailableError(f"{problem}: {missing[:3]} missing")
+    return {k: stored[k] for k in keys}
+
+
 def unit(vector: Tensor) -> Tensor:
     return vector / torch.linalg.vector_norm(vector).clamp(min=1e-12)

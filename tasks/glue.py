@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from harness.state_dict import StateDict
-from tasks.base import Evaluation, SuiteUnavailableError, unit
+from tasks.base import Evaluation, SuiteUnavailableError, restrict, unit
 from tasks.embeddings import SentenceEncoder, default_minilm_dir
 from tasks.hub import ConfiguredSuite, check_dataset, check_model
 from tasks.metrics import glue_score
@@ -93,12 +93,8 @@ class GlueSuite(ConfiguredSuite):
         base, kwargs = self._source(None)
         stored = AutoModel.from_pretrained(base, dtype=torch.float32, **kwargs).state_dict()
         keys = list(self.task_model(next(iter(self.specs))).base_model.state_dict())
-        missing = [k for k in keys if k not in stored]
-        if missing:
-            raise SuiteUnavailableError(
-                f"{self.name}: the pretrained {base} lacks {missing[:3]}: the task models are "
-                "not of its architecture")
-        return {k: stored[k] for k in keys}
+        return restrict(stored, keys, f"{self.name}: the pretrained {base} does not have the "
+                                      "task models' architecture")
 
     # ---- evaluation ----------------------------------------------------------------------
     @cached_property

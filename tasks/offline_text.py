@@ -26,7 +26,7 @@ from torch import Tensor
 
 from harness.files import sha256_file, write_json_atomic
 from harness.state_dict import StateDict
-from tasks.base import Evaluation, SuiteUnavailableError, Task
+from tasks.base import Evaluation, SuiteUnavailableError, Task, restrict
 from tasks.embeddings import default_minilm_dir
 from tasks.fetch import pip_download
 from tasks.finetuned import FinetunedSuite
@@ -256,13 +256,8 @@ class OfflineTextSuite(FinetunedSuite):
         from harness.state_dict import LazyStateDict
 
         stored = LazyStateDict(os.path.join(self.backbone_dir, "model.safetensors"))
-        keys = self._backbone_keys
-        missing = [k for k in keys if k not in stored]
-        if missing:
-            raise SuiteUnavailableError(
-                f"{self.backbone_dir}/model.safetensors lacks {missing[:3]}: not a MiniLM/BERT "
-                "backbone")
-        return {k: stored[k] for k in keys}
+        return restrict(stored, self._backbone_keys,
+                        f"{self.backbone_dir}/model.safetensors is not a MiniLM/BERT backbone")
 
     @cached_property
     def _backbone_keys(self) -> list[str]:

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from harness.files import sha256_file
 from harness.state_dict import StateDict
-from tasks.base import Evaluation, SuiteUnavailableError, Task
+from tasks.base import Evaluation, SuiteUnavailableError, Task, restrict
 from tasks.fetch import apt_download, deb_members, pip_download, zip_member
 from tasks.finetuned import FinetunedSuite
 from tasks.offline_text import BIGBENCH_FILE, BIGBENCH_SHA256, MEMBER_ROOT, fetch_bigbench
@@ -304,11 +304,8 @@ class OfflineVisionSuite(FinetunedSuite):
 
     def load_pretrained(self) -> StateDict:
         stored = torch.load(self.weights, map_location="cpu", weights_only=True)
-        missing = [k for k in self._backbone_keys if k not in stored]
-        if missing:
-            raise SuiteUnavailableError(
-                f"{self.weights} lacks {missing[:3]}: not an EfficientNet-Lite0 state dict")
-        return {k: stored[k] for k in self._backbone_keys}
+        return restrict(stored, self._backbone_keys,
+                        f"{self.weights} is not an EfficientNet-Lite0 state dict")
 
     def split_state(self, full):
         return ({k: full[k] for k in full if not k.startswith("_fc.")},
