@@ -26,7 +26,8 @@ def _run_config(args):
                      overrides=_parse_sets(args.set), seed=args.seed, device=args.device,
                      results_dir=args.results, cache_dir=args.cache_dir, force=args.force,
                      quiet=args.quiet, unseen_weighting=args.unseen_weighting,
-                     suite_config=args.suite_config, encoder=args.encoder)
+                     suite_config=args.suite_config, encoder=args.encoder,
+                     stream_dir=args.stream_dir)
 
 
 def _print_record(record: dict) -> None:
@@ -144,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "folder or hub name; default: the suite's)")
         p.add_argument("--unseen-weighting", default="method", choices=["method", "similarity"],
                        help="unseen split: each method's own rule, or similarity weights (eq. 8)")
+        p.add_argument("--stream-dir", default=None, metavar="DIR",
+                       help="write model-sized merge outputs as safetensors shards under DIR "
+                            "(models larger than memory)")
         p.add_argument("--force", action="store_true", help="rerun when the result exists")
         p.add_argument("--quiet", action="store_true", help="no progress output")
 

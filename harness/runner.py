@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import inspect
@@ -18,6 +19,7 @@ import torch
 from harness.accounting import adr
 from harness.method import MergeMethod, MethodNotApplicable
 from harness.registry import METHODS, SUITES
+from harness.sharded import stream_outputs
 from harness.result import MergeResult
 from harness.results import (DEFAULT_RESULTS_DIR, hyperparameter_tag, read_records, record_path,
                              write_record)
@@ -43,6 +45,7 @@ class RunConfig:
     unseen_weighting: str = "method"   # "method": each method's own rule; "similarity": eq. 8
     suite_config: str | None = None    # a copy of the suite's TOML config (paper suites)
     encoder: str | None = None         # the text encoder of unseen-task embeddings
+    stream_dir: str | None = None      # write model-sized merge outputs as shards here
 
 
 def get_suite(name: str, cache_dir: str | None = None, *, config: str | None = None,
@@ -242,7 +245,9 @@ def run(config: RunConfig) -> dict:
     _log(config, f"merging {len(seen)} tasks with {method.name}")
     start = time.perf_counter()
     try:
-        result = method.merge(pretrained, finetuned, progress=not config.quiet)
+        with (stream_outputs(config.stream_dir) if config.stream_dir
+              else contextlib.nullcontext()):
+            result = method.merge(pretrained, finetuned, progress=not config.quiet)
     except MethodNotApplicable as reason:
         # recorded, so the leaderboard says why this method has no row here
         write_record(path, {

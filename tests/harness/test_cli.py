@@ -277,3 +277,16 @@ def test_encoder_flag_is_refused_by_a_suite_without_embeddings_from_text(tiny_ca
     code, _, err = run_cli(capsys, "validate", "--method", "dts-d", "--encoder", "x",
                            "--cache-dir", tiny_cache)
     assert code == 2 and "takes no --encoder" in err
+
+
+def test_stream_dir_writes_shards_and_gives_the_same_scores(tiny_cache, tmp_path, capsys):
+    common = ["run", "--method", "ties", "--cache-dir", tiny_cache, "--quiet", "--force"]
+    assert run_cli(capsys, *common, "--results", str(tmp_path / "a"))[0] == 0
+    code, _, err = run_cli(capsys, *common, "--results", str(tmp_path / "b"),
+                           "--stream-dir", str(tmp_path / "shards"))
+    assert code == 0, err
+    a, b = (record_for(str(tmp_path / r), "seen", "ties") for r in ("a", "b"))
+    assert a["tasks"] == b["tasks"]
+    folders = os.listdir(tmp_path / "shards")
+    assert folders and all(os.path.exists(tmp_path / "shards" / f /
+                                          "model.safetensors.index.json") for f in folders)
