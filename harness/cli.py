@@ -65,10 +65,13 @@ def cmd_validate(args) -> int:
 def cmd_finetune(args) -> int:
     from harness.runner import get_suite
 
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but torch sees no CUDA device")
     suite = get_suite(args.suite, args.cache_dir, config=args.suite_config)
-    suite.check()
-    suite.prepare(progress=not args.quiet)
-    print(f"ok: {suite.name} task models are in {suite.cache_dir}")
+    print(f"ok: {suite.finetune(progress=not args.quiet, device=args.device)}")
     return 0
 
 
@@ -160,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="build a suite's task models (cached; run on first use)")
     p.add_argument("--suite", default=DEFAULT_SUITE, help=f"default: {DEFAULT_SUITE}")
     cache_option(p)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (paper suites)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_finetune)
     p = sub.add_parser("ls", help="list methods (with hyperparameters) or suites")

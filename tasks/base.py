@@ -78,6 +78,12 @@ class Suite:
     def prepare(self, progress: bool = True) -> None:
         """Build or fetch whatever the suite needs (cached); called before loading."""
 
+    def finetune(self, progress: bool = True, device: str = "cpu") -> str:
+        """``harness finetune``: produce the suite's task models; returns what was made where."""
+        self.check()
+        self.prepare(progress=progress)
+        return f"{self.name} task models are in {self.cache_dir}"
+
     def load_pretrained(self) -> StateDict:
         raise NotImplementedError
 

@@ -12,6 +12,8 @@ flattened ``classifier.dense`` weights of each task's own head, as the authors' 
 
 from __future__ import annotations
 
+import json
+import os
 from functools import cached_property
 
 import torch
@@ -20,7 +22,7 @@ from torch import Tensor
 from harness.state_dict import StateDict
 from tasks.base import Evaluation, SuiteUnavailableError, restrict, unit
 from tasks.embeddings import SentenceEncoder, default_minilm_dir
-from tasks.hub import ConfiguredSuite, check_dataset, check_model
+from tasks.hub import ConfiguredSuite, check_dataset, check_model, dump_config, load_split
 from tasks.metrics import glue_score
 
 
@@ -95,6 +97,65 @@ class GlueSuite(ConfiguredSuite):
         keys = list(self.task_model(next(iter(self.specs))).base_model.state_dict())
         return restrict(stored, keys, f"{self.name}: the pretrained {base} does not have the "
                                       "task models' architecture")
+
+    # ---- fine-tuning ---------------------------------------------------------------------
+    def finetune(self, progress: bool = True, device: str = "cpu") -> str:
+        """Fine-tune the pretrained model on every task's training split (``[finetune]`` in the
+        config: epochs, batch_size, lr (a task's own ``lr`` wins), max_steps, seed) and write
+        the task models plus a copy of the config that points at them."""
+        from tqdm.auto import tqdm
+        from transformers import AutoModelForSequenceClassification
+
+        base, kwargs = self._source(None)
+        check_model(base, f"{self.name} pretrained model", revision=kwargs["revision"])
+        recipe = {"epochs": 3, "batch_size": 32, "lr": 1e-5, "seed": 0,
+                  **self.config.get("finetune", {})}
+        out_dir = os.path.join(self.folder, "finetuned")
+        config = json.loads(json.dumps(self.config))
+        for index, (task, spec) in enumerate(self.specs.items()):
+            train = load_split({**spec, "split": spec.get("train_split", "train"),
+                                **({"data_files": spec["train_data_files"]}
+                                   if "train_data_files" in spec else {})},
+                               os.path.join(self.folder, "datasets"))
+            torch.manual_seed(recipe["seed"] + index)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                base, num_labels=len(spec.get("labels", ())) or 1, dtype=torch.float32,
+                **kwargs)
+            if model.config.pad_token_id is None:
+                model.config.pad_token_id = self.tokenizer.pad_token_id
+            model.to(device).train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=spec.get("lr", recipe["lr"]))
+            size = int(recipe["batch_size"])
+            steps = recipe.get("max_steps") or recipe["epochs"] * -(-len(train) // size)
+            g = torch.Generator().manual_seed(recipe["seed"] + 1000 + index)
+            order: list[int] = []
+            for _ in tqdm(range(int(steps)), desc=f"{self.name}: {task}", disable=not progress):
+                if len(order) < size:
+                    order += torch.randperm(len(train), generator=g).tolist()
+                batch = train[order[:size]]
+                order = order[size:]
+                encoded = self.tokenizer(*[batch[c] for c in spec.get("text", ["sentence"])],
+                                         truncation=True, padding=True, return_tensors="pt",
+                                         max_length=int(self.config.get("max_length", 128)))
+                labels = torch.tensor(batch[spec.get("label_column", "label")])
+                loss = model(**{k: v.to(device) for k, v in encoded.items()},
+                             labels=labels.to(device)).loss
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            folder = os.path.join(out_dir, task)
+            model.to("cpu").save_pretrained(folder)
+            self.tokenizer.save_pretrained(folder)
+            config["tasks"][task].update({"checkpoint": folder, "revision": None})
+            config["tasks"][task].pop("subfolder", None)
+            config["tasks"][task] = {k: v for k, v in config["tasks"][task].items()
+                                     if v is not None}
+        path = os.path.join(out_dir, f"{self.name}.toml")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(f"# written by `harness finetune --suite {self.name}`\n" +
+                    dump_config(config))
+        return (f"{self.name} task models are in {out_dir}; run them with "
+                f"--suite-config {path}")
 
     # ---- evaluation ----------------------------------------------------------------------
     @cached_property

@@ -9,6 +9,7 @@ long work, :func:`check_model` and :func:`check_dataset` say what is missing and
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 
@@ -187,3 +188,20 @@ class ConfiguredSuite(Suite):
                 "pretrained": self.config["pretrained"],
                 "checkpoints": {t: [s.get("checkpoint"), s.get("subfolder", "")]
                                 for t, s in self.specs.items()}}
+
+
+def dump_config(config: dict) -> str:
+    """TOML text of a suite config (scalars and lists first, then one table per nested dict;
+    JSON's string, number, boolean and array syntax is valid TOML)."""
+    def value(v) -> str:
+        return json.dumps(v)
+
+    def table(prefix: str, body: dict) -> list[str]:
+        lines = [f"{k} = {value(v)}" for k, v in body.items() if not isinstance(v, dict)]
+        out = ([f"[{prefix}]", *lines, ""] if prefix and lines else [*lines, ""])
+        for k, v in body.items():
+            if isinstance(v, dict):
+                out += table(f"{prefix}.{k}" if prefix else k, v)
+        return out
+
+    return "\n".join(table("", config))

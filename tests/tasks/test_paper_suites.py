@@ -168,6 +168,7 @@ def build_glue_suite(root, suite):
             str(root / f"{suite}-{name}.parquet"))
         tasks[name] = {"checkpoint": str(root / f"{suite}-{name}"),
                        "data_files": str(root / f"{suite}-{name}.parquet"),
+                       "train_data_files": str(root / f"{suite}-{name}.parquet"),
                        "text": spec["text"], "metric": spec.get("metric", "accuracy"),
                        "labels": spec.get("labels", []), "description": spec["description"]}
     return write_toml(root / f"{suite}.toml", str(base), tasks)
@@ -295,3 +296,44 @@ def test_a_suite_without_configs_refuses_the_flag(tmp_path, capsys):
     code, _, err = harness(capsys, "validate", "--method", "ties", "--suite", "tiny",
                            "--suite-config", "x.toml", "--cache-dir", str(tmp_path))
     assert code == 2 and "takes no --suite-config" in err
+
+
+def test_finetune_produces_task_models_and_a_config_that_runs(configs, tmp_path, capsys):
+    """`harness finetune --suite roberta-glue` trains every task from the pretrained model and
+    writes a config pointing at the results, which `harness run` then uses."""
+    config = tmp_path / "roberta.toml"
+    config.write_text(open(configs["roberta-glue"]).read() +
+                      "[finetune]\nmax_steps = 2\nbatch_size = 4\nlr = 0.001\n")
+    cache = tmp_path / "cache"
+    code, out, err = harness(capsys, "finetune", "--suite", "roberta-glue", "--suite-config",
+                             str(config), "--cache-dir", str(cache), "--quiet")
+    assert code == 0, err
+    written = cache / "roberta-glue" / "finetuned" / "roberta-glue.toml"
+    assert str(written) in out
+    produced, _ = load_config("roberta-glue", str(written))
+    assert produced["tasks"]["cola"]["checkpoint"] == str(cache / "roberta-glue" / "finetuned" /
+                                                          "cola")
+    original, _ = load_config("roberta-glue", str(config))
+    assert produced["unseen"] == original["unseen"] and produced["finetune"] == original[
+        "finetune"]
+    assert produced["tasks"]["stsb"]["metric"] == original["tasks"]["stsb"]["metric"]
+    from tasks.glue import RobertaGlueSuite
+
+    suite = RobertaGlueSuite(str(cache), config=str(written))
+    pretrained, tuned = suite.load_pretrained(), suite.load_finetuned("stsb")
+    assert any(not torch.equal(pretrained[k], tuned[k]) for k in pretrained)
+    assert suite.task_model("stsb").config.num_labels == 1
+    code, _, err = harness(capsys, "run", "--method", "ties", "--suite", "roberta-glue",
+                           "--suite-config", str(written), "--cache-dir", str(cache),
+                           "--results", str(tmp_path / "results"), "--quiet")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("suite", ["vit-b32", "vit-l14", "roberta-glue", "gpt2-glue", "qwen"])
+def test_packaged_configs_round_trip_through_the_writer(suite, tmp_path):
+    from tasks.hub import dump_config
+
+    config, _ = load_config(suite)
+    path = tmp_path / f"{suite}.toml"
+    path.write_text(dump_config(config))
+    assert load_config(suite, str(path))[0] == config
