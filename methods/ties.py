@@ -3,6 +3,7 @@ models"), as the authors' code and the 8-task benchmark run it."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -14,7 +15,7 @@ from harness.method import MergeMethod, hp, require
 from harness.result import MergeResult
 from harness.sharded import building, finish_output
 from harness.state_dict import (ModelSpec, StateDict, cast_like, inspect_models, iter_keys,
-                                task_vectors, to_float32)
+                                task_vector, task_vectors, to_float32)
 
 _BINS = 1 << 16
 
@@ -129,6 +130,20 @@ def ties_merge(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: 
         return _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progress)
 
 
+CHUNK_BYTES = 2**27     # float32 bytes of one row block of all tasks' trimmed deltas
+
+
+def row_chunks(shape: tuple[int, ...], tasks: int) -> list:
+    """Row blocks of a tensor such that the tasks' float32 stack of one block stays near
+    ``CHUNK_BYTES`` (every TIES step is elementwise across tasks, so blocks give the same bits);
+    a 0-d tensor is one block."""
+    if not shape:
+        return [...]
+    row = max(1, math.prod(shape[1:]))
+    step = max(1, CHUNK_BYTES // (4 * tasks * row))
+    return [slice(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
+
+
 def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progress):
     """Trim, elect and merge key by key into ``merged``; keys with undecided entries (sign 0
     where some task kept a value) are held back until the model-wide majority sign is known."""
@@ -142,19 +157,29 @@ def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progr
         if key not in float_keys:
             merged[key] = p
             continue
-        trimmed = torch.empty((len(tasks), *spec.shapes[key]), dtype=torch.float32)
-        kept = torch.zeros(spec.shapes[key], dtype=torch.bool)
-        for row, (t, tau) in enumerate(zip(tasks, task_vectors(pretrained, finetuned, tasks, key))):
-            mask = tau != 0 if cut[t] is None else tau.abs() >= cut[t]
-            torch.mul(tau, mask, out=trimmed[row])
-            kept |= mask
-        sign = torch.sign(trimmed.sum(dim=0))      # elect
-        sign_total += int(sign.sum())
-        delta = disjoint_aggregate(trimmed, sign, merge)
-        open_ = torch.nonzero(((sign == 0) & kept).reshape(-1)).reshape(-1)
-        value = cast_like(to_float32(p) + lam * delta, p.dtype)
-        if open_.numel():
-            undecided.append((key, open_, trimmed.reshape(len(tasks), -1)[:, open_]))
+        sources = [finetuned[t][key] for t in tasks]
+        value = torch.empty(spec.shapes[key], dtype=p.dtype)
+        positions, columns, offset = [], [], 0
+        for rows in row_chunks(spec.shapes[key], len(tasks)):
+            p_rows = p[rows]
+            trimmed = torch.empty((len(tasks), *p_rows.shape), dtype=torch.float32)
+            kept = torch.zeros(p_rows.shape, dtype=torch.bool)
+            for row, (t, source) in enumerate(zip(tasks, sources)):
+                tau = task_vector(p_rows, source[rows])
+                mask = tau != 0 if cut[t] is None else tau.abs() >= cut[t]
+                torch.mul(tau, mask, out=trimmed[row])
+                kept |= mask
+            sign = torch.sign(trimmed.sum(dim=0))      # elect
+            sign_total += int(sign.sum())
+            delta = disjoint_aggregate(trimmed, sign, merge)
+            open_ = torch.nonzero(((sign == 0) & kept).reshape(-1)).reshape(-1)
+            if open_.numel():
+                positions.append(open_ + offset)
+                columns.append(trimmed.reshape(len(tasks), -1)[:, open_])
+            value[rows] = cast_like(to_float32(p_rows) + lam * delta, p.dtype)
+            offset += p_rows.numel()
+        if positions:
+            undecided.append((key, torch.cat(positions), torch.cat(columns, dim=1)))
             held[key] = value
         else:
             merged[key] = value
