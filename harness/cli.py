@@ -63,13 +63,9 @@ def cmd_validate(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from harness.runner import get_suite
+    from harness.runner import check_device, get_suite
 
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+    check_device(args.device)
     suite = get_suite(args.suite, args.cache_dir, config=args.suite_config)
     print(f"ok: {suite.finetune(progress=not args.quiet, device=args.device)}")
     return 0

@@ -81,10 +81,14 @@ def validate(config: RunConfig) -> tuple[Suite, MergeMethod]:
         raise ValueError(f"suite {suite.name!r} has no seen tasks to merge")
     if config.split == "unseen" and not suite.split_tasks("unseen"):
         raise ValueError(f"suite {suite.name!r} has no unseen tasks")
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+    check_device(config.device)
     suite.check()
     return suite, method
+
+
+def check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
 
 
 def _log(config: RunConfig, message: str) -> None:

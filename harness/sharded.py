@@ -41,6 +41,7 @@ class ShardWriter(MutableMapping):
         self._pending: dict[str, Tensor] = {}
         self._pending_bytes = 0
         self._files: dict[str, str] = {}            # key -> shard file name
+        self._sizes: dict[str, int] = {}            # key -> bytes
         self._handles: dict[str, object] = {}       # shard file name -> safe_open handle
         self._order: list[str] = []
         self.finished = False
@@ -51,9 +52,10 @@ class ShardWriter(MutableMapping):
         if key not in self._pending:
             self._order.append(key)
         else:
-            self._pending_bytes -= self._pending[key].numel() * self._pending[key].element_size()
+            self._pending_bytes -= self._sizes[key]
         self._pending[key] = tensor.contiguous()
-        self._pending_bytes += tensor.numel() * tensor.element_size()
+        self._sizes[key] = tensor.numel() * tensor.element_size()
+        self._pending_bytes += self._sizes[key]
         if self._pending_bytes >= self.shard_bytes:
             self.flush()
 
@@ -94,7 +96,7 @@ class ShardWriter(MutableMapping):
         from harness.state_dict import LazyStateDict
 
         self.flush()
-        total = sum(self[k].numel() * self[k].element_size() for k in self._order)
+        total = sum(self._sizes.values())
         with open(os.path.join(self._work, INDEX), "w", encoding="utf-8") as f:
             json.dump({"metadata": {"total_size": total},
                        "weight_map": {k: self._files[k] for k in self._order}}, f, indent=1)

@@ -8,6 +8,7 @@ Each task model is fine-tuned once (backbone plus the task's own head, from a se
 from __future__ import annotations
 
 import os
+from functools import cached_property
 from typing import ClassVar
 
 from torch import Tensor
@@ -72,12 +73,10 @@ class FinetunedSuite(Suite):
     def has_validation(self) -> bool:
         return True
 
-    @property
+    @cached_property
     def encoder(self) -> SentenceEncoder:
         """The text encoder of task embeddings: the suite's MiniLM unless a user names one."""
-        if not hasattr(self, "_encoder"):
-            self._encoder = SentenceEncoder(self._encoder_name or default_minilm_dir())
-        return self._encoder
+        return SentenceEncoder(self._encoder_name or default_minilm_dir())
 
     def task_embedding(self, task: str) -> Tensor:
         """Mean of the unit sentence embeddings of the task's class names and its description,

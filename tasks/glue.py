@@ -21,7 +21,6 @@ from torch import Tensor
 
 from harness.state_dict import StateDict
 from tasks.base import Evaluation, SuiteUnavailableError, restrict, unit
-from tasks.embeddings import SentenceEncoder, default_minilm_dir
 from tasks.hub import ConfiguredSuite, check_dataset, check_model, dump_config, load_split
 from tasks.metrics import glue_score
 
@@ -199,10 +198,6 @@ class GlueSuite(ConfiguredSuite):
         return Evaluation(spec.get("metric", "accuracy"), value, extras, examples=len(data))
 
     # ---- unseen tasks --------------------------------------------------------------------
-    @cached_property
-    def encoder(self) -> SentenceEncoder:
-        return SentenceEncoder(self.encoder_name or default_minilm_dir())
-
     def task_embedding(self, task: str) -> Tensor:
         if self.embedding == "classifier-head":
             head = self.task_model(task).state_dict()

@@ -12,8 +12,10 @@ import hashlib
 import json
 import os
 import sys
+from functools import cached_property
 
 from tasks.base import Suite, SuiteUnavailableError, Task
+from tasks.embeddings import SentenceEncoder, default_minilm_dir
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -169,6 +171,12 @@ class ConfiguredSuite(Suite):
         self.encoder_name = encoder or self.config.get("encoder")
         self.folder = os.path.join(self.cache_dir, self.name)
         self._data: dict[str, object] = {}
+
+    @cached_property
+    def encoder(self) -> SentenceEncoder:
+        """The sentence encoder of task embeddings: ``--encoder``, the config's ``encoder``, or
+        the packaged MiniLM."""
+        return SentenceEncoder(self.encoder_name or default_minilm_dir())
 
     def dataset(self, task: str):
         """The task's evaluation split, loaded once (``max_examples`` applies suite-wide)."""

@@ -20,7 +20,6 @@ from torch import Tensor
 
 from harness.state_dict import LazyStateDict, StateDict
 from tasks.base import Evaluation, SuiteUnavailableError
-from tasks.embeddings import SentenceEncoder, default_minilm_dir
 from tasks.hub import ConfiguredSuite, check_model
 
 
@@ -146,9 +145,5 @@ class QwenSuite(ConfiguredSuite):
                           examples=int(samples.get("effective", 0)) if samples else 0)
 
     # ---- unseen tasks --------------------------------------------------------------------
-    @cached_property
-    def encoder(self) -> SentenceEncoder:
-        return SentenceEncoder(self.encoder_name or default_minilm_dir())
-
     def task_embedding(self, task: str) -> Tensor:
         return self.encoder.task_embedding([self.task(task).description])
