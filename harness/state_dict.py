@@ -7,6 +7,7 @@ so everything here works key by key and never assumes a ``dict``.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -255,10 +256,27 @@ def task_vectors(pretrained: StateDict, finetuned: Mapping[str, StateDict], task
     return [task_vector(p, finetuned[t][key]) for t in tasks]
 
 
+CHUNK_BYTES = 2**27     # float32 bytes of one row block of all tasks' task vectors
+
+
+def row_chunks(shape: tuple[int, ...], tasks: int) -> list:
+    """Row blocks of a tensor such that all tasks' float32 vectors of one block stay near
+    ``CHUNK_BYTES``, for merge rules that are elementwise across tasks (blocks then give the
+    same bits as whole keys); a 0-d tensor is one block."""
+    if not shape:
+        return [...]
+    row = max(1, math.prod(shape[1:]))
+    step = max(1, CHUNK_BYTES // (4 * tasks * row))
+    return [slice(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
+
+
 def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
-                 merge_key, desc: str, progress: bool) -> StateDict:
+                 merge_key, desc: str, progress: bool, *, elementwise: bool = False
+                 ) -> StateDict:
     """A merged state dict built key by key: ``merge_key(key, theta0_f32, taus)`` gives the
-    float32 merged tensor of each float key; other keys are copied from the pretrained model."""
+    float32 merged tensor of each float key; other keys are copied from the pretrained model.
+    With ``elementwise`` (the rule treats every entry on its own) large keys go through in row
+    blocks, so memory stays bounded by a block rather than a whole key."""
     from harness.sharded import building, finish_output
 
     float_keys = set(spec.float_keys)
@@ -268,8 +286,16 @@ def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec
             if key not in float_keys:
                 merged[key] = p
                 continue
-            taus = task_vectors(pretrained, finetuned, spec.tasks, key)
-            merged[key] = cast_like(merge_key(key, to_float32(p), taus), p.dtype)
+            if not elementwise:
+                taus = task_vectors(pretrained, finetuned, spec.tasks, key)
+                merged[key] = cast_like(merge_key(key, to_float32(p), taus), p.dtype)
+                continue
+            sources = [finetuned[t][key] for t in spec.tasks]
+            value = torch.empty(spec.shapes[key], dtype=p.dtype)
+            for rows in row_chunks(spec.shapes[key], len(spec.tasks)):
+                taus = [task_vector(p[rows], source[rows]) for source in sources]
+                value[rows] = cast_like(merge_key(key, to_float32(p[rows]), taus), p.dtype)
+            merged[key] = value
         return finish_output(merged)
 
 

@@ -39,6 +39,6 @@ class TaskArithmetic(MergeMethod):
         spec = inspect_models(pretrained, finetuned)
         base = merge_shared(pretrained, finetuned, spec,
                             lambda key, theta0, taus: task_arithmetic(theta0, taus, self.lam),
-                            self.name, progress)
+                            self.name, progress, elementwise=True)
         return MergeResult(self.name, self.params(), base, spec.tasks,
                            merged_params=spec.merged_params)

@@ -3,7 +3,6 @@ models"), as the authors' code and the 8-task benchmark run it."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -15,7 +14,7 @@ from harness.method import MergeMethod, hp, require
 from harness.result import MergeResult
 from harness.sharded import building, finish_output
 from harness.state_dict import (ModelSpec, StateDict, cast_like, inspect_models, iter_keys,
-                                task_vector, task_vectors, to_float32)
+                                row_chunks, task_vector, task_vectors, to_float32)
 
 _BINS = 1 << 16
 
@@ -128,20 +127,6 @@ def ties_merge(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: 
     cut = thresholds.finish(pretrained, finetuned, spec, k, progress, desc)
     with building("merged") as merged:
         return _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progress)
-
-
-CHUNK_BYTES = 2**27     # float32 bytes of one row block of all tasks' trimmed deltas
-
-
-def row_chunks(shape: tuple[int, ...], tasks: int) -> list:
-    """Row blocks of a tensor such that the tasks' float32 stack of one block stays near
-    ``CHUNK_BYTES`` (every TIES step is elementwise across tasks, so blocks give the same bits);
-    a 0-d tensor is one block."""
-    if not shape:
-        return [...]
-    row = max(1, math.prod(shape[1:]))
-    step = max(1, CHUNK_BYTES // (4 * tasks * row))
-    return [slice(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
 
 
 def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progress):

@@ -57,3 +57,14 @@ def test_dare_seed_zero_golden_bits():
     ft = {"a": {"w": torch.ones(12)}, "b": {"w": torch.full((12,), 2.0)}}
     merged = get_method("dare", lam=1.0, seed=0).merge(pre, ft).base["w"]
     assert merged.tolist() == [2.0, 6.0, 2.0, 2.0, 0.0, 2.0, 4.0, 0.0, 6.0, 6.0, 2.0, 2.0]
+
+
+def test_task_arithmetic_in_row_blocks_gives_the_same_bits(models, monkeypatch):
+    import harness.state_dict as state_dict
+
+    pre, ft = models
+    whole = get_method("task-arithmetic").merge(pre, ft).base
+    monkeypatch.setattr(state_dict, "CHUNK_BYTES", 1)          # one row per block
+    blocks = get_method("task-arithmetic").merge(pre, ft).base
+    assert whole.keys() == blocks.keys()
+    assert all(torch.equal(whole[k], blocks[k]) for k in whole)

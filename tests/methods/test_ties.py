@@ -113,14 +113,14 @@ def test_fp16_inputs_computed_in_float32_and_returned_in_fp16():
 def test_row_blocks_give_the_same_bits(merge, monkeypatch):
     """Large keys are merged in row blocks (bounded memory); every step is elementwise across
     tasks, so blocks of one row, undecided entries included, match the official algorithm."""
-    import methods.ties as ties
+    import harness.state_dict as state_dict
 
     pre, ft = make_models(n_tasks=4, seed=3)
     pre["tie"] = torch.zeros(3, 2)
     for t, task in enumerate(ft):
         ft[task]["tie"] = torch.tensor([[1.0, -1.0], [2.0, 1.0], [-1.0, 1.0]]) * (-1) ** t
-    monkeypatch.setattr(ties, "CHUNK_BYTES", 1)
-    assert len(ties.row_chunks((20, 8), 4)) == 20
+    monkeypatch.setattr(state_dict, "CHUNK_BYTES", 1)
+    assert len(state_dict.row_chunks((20, 8), 4)) == 20
     result = get_method("ties", merge_function=merge, k=90).merge(pre, ft)
     reference = official_ties(pre, ft, k=90, merge=merge)
     for key, value in reference.items():
