@@ -59,8 +59,15 @@ def _mark(cells: list[list[str]], column: int, rows: list[int], lower_is_better:
             cells[r][column] = marks[float(text)].format(text)
 
 
+def _base_label(record: dict) -> str:
+    """The record's label, marked when an unseen split used similarity weights (Table 6)."""
+    if record.get("unseen_weighting") == "similarity":
+        return f"{record['label']} + similarity weights"
+    return record["label"]
+
+
 def _label(record: dict, labels_seen: dict[str, int]) -> str:
-    label = record["label"]
+    label = _base_label(record)
     if labels_seen[label] > 1:
         label += f" (seed {record['seed']})"
     return label
@@ -74,7 +81,7 @@ def render_table(records: list[dict]) -> str:
         tasks += [t for t in record.get("task_order", record["tasks"]) if t not in tasks]
     counts: dict[str, int] = defaultdict(int)
     for record in records:
-        counts[record["label"]] += 1
+        counts[_base_label(record)] += 1
     cells = []
     for record in records:
         amr = record.get("amr")
@@ -106,7 +113,7 @@ def _runs_table(records: list[dict]) -> str:
                            if k == "density")
         merge = r.get("merge_seconds")
         peak = r.get("peak_rss_bytes")
-        rows.append([r["split"], r["label"], hps or "–", chosen or "–", str(r["seed"]),
+        rows.append([r["split"], _base_label(r), hps or "–", chosen or "–", str(r["seed"]),
                      "–" if merge is None else f"{merge:.1f}",
                      "–" if peak is None else f"{peak / 2**30:.2f}",
                      prov.get("device", "–"), (prov.get("git_commit") or "–")[:12],

@@ -141,3 +141,14 @@ def test_reported_files_match_the_paper():
             assert json.load(f) == json.loads(json.dumps(entry))
     dts = next(r for r in extracted["vit-b32"]["tables"][0]["rows"] if r["method"] == "dts-d")
     assert dts["tasks"]["sun397"] == 74.15 and dts["amr"] == 3.68       # Table 1, as printed
+
+
+def test_similarity_weighted_unseen_rows_are_labelled(tmp_path):
+    weighted = record("emr", "emr", "unseen", {"t3": 0.5}, adr=37.5, amr=3.1)
+    weighted["unseen_weighting"] = "similarity"
+    own = record("emr", "emr", "unseen", {"t3": 0.3}, adr=62.5, amr=3.1)
+    for i, r in enumerate([weighted, own]):
+        write_record(str(tmp_path / "results" / "demo" / "unseen" / f"{i}.json"), r)
+    text = render_all(str(tmp_path / "results"), str(tmp_path))[0][0].text
+    assert "| emr + similarity weights " in text and "| emr " in text
+    assert "(seed 0)" not in text                 # two different rows, not two seeds
