@@ -2,6 +2,13 @@
 
     python scripts/bench_scale.py --size 0.5b --layers 4 --tasks 3
     python scripts/bench_scale.py --size 14b --layers 1 --tasks 3 --no-embeddings --methods ties
+    python scripts/bench_scale.py --size 0.5b --methods ties --mergekit /path/to/mergekit-venv
+
+``--mergekit VENV`` also merges the same inputs with mergekit's TIES (``mergekit-yaml`` from a
+separate environment used only here, e.g. ``python3 -m venv VENV && VENV/bin/pip install -c
+constraints.txt mergekit==0.1.5``) and prints its time and peak memory in the same table.
+mergekit needs whole architectures: keep the embeddings. Its TIES trims per tensor (density 0.2,
+weight 0.3 per task), not over the whole model as the official TIES does.
 
 Synthesizes a pretrained model and task models with the tensor shapes of a Qwen2.5 architecture
 (optionally only the first N decoder layers, with or without the 150k-token embedding), saved as
@@ -31,14 +38,21 @@ SIZES = {  # hidden, intermediate, layers, heads, kv heads, vocab, tied embeddin
 }
 
 
-def shapes(size: str, layers: int | None, embeddings: bool) -> dict[str, tuple[int, ...]]:
-    """Float tensor shapes of ``Qwen2ForCausalLM`` for the size (built on the meta device)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def model_config(size: str, layers: int | None):
+    from transformers import Qwen2Config
 
     hidden, inter, depth, heads, kv, vocab, tied = SIZES[size]
-    config = Qwen2Config(hidden_size=hidden, intermediate_size=inter,
-                         num_hidden_layers=min(layers or depth, depth), num_attention_heads=heads,
-                         num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=tied)
+    return Qwen2Config(hidden_size=hidden, intermediate_size=inter,
+                       num_hidden_layers=min(layers or depth, depth), num_attention_heads=heads,
+                       num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=tied,
+                       architectures=["Qwen2ForCausalLM"])
+
+
+def shapes(size: str, layers: int | None, embeddings: bool) -> dict[str, tuple[int, ...]]:
+    """Float tensor shapes of ``Qwen2ForCausalLM`` for the size (built on the meta device)."""
+    from transformers import Qwen2ForCausalLM
+
+    config = model_config(size, layers)
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config)
     out = {k: tuple(v.shape) for k, v in model.state_dict().items() if v.is_floating_point()}
@@ -96,6 +110,26 @@ def peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def mergekit_worker(venv: str, root: str, tasks: int) -> dict:
+    """mergekit's TIES on the same inputs; peak memory is that of its process."""
+    config = os.path.join(root, "mergekit.yml")
+    with open(config, "w") as f:
+        f.write(f"merge_method: ties\nbase_model: {os.path.join(root, 'pretrained')}\n"
+                "parameters: {normalize: false}\ndtype: bfloat16\nmodels:\n" +
+                "".join(f"  - model: {os.path.join(root, f'task{t}')}\n"
+                        "    parameters: {density: 0.2, weight: 0.3}\n" for t in range(tasks)))
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=root) as out:
+        done = subprocess.run([os.path.join(venv, "bin", "mergekit-yaml"), config, out,
+                               "--lazy-unpickle", "--no-copy-tokenizer"],
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"mergekit-yaml failed: {done.stderr[-1500:]}")
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds,
+            "peak_gib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20}
+
+
 def worker(method: str, root: str, tasks: int) -> dict:
     from harness import LazyStateDict, get_method, stream_outputs
 
@@ -121,12 +155,17 @@ def main() -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--shard-mb", type=int, default=1024)
     parser.add_argument("--methods", nargs="*", default=["ties", "dts-d"])
+    parser.add_argument("--mergekit", default=None, metavar="VENV",
+                        help="also run mergekit's TIES from this virtual environment")
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "ROOT", "TASKS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         method, root, tasks = args.worker
-        print(json.dumps(worker(method, root, int(tasks))))
+        if method.startswith("mergekit:"):
+            print(json.dumps(mergekit_worker(method.split(":", 1)[1], root, int(tasks))))
+        else:
+            print(json.dumps(worker(method, root, int(tasks))))
         return 0
     shape_of = shapes(args.size, args.layers, not args.no_embeddings)
     dtype = getattr(torch, args.dtype)
@@ -135,6 +174,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as root:
         start = time.perf_counter()
         synthesize(root, shape_of, args.tasks, dtype, args.shard_mb * 2**20)
+        for name in ["pretrained", *[f"task{t}" for t in range(args.tasks)]]:
+            model_config(args.size, args.layers).save_pretrained(os.path.join(root, name))
         written = time.perf_counter() - start
         input_bytes = params * dtype.itemsize * (args.tasks + 1)
         print(f"# Qwen2.5-{args.size} shapes, {args.layers or 'all'} layers"
@@ -144,13 +185,15 @@ def main() -> int:
               f"({largest * 4 / 2**30:.2f} GiB in float32); {os.cpu_count()} CPUs, "
               f"torch {torch.__version__}; synthesized in {written:.0f} s")
         rows = {}
-        for method in ["read", *args.methods]:
+        runs = ["read", *args.methods] + ([f"mergekit:{args.mergekit}"] if args.mergekit else [])
+        for method in runs:
             out = subprocess.run([sys.executable, __file__, "--worker", method, root,
                                   str(args.tasks)], capture_output=True, text=True)
+            label = "mergekit ties (per-tensor trim)" if method.startswith("mergekit:") else method
             if out.returncode:
-                print(f"{method}: failed\n{out.stderr[-2000:]}")
+                print(f"{label}: failed\n{out.stderr[-2000:]}")
                 continue
-            rows[method] = json.loads(out.stdout.strip().splitlines()[-1])
+            rows[label] = json.loads(out.stdout.strip().splitlines()[-1])
         floor = rows.get("read", {}).get("seconds")
         print("| run | wall s | read GB/s | x read floor | peak RSS GiB |")
         print("|---|---:|---:|---:|---:|")
