@@ -117,10 +117,20 @@ def extract_tasks(archive: str, tasks: tuple[TextTask, ...]) -> dict[str, dict]:
     return out
 
 
-def fetch_bigbench(archive: str, progress: bool) -> None:
-    """Download the BIG-bench source distribution with pip (PyPI only) to ``archive``, once."""
-    if os.path.exists(archive):
-        return
+def fetch_bigbench(archive: str, sha256: str, progress: bool) -> None:
+    """Download the BIG-bench source distribution with pip (PyPI only) to ``archive``, once,
+    and check it: a file with another sha256 is moved aside as ``.corrupt`` and refused."""
+    if not os.path.exists(archive):
+        _download_bigbench(archive, progress)
+    digest = sha256_file(archive)
+    if digest != sha256:
+        os.replace(archive, archive + ".corrupt")
+        raise SuiteUnavailableError(
+            f"{archive} has sha256 {digest}, expected {sha256}: moved aside as .corrupt; run "
+            "again to fetch it anew")
+
+
+def _download_bigbench(archive: str, progress: bool) -> None:
     if progress:
         print(f"fetching bigbench=={BIGBENCH_VERSION} source (358 MB) from PyPI, once",
               file=sys.stderr)
@@ -186,13 +196,7 @@ class OfflineTextSuite(FinetunedSuite):
             with open(path, encoding="utf-8") as f:
                 self._data = json.load(f)
             return self._data
-        fetch_bigbench(self.archive, progress=True)
-        digest = sha256_file(self.archive)
-        if digest != self.archive_sha256:
-            os.replace(self.archive, self.archive + ".corrupt")
-            raise SuiteUnavailableError(
-                f"{self.archive} has sha256 {digest}, expected {self.archive_sha256}: moved "
-                "aside as .corrupt; run again to fetch it anew")
+        fetch_bigbench(self.archive, self.archive_sha256, progress=True)
         self._data = extract_tasks(self.archive, self.text_tasks)
         write_json_atomic(path, self._data)
         self.cache.record_file(path)
