@@ -147,15 +147,21 @@ class ClipSuite(ConfiguredSuite):
         return CLIPImageProcessor.from_pretrained(self.config["pretrained"],
                                                   revision=self.config.get("revision"))
 
+    @cached_property
+    def _vision(self):
+        """One vision tower, built once; each evaluation loads its backbone into it."""
+        from transformers import CLIPVisionModel
+
+        return CLIPVisionModel(self.clip.config.vision_config).eval()
+
     @torch.no_grad()
     def evaluate(self, task, backbone, *, split="test", device="cpu", progress=False):
         from tqdm.auto import tqdm
-        from transformers import CLIPVisionModel
 
         spec = self.specs[task]
-        model = CLIPVisionModel(self.clip.config.vision_config)
+        model = self._vision
         tower(model).load_state_dict(dict(backbone))
-        model.to(device).eval()
+        model.to(device)
         projection = self.clip.visual_projection.to(device)
         head = self.head(task).to(device)
         data = self.dataset(task)

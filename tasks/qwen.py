@@ -86,23 +86,30 @@ class QwenSuite(ConfiguredSuite):
     def base_folder(self) -> str:
         return model_folder(self.config["pretrained"], self.config.get("revision"))
 
-    def _model(self, weights: StateDict, device: str):
-        """The base architecture (with its buffers, e.g. rotary frequencies) holding ``weights``."""
+    @cached_property
+    def _lm(self):
+        """The base architecture (with its buffers, e.g. rotary frequencies), loaded once; each
+        evaluation copies its weights in."""
         from transformers import AutoModelForCausalLM
 
         dtype = getattr(torch, self.config.get("dtype", "float32"))
-        model = AutoModelForCausalLM.from_pretrained(self.base_folder, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(self.base_folder, dtype=dtype).eval()
+
+    @torch.no_grad()
+    def _model(self, weights: StateDict, device: str):
+        """The language model holding ``weights`` (every key of the architecture is required;
+        a tied ``lm_head`` follows the embedding)."""
+        model = self._lm
         expected = model.state_dict()
         tied = getattr(model.config, "tie_word_embeddings", False)
         missing = [k for k in expected if k not in weights
                    and not (tied and k == "lm_head.weight")]
         if missing:
             raise SuiteUnavailableError(f"{self.name}: the merged weights lack {missing[:3]}")
-        model.load_state_dict({k: weights[k].to(dtype) for k in expected if k in weights},
-                              strict=False, assign=True)
+        model.load_state_dict({k: weights[k] for k in expected if k in weights}, strict=False)
         if tied:
             model.tie_weights()
-        return model.to(device).eval()
+        return model.to(device)
 
     @cached_property
     def tokenizer(self):
