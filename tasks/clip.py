@@ -8,6 +8,11 @@ every class, the template texts are encoded and L2-normalized, averaged, normali
 scaled by ``logit_scale.exp()``; the head normalizes the image feature and applies those rows
 (the task_vectors recipe). The same rows give the unseen-task embeddings (spec: the CLIP text
 encoder with the suite's templates). Everything is named in ``tasks/configs/<suite>.toml``.
+
+``checkpoint_format = "open_clip"`` reads the paper's own checkpoints instead: open_clip image
+encoders and heads pickled by the task_vectors code (``zeroshot.pt``, ``<Dataset>/finetuned.pt``,
+``head_<Dataset>.pt``), merged on their own keys, heads read from the files
+(``tasks/openclip_layout.py``; ``tasks/configs/vit-b32-open_clip.toml`` is an example).
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from torch import Tensor
 from harness.state_dict import StateDict
 from tasks.base import Evaluation, SuiteUnavailableError, unit
 from tasks.hub import ConfiguredSuite, check_dataset, check_model
+from tasks.openclip_layout import (read_head, read_module_state, to_transformers, vision_config,
+                                   visual_state)
+
+FORMATS = ("transformers", "open_clip")
 
 
 def pooled(output) -> Tensor:
@@ -43,11 +52,19 @@ class ClipSuite(ConfiguredSuite):
     def __init__(self, cache_dir: str | None = None, *, config: str | None = None) -> None:
         super().__init__(cache_dir, config=config)
         self._heads: dict[str, Tensor] = {}
+        self._biases: dict[str, Tensor | None] = {}
+        self.format = self.config.get("checkpoint_format", "transformers")
+        if self.format not in FORMATS:
+            raise SuiteUnavailableError(f"{self.name}: checkpoint_format {self.format!r} is not "
+                                        f"one of {', '.join(FORMATS)}")
+        self._activation: str | None = None
 
     # ---- checks --------------------------------------------------------------------------
     def check(self) -> None:
         """Every checkpoint and dataset reachable, and every task model a vision tower of the
         pretrained model's shape, before anything long starts."""
+        if self.format == "open_clip":
+            return self._check_files()
         from transformers import AutoConfig
 
         base = self.config["pretrained"]
@@ -67,6 +84,24 @@ class ClipSuite(ConfiguredSuite):
                         f"{getattr(theirs, field, None)}, the pretrained {base} has "
                         f"{getattr(vision, field, None)}: not fine-tuned from it")
 
+    def _check_files(self) -> None:
+        """The open_clip layout: every pickled encoder and head file exists."""
+        files = [(self.config["pretrained"], "pretrained image encoder")]
+        for task, spec in self.specs.items():
+            check_dataset(spec, f"{self.name} task {task!r}")
+            if "head" not in spec:
+                raise SuiteUnavailableError(
+                    f"{self.name} task {task!r}: checkpoint_format = \"open_clip\" needs head = "
+                    "\"<folder>/head_<Dataset>.pt\" (the task_vectors ClassificationHead)")
+            files += [(spec["checkpoint"], f"task {task!r} image encoder"),
+                      (spec["head"], f"task {task!r} head")]
+        for path, what in files:
+            if not os.path.isfile(path):
+                raise SuiteUnavailableError(
+                    f"{self.name} {what}: no file {path} (the task_vectors layout: zeroshot.pt, "
+                    "<Dataset>/finetuned.pt, head_<Dataset>.pt; download them from the authors' "
+                    "folder and point the suite config at them)")
+
     # ---- models --------------------------------------------------------------------------
     @cached_property
     def clip(self):
@@ -77,12 +112,22 @@ class ClipSuite(ConfiguredSuite):
                                          dtype=torch.float32).eval()
 
     def load_pretrained(self) -> StateDict:
+        if self.format == "open_clip":
+            return self._read_encoder(self.config["pretrained"])
         return dict(self.clip.vision_model.state_dict())
+
+    def _read_encoder(self, path: str) -> StateDict:
+        """An open_clip visual tower from a pickled task_vectors ImageEncoder."""
+        checkpoint = read_module_state(path)
+        self._activation = self._activation or checkpoint.activation
+        return visual_state(checkpoint.state, path)
 
     def load_finetuned(self, task: str) -> StateDict:
         from transformers import CLIPVisionModel
 
         spec = self.specs[task]
+        if self.format == "open_clip":
+            return self._read_encoder(spec["checkpoint"])
         model = CLIPVisionModel.from_pretrained(spec["checkpoint"], revision=spec.get("revision"),
                                                 dtype=torch.float32)
         return dict(tower(model).state_dict())
@@ -107,6 +152,9 @@ class ClipSuite(ConfiguredSuite):
         from safetensors.torch import load_file, save_file
 
         spec = self.specs[task]
+        if self.format == "open_clip":
+            self._heads[task], self._biases[task] = read_head(spec["head"])
+            return self._heads[task]
         names, templates = self.classnames(task), spec.get("templates", ["a photo of a {}."])
         key = hashlib.sha256(json.dumps([self.config["pretrained"], self.config.get("revision"),
                                          names, templates]).encode()).hexdigest()[:16]
@@ -144,6 +192,10 @@ class ClipSuite(ConfiguredSuite):
     def processor(self):
         from transformers import CLIPImageProcessor
 
+        if self.format == "open_clip":                  # open_clip's val_preprocess
+            size = self._vision.config.image_size
+            return CLIPImageProcessor(size={"shortest_edge": size},
+                                      crop_size={"height": size, "width": size})
         return CLIPImageProcessor.from_pretrained(self.config["pretrained"],
                                                   revision=self.config.get("revision"))
 
@@ -152,18 +204,31 @@ class ClipSuite(ConfiguredSuite):
         """One vision tower, built once; each evaluation loads its backbone into it."""
         from transformers import CLIPVisionModel
 
+        if self.format == "open_clip":
+            visual = self.load_pretrained()
+            config = vision_config(visual, heads=self.config.get("attention_heads"),
+                                   hidden_act=self._activation)
+            return CLIPVisionModel(config).eval()
         return CLIPVisionModel(self.clip.config.vision_config).eval()
+
+    def _load_backbone(self, backbone: StateDict, device) -> tuple[object, Tensor]:
+        """The evaluation tower holding ``backbone``, and the image projection weight."""
+        model = self._vision
+        if self.format == "open_clip":
+            backbone, projection = to_transformers(dict(backbone))
+        else:
+            projection = self.clip.visual_projection.weight
+        tower(model).load_state_dict(dict(backbone))
+        return model.to(device), projection.to(device)
 
     @torch.no_grad()
     def evaluate(self, task, backbone, *, split="test", device="cpu", progress=False):
         from tqdm.auto import tqdm
 
         spec = self.specs[task]
-        model = self._vision
-        tower(model).load_state_dict(dict(backbone))
-        model.to(device)
-        projection = self.clip.visual_projection.to(device)
+        model, projection = self._load_backbone(backbone, device)
         head = self.head(task).to(device)
+        bias = self._biases.get(task)
         data = self.dataset(task)
         image_column, label_column = spec.get("image_column", "image"), spec.get("label_column",
                                                                                  "label")
@@ -174,8 +239,10 @@ class ClipSuite(ConfiguredSuite):
             batch = data[start:start + size]
             images = [image.convert("RGB") for image in batch[image_column]]
             pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
-            features = projection(model(pixel_values=pixels.to(device)).pooler_output)
+            features = model(pixel_values=pixels.to(device)).pooler_output @ projection.T
             logits = unit_rows(features) @ head.T
+            if bias is not None:
+                logits = logits + bias.to(device)
             labels = torch.tensor(batch[label_column])
             correct += int((logits.argmax(dim=1).cpu() == labels).sum())
         return Evaluation("accuracy", correct / len(data), examples=len(data))
