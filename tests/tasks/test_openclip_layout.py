@@ -280,3 +280,27 @@ def test_runs_end_to_end_on_the_open_clip_layout(layout, tmp_path, method, capsy
         assert all(0 <= score["value"] <= 1 for score in record["tasks"].values())
     assert merged["seen"]["provenance"]["suite"]["checkpoints"]["dtd"][0].endswith(
         "DTD/finetuned.pt")
+
+
+def vit_b32_visual_shapes(width=768, layers=12, grid=7, patch=32, embed=512):
+    """open_clip ViT-B-32's visual tower, tensor by tensor."""
+    shapes = [(width,), (grid * grid + 1, width), (width, embed), (width, 3, patch, patch),
+              (width,), (width,), (width,), (width,)]
+    for _ in range(layers):
+        shapes += [(width,), (width,), (3 * width, width), (3 * width,), (width, width),
+                   (width,), (width,), (width,), (4 * width, width), (4 * width,),
+                   (width, 4 * width), (width,)]
+    return shapes
+
+
+def test_paper_amr_on_open_clip_keys_matches_the_notes():
+    """notes/official-code.md 1.8: 3.92% at r=0.3 over the visual tower (87.85 M parameters);
+    3.68% with the text leftovers the authors' loop also counts (Table 1's DTS AMR)."""
+    from harness.accounting import dts_paper_amr
+
+    visual = vit_b32_visual_shapes()
+    assert sum(np.prod(s) for s in visual) == 87_849_216
+    assert round(dts_paper_amr(visual, 0.3), 2) == 3.92
+    assert round(dts_paper_amr(visual, 0.01), 2) == 0.38
+    leftovers = [(49408, 512), (77, 512), (512,), (512,), (512, 512), ()]
+    assert round(dts_paper_amr(visual + leftovers, 0.3), 2) == 3.68
