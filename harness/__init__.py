@@ -5,6 +5,8 @@ The Python API::
     from harness import get_method, list_methods
     method = get_method("dts-d", density=0.3)
     result = method.merge(pretrained, finetuned)   # -> MergeResult
+    with merge_device("cuda"):                      # compute on a GPU, key by key
+        result = method.merge(pretrained, finetuned)
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ from harness.method import HyperparameterError, MergeMethod, MethodNotApplicable
 from harness.registry import METHODS, SUITES, UnknownNameError
 from harness.result import MergeResult, ResultFormatError
 from harness.sharded import stream_outputs
-from harness.state_dict import LazyStateDict, MergeInputError
+from harness.state_dict import LazyStateDict, MergeInputError, merge_device
 
 __all__ = [
     "HyperparameterError", "LazyStateDict", "MergeInputError", "MergeMethod", "MergeResult",
     "MethodNotApplicable",
     "ResultFormatError", "UnknownNameError", "get_method", "list_methods", "list_suites",
-    "method_class", "stream_outputs",
+    "merge_device", "method_class", "stream_outputs",
 ]
 
 

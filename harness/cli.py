@@ -40,7 +40,9 @@ def _print_record(record: dict) -> None:
           f"Avg {100 * record['average']:.2f}  ADR {record['adr']:.2f}%  "
           f"AMR {amr['mean']:.3f}%{paper}")
     print(f"merge {record['merge_seconds']:.1f} s, evaluation {record['eval_seconds']:.1f} s, "
-          f"peak RSS {record['peak_rss_bytes'] / 2**30:.2f} GiB")
+          f"peak RSS {record['peak_rss_bytes'] / 2**30:.2f} GiB"
+          + (f", peak GPU {record['peak_gpu_bytes'] / 2**30:.2f} GiB"
+             if record.get("peak_gpu_bytes") is not None else ""))
     for task, gamma in (record.get("gamma") or {}).items():
         print(f"gamma for {task}: " + ", ".join(f"{t} {g:.3f}" for t, g in gamma.items()))
     print(f"result: {record['_path']}")

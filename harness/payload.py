@@ -8,7 +8,7 @@ merge results are made of these, so AMR counts exactly what is written to disk.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
 import torch
@@ -33,14 +33,14 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
     pad = (-flat.numel()) % per_byte
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+    shifts = torch.arange(per_byte, dtype=torch.int32, device=flat.device) * bits
     return (flat.view(-1, per_byte) << shifts).sum(dim=1).to(torch.uint8)
 
 
 def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
     """Inverse of :func:`pack_bits`: the first ``numel`` codes as uint8."""
     per_byte = 8 // bits
-    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+    shifts = torch.arange(per_byte, dtype=torch.int32, device=packed.device) * bits
     codes = (packed.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
     return codes.reshape(-1)[:numel].to(torch.uint8)
 
@@ -73,6 +73,12 @@ class Codec:
     @property
     def nbytes(self) -> int:
         return _nbytes(self.tensors())
+
+    def cpu(self) -> Codec:
+        """This codec with every tensor (nested codecs included) on the CPU, for storing."""
+        moved = {f.name: value.cpu() for f in fields(self)
+                 if isinstance(value := getattr(self, f.name), (Tensor, Codec))}
+        return replace(self, **moved)
 
     @classmethod
     def from_stored(cls, meta: dict, tensors: dict[str, Tensor]) -> Codec:

@@ -20,6 +20,7 @@ from harness.accounting import adr
 from harness.method import MergeMethod, MethodNotApplicable
 from harness.registry import METHODS, SUITES
 from harness.sharded import stream_outputs
+from harness.state_dict import merge_device
 from harness.result import MergeResult
 from harness.results import (DEFAULT_RESULTS_DIR, hyperparameter_tag, read_records, record_path,
                              write_record)
@@ -212,7 +213,8 @@ def select_per_task(suite: Suite, method: MergeMethod, pretrained, finetuned,
     best: dict[str, tuple[float, float]] = {}
     for value in values:
         trial = dataclasses.replace(method, **{name: value})
-        result = trial.merge(pretrained, finetuned)
+        with merge_device(config.device):
+            result = trial.merge(pretrained, finetuned)
         for task in result.tasks:
             score = suite.evaluate(task, result.weights_for(task), split="validation",
                                    device=config.device).value
@@ -247,10 +249,13 @@ def run(config: RunConfig) -> dict:
     finetuned = {task: suite.load_finetuned(task) for task in seen}
     method = select_per_task(suite, method, pretrained, finetuned, config)
     _log(config, f"merging {len(seen)} tasks with {method.name}")
+    gpu = config.device.startswith("cuda")
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     try:
         with (stream_outputs(config.stream_dir) if config.stream_dir
-              else contextlib.nullcontext()):
+              else contextlib.nullcontext()), merge_device(config.device):
             result = method.merge(pretrained, finetuned, progress=not config.quiet)
     except MethodNotApplicable as reason:
         # recorded, so the leaderboard says why this method has no row here
@@ -262,6 +267,7 @@ def run(config: RunConfig) -> dict:
         raise
     merge_seconds = time.perf_counter() - start
     peak = peak_rss_bytes()
+    peak_gpu = torch.cuda.max_memory_allocated() if gpu else None
 
     start = time.perf_counter()
     tasks, gammas = evaluate_split(suite, result, config)
@@ -283,7 +289,8 @@ def run(config: RunConfig) -> dict:
         "merged_params": result.merged_params, "merge_info": json_safe(result.info),
         "unseen_weighting": config.unseen_weighting if config.split == "unseen" else None,
         "gamma": gammas, "merge_seconds": merge_seconds, "eval_seconds": eval_seconds,
-        "peak_rss_bytes": peak, "provenance": provenance(suite, config.device),
+        "peak_rss_bytes": peak, "peak_gpu_bytes": peak_gpu,
+        "provenance": provenance(suite, config.device),
     }
     write_record(path, record)
     record["_path"] = path

@@ -53,7 +53,7 @@ class ShardWriter(MutableMapping):
             self._order.append(key)
         else:
             self._pending_bytes -= self._sizes[key]
-        self._pending[key] = tensor.contiguous()
+        self._pending[key] = tensor.cpu().contiguous()
         self._sizes[key] = tensor.numel() * tensor.element_size()
         self._pending_bytes += self._sizes[key]
         if self._pending_bytes >= self.shard_bytes:
@@ -123,11 +123,19 @@ def stream_outputs(directory: str | os.PathLike, shard_bytes: int = 2**30):
         _TARGET.reset(token)
 
 
+class CpuOutput(dict):
+    """An in-memory output: tensors computed on a merge device are stored on the CPU."""
+
+    def __setitem__(self, key: str, tensor: Tensor) -> None:
+        super().__setitem__(key, tensor.cpu())
+
+
 def new_output(name: str) -> MutableMapping:
-    """A fresh container for a model-sized output: a dict, or a ShardWriter when streaming."""
+    """A fresh container for a model-sized output: a dict on the CPU, or a ShardWriter when
+    streaming."""
     target = _TARGET.get()
     if target is None:
-        return {}
+        return CpuOutput()
     directory, shard_bytes = target
     return ShardWriter(os.path.join(directory, f"{name}-{next(_COUNTER)}"), shard_bytes)
 

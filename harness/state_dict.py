@@ -2,10 +2,16 @@
 
 A state dict is any ``Mapping[str, Tensor]``; it may be lazy (a memory-mapped safetensors file),
 so everything here works key by key and never assumes a ``dict``.
+
+Inside ``with merge_device("cuda"):`` task vectors (and so every method's arithmetic, SVDs
+included) are computed on that device one key at a time, while the inputs stay where they are
+(memory-mapped on the CPU) and every output is stored back on the CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
 import os
@@ -31,9 +37,30 @@ def to_float32(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float32 else t.to(torch.float32)
 
 
+_DEVICE: contextvars.ContextVar[torch.device] = contextvars.ContextVar(
+    "merge_harness_device", default=torch.device("cpu"))
+
+
+@contextlib.contextmanager
+def merge_device(device: str | torch.device):
+    """Within the block, merges compute on ``device`` (tensors streamed in key by key, results
+    stored on the CPU)."""
+    token = _DEVICE.set(torch.device(device))
+    try:
+        yield _DEVICE.get()
+    finally:
+        _DEVICE.reset(token)
+
+
+def on_merge_device(t: Tensor) -> Tensor:
+    """``t`` on the current merge device (itself when it is already there)."""
+    return t.to(_DEVICE.get())
+
+
 def task_vector(pretrained: Tensor, finetuned: Tensor) -> Tensor:
-    """``finetuned - pretrained`` in float32 (a new tensor; inputs are untouched)."""
-    return to_float32(finetuned) - to_float32(pretrained)
+    """``finetuned - pretrained`` in float32 on the merge device (a new tensor; inputs are
+    untouched; each input crosses to the device in its own dtype, then is cast)."""
+    return to_float32(on_merge_device(finetuned)) - to_float32(on_merge_device(pretrained))
 
 
 @dataclass
@@ -120,7 +147,7 @@ def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
             spec.other_keys.append(key)
             continue
         spec.float_keys.append(key)
-        p32 = to_float32(p)
+        p32 = to_float32(on_merge_device(p))
         if not _surely_finite(p32):
             _check_finite(p32, key, "the pretrained model")
         for task in tasks:
@@ -133,7 +160,7 @@ def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
                 raise MergeInputError(
                     f"key {key!r} has shape {tuple(t.shape)} in task model {task!r} but "
                     f"{spec.shapes[key]} in the pretrained model")
-            delta = to_float32(t) - p32     # NaN/Inf in t shows here too, p being finite
+            delta = to_float32(on_merge_device(t)) - p32   # NaN/Inf in t shows here too
             if not _surely_finite(delta):
                 _check_finite(t, key, f"task model {task!r}")
             spec.changed[task][key] = int(torch.count_nonzero(delta))
@@ -288,13 +315,15 @@ def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec
                 continue
             if not elementwise:
                 taus = task_vectors(pretrained, finetuned, spec.tasks, key)
-                merged[key] = cast_like(merge_key(key, to_float32(p), taus), p.dtype)
+                merged[key] = cast_like(merge_key(key, to_float32(on_merge_device(p)), taus),
+                                        p.dtype)
                 continue
             sources = [finetuned[t][key] for t in spec.tasks]
-            value = torch.empty(spec.shapes[key], dtype=p.dtype)
+            value = torch.empty(spec.shapes[key], dtype=p.dtype, device="cpu")
             for rows in row_chunks(spec.shapes[key], len(spec.tasks)):
                 taus = [task_vector(p[rows], source[rows]) for source in sources]
-                value[rows] = cast_like(merge_key(key, to_float32(p[rows]), taus), p.dtype)
+                theta0 = to_float32(on_merge_device(p[rows]))
+                value[rows] = cast_like(merge_key(key, theta0, taus), p.dtype)
             merged[key] = value
         return finish_output(merged)
 
@@ -315,5 +344,5 @@ def encode_deltas(reference: StateDict, finetuned: Mapping[str, StateDict], spec
                 continue
             codec = encode(key, delta)
             if codec is not None:
-                records[task][key] = codec
+                records[task][key] = codec.cpu()
     return records

@@ -23,8 +23,8 @@ def key_generator(seed: int, task: str, key: str) -> torch.Generator:
 
 def drop_and_rescale(tau: Tensor, p: float, generator: torch.Generator) -> Tensor:
     """Drop each entry with probability ``p`` and scale the survivors by ``1 / (1 - p)``."""
-    keep = torch.rand(tau.shape, generator=generator) >= p
-    return tau * keep / (1 - p)
+    keep = torch.rand(tau.shape, generator=generator, device="cpu") >= p   # same bits anywhere
+    return tau * keep.to(tau.device) / (1 - p)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from harness.method import MergeMethod, hp, require
 from harness.payload import (Codec, Dense, GroupCode, LowRank, pack_bits, packed_nbytes,
                              store_zeros, zero_storage_nbytes)
 from harness.result import MergeResult, TaskPayload
-from harness.state_dict import ModelSpec, StateDict, encode_deltas, inspect_models, numel
+from harness.state_dict import (ModelSpec, StateDict, encode_deltas, inspect_models, numel,
+                                task_vector)
 from methods.ties import inspect_for_ties, ties_merge
 
 _GROUP_SCALE_BYTES = 4 * 4  # four float32 scales per grouped vector
@@ -60,7 +61,7 @@ def group_encode(x: Tensor, grouped_dim: int | None = None) -> GroupCode:
     pos, neg = rows > 0, rows < 0
     ids = torch.where(pos, torch.where(_upper_half(rows, pos), 0, 1),
                       torch.where(_upper_half(-rows, neg), 2, 3)).to(torch.uint8)
-    scales = torch.zeros(rows.shape[0], 4, dtype=torch.float32)
+    scales = torch.zeros(rows.shape[0], 4, dtype=torch.float32, device=rows.device)
     nonzero = pos | neg
     for group in range(4):
         member = (ids == group) & nonzero
@@ -92,7 +93,7 @@ def truncated_svd(delta: Tensor, rank: int, signs: str = "canonical") -> tuple[T
     u, s, vh = u[:, :rank], s[:rank], vh[:rank, :]
     if signs == "canonical":
         pivot = u.abs().argmax(dim=0)
-        flip = torch.sign(u[pivot, torch.arange(rank)])
+        flip = torch.sign(u[pivot, torch.arange(rank, device=u.device)])
         flip = torch.where(flip == 0, 1.0, flip)
         u, vh = u * flip, vh * flip[:, None]
     return u.contiguous(), s.contiguous(), vh.contiguous()
@@ -171,7 +172,7 @@ def delta_zero_counts(reference: StateDict, finetuned: Mapping[str, StateDict],
                 if changed:
                     out[task][key] = 0 if len(shape) == 2 else numel(shape) - changed
                 continue
-            delta = finetuned[task][key].to(torch.float32) - reference[key].to(torch.float32)
+            delta = task_vector(reference[key], finetuned[task][key])
             nonzero = int(torch.count_nonzero(delta))
             if nonzero:
                 out[task][key] = 0 if len(shape) == 2 else delta.numel() - nonzero

@@ -60,7 +60,7 @@ class Emr(MergeMethod):
                 for t, tau, mask in zip(tasks, taus, masks):
                     numerator[t] += float(tau.abs().mean())
                     denominator[t] += float((uni * mask).abs().mean())
-                    records[t][key] = Mask(pack_bits(mask, 1), shape)
+                    records[t][key] = Mask(pack_bits(mask, 1), shape).cpu()
             tau_uni = finish_output(tau_uni)
         payloads, scales = {}, {}
         for t in tasks:

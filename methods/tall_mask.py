@@ -64,7 +64,7 @@ class TallMask(MergeMethod):
                 mtl, masks = tall_masks(task_vectors(pretrained, finetuned, tasks, key), lams)
                 tau_mtl[key] = mtl
                 for t, mask in zip(tasks, masks):
-                    records[t][key] = Mask(pack_bits(mask, 1), tuple(mtl.shape))
+                    records[t][key] = Mask(pack_bits(mask, 1), tuple(mtl.shape)).cpu()
             tau_mtl = finish_output(tau_mtl)
         return MergeResult(self.name, self.params(), pretrained, tasks, kind=self.kind,
                            payloads={t: TaskPayload(r, shared="tau_mtl") for t, r in records.items()},

@@ -14,7 +14,8 @@ from harness.method import MergeMethod, hp, require
 from harness.result import MergeResult
 from harness.sharded import building, finish_output
 from harness.state_dict import (ModelSpec, StateDict, cast_like, inspect_models, iter_keys,
-                                row_chunks, task_vector, task_vectors, to_float32)
+                                on_merge_device, row_chunks, task_vector, task_vectors,
+                                to_float32)
 
 _BINS = 1 << 16
 
@@ -35,7 +36,7 @@ class StreamingKthSmallest:
 
     def add_high(self, values: Tensor) -> None:
         bits = values.reshape(-1).view(torch.int32) >> 16
-        self.high += torch.bincount(bits, minlength=_BINS)
+        self.high += torch.bincount(bits, minlength=_BINS).cpu()
 
     def choose_bin(self, k: int) -> None:
         cum = self.high.cumsum(0)
@@ -45,7 +46,7 @@ class StreamingKthSmallest:
     def add_low(self, values: Tensor) -> None:
         bits = values.reshape(-1).view(torch.int32)
         inside = bits[(bits >> 16) == self.bin] & 0xFFFF
-        self.low += torch.bincount(inside, minlength=_BINS)
+        self.low += torch.bincount(inside, minlength=_BINS).cpu()
 
     def value(self) -> float:
         low = int(torch.searchsorted(self.low.cumsum(0), self.rank))
@@ -143,12 +144,13 @@ def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progr
             merged[key] = p
             continue
         sources = [finetuned[t][key] for t in tasks]
-        value = torch.empty(spec.shapes[key], dtype=p.dtype)
+        value = torch.empty(spec.shapes[key], dtype=p.dtype, device="cpu")
         positions, columns, offset = [], [], 0
         for rows in row_chunks(spec.shapes[key], len(tasks)):
-            p_rows = p[rows]
-            trimmed = torch.empty((len(tasks), *p_rows.shape), dtype=torch.float32)
-            kept = torch.zeros(p_rows.shape, dtype=torch.bool)
+            p_rows = to_float32(on_merge_device(p[rows]))
+            trimmed = torch.empty((len(tasks), *p_rows.shape), dtype=torch.float32,
+                                  device=p_rows.device)
+            kept = torch.zeros(p_rows.shape, dtype=torch.bool, device=p_rows.device)
             for row, (t, source) in enumerate(zip(tasks, sources)):
                 tau = task_vector(p_rows, source[rows])
                 mask = tau != 0 if cut[t] is None else tau.abs() >= cut[t]
@@ -159,9 +161,9 @@ def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progr
             delta = disjoint_aggregate(trimmed, sign, merge)
             open_ = torch.nonzero(((sign == 0) & kept).reshape(-1)).reshape(-1)
             if open_.numel():
-                positions.append(open_ + offset)
-                columns.append(trimmed.reshape(len(tasks), -1)[:, open_])
-            value[rows] = cast_like(to_float32(p_rows) + lam * delta, p.dtype)
+                positions.append((open_ + offset).cpu())
+                columns.append(trimmed.reshape(len(tasks), -1)[:, open_].cpu())
+            value[rows] = cast_like(p_rows + lam * delta, p.dtype)
             offset += p_rows.numel()
         if positions:
             undecided.append((key, torch.cat(positions), torch.cat(columns, dim=1)))

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from harness.method import MergeMethod
 from harness.result import MergeResult
-from harness.state_dict import inspect_models, merge_shared
+from harness.state_dict import inspect_models, merge_shared, on_merge_device
 
 
 def weight_average(weights: Sequence[Tensor]) -> Tensor:
@@ -35,7 +35,7 @@ class WeightAveraging(MergeMethod):
         spec = inspect_models(pretrained, finetuned)
 
         def merge_key(key, theta0, taus):
-            return weight_average([finetuned[t][key] for t in spec.tasks])
+            return weight_average([on_merge_device(finetuned[t][key]) for t in spec.tasks])
         base = merge_shared(pretrained, finetuned, spec, merge_key, self.name, progress)
         return MergeResult(self.name, self.params(), base, spec.tasks,
                            merged_params=spec.merged_params)

@@ -3,6 +3,7 @@
     python scripts/bench_scale.py --size 0.5b --layers 4 --tasks 3
     python scripts/bench_scale.py --size 14b --layers 1 --tasks 3 --no-embeddings --methods ties
     python scripts/bench_scale.py --size 0.5b --methods ties --mergekit /path/to/mergekit-venv
+    python scripts/bench_scale.py --size 14b --tasks 3 --device cuda     # a GPU machine
 
 ``--mergekit VENV`` also merges the same inputs with mergekit's TIES (``mergekit-yaml`` from a
 separate environment used only here, e.g. ``python3 -m venv VENV && VENV/bin/pip install -c
@@ -15,7 +16,9 @@ Synthesizes a pretrained model and task models with the tensor shapes of a Qwen2
 Hugging Face sharded safetensors (an index plus shards), written tensor by tensor. Then, each in
 a fresh process: reading every input once (the floor), and each method merging the memory-mapped
 inputs with its outputs streamed to shards (``harness.stream_outputs``). Prints wall time, read
-throughput, the time over the read floor, and peak resident memory next to the largest tensor.
+throughput, the time over the read floor, and peak resident memory next to the largest tensor;
+with ``--device cuda`` the methods compute on the GPU (``harness.merge_device``) and the peak GPU
+memory is printed too.
 """
 
 from __future__ import annotations
@@ -130,8 +133,8 @@ def mergekit_worker(venv: str, root: str, tasks: int) -> dict:
             "peak_gib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20}
 
 
-def worker(method: str, root: str, tasks: int) -> dict:
-    from harness import LazyStateDict, get_method, stream_outputs
+def worker(method: str, root: str, tasks: int, device: str) -> dict:
+    from harness import LazyStateDict, get_method, merge_device, stream_outputs
 
     pretrained = LazyStateDict(os.path.join(root, "pretrained"))
     finetuned = {f"task{t}": LazyStateDict(os.path.join(root, f"task{t}")) for t in range(tasks)}
@@ -141,9 +144,11 @@ def worker(method: str, root: str, tasks: int) -> dict:
             for key in sd:
                 float(sd[key].float().sum())
     else:
-        with tempfile.TemporaryDirectory(dir=root) as out, stream_outputs(out, 2**30):
+        with (tempfile.TemporaryDirectory(dir=root) as out, stream_outputs(out, 2**30),
+              merge_device(device)):
             get_method(method).merge(pretrained, finetuned)
-    return {"seconds": time.perf_counter() - start, "peak_gib": peak_gib()}
+    gpu = (torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None)
+    return {"seconds": time.perf_counter() - start, "peak_gib": peak_gib(), "gpu_gib": gpu}
 
 
 def main() -> int:
@@ -157,6 +162,8 @@ def main() -> int:
     parser.add_argument("--methods", nargs="*", default=["ties", "dts-d"])
     parser.add_argument("--mergekit", default=None, metavar="VENV",
                         help="also run mergekit's TIES from this virtual environment")
+    parser.add_argument("--device", default="cpu", help="merge device (cuda: SVDs and "
+                        "arithmetic on the GPU, inputs and outputs on the CPU)")
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "ROOT", "TASKS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -165,7 +172,7 @@ def main() -> int:
         if method.startswith("mergekit:"):
             print(json.dumps(mergekit_worker(method.split(":", 1)[1], root, int(tasks))))
         else:
-            print(json.dumps(worker(method, root, int(tasks))))
+            print(json.dumps(worker(method, root, int(tasks), args.device)))
         return 0
     shape_of = shapes(args.size, args.layers, not args.no_embeddings)
     dtype = getattr(torch, args.dtype)
@@ -188,19 +195,23 @@ def main() -> int:
         runs = ["read", *args.methods] + ([f"mergekit:{args.mergekit}"] if args.mergekit else [])
         for method in runs:
             out = subprocess.run([sys.executable, __file__, "--worker", method, root,
-                                  str(args.tasks)], capture_output=True, text=True)
+                                  str(args.tasks), "--device", args.device],
+                                 capture_output=True, text=True)
             label = "mergekit ties (per-tensor trim)" if method.startswith("mergekit:") else method
             if out.returncode:
                 print(f"{label}: failed\n{out.stderr[-2000:]}")
                 continue
             rows[label] = json.loads(out.stdout.strip().splitlines()[-1])
         floor = rows.get("read", {}).get("seconds")
-        print("| run | wall s | read GB/s | x read floor | peak RSS GiB |")
-        print("|---|---:|---:|---:|---:|")
+        print(f"merge device: {args.device}")
+        print("| run | wall s | read GB/s | x read floor | peak RSS GiB | peak GPU GiB |")
+        print("|---|---:|---:|---:|---:|---:|")
         for method, row in rows.items():
             ratio = f"{row['seconds'] / floor:.1f}" if floor else "–"
+            gpu = "–" if row.get("gpu_gib") is None else f"{row['gpu_gib']:.2f}"
             print(f"| {method} | {row['seconds']:.1f} | "
-                  f"{input_bytes / row['seconds'] / 1e9:.2f} | {ratio} | {row['peak_gib']:.2f} |")
+                  f"{input_bytes / row['seconds'] / 1e9:.2f} | {ratio} | {row['peak_gib']:.2f} | "
+                  f"{gpu} |")
     return 0
 
 
