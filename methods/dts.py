@@ -20,8 +20,8 @@ from harness.method import MergeMethod, hp, require
 from harness.payload import (Codec, Dense, GroupCode, LowRank, pack_bits, packed_nbytes,
                              store_zeros, zero_storage_nbytes)
 from harness.result import MergeResult, TaskPayload
-from harness.state_dict import (ModelSpec, StateDict, encode_deltas, inspect_models, numel,
-                                task_vector)
+from harness.state_dict import (ModelSpec, StateDict, encode_deltas, inspect_models, iter_keys,
+                                numel, task_vector)
 from methods.ties import inspect_for_ties, ties_merge
 
 _GROUP_SCALE_BYTES = 4 * 4  # four float32 scales per grouped vector
@@ -164,7 +164,7 @@ def delta_zero_counts(reference: StateDict, finetuned: Mapping[str, StateDict],
     0 without reading them when the reference is the pretrained model.
     """
     out: dict[str, dict[str, int]] = {t: {} for t in spec.tasks}
-    for key in spec.active_keys:
+    for key in iter_keys(spec.active_keys, "zeros", False):
         shape = spec.shapes[key]
         for task in spec.tasks:
             changed = spec.changed[task][key]

@@ -68,3 +68,34 @@ def test_a_shard_that_disagrees_with_its_index_is_named(tmp_path):
         f.truncate(20)
     with pytest.raises(MergeInputError, match=f"cannot read the safetensors file .*{shard}"):
         LazyStateDict(os.path.join(folder, shard))
+
+
+def test_mapped_input_pages_are_handed_back_after_each_key(tmp_path):
+    """Merge loops release the pages of memory-mapped inputs after each key; a tensor still
+    held reads the same values afterwards (the pages fault back from the file), and memory
+    that is not a mapping of the input file is never released."""
+    from safetensors.torch import save_file
+
+    from harness.state_dict import MAPPED_PAGES, iter_keys
+
+    original = {"big": torch.randn(1024, 1024), "small": torch.randn(4)}
+    save_file(original, tmp_path / "model.safetensors")
+    lazy = LazyStateDict(tmp_path)
+
+    def resident_file_kb():
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("RssFile"))
+    held = []
+    for key in iter_keys(["big", "small"], "test", False):
+        held.append(lazy[key])
+        if key == "big":
+            float(held[-1].sum())                       # touch every page
+            assert MAPPED_PAGES.pending
+            before = resident_file_kb()
+            MAPPED_PAGES.release()
+            assert before - resident_file_kb() >= 3 * 1024    # most of the 4 MiB handed back
+    assert not MAPPED_PAGES.pending
+    assert torch.equal(held[0], original["big"]) and torch.equal(held[1], original["small"])
+    in_memory = torch.randn(1024, 1024)
+    MAPPED_PAGES.touched(str(tmp_path / "model.safetensors"), in_memory)
+    assert not MAPPED_PAGES.pending                     # not inside the file's mapping
