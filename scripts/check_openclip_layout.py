@@ -7,6 +7,11 @@ deleted, preprocess transforms kept), saves it whole with ``torch.save``, reads 
 CLIP vision tower and prints the largest difference between the two image features.
 
     python scripts/check_openclip_layout.py --model ViT-B-32
+
+Needs ``open_clip_torch`` (``pip install -c constraints.txt open_clip_torch torchvision==0.28.0``,
+torchvision pinned to torch 2.13's partner). With the CPU-only torch, PyPI's torchvision wheel
+cannot load its compiled operators and ``import torchvision`` fails until ``torchvision::nms``
+is defined as a stub; the harness itself never needs either package.
 """
 
 from __future__ import annotations
