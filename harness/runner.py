@@ -175,7 +175,16 @@ def _mean(tasks: dict[str, dict]) -> float:
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident memory so far (Linux reports kilobytes)."""
+    """This process's peak resident memory so far: Linux's ``VmHWM``, which counts this
+    program's own address space only (``ru_maxrss`` also carries over the peak of the process
+    that started it, through fork and exec); ``ru_maxrss`` elsewhere."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

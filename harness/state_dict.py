@@ -114,8 +114,9 @@ def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
                    *, allow_zero_tasks: bool = False, observe=None) -> ModelSpec:
     """Validate models before any merging work and describe them (one pass over every tensor).
 
-    ``observe(task, key, delta)``, when given, sees each float32 task vector as it is computed,
-    so a method can gather whole-model statistics without another pass over the inputs.
+    ``observe(task, key, delta)``, when given, sees each float32 task vector as it is computed
+    (in row blocks of large keys, so memory stays bounded), so a method can gather whole-model
+    statistics without another pass over the inputs.
 
     Raises :class:`MergeInputError` on an empty task set, a missing or extra key, a shape
     mismatch, a non-float tensor where a float is required, NaN/Inf values, or a task whose task
@@ -147,11 +148,8 @@ def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
             spec.other_keys.append(key)
             continue
         spec.float_keys.append(key)
-        p32 = to_float32(on_merge_device(p))
-        if not _surely_finite(p32):
-            _check_finite(p32, key, "the pretrained model")
-        for task in tasks:
-            t = finetuned[task][key]
+        sources = [finetuned[task][key] for task in tasks]
+        for task, t in zip(tasks, sources):
             if not is_float(t):
                 raise MergeInputError(
                     f"key {key!r} of task model {task!r} has dtype {t.dtype}, "
@@ -160,12 +158,18 @@ def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
                 raise MergeInputError(
                     f"key {key!r} has shape {tuple(t.shape)} in task model {task!r} but "
                     f"{spec.shapes[key]} in the pretrained model")
-            delta = to_float32(on_merge_device(t)) - p32   # NaN/Inf in t shows here too
-            if not _surely_finite(delta):
-                _check_finite(t, key, f"task model {task!r}")
-            spec.changed[task][key] = int(torch.count_nonzero(delta))
-            if observe is not None:
-                observe(task, key, delta)
+            spec.changed[task][key] = 0
+        for rows in row_chunks(spec.shapes[key], 2):    # a block of theta_0 and of one delta
+            p32 = to_float32(on_merge_device(p[rows]))
+            if not _surely_finite(p32):
+                _check_finite(p32, key, "the pretrained model")
+            for task, t in zip(tasks, sources):
+                delta = to_float32(on_merge_device(t[rows])) - p32   # NaN/Inf in t shows too
+                if not _surely_finite(delta):
+                    _check_finite(t[rows], key, f"task model {task!r}")
+                spec.changed[task][key] += int(torch.count_nonzero(delta))
+                if observe is not None:
+                    observe(task, key, delta)
     if not allow_zero_tasks:
         for task in tasks:
             if not any(spec.changed[task].values()):

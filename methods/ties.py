@@ -14,8 +14,7 @@ from harness.method import MergeMethod, hp, require
 from harness.result import MergeResult
 from harness.sharded import building, finish_output
 from harness.state_dict import (ModelSpec, StateDict, cast_like, inspect_models, iter_keys,
-                                on_merge_device, row_chunks, task_vector, task_vectors,
-                                to_float32)
+                                on_merge_device, row_chunks, task_vector, to_float32)
 
 _BINS = 1 << 16
 
@@ -103,8 +102,11 @@ class TrimThresholds:
         for sel in self.selectors.values():
             sel.choose_bin(rank)
         for key in iter_keys(spec.float_keys, f"{desc}: thresholds", progress):
-            for t, tau in zip(spec.tasks, task_vectors(pretrained, finetuned, spec.tasks, key)):
-                self.selectors[t].add_low(tau.abs())
+            p, sources = pretrained[key], [finetuned[t][key] for t in spec.tasks]
+            for rows in row_chunks(spec.shapes[key], 2):
+                p_rows = to_float32(on_merge_device(p[rows]))
+                for t, source in zip(spec.tasks, sources):
+                    self.selectors[t].add_low(task_vector(p_rows, source[rows]).abs())
         return {t: self.selectors[t].value() for t in spec.tasks}
 
 
@@ -130,57 +132,88 @@ def ties_merge(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: 
         return _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progress)
 
 
+HELD_BYTES = 2**29    # merged keys awaiting the majority sign kept in memory; beyond, recomputed
+
+
 def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progress):
-    """Trim, elect and merge key by key into ``merged``; keys with undecided entries (sign 0
-    where some task kept a value) are held back until the model-wide majority sign is known."""
-    tasks = spec.tasks
-    held: dict[str, Tensor] = {}
-    undecided: list[tuple[str, Tensor, Tensor]] = []
-    sign_total = 0
+    """Trim, elect and merge key by key into ``merged``.
+
+    Entries whose elected sign is 0 while some task kept a value take the model-wide majority
+    sign, known only once every key is seen. Keys holding such entries wait in memory up to
+    ``HELD_BYTES``; past that they are dropped and merged again once the majority is known, so
+    memory stays bounded whatever the model size (bf16 task vectors cancel exactly often enough
+    that nearly every key of a large model holds some).
+    """
+    held: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+    held_bytes, again, sign_total = 0, [], 0
     float_keys = set(spec.float_keys)
     for key in iter_keys(list(pretrained.keys()), f"{desc}: merge", progress):
-        p = pretrained[key]
         if key not in float_keys:
-            merged[key] = p
+            merged[key] = pretrained[key]
             continue
-        sources = [finetuned[t][key] for t in tasks]
-        value = torch.empty(spec.shapes[key], dtype=p.dtype, device="cpu")
-        positions, columns, offset = [], [], 0
-        for rows in row_chunks(spec.shapes[key], len(tasks)):
-            p_rows = to_float32(on_merge_device(p[rows]))
-            trimmed = torch.empty((len(tasks), *p_rows.shape), dtype=torch.float32,
-                                  device=p_rows.device)
-            kept = torch.zeros(p_rows.shape, dtype=torch.bool, device=p_rows.device)
-            for row, (t, source) in enumerate(zip(tasks, sources)):
-                tau = task_vector(p_rows, source[rows])
-                mask = tau != 0 if cut[t] is None else tau.abs() >= cut[t]
-                torch.mul(tau, mask, out=trimmed[row])
-                kept |= mask
-            sign = torch.sign(trimmed.sum(dim=0))      # elect
-            sign_total += int(sign.sum())
-            delta = disjoint_aggregate(trimmed, sign, merge)
-            open_ = torch.nonzero(((sign == 0) & kept).reshape(-1)).reshape(-1)
-            if open_.numel():
-                positions.append((open_ + offset).cpu())
-                columns.append(trimmed.reshape(len(tasks), -1)[:, open_].cpu())
-            value[rows] = cast_like(p_rows + lam * delta, p.dtype)
-            offset += p_rows.numel()
-        if positions:
-            undecided.append((key, torch.cat(positions), torch.cat(columns, dim=1)))
-            held[key] = value
-        else:
+        value, signs, undecided = _merge_key(pretrained, finetuned, spec, key, cut, lam, merge)
+        sign_total += signs
+        if undecided is None:
             merged[key] = value
-
+            continue
+        size = sum(t.numel() * t.element_size() for t in (value, *undecided))
+        if held_bytes + size <= HELD_BYTES:
+            held[key] = (value, *undecided)
+            held_bytes += size
+        else:
+            again.append(key)
     majority = (sign_total > 0) - (sign_total < 0)
-    for key, positions, columns in undecided:
-        p = to_float32(pretrained[key]).reshape(-1)[positions]
-        value = p + lam * settle_undecided(columns, majority, merge)
-        flat = held[key].reshape(-1)
-        flat[positions] = cast_like(value, flat.dtype)
-        merged[key] = held.pop(key)
+    for key in list(held):
+        value, positions, columns = held.pop(key)
+        merged[key] = _settled(pretrained[key], value, positions, columns, majority, lam, merge)
+    for key in iter_keys(again, f"{desc}: undecided keys", progress):
+        value, _, (positions, columns) = _merge_key(pretrained, finetuned, spec, key, cut, lam,
+                                                   merge)
+        merged[key] = _settled(pretrained[key], value, positions, columns, majority, lam, merge)
     if not isinstance(merged, dict):
         return finish_output(merged)
     return {key: merged[key] for key in pretrained.keys()}    # the inputs' key order
+
+
+def _merge_key(pretrained, finetuned, spec, key, cut, lam, merge):
+    """One key's merged tensor (undecided entries left at theta_0), the sum of its elected signs,
+    and its undecided entries (flat positions, the tasks' trimmed values there) or None."""
+    tasks = spec.tasks
+    p = pretrained[key]
+    sources = [finetuned[t][key] for t in tasks]
+    value = torch.empty(spec.shapes[key], dtype=p.dtype, device="cpu")
+    positions, columns, offset, sign_total = [], [], 0, 0
+    for rows in row_chunks(spec.shapes[key], len(tasks)):
+        p_rows = to_float32(on_merge_device(p[rows]))
+        trimmed = torch.empty((len(tasks), *p_rows.shape), dtype=torch.float32,
+                              device=p_rows.device)
+        kept = torch.zeros(p_rows.shape, dtype=torch.bool, device=p_rows.device)
+        for row, (t, source) in enumerate(zip(tasks, sources)):
+            tau = task_vector(p_rows, source[rows])
+            mask = tau != 0 if cut[t] is None else tau.abs() >= cut[t]
+            torch.mul(tau, mask, out=trimmed[row])
+            kept |= mask
+        sign = torch.sign(trimmed.sum(dim=0))      # elect
+        sign_total += int(sign.sum())
+        delta = disjoint_aggregate(trimmed, sign, merge)
+        open_ = torch.nonzero(((sign == 0) & kept).reshape(-1)).reshape(-1)
+        if open_.numel():
+            positions.append((open_ + offset).cpu())
+            columns.append(trimmed.reshape(len(tasks), -1)[:, open_].cpu())
+        value[rows] = cast_like(p_rows + lam * delta, p.dtype)
+        offset += p_rows.numel()
+    if not positions:
+        return value, sign_total, None
+    return value, sign_total, (torch.cat(positions), torch.cat(columns, dim=1))
+
+
+def _settled(p, value, positions, columns, majority, lam, merge):
+    """``value`` with its undecided entries merged under the model's majority sign."""
+    theta0 = to_float32(p).reshape(-1)[positions]
+    flat = value.reshape(-1)
+    flat[positions] = cast_like(theta0 + lam * settle_undecided(columns, majority, merge),
+                                flat.dtype)
+    return value
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -65,7 +64,9 @@ def synthesize(folder: str, n_tasks: int, seed: int = 0) -> None:
 
 
 def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    from harness.runner import peak_rss_bytes
+
+    return peak_rss_bytes() / 2**30
 
 
 def worker(method_name: str, folder: str, n_tasks: int) -> dict:

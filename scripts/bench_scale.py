@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -110,7 +109,9 @@ def synthesize(root: str, shape_of: dict, tasks: int, dtype: torch.dtype, shard_
 
 
 def peak_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    from harness.runner import peak_rss_bytes
+
+    return peak_rss_bytes() / 2**30
 
 
 def mergekit_worker(venv: str, root: str, tasks: int) -> dict:
@@ -123,14 +124,25 @@ def mergekit_worker(venv: str, root: str, tasks: int) -> dict:
                         "    parameters: {density: 0.2, weight: 0.3}\n" for t in range(tasks)))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=root) as out:
-        done = subprocess.run([os.path.join(venv, "bin", "mergekit-yaml"), config, out,
-                               "--lazy-unpickle", "--no-copy-tokenizer"],
+        done = subprocess.run([os.path.join(venv, "bin", "python"), "-c", MERGEKIT_WITH_PEAK,
+                               config, out, "--lazy-unpickle", "--no-copy-tokenizer"],
                               capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"mergekit-yaml failed: {done.stderr[-1500:]}")
     seconds = time.perf_counter() - start
-    return {"seconds": seconds,
-            "peak_gib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20}
+    peak_kb = int(done.stderr.rsplit("VmHWM:", 1)[1].split()[0])
+    return {"seconds": seconds, "peak_gib": peak_kb / 2**20}
+
+
+# mergekit-yaml's entry point, printing its own peak resident memory (VmHWM) when it exits
+MERGEKIT_WITH_PEAK = """
+import atexit, sys
+atexit.register(lambda: print(next(l for l in open("/proc/self/status")
+                                   if l.startswith("VmHWM:")), file=sys.stderr))
+sys.argv[0] = "mergekit-yaml"
+from mergekit.scripts.run_yaml import main
+sys.exit(main())
+"""
 
 
 def worker(method: str, root: str, tasks: int, device: str) -> dict:

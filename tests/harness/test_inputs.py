@@ -101,3 +101,19 @@ def test_bad_input_is_named_before_work(name, case, mutate, message):
     pre, ft = bad(mutate)
     with pytest.raises(MergeInputError, match=message):
         method(name).merge(pre, ft)
+
+
+def test_validation_in_row_blocks_sees_the_same(monkeypatch):
+    """Validation reads large keys in row blocks; with blocks of one row it describes the models
+    exactly as whole keys do, and a NaN in the last row is still found and named."""
+    import harness.state_dict as state_dict
+    from harness.state_dict import inspect_models
+
+    pre, ft = make_models()
+    whole = inspect_models(pre, ft)
+    monkeypatch.setattr(state_dict, "CHUNK_BYTES", 1)
+    assert len(state_dict.row_chunks((20, 8), 2)) == 20
+    assert inspect_models(pre, ft) == whole
+    ft["task1"]["embed.weight"][19, 7] = float("nan")
+    with pytest.raises(MergeInputError, match="key 'embed.weight' of task model 'task1' contains"):
+        inspect_models(pre, ft)

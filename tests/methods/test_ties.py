@@ -110,10 +110,19 @@ def test_fp16_inputs_computed_in_float32_and_returned_in_fp16():
 
 
 @pytest.mark.parametrize("merge", ["sum", "mean"])
-def test_row_blocks_give_the_same_bits(merge, monkeypatch):
+@pytest.mark.parametrize("held_bytes", [None, 0])
+def test_row_blocks_give_the_same_bits(merge, held_bytes, monkeypatch):
     """Large keys are merged in row blocks (bounded memory); every step is elementwise across
-    tasks, so blocks of one row, undecided entries included, match the official algorithm."""
+    tasks, so blocks of one row, undecided entries included, match the official algorithm.
+    With no memory for keys awaiting the majority sign, they are merged again: same bits."""
     import harness.state_dict as state_dict
+    import methods.ties as ties
+
+    if held_bytes is not None:
+        monkeypatch.setattr(ties, "HELD_BYTES", held_bytes)
+    merged_again = []
+    original = ties._merge_key
+    monkeypatch.setattr(ties, "_merge_key", lambda *a: merged_again.append(a[3]) or original(*a))
 
     pre, ft = make_models(n_tasks=4, seed=3)
     pre["tie"] = torch.zeros(3, 2)
@@ -125,3 +134,5 @@ def test_row_blocks_give_the_same_bits(merge, monkeypatch):
     reference = official_ties(pre, ft, k=90, merge=merge)
     for key, value in reference.items():
         assert torch.equal(result.base[key], value), key
+    twice = {k for k in merged_again if merged_again.count(k) == 2}
+    assert ("tie" in twice) == (held_bytes == 0)
