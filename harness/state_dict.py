@@ -159,7 +159,7 @@ def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
                     f"key {key!r} has shape {tuple(t.shape)} in task model {task!r} but "
                     f"{spec.shapes[key]} in the pretrained model")
             spec.changed[task][key] = 0
-        for rows in row_chunks(spec.shapes[key], 2):    # a block of theta_0 and of one delta
+        for rows in row_blocks(spec.shapes[key], 2):    # a block of theta_0 and of one delta
             p32 = to_float32(on_merge_device(p[rows]))
             if not _surely_finite(p32):
                 _check_finite(p32, key, "the pretrained model")
@@ -250,12 +250,15 @@ class _MappedPages:
                 return
         self.pending.append((address, size))
 
-    def release(self) -> None:
+    def release(self, forget: bool = True) -> None:
+        """Hand back the pages read so far; ``forget=False`` (after a row block) keeps the
+        tensors noted, so pages their later blocks touch are handed back too."""
         for address, size in self.pending:
             start = address - address % self.PAGE
             end = -(-(address + size) // self.PAGE) * self.PAGE
             self._madvise(start, end - start, 4)           # MADV_DONTNEED
-        self.pending.clear()
+        if forget:
+            self.pending.clear()
 
 
 MAPPED_PAGES = _MappedPages()
@@ -377,6 +380,14 @@ def row_chunks(shape: tuple[int, ...], tasks: int) -> list:
     return [slice(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
 
 
+def row_blocks(shape: tuple[int, ...], tasks: int) -> Iterator:
+    """:func:`row_chunks`, handing back the memory-mapped input pages read for each block
+    after it, so a tensor larger than memory never becomes resident whole."""
+    for rows in row_chunks(shape, tasks):
+        yield rows
+        MAPPED_PAGES.release(forget=False)
+
+
 def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
                  merge_key, desc: str, progress: bool, *, elementwise: bool = False
                  ) -> StateDict:
@@ -400,7 +411,7 @@ def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec
                 continue
             sources = [finetuned[t][key] for t in spec.tasks]
             value = torch.empty(spec.shapes[key], dtype=p.dtype, device="cpu")
-            for rows in row_chunks(spec.shapes[key], len(spec.tasks)):
+            for rows in row_blocks(spec.shapes[key], len(spec.tasks)):
                 taus = [task_vector(p[rows], source[rows]) for source in sources]
                 theta0 = to_float32(on_merge_device(p[rows]))
                 value[rows] = cast_like(merge_key(key, theta0, taus), p.dtype)

@@ -14,7 +14,7 @@ from harness.method import MergeMethod, hp, require
 from harness.result import MergeResult
 from harness.sharded import building, finish_output
 from harness.state_dict import (ModelSpec, StateDict, cast_like, inspect_models, iter_keys,
-                                on_merge_device, row_chunks, task_vector, to_float32)
+                                on_merge_device, row_blocks, task_vector, to_float32)
 
 _BINS = 1 << 16
 
@@ -103,7 +103,7 @@ class TrimThresholds:
             sel.choose_bin(rank)
         for key in iter_keys(spec.float_keys, f"{desc}: thresholds", progress):
             p, sources = pretrained[key], [finetuned[t][key] for t in spec.tasks]
-            for rows in row_chunks(spec.shapes[key], 2):
+            for rows in row_blocks(spec.shapes[key], 2):
                 p_rows = to_float32(on_merge_device(p[rows]))
                 for t, source in zip(spec.tasks, sources):
                     self.selectors[t].add_low(task_vector(p_rows, source[rows]).abs())
@@ -183,7 +183,7 @@ def _merge_key(pretrained, finetuned, spec, key, cut, lam, merge):
     sources = [finetuned[t][key] for t in tasks]
     value = torch.empty(spec.shapes[key], dtype=p.dtype, device="cpu")
     positions, columns, offset, sign_total = [], [], 0, 0
-    for rows in row_chunks(spec.shapes[key], len(tasks)):
+    for rows in row_blocks(spec.shapes[key], len(tasks)):
         p_rows = to_float32(on_merge_device(p[rows]))
         trimmed = torch.empty((len(tasks), *p_rows.shape), dtype=torch.float32,
                               device=p_rows.device)

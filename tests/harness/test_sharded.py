@@ -99,3 +99,27 @@ def test_mapped_input_pages_are_handed_back_after_each_key(tmp_path):
     in_memory = torch.randn(1024, 1024)
     MAPPED_PAGES.touched(str(tmp_path / "model.safetensors"), in_memory)
     assert not MAPPED_PAGES.pending                     # not inside the file's mapping
+
+
+def test_row_blocks_keep_only_a_block_of_a_mapped_tensor_resident(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    import harness.state_dict as state_dict
+    from harness.state_dict import iter_keys, row_blocks
+
+    save_file({"big": torch.randn(4096, 1024)}, tmp_path / "model.safetensors")   # 16 MiB
+    lazy = LazyStateDict(tmp_path)
+    monkeypatch.setattr(state_dict, "CHUNK_BYTES", 2**20)      # 16 blocks of 1 MiB
+
+    def resident_file_kb():
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("RssFile"))
+    float(torch.randn(256, 1024).sum())           # the kernel's own code pages, loaded now
+    total, grew = 0.0, []
+    for key in iter_keys(["big"], "test", False):
+        tensor, before = lazy[key], resident_file_kb()
+        for rows in row_blocks(tuple(tensor.shape), 1):
+            total += float(tensor[rows].sum())
+            grew.append(resident_file_kb() - before)
+    assert len(grew) == 16 and max(grew) < 8 * 1024           # never half of the 16 MiB
+    assert total == pytest.approx(float(lazy["big"].sum()), rel=1e-4)
