@@ -84,6 +84,12 @@ class ClipSuite(ConfiguredSuite):
                         f"{getattr(theirs, field, None)}, the pretrained {base} has "
                         f"{getattr(vision, field, None)}: not fine-tuned from it")
 
+    def provenance(self) -> dict:
+        out = super().provenance()
+        if self.format == "open_clip":
+            out["heads"] = {task: spec.get("head") for task, spec in self.specs.items()}
+        return out
+
     def _check_files(self) -> None:
         """The open_clip layout: every pickled encoder and head file exists."""
         files = [(self.config["pretrained"], "pretrained image encoder")]
@@ -232,6 +238,11 @@ class ClipSuite(ConfiguredSuite):
         data = self.dataset(task)
         image_column, label_column = spec.get("image_column", "image"), spec.get("label_column",
                                                                                  "label")
+        classes = getattr(data.features[label_column], "num_classes", None)
+        if classes is not None and classes != head.shape[0]:
+            raise SuiteUnavailableError(
+                f"{self.name} task {task!r}: the head has {head.shape[0]} classes, the dataset's "
+                f"labels {classes}")
         size = int(self.config.get("batch_size", 64))
         correct = 0
         for start in tqdm(range(0, len(data), size), desc=task, leave=False,

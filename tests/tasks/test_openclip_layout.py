@@ -278,8 +278,9 @@ def test_runs_end_to_end_on_the_open_clip_layout(layout, tmp_path, method, capsy
     assert merged["unseen"]["task_order"] == ["svhn"]
     for record in merged.values():
         assert all(0 <= score["value"] <= 1 for score in record["tasks"].values())
-    assert merged["seen"]["provenance"]["suite"]["checkpoints"]["dtd"][0].endswith(
-        "DTD/finetuned.pt")
+    suite = merged["seen"]["provenance"]["suite"]
+    assert suite["checkpoints"]["dtd"][0].endswith("DTD/finetuned.pt")
+    assert suite["heads"]["dtd"].endswith("head_DTD.pt")
 
 
 def vit_b32_visual_shapes(width=768, layers=12, grid=7, patch=32, embed=512):
@@ -304,3 +305,10 @@ def test_paper_amr_on_open_clip_keys_matches_the_notes():
     assert round(dts_paper_amr(visual, 0.01), 2) == 0.38
     leftovers = [(49408, 512), (77, 512), (512,), (512,), (512, 512), ()]
     assert round(dts_paper_amr(visual + leftovers, 0.3), 2) == 3.68
+
+
+def test_a_head_that_does_not_fit_the_labels_is_named(layout, foreign_classes):
+    torch.save(ClassificationHead(True, torch.randn(5, EMBED)), layout.folder / "head_DTD.pt")
+    suite = VitB32Suite(config=layout.config)
+    with pytest.raises(SuiteUnavailableError, match="head has 5 classes, the dataset's labels 3"):
+        suite.evaluate("dtd", suite.load_finetuned("dtd"))
