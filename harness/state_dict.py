@@ -201,17 +201,19 @@ class _MappedPages:
     100 GB resident (clean page cache, but counted, and competing with the working set).
     :meth:`release` hands them back with ``madvise(MADV_DONTNEED)``: on a file mapping this
     drops clean pages, which fault back from the file if read again (inputs are read-only: a
-    write into a :class:`LazyStateDict` tensor is not kept). Only ranges that lie inside a
-    mapping of the tensor's own file (per ``/proc/self/maps``) are released; where that cannot
-    be told (another platform), nothing is.
+    write into a :class:`LazyStateDict` tensor is not kept). Only tensors read inside a merge
+    loop (:func:`iter_keys`) are noted, each held until released so its mapping cannot go away
+    meanwhile, and only if it lies inside a mapping of its own file (per ``/proc/self/maps``,
+    scanned afresh for every loop); where that cannot be told (another platform), nothing is.
     """
 
     PAGE = 4096
     SMALLEST = 1 << 20                  # tensors below this are not worth a system call
 
     def __init__(self) -> None:
-        self.pending: list[tuple[int, int]] = []
+        self.pending: list[Tensor] = []
         self.mappings: dict[str, list[tuple[int, int]]] = {}
+        self.loops = 0                      # merge loops running (iter_keys)
         self._madvise = self._libc_madvise()
 
     @staticmethod
@@ -240,7 +242,7 @@ class _MappedPages:
     def touched(self, path: str, tensor: Tensor) -> None:
         """Note that ``tensor`` (read from the file ``path``) may be released after this key."""
         size = tensor.numel() * tensor.element_size()
-        if self._madvise is None or size < self.SMALLEST:
+        if self._madvise is None or size < self.SMALLEST or not self.loops:
             return
         address = tensor.data_ptr()
         inside = lambda spans: any(a <= address and address + size <= b for a, b in spans)  # noqa: E731
@@ -248,12 +250,13 @@ class _MappedPages:
             self.mappings[path] = self._file_mappings(path)
             if not inside(self.mappings[path]):
                 return
-        self.pending.append((address, size))
+        self.pending.append(tensor)
 
     def release(self, forget: bool = True) -> None:
         """Hand back the pages read so far; ``forget=False`` (after a row block) keeps the
         tensors noted, so pages their later blocks touch are handed back too."""
-        for address, size in self.pending:
+        for tensor in self.pending:
+            address, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
             start = address - address % self.PAGE
             end = -(-(address + size) // self.PAGE) * self.PAGE
             self._madvise(start, end - start, 4)           # MADV_DONTNEED
@@ -352,11 +355,18 @@ def iter_keys(keys: list[str], desc: str, progress: bool) -> Iterator[str]:
         from tqdm.auto import tqdm
 
         keys = tqdm(keys, desc=desc, unit="tensor", leave=False)
-    for key in keys:
-        yield key
+    MAPPED_PAGES.loops += 1
+    try:
+        for key in keys:
+            yield key
+            MAPPED_PAGES.release()
+            if _MALLOC_TRIM is not None:
+                _MALLOC_TRIM(0)
+    finally:
+        MAPPED_PAGES.loops -= 1
         MAPPED_PAGES.release()
-        if _MALLOC_TRIM is not None:
-            _MALLOC_TRIM(0)
+        if not MAPPED_PAGES.loops:
+            MAPPED_PAGES.mappings.clear()     # files may be closed and their addresses reused
 
 
 def task_vectors(pretrained: StateDict, finetuned: Mapping[str, StateDict], tasks: list[str],
