@@ -16,11 +16,10 @@ pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("PIL")
 
-from harness.cli import main  # noqa: E402
-from harness.results import read_records  # noqa: E402
 from tasks.base import SuiteUnavailableError  # noqa: E402
 from tasks.clip import VitB32Suite  # noqa: E402
 from tasks.openclip_layout import read_module_state, to_transformers, visual_state  # noqa: E402
+from tests.tasks.test_paper_suites import harness, run_both_splits  # noqa: E402
 
 WIDTH, HEADS, LAYERS, PATCH, SIZE, EMBED = 16, 2, 2, 8, 16, 8
 TASKS = {"mnist": "MNIST", "svhn": "SVHN", "dtd": "DTD"}
@@ -244,12 +243,6 @@ def test_bad_files_are_named(tmp_path):
         visual_state(read_module_state(str(tmp_path / "plain.pt")).state, "plain.pt")
 
 
-def harness(capsys, *argv):
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_validate_names_a_missing_head_or_file(layout, tmp_path, capsys):
     common = ["--method", "ties", "--suite", "vit-b32", "--cache-dir", str(tmp_path)]
     broken = tmp_path / "no-head.toml"
@@ -264,16 +257,8 @@ def test_validate_names_a_missing_head_or_file(layout, tmp_path, capsys):
 
 @pytest.mark.parametrize("method", ["ties", "dts-d"])
 def test_runs_end_to_end_on_the_open_clip_layout(layout, tmp_path, method, capsys):
-    results = str(tmp_path / "results")
-    common = ["--method", method, "--suite", "vit-b32", "--suite-config", layout.config,
-              "--results", results, "--cache-dir", str(tmp_path / "cache"), "--quiet"]
-    code, _, err = harness(capsys, "validate", *common)
-    assert code == 0, err
-    for split in ("seen", "unseen"):
-        code, _, err = harness(capsys, "run", *common, "--split", split)
-        assert code == 0, err
-    records, _ = read_records(results)
-    merged = {r["split"]: r for r in records if r["method"] == method}
+    records = run_both_splits(capsys, method, "vit-b32", layout.config, tmp_path)
+    merged = {r["split"]: r for r in records}
     assert merged["seen"]["task_order"] == ["mnist", "dtd"]
     assert merged["unseen"]["task_order"] == ["svhn"]
     for record in merged.values():

@@ -194,11 +194,11 @@ def harness(capsys, *argv):
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("suite", sorted(BUILDERS))
-@pytest.mark.parametrize("method", ["ties", "dts-d"])
-def test_runs_end_to_end(suite, method, configs, tmp_path, capsys):
+def run_both_splits(capsys, method, suite, config, tmp_path) -> list[dict]:
+    """``harness validate``, then ``harness run`` on the seen and unseen splits; the method's
+    result records."""
     results = str(tmp_path / "results")
-    common = ["--method", method, "--suite", suite, "--suite-config", configs[suite],
+    common = ["--method", method, "--suite", suite, "--suite-config", config,
               "--results", results, "--cache-dir", str(tmp_path / "cache"), "--quiet"]
     code, out, err = harness(capsys, "validate", *common)
     assert code == 0, err
@@ -206,8 +206,14 @@ def test_runs_end_to_end(suite, method, configs, tmp_path, capsys):
         code, out, err = harness(capsys, "run", *common, "--split", split)
         assert code == 0, err
     records, _ = read_records(results)
+    return [r for r in records if r["method"] == method]
+
+
+@pytest.mark.parametrize("suite", sorted(BUILDERS))
+@pytest.mark.parametrize("method", ["ties", "dts-d"])
+def test_runs_end_to_end(suite, method, configs, tmp_path, capsys):
+    merged = run_both_splits(capsys, method, suite, configs[suite], tmp_path)
     config, _ = load_config(suite, configs[suite])
-    merged = [r for r in records if r["method"] == method]
     assert {r["split"] for r in merged} == {"seen", "unseen"}
     for record in merged:
         names = (config["unseen"] if record["split"] == "unseen" else
