@@ -422,8 +422,8 @@ def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec
             sources = [finetuned[t][key] for t in spec.tasks]
             value = torch.empty(spec.shapes[key], dtype=p.dtype, device="cpu")
             for rows in row_blocks(spec.shapes[key], len(spec.tasks)):
-                taus = [task_vector(p[rows], source[rows]) for source in sources]
                 theta0 = to_float32(on_merge_device(p[rows]))
+                taus = [task_vector(theta0, source[rows]) for source in sources]
                 value[rows] = cast_like(merge_key(key, theta0, taus), p.dtype)
             merged[key] = value
         return finish_output(merged)
