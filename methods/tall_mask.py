@@ -7,13 +7,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from harness.method import MergeMethod, hp, require
 from harness.payload import Mask, pack_bits
 from harness.result import MergeResult, TaskPayload
 from harness.sharded import building, finish_output
-from harness.state_dict import MergeInputError, inspect_models, iter_keys, task_vectors
+from harness.state_dict import (MergeInputError, inspect_models, iter_keys, on_merge_device,
+                                row_blocks, task_vector, to_float32)
 from methods.task_arithmetic import sum_task_vectors
 
 
@@ -54,6 +56,22 @@ class TallMask(MergeMethod):
             raise MergeInputError(f"tall-mask: no lam given for task {task!r}")
         return self.lam[task]
 
+    @staticmethod
+    def _key_in_blocks(pretrained, finetuned, spec, key, lams) -> tuple[Tensor, Tensor]:
+        """``tau_MTL`` and the tasks' masks of one key on the CPU, computed in row blocks (the
+        rule is elementwise: same bits as the whole key, a block of task vectors in memory)."""
+        shape, p = spec.shapes[key], pretrained[key]
+        sources = [finetuned[t][key] for t in spec.tasks]
+        mtl = torch.empty(shape, dtype=torch.float32, device="cpu")
+        masks = torch.empty((len(sources), *shape), dtype=torch.bool, device="cpu")
+        for rows in row_blocks(shape, len(sources)):
+            theta0 = to_float32(on_merge_device(p[rows]))
+            block, block_masks = tall_masks([task_vector(theta0, s[rows]) for s in sources], lams)
+            mtl[rows] = block
+            for row, mask in enumerate(block_masks):
+                masks[row][rows] = mask
+        return mtl, masks
+
     def merge(self, pretrained, finetuned, *, progress=False):
         spec = inspect_models(pretrained, finetuned)
         tasks = spec.tasks
@@ -61,10 +79,10 @@ class TallMask(MergeMethod):
         records: dict[str, dict] = {t: {} for t in tasks}
         with building("tau_mtl") as tau_mtl:
             for key in iter_keys(spec.active_keys, self.name, progress):
-                mtl, masks = tall_masks(task_vectors(pretrained, finetuned, tasks, key), lams)
+                mtl, masks = self._key_in_blocks(pretrained, finetuned, spec, key, lams)
                 tau_mtl[key] = mtl
                 for t, mask in zip(tasks, masks):
-                    records[t][key] = Mask(pack_bits(mask, 1), tuple(mtl.shape)).cpu()
+                    records[t][key] = Mask(pack_bits(mask, 1), tuple(mtl.shape))
             tau_mtl = finish_output(tau_mtl)
         return MergeResult(self.name, self.params(), pretrained, tasks, kind=self.kind,
                            payloads={t: TaskPayload(r, shared="tau_mtl") for t, r in records.items()},

@@ -7,6 +7,7 @@ from harness import get_method
 from methods.emr import emr_elect
 from methods.t_switch import t_switch_codes
 from methods.tall_mask import tall_masks
+from tests.conftest import make_models
 
 
 def test_emr_hand_computed():
@@ -125,3 +126,17 @@ def test_svd_warns_when_matched_density_keeps_no_matrix():
     with pytest.warns(UserWarning, match="rank 0 for every matrix"):
         result = get_method("svd").merge(pre, ft)
     assert result.info["density"] < 1 / 32
+
+
+def test_tall_mask_in_row_blocks_gives_the_same_bits(monkeypatch):
+    import harness.state_dict as state_dict
+
+    pre, ft = make_models(n_tasks=3)
+    whole = get_method("tall-mask").merge(pre, ft)
+    monkeypatch.setattr(state_dict, "CHUNK_BYTES", 1)           # blocks of one row
+    blocks = get_method("tall-mask").merge(pre, ft)
+    assert all(torch.equal(whole.shared["tau_mtl"][k], blocks.shared["tau_mtl"][k])
+               for k in whole.shared["tau_mtl"])
+    for task in whole.tasks:
+        a, b = whole.payloads[task].records, blocks.payloads[task].records
+        assert a.keys() == b.keys() and all(torch.equal(a[k].bits, b[k].bits) for k in a)
