@@ -57,7 +57,7 @@ class ClipSuite(ConfiguredSuite):
         if self.format not in FORMATS:
             raise SuiteUnavailableError(f"{self.name}: checkpoint_format {self.format!r} is not "
                                         f"one of {', '.join(FORMATS)}")
-        self._activation: str | None = None
+        self._open_clip_config = None      # vision config of the first encoder read
 
     # ---- checks --------------------------------------------------------------------------
     def check(self) -> None:
@@ -125,8 +125,11 @@ class ClipSuite(ConfiguredSuite):
     def _read_encoder(self, path: str) -> StateDict:
         """An open_clip visual tower from a pickled task_vectors ImageEncoder."""
         checkpoint = read_module_state(path)
-        self._activation = self._activation or checkpoint.activation
-        return visual_state(checkpoint.state, path)
+        visual = visual_state(checkpoint.state, path)
+        if self._open_clip_config is None:
+            self._open_clip_config = vision_config(visual, heads=self.config.get("attention_heads"),
+                                                   hidden_act=checkpoint.activation)
+        return visual
 
     def load_finetuned(self, task: str) -> StateDict:
         from transformers import CLIPVisionModel
@@ -211,10 +214,9 @@ class ClipSuite(ConfiguredSuite):
         from transformers import CLIPVisionModel
 
         if self.format == "open_clip":
-            visual = self.load_pretrained()
-            config = vision_config(visual, heads=self.config.get("attention_heads"),
-                                   hidden_act=self._activation)
-            return CLIPVisionModel(config).eval()
+            if self._open_clip_config is None:    # no encoder read yet: read the pretrained one
+                self.load_pretrained()
+            return CLIPVisionModel(self._open_clip_config).eval()
         return CLIPVisionModel(self.clip.config.vision_config).eval()
 
     def _load_backbone(self, backbone: StateDict, device) -> tuple[object, Tensor]:
