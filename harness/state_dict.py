@@ -398,6 +398,16 @@ def row_blocks(shape: tuple[int, ...], tasks: int) -> Iterator:
         MAPPED_PAGES.release(forget=False)
 
 
+def task_vector_blocks(pretrained: StateDict, finetuned: Mapping[str, StateDict],
+                       spec: ModelSpec, key: str) -> Iterator[tuple]:
+    """``(rows, theta_0 block, the tasks' task-vector blocks)`` of one key in row blocks, float32
+    on the merge device, for rules that are elementwise across tasks."""
+    p, sources = pretrained[key], [finetuned[t][key] for t in spec.tasks]
+    for rows in row_blocks(spec.shapes[key], len(sources)):
+        theta0 = to_float32(on_merge_device(p[rows]))
+        yield rows, theta0, [task_vector(theta0, source[rows]) for source in sources]
+
+
 def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
                  merge_key, desc: str, progress: bool, *, elementwise: bool = False
                  ) -> StateDict:
@@ -419,11 +429,8 @@ def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec
                 merged[key] = cast_like(merge_key(key, to_float32(on_merge_device(p)), taus),
                                         p.dtype)
                 continue
-            sources = [finetuned[t][key] for t in spec.tasks]
             value = torch.empty(spec.shapes[key], dtype=p.dtype, device="cpu")
-            for rows in row_blocks(spec.shapes[key], len(spec.tasks)):
-                theta0 = to_float32(on_merge_device(p[rows]))
-                taus = [task_vector(theta0, source[rows]) for source in sources]
+            for rows, theta0, taus in task_vector_blocks(pretrained, finetuned, spec, key):
                 value[rows] = cast_like(merge_key(key, theta0, taus), p.dtype)
             merged[key] = value
         return finish_output(merged)

@@ -14,8 +14,7 @@ from harness.method import MergeMethod, hp, require
 from harness.payload import Mask, pack_bits
 from harness.result import MergeResult, TaskPayload
 from harness.sharded import building, finish_output
-from harness.state_dict import (MergeInputError, inspect_models, iter_keys, on_merge_device,
-                                row_blocks, task_vector, to_float32)
+from harness.state_dict import MergeInputError, inspect_models, iter_keys, task_vector_blocks
 from methods.task_arithmetic import sum_task_vectors
 
 
@@ -60,13 +59,11 @@ class TallMask(MergeMethod):
     def _key_in_blocks(pretrained, finetuned, spec, key, lams) -> tuple[Tensor, Tensor]:
         """``tau_MTL`` and the tasks' masks of one key on the CPU, computed in row blocks (the
         rule is elementwise: same bits as the whole key, a block of task vectors in memory)."""
-        shape, p = spec.shapes[key], pretrained[key]
-        sources = [finetuned[t][key] for t in spec.tasks]
+        shape = spec.shapes[key]
         mtl = torch.empty(shape, dtype=torch.float32, device="cpu")
-        masks = torch.empty((len(sources), *shape), dtype=torch.bool, device="cpu")
-        for rows in row_blocks(shape, len(sources)):
-            theta0 = to_float32(on_merge_device(p[rows]))
-            block, block_masks = tall_masks([task_vector(theta0, s[rows]) for s in sources], lams)
+        masks = torch.empty((len(spec.tasks), *shape), dtype=torch.bool, device="cpu")
+        for rows, _, taus in task_vector_blocks(pretrained, finetuned, spec, key):
+            block, block_masks = tall_masks(taus, lams)
             mtl[rows] = block
             for row, mask in enumerate(block_masks):
                 masks[row][rows] = mask
