@@ -193,6 +193,16 @@ def _open_checked(path: str):
         raise MergeInputError(f"cannot read the safetensors file {path}: {error}") from None
 
 
+def _libc_function(name: str):
+    """A function of glibc (``malloc_trim``, ``madvise``), or None elsewhere."""
+    try:
+        import ctypes
+
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 class _MappedPages:
     """Pages of memory-mapped input files that merges have read since the last release.
 
@@ -218,14 +228,12 @@ class _MappedPages:
 
     @staticmethod
     def _libc_madvise():
-        try:
-            import ctypes
+        import ctypes
 
-            madvise = ctypes.CDLL("libc.so.6", use_errno=True).madvise
+        madvise = _libc_function("madvise")
+        if madvise is not None:
             madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            return madvise
-        except (OSError, AttributeError):
-            return None
+        return madvise
 
     def _file_mappings(self, path: str) -> list[tuple[int, int]]:
         real, found = os.path.realpath(path), []
@@ -330,17 +338,7 @@ def _find_checkpoint(folder: str) -> str:
         f"no model.safetensors or model.safetensors.index.json in {folder!r}")
 
 
-def _heap_trimmer():
-    """glibc's ``malloc_trim``, or None elsewhere."""
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _heap_trimmer()
+_MALLOC_TRIM = _libc_function("malloc_trim")
 
 
 def iter_keys(keys: list[str], desc: str, progress: bool) -> Iterator[str]:
