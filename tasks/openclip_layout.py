@@ -19,6 +19,7 @@ checks that mapping against open_clip's own forward pass where open_clip is inst
 from __future__ import annotations
 
 import _compat_pickle
+import importlib
 import pickle
 import re
 import zipfile
@@ -72,14 +73,8 @@ def _torch_allowed(module: str, name: str) -> bool:
     if module == "torch._utils":
         return name.startswith("_rebuild_")
     if module.startswith("torch.nn.") or module.startswith("torch.storage"):
-        return isinstance(getattr(_module(module), name, None), type)
+        return isinstance(getattr(importlib.import_module(module), name, None), type)
     return False
-
-
-def _module(name: str):
-    import importlib
-
-    return importlib.import_module(name)
 
 
 class _StandInPickle:
