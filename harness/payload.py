@@ -24,17 +24,56 @@ def packed_nbytes(numel: int, bits: int) -> int:
 
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
     """Pack integer codes in ``[0, 2**bits)`` (bits 1, 2, 4 or 8) into a flat uint8 tensor."""
-    if bits not in (1, 2, 4, 8):
-        raise ValueError(f"cannot pack {bits}-bit codes")
-    flat = codes.reshape(-1).to(torch.int32)
-    if flat.numel() and int(flat.max()) >= (1 << bits):
-        raise ValueError(f"a code does not fit in {bits} bits")
-    per_byte = 8 // bits
-    pad = (-flat.numel()) % per_byte
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    shifts = torch.arange(per_byte, dtype=torch.int32, device=flat.device) * bits
-    return (flat.view(-1, per_byte) << shifts).sum(dim=1).to(torch.uint8)
+    packer = BitPacker(codes.numel(), bits, codes.device)
+    packer.add(codes)
+    return packer.finish()
+
+
+class BitPacker:
+    """Packs codes that arrive in order, block by block, into the bytes :func:`pack_bits` gives
+    for all of them at once, so a whole tensor's codes never need to be held unpacked.
+
+    Works in uint8 throughout: one byte of scratch per code of a block, not an int32 copy.
+    """
+
+    def __init__(self, numel: int, bits: int, device: torch.device | str = "cpu") -> None:
+        if bits not in (1, 2, 4, 8):
+            raise ValueError(f"cannot pack {bits}-bit codes")
+        self.bits, self.per_byte = bits, 8 // bits
+        self.packed = torch.empty(packed_nbytes(numel, bits), dtype=torch.uint8, device=device)
+        self.filled = 0
+        self.carry = torch.empty(0, dtype=torch.uint8, device=device)
+
+    def add(self, codes: Tensor) -> None:
+        """Append ``codes`` (any integer or bool dtype) after those added before."""
+        if codes.numel() and int(codes.max()) >= (1 << self.bits):
+            raise ValueError(f"a code does not fit in {self.bits} bits")
+        flat = codes.reshape(-1).to(torch.uint8)
+        if self.carry.numel():
+            flat = torch.cat([self.carry, flat])
+        whole = flat.numel() - flat.numel() % self.per_byte
+        self._write(flat[:whole])
+        self.carry = flat[whole:].clone()
+
+    def finish(self) -> Tensor:
+        """The packed bytes; a last partial byte is padded with zero codes."""
+        if self.carry.numel():
+            self._write(torch.cat([self.carry, self.carry.new_zeros(self.per_byte
+                                                                   - self.carry.numel())]))
+            self.carry = self.carry[:0]
+        if self.filled != self.packed.numel():
+            raise ValueError(f"{self.filled} packed bytes written of {self.packed.numel()}")
+        return self.packed
+
+    def _write(self, flat: Tensor) -> None:
+        groups = flat.view(-1, self.per_byte)
+        out = self.packed[self.filled:self.filled + groups.shape[0]]
+        if out.numel() != groups.shape[0]:
+            raise ValueError(f"more codes than the {self.packed.numel()} bytes allotted hold")
+        out.copy_(groups[:, 0])
+        for slot in range(1, self.per_byte):
+            out.bitwise_or_(groups[:, slot] << (slot * self.bits))
+        self.filled += groups.shape[0]
 
 
 def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:

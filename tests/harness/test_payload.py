@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from harness.payload import pack_bits, packed_nbytes, store_zeros, unpack_bits, zero_storage_nbytes
+from harness.payload import (BitPacker, pack_bits, packed_nbytes, store_zeros, unpack_bits,
+                             zero_storage_nbytes)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4])
@@ -32,3 +33,21 @@ def test_zero_storage_picks_the_smaller_form():
     mask[[5, 9]] = True
     stored, form = store_zeros(mask)
     assert form == "positions" and stored.tolist() == [5, 9]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_bit_packer_in_blocks_gives_the_bytes_of_one_pack(bits):
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (1001,), generator=g)
+    packer = BitPacker(codes.numel(), bits)
+    for block in torch.split(codes, [3, 0, 250, 5, 743]):
+        packer.add(block)
+    assert torch.equal(packer.finish(), pack_bits(codes, bits))
+    assert torch.equal(unpack_bits(pack_bits(codes, bits), bits, 1001), codes.to(torch.uint8))
+
+
+def test_bit_packer_refuses_more_codes_than_allotted():
+    packer = BitPacker(8, 1)
+    packer.add(torch.ones(8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="more codes"):
+        packer.add(torch.ones(8, dtype=torch.bool))
