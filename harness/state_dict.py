@@ -397,22 +397,27 @@ def row_blocks(shape: tuple[int, ...], tasks: int) -> Iterator:
 
 
 def task_vector_blocks(pretrained: StateDict, finetuned: Mapping[str, StateDict],
-                       spec: ModelSpec, key: str) -> Iterator[tuple]:
+                       spec: ModelSpec, key: str, *, weights: bool = False) -> Iterator[tuple]:
     """``(rows, theta_0 block, the tasks' task-vector blocks)`` of one key in row blocks, float32
-    on the merge device, for rules that are elementwise across tasks."""
+    on the merge device, for rules that are elementwise across tasks; with ``weights``, the
+    tasks' own weights (float32, possibly views of the inputs) instead of their task vectors."""
     p, sources = pretrained[key], [finetuned[t][key] for t in spec.tasks]
     for rows in row_blocks(spec.shapes[key], len(sources)):
         theta0 = to_float32(on_merge_device(p[rows]))
-        yield rows, theta0, [task_vector(theta0, source[rows]) for source in sources]
+        if weights:
+            yield rows, theta0, [to_float32(on_merge_device(source[rows])) for source in sources]
+        else:
+            yield rows, theta0, [task_vector(theta0, source[rows]) for source in sources]
 
 
 def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
-                 merge_key, desc: str, progress: bool, *, elementwise: bool = False
-                 ) -> StateDict:
+                 merge_key, desc: str, progress: bool, *, elementwise: bool = False,
+                 weights: bool = False) -> StateDict:
     """A merged state dict built key by key: ``merge_key(key, theta0_f32, taus)`` gives the
     float32 merged tensor of each float key; other keys are copied from the pretrained model.
     With ``elementwise`` (the rule treats every entry on its own) large keys go through in row
-    blocks, so memory stays bounded by a block rather than a whole key."""
+    blocks, so memory stays bounded by a block rather than a whole key; with ``weights`` as
+    well, ``merge_key`` gets the tasks' float32 weights in place of ``taus``."""
     from harness.sharded import building, finish_output
 
     float_keys = set(spec.float_keys)
@@ -428,8 +433,9 @@ def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec
                                         p.dtype)
                 continue
             value = torch.empty(spec.shapes[key], dtype=p.dtype, device="cpu")
-            for rows, theta0, taus in task_vector_blocks(pretrained, finetuned, spec, key):
-                value[rows] = cast_like(merge_key(key, theta0, taus), p.dtype)
+            for rows, theta0, inputs in task_vector_blocks(pretrained, finetuned, spec, key,
+                                                           weights=weights):
+                value[rows] = cast_like(merge_key(key, theta0, inputs), p.dtype)
             merged[key] = value
         return finish_output(merged)
 

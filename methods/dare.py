@@ -3,6 +3,7 @@ vectors, then merge them with Task Arithmetic."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -32,7 +33,10 @@ class Dare(MergeMethod):
     """DARE with rescaling, then Task Arithmetic: ``theta_0 + lam * sum_t DARE_p(tau_t)``.
 
     Random drops are seeded per (seed, task, key), so a seed fixes the result bit for bit,
-    independent of the order in which a lazy checkpoint yields its keys.
+    independent of the order in which a lazy checkpoint yields its keys. Large keys go through
+    in row blocks that draw from their key's generators in row order, which gives the bits of
+    one draw for the whole key (torch's CPU generator fills a tensor in sequence; a test pins
+    this).
     """
 
     name = "dare"
@@ -47,10 +51,15 @@ class Dare(MergeMethod):
     def merge(self, pretrained, finetuned, *, progress=False):
         spec = inspect_models(pretrained, finetuned)
 
+        @functools.lru_cache(maxsize=1)           # one key's generators, for all its blocks
+        def generators(key):
+            return [key_generator(self.seed, t, key) for t in spec.tasks]
+
         def merge_key(key, theta0, taus):
-            dropped = [drop_and_rescale(tau, self.p, key_generator(self.seed, t, key))
-                       for t, tau in zip(spec.tasks, taus)]
+            dropped = [drop_and_rescale(tau, self.p, generator)
+                       for generator, tau in zip(generators(key), taus)]
             return task_arithmetic(theta0, dropped, self.lam)
-        base = merge_shared(pretrained, finetuned, spec, merge_key, self.name, progress)
+        base = merge_shared(pretrained, finetuned, spec, merge_key, self.name, progress,
+                            elementwise=True)
         return MergeResult(self.name, self.params(), base, spec.tasks,
                            merged_params=spec.merged_params)

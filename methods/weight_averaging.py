@@ -10,7 +10,7 @@ from torch import Tensor
 
 from harness.method import MergeMethod
 from harness.result import MergeResult
-from harness.state_dict import inspect_models, merge_shared, on_merge_device
+from harness.state_dict import inspect_models, merge_shared
 
 
 def weight_average(weights: Sequence[Tensor]) -> Tensor:
@@ -26,16 +26,16 @@ class WeightAveraging(MergeMethod):
     """``theta = mean_t theta_t``: one shared model, no hyperparameters.
 
     [decision] The mean is accumulated in float64 before the cast back, so that averaging N
-    copies of one model returns that model bit for bit (a float32 sum would round).
+    copies of one model returns that model bit for bit (a float32 sum would round). Large keys
+    go through in row blocks (the rule is elementwise: same bits).
     """
 
     name = "weight-averaging"
 
     def merge(self, pretrained, finetuned, *, progress=False):
         spec = inspect_models(pretrained, finetuned)
-
-        def merge_key(key, theta0, taus):
-            return weight_average([on_merge_device(finetuned[t][key]) for t in spec.tasks])
-        base = merge_shared(pretrained, finetuned, spec, merge_key, self.name, progress)
+        base = merge_shared(pretrained, finetuned, spec,
+                            lambda key, theta0, weights: weight_average(weights),
+                            self.name, progress, elementwise=True, weights=True)
         return MergeResult(self.name, self.params(), base, spec.tasks,
                            merged_params=spec.merged_params)

@@ -59,12 +59,14 @@ def test_dare_seed_zero_golden_bits():
     assert merged.tolist() == [2.0, 6.0, 2.0, 2.0, 0.0, 2.0, 4.0, 0.0, 6.0, 6.0, 2.0, 2.0]
 
 
-def test_task_arithmetic_in_row_blocks_gives_the_same_bits(models, monkeypatch):
+@pytest.mark.parametrize("method", ["task-arithmetic", "weight-averaging", "dare"])
+def test_row_blocks_give_the_same_bits(models, method, monkeypatch):
+    """DARE's blocks draw their masks in row order from one generator per (task, key)."""
     import harness.state_dict as state_dict
 
     pre, ft = models
-    whole = get_method("task-arithmetic").merge(pre, ft).base
+    whole = get_method(method).merge(pre, ft).base
     monkeypatch.setattr(state_dict, "CHUNK_BYTES", 1)          # one row per block
-    blocks = get_method("task-arithmetic").merge(pre, ft).base
+    blocks = get_method(method).merge(pre, ft).base
     assert whole.keys() == blocks.keys()
     assert all(torch.equal(whole[k], blocks[k]) for k in whole)
