@@ -410,6 +410,24 @@ def task_vector_blocks(pretrained: StateDict, finetuned: Mapping[str, StateDict]
             yield rows, theta0, [task_vector(theta0, source[rows]) for source in sources]
 
 
+def shared_and_masks(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
+                     key: str, rule) -> tuple[Tensor, list[Tensor]]:
+    """One key of a masking rule, ``rule(taus) -> (shared block, the tasks' bool masks)``, that
+    is elementwise across tasks (EMR, TALL-Mask), run in row blocks: the float32 shared tensor
+    on the CPU and each task's mask packed at 1 bit per entry, the bits of the whole key."""
+    from harness.payload import BitPacker
+
+    shape = spec.shapes[key]
+    shared = torch.empty(shape, dtype=torch.float32, device="cpu")
+    packers = [BitPacker(numel(shape), 1) for _ in spec.tasks]
+    for rows, _, taus in task_vector_blocks(pretrained, finetuned, spec, key):
+        block, masks = rule(taus)
+        shared[rows] = block.cpu()
+        for packer, mask in zip(packers, masks):
+            packer.add(mask.cpu())
+    return shared, [packer.finish() for packer in packers]
+
+
 def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
                  merge_key, desc: str, progress: bool, *, elementwise: bool = False,
                  weights: bool = False) -> StateDict:

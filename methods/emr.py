@@ -11,10 +11,10 @@ import torch
 from torch import Tensor
 
 from harness.method import MergeMethod
-from harness.payload import Mask, pack_bits
+from harness.payload import Mask
 from harness.result import MergeResult, TaskPayload
 from harness.sharded import building, finish_output
-from harness.state_dict import inspect_models, iter_keys, task_vectors
+from harness.state_dict import inspect_models, iter_keys, shared_and_masks
 
 
 def emr_elect(taus: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -38,6 +38,9 @@ class Emr(MergeMethod):
       M_t[n]|`` sums per-tensor means over tensors, as the authors' code does.
     - [decision: the authors' code divides by zero and returns inf] a task whose masks are all
       empty gets ``lambda_t = 0`` and a warning naming it.
+    - [decision] the per-tensor means are accumulated in float64 (the authors' float32 means
+      differ in about the 7th digit), so that large keys can go through in row blocks: tau_uni
+      and the masks keep their bits, lambda moves only by float64 rounding (~1e-16).
     - Shared: theta_0 and tau_uni; payload: a 1-bit mask per entry plus one float32 per task.
       Unseen tasks get the unified model ``theta_0 + tau_uni`` (paper, appendix B.2).
     """
@@ -53,14 +56,21 @@ class Emr(MergeMethod):
         denominator = {t: 0.0 for t in tasks}
         with building("tau_uni") as tau_uni:
             for key in iter_keys(spec.active_keys, self.name, progress):
-                taus = task_vectors(pretrained, finetuned, tasks, key)
-                uni, masks = emr_elect(taus)
+                sums = torch.zeros(2, len(tasks), dtype=torch.float64)  # sum|tau_t|, |uni*M_t|
+
+                def elect(taus):
+                    block, masks = emr_elect(taus)
+                    for row, (tau, mask) in enumerate(zip(taus, masks)):
+                        sums[0, row] += float(tau.abs().sum(dtype=torch.float64))
+                        sums[1, row] += float((block * mask).abs().sum(dtype=torch.float64))
+                    return block, masks
+                uni, bits = shared_and_masks(pretrained, finetuned, spec, key, elect)
                 tau_uni[key] = uni
-                shape = tuple(uni.shape)
-                for t, tau, mask in zip(tasks, taus, masks):
-                    numerator[t] += float(tau.abs().mean())
-                    denominator[t] += float((uni * mask).abs().mean())
-                    records[t][key] = Mask(pack_bits(mask, 1), shape).cpu()
+                count = max(1, uni.numel())
+                for row, (t, packed) in enumerate(zip(tasks, bits)):
+                    numerator[t] += float(sums[0, row]) / count
+                    denominator[t] += float(sums[1, row]) / count
+                    records[t][key] = Mask(packed, tuple(uni.shape))
             tau_uni = finish_output(tau_uni)
         payloads, scales = {}, {}
         for t in tasks:

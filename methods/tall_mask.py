@@ -7,14 +7,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 from harness.method import MergeMethod, hp, require
-from harness.payload import Mask, pack_bits
+from harness.payload import Mask
 from harness.result import MergeResult, TaskPayload
 from harness.sharded import building, finish_output
-from harness.state_dict import MergeInputError, inspect_models, iter_keys, task_vector_blocks
+from harness.state_dict import MergeInputError, inspect_models, iter_keys, shared_and_masks
 from methods.task_arithmetic import sum_task_vectors
 
 
@@ -55,20 +54,6 @@ class TallMask(MergeMethod):
             raise MergeInputError(f"tall-mask: no lam given for task {task!r}")
         return self.lam[task]
 
-    @staticmethod
-    def _key_in_blocks(pretrained, finetuned, spec, key, lams) -> tuple[Tensor, Tensor]:
-        """``tau_MTL`` and the tasks' masks of one key on the CPU, computed in row blocks (the
-        rule is elementwise: same bits as the whole key, a block of task vectors in memory)."""
-        shape = spec.shapes[key]
-        mtl = torch.empty(shape, dtype=torch.float32, device="cpu")
-        masks = torch.empty((len(spec.tasks), *shape), dtype=torch.bool, device="cpu")
-        for rows, _, taus in task_vector_blocks(pretrained, finetuned, spec, key):
-            block, block_masks = tall_masks(taus, lams)
-            mtl[rows] = block
-            for row, mask in enumerate(block_masks):
-                masks[row][rows] = mask
-        return mtl, masks
-
     def merge(self, pretrained, finetuned, *, progress=False):
         spec = inspect_models(pretrained, finetuned)
         tasks = spec.tasks
@@ -76,10 +61,11 @@ class TallMask(MergeMethod):
         records: dict[str, dict] = {t: {} for t in tasks}
         with building("tau_mtl") as tau_mtl:
             for key in iter_keys(spec.active_keys, self.name, progress):
-                mtl, masks = self._key_in_blocks(pretrained, finetuned, spec, key, lams)
+                mtl, masks = shared_and_masks(pretrained, finetuned, spec, key,
+                                              lambda taus: tall_masks(taus, lams))
                 tau_mtl[key] = mtl
-                for t, mask in zip(tasks, masks):
-                    records[t][key] = Mask(pack_bits(mask, 1), tuple(mtl.shape))
+                for t, bits in zip(tasks, masks):
+                    records[t][key] = Mask(bits, tuple(mtl.shape))
             tau_mtl = finish_output(tau_mtl)
         return MergeResult(self.name, self.params(), pretrained, tasks, kind=self.kind,
                            payloads={t: TaskPayload(r, shared="tau_mtl") for t, r in records.items()},

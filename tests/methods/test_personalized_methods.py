@@ -140,3 +140,18 @@ def test_tall_mask_in_row_blocks_gives_the_same_bits(monkeypatch):
     for task in whole.tasks:
         a, b = whole.payloads[task].records, blocks.payloads[task].records
         assert a.keys() == b.keys() and all(torch.equal(a[k].bits, b[k].bits) for k in a)
+
+
+def test_emr_in_row_blocks_keeps_masks_and_tau_uni_bits(monkeypatch):
+    import harness.state_dict as state_dict
+
+    pre, ft = make_models(n_tasks=3)
+    whole = get_method("emr").merge(pre, ft)
+    monkeypatch.setattr(state_dict, "CHUNK_BYTES", 1)           # blocks of one row
+    blocks = get_method("emr").merge(pre, ft)
+    assert all(torch.equal(whole.shared["tau_uni"][k], blocks.shared["tau_uni"][k])
+               for k in whole.shared["tau_uni"])
+    for task in whole.tasks:
+        a, b = whole.payloads[task].records, blocks.payloads[task].records
+        assert a.keys() == b.keys() and all(torch.equal(a[k].bits, b[k].bits) for k in a)
+        assert blocks.info["lambda"][task] == pytest.approx(whole.info["lambda"][task], rel=1e-14)
