@@ -458,20 +458,47 @@ def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec
         return finish_output(merged)
 
 
+@dataclass(frozen=True)
+class BlockedDelta:
+    """The float32 delta ``source - reference`` of a tensor too large to hold whole: each call
+    of :meth:`blocks` reads it again, block by block along its longer side."""
+
+    reference: Tensor
+    source: Tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.reference.shape)
+
+    def blocks(self) -> Iterator[tuple[object, Tensor]]:
+        """``(index, block)``: float32 blocks on the merge device; ``index`` places a block in
+        the whole tensor (rows, or for a wide matrix ``(slice(None), columns)``)."""
+        shape = self.shape
+        wide = len(shape) == 2 and shape[0] < shape[1]
+        for part in row_blocks(shape[::-1] if wide else shape, 2):
+            index = (slice(None), part) if wide else part
+            yield index, task_vector(self.reference[index], self.source[index])
+
+
 def encode_deltas(reference: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
-                  encode, desc: str, progress: bool) -> dict[str, dict]:
+                  encode, desc: str, progress: bool, *, blocked=None) -> dict[str, dict]:
     """Per task, ``encode(key, delta)`` of each non-zero float32 delta against ``reference``.
 
     Keys no task changed are skipped (they are outside the AMR parameter set); ``encode`` may
-    return None to store nothing for a key. Returns task -> key -> codec.
+    return None to store nothing for a key. Keys for which ``blocked(key)`` holds reach
+    ``encode`` as a :class:`BlockedDelta`, never whole, and may be zero. Returns task -> key ->
+    codec.
     """
     records: dict[str, dict] = {t: {} for t in spec.tasks}
     for key in iter_keys(spec.active_keys, desc, progress):
         ref = reference[key]
         for task in spec.tasks:
-            delta = task_vector(ref, finetuned[task][key])
-            if not bool(delta.any()):
-                continue
+            if blocked is not None and blocked(key):
+                delta = BlockedDelta(ref, finetuned[task][key])
+            else:
+                delta = task_vector(ref, finetuned[task][key])
+                if not bool(delta.any()):
+                    continue
             codec = encode(key, delta)
             if codec is not None:
                 records[task][key] = codec.cpu()

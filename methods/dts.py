@@ -20,54 +20,84 @@ from harness.method import MergeMethod, hp, require
 from harness.payload import (Codec, Dense, GroupCode, LowRank, pack_bits, packed_nbytes,
                              store_zeros, zero_storage_nbytes)
 from harness.result import MergeResult, TaskPayload
-from harness.state_dict import (ModelSpec, StateDict, encode_deltas, inspect_models, iter_keys,
-                                numel, task_vector)
+from harness.state_dict import (BlockedDelta, ModelSpec, StateDict, encode_deltas,
+                                inspect_models, iter_keys, numel, task_vector)
 from methods.ties import inspect_for_ties, ties_merge
 
 _GROUP_SCALE_BYTES = 4 * 4  # four float32 scales per grouped vector
 
 
-def _upper_half(values: Tensor, member: Tensor) -> Tensor:
-    """Per row, the ``floor(n/2)`` largest member ``values``; among values tied at the cut the
-    first by position (the order a stable descending sort gives), found by selection, not sort."""
+def _kth_smallest(values: Tensor, k: int) -> float:
+    """The ``k``-th smallest of a 1-D tensor that the caller no longer needs (on the CPU it is
+    reordered in place by numpy's selection, which needs no copy and no indices)."""
+    if values.device.type == "cpu":
+        array = values.numpy()
+        array.partition(k - 1)
+        return float(array[k - 1])
+    return float(torch.kthvalue(values, k).values)
+
+
+def _upper_half(rows: Tensor, member: Tensor, negate: bool) -> Tensor:
+    """Per row, the ``floor(n/2)`` members of largest value (of largest magnitude, ``negate``
+    for negative members); among values tied at the cut the first by position (the order a
+    stable descending sort gives), found by selection, not sort."""
     out = torch.zeros_like(member)
-    for row in range(values.shape[0]):
-        positions = torch.nonzero(member[row]).reshape(-1)
-        picked = values[row][positions]
+    for row in range(rows.shape[0]):
+        x, m = rows[row], member[row]
+        picked = x[m]
         half = picked.numel() // 2
         if half == 0:
             continue
-        cut = torch.kthvalue(picked, picked.numel() - half + 1).values
-        above = picked > cut
-        tied = picked == cut
-        chosen = above | (tied & (torch.cumsum(tied, 0) <= half - int(above.sum())))
-        out[row, positions[chosen]] = True
+        if negate:
+            picked.neg_()
+        cut = _kth_smallest(picked, picked.numel() - half + 1)
+        del picked
+        above = (x < -cut if negate else x > cut) & m
+        need = half - int(above.sum())
+        if need:
+            tied = torch.nonzero((x == (-cut if negate else cut)) & m).reshape(-1)
+            above[tied[:need]] = True
+        out[row] = above
     return out
+
+
+_CHUNK_ENTRIES = 2**22   # entries per chunk of scans that would otherwise copy a whole tensor
 
 
 def group_encode(x: Tensor, grouped_dim: int | None = None) -> GroupCode:
     """Threshold and scale ``x`` (float32) into DTS's 4-group code.
 
     Positives split at their median into high and low halves (stable order on ties), negatives
-    likewise by magnitude; each group's scale is its RMS ``||x_G|| / sqrt(|G|)``; exact zeros
-    stay zero. ``grouped_dim=None`` groups over the whole tensor; an int groups each slice
-    along that dimension separately (per singular vector).
+    likewise by magnitude; each group's scale is its RMS ``||x_G|| / sqrt(|G|)`` (squares
+    summed in float64, as torch's CPU norm does, in chunks so no full-size temporary is made);
+    exact zeros stay zero. ``grouped_dim=None`` groups over the whole tensor; an int groups each
+    slice along that dimension separately (per singular vector).
     """
     shape = tuple(x.shape)
     if grouped_dim is None:
         rows = x.reshape(1, -1)
     else:
         rows = x.movedim(grouped_dim, 0).reshape(shape[grouped_dim], -1)
-    pos, neg = rows > 0, rows < 0
-    ids = torch.where(pos, torch.where(_upper_half(rows, pos), 0, 1),
-                      torch.where(_upper_half(-rows, neg), 2, 3)).to(torch.uint8)
-    scales = torch.zeros(rows.shape[0], 4, dtype=torch.float32, device=rows.device)
-    nonzero = pos | neg
-    for group in range(4):
-        member = (ids == group) & nonzero
-        count = torch.linalg.vector_norm(member.to(torch.float32), dim=1)
-        norm = torch.linalg.vector_norm(rows * member, dim=1)
-        scales[:, group] = torch.where(count > 0, norm / count.clamp(min=1), 0.0)
+    ids = torch.full(rows.shape, 3, dtype=torch.uint8, device=rows.device)  # 3 also for zeros
+    neg = rows < 0
+    ids.masked_fill_(_upper_half(rows, neg, negate=True), 2)
+    del neg
+    pos = rows > 0
+    ids.masked_fill_(pos, 1)
+    ids.masked_fill_(_upper_half(rows, pos, negate=False), 0)
+    del pos
+    counts = torch.zeros(rows.shape[0], 4, dtype=torch.float64, device=rows.device)
+    squares = torch.zeros_like(counts)
+    for start in range(0, rows.shape[1], _CHUNK_ENTRIES):
+        part = slice(start, start + _CHUNK_ENTRIES)
+        chunk, chunk_ids = rows[:, part], ids[:, part]
+        nonzero = chunk != 0
+        for group in range(4):
+            member = (chunk_ids == group) & nonzero
+            counts[:, group] += member.sum(dim=1)
+            squares[:, group] += (chunk * member).to(torch.float64).square().sum(dim=1)
+    norms, roots = squares.sqrt().to(torch.float32), counts.sqrt().to(torch.float32)
+    scales = torch.where(roots > 0, norms / roots.clamp(min=1), 0.0)
     zeros, zeros_as = store_zeros(x == 0)
     return GroupCode(pack_bits(ids, 2), scales, shape, grouped_dim, zeros, zeros_as)
 
@@ -92,27 +122,102 @@ def truncated_svd(delta: Tensor, rank: int, signs: str = "canonical") -> tuple[T
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     u, s, vh = u[:, :rank], s[:rank], vh[:rank, :]
     if signs == "canonical":
-        pivot = u.abs().argmax(dim=0)
-        flip = torch.sign(u[pivot, torch.arange(rank, device=u.device)])
-        flip = torch.where(flip == 0, 1.0, flip)
-        u, vh = u * flip, vh * flip[:, None]
+        _canonical_signs(u, vh)
     return u.contiguous(), s.contiguous(), vh.contiguous()
 
 
-def dts_encode(delta: Tensor, density: float, signs: str = "canonical",
-               grouping: str = "matrix") -> Codec | None:
-    """DTS's stored form of one float32 delta tensor (None when its rank rounds to 0)."""
-    if delta.dim() == 0:
-        return Dense(delta.clone())
-    if delta.dim() != 2:
-        return group_encode(delta)
-    rank = dts_rank(density, delta.shape)
-    if rank == 0:
+def _canonical_signs(u: Tensor, vh: Tensor) -> None:
+    """Flip each pair in place so the largest-magnitude entry of ``u_i`` (the first on a tie)
+    is positive; ``u`` is scanned in row chunks, never copied whole."""
+    rank = u.shape[1]
+    best = torch.full((rank,), -1.0, device=u.device)
+    sign = torch.ones(rank, device=u.device)
+    columns = torch.arange(rank, device=u.device)
+    step = max(1, _CHUNK_ENTRIES // max(1, rank))
+    for start in range(0, u.shape[0], step):
+        chunk = u[start:start + step]
+        value = chunk[chunk.abs().argmax(dim=0), columns]
+        better = value.abs() > best
+        best = torch.where(better, value.abs(), best)
+        sign = torch.where(better, torch.sign(value), sign)
+    flip = torch.where(sign == 0, 1.0, sign)
+    u.mul_(flip)
+    vh.mul_(flip[:, None])
+
+
+IN_MEMORY_SVD_BYTES = 2**30   # float32 matrices larger than this are decomposed block by block
+
+
+def blocked_truncated_svd(delta: BlockedDelta, rank: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Top-``rank`` SVD, canonical signs, of a matrix read in blocks along its longer side;
+    None when the matrix is zero. The matrix is never held whole.
+
+    The shorter side's singular vectors are the top eigenvectors of the float64 Gram matrix
+    (the sum of ``B^T B`` over blocks ``B``); a second read gives the longer side's as ``B V``
+    normalized, and S as their norms. In float64 this is at least as accurate as a float32
+    LAPACK SVD for singular values within a factor 1e9 of the largest. Memory: the Gram matrix
+    (shorter side squared, float64) and the longer side's float32 factor.
+    """
+    m, n = delta.shape
+    wide = m < n
+    orient = (lambda block: block.T) if wide else (lambda block: block)
+    gram = None
+    for _, block in delta.blocks():
+        b = orient(block).to(torch.float64)
+        gram = b.T @ b if gram is None else gram.addmm_(b.T, b)
+    if gram is None or not bool(gram.any()):
         return None
-    u, s, vh = truncated_svd(delta, rank, signs)
+    small = torch.linalg.eigh(gram).eigenvectors[:, -rank:].flip(1)   # largest first
+    del gram
+    long = max(m, n)
+    big = torch.empty((rank, long) if wide else (long, rank), dtype=torch.float32,
+                      device=small.device)
+    squares = torch.zeros(rank, dtype=torch.float64, device=small.device)
+    for index, block in delta.blocks():
+        projected = orient(block).to(torch.float64) @ small
+        squares += projected.square().sum(dim=0)
+        if wide:
+            big[:, index[1]] = projected.T
+        else:
+            big[index] = projected
+    norms = squares.sqrt()
+    inverse = torch.where(norms > 0, 1 / norms, 0.0).to(torch.float32)
+    big.mul_(inverse[:, None] if wide else inverse)
+    small = small.to(torch.float32)
+    u, vh = (small.contiguous(), big) if wide else (big, small.T.contiguous())
+    _canonical_signs(u, vh)
+    return u, norms.to(torch.float32), vh
+
+
+def dts_encode(delta: Tensor | BlockedDelta, density: float, signs: str = "canonical",
+               grouping: str = "matrix") -> Codec | None:
+    """DTS's stored form of one float32 delta tensor (None when its rank rounds to 0, or a
+    blocked delta is zero)."""
+    if isinstance(delta, BlockedDelta):
+        rank = dts_rank(density, delta.shape)
+        factors = blocked_truncated_svd(delta, rank) if rank else None
+        if factors is None:
+            return None
+        u, s, vh = factors
+    elif delta.dim() == 0:
+        return Dense(delta.clone())
+    elif delta.dim() != 2:
+        return group_encode(delta)
+    else:
+        rank = dts_rank(density, delta.shape)
+        if rank == 0:
+            return None
+        u, s, vh = truncated_svd(delta, rank, signs)
     per_vector = grouping == "vector"
     return LowRank(group_encode(u, 1 if per_vector else None), s,
                    group_encode(vh, 0 if per_vector else None))
+
+
+def blocked_key(spec: ModelSpec, signs: str):
+    """Which keys DTS decomposes block by block: matrices over ``IN_MEMORY_SVD_BYTES`` in
+    float32, with canonical signs (LAPACK's own signs need LAPACK's SVD of the whole)."""
+    return lambda key: (signs == "canonical" and len(spec.shapes[key]) == 2
+                        and 4 * numel(spec.shapes[key]) > IN_MEMORY_SVD_BYTES)
 
 
 def predicted_stored_bytes(shape: tuple[int, ...], density: float, zeros: int,
@@ -185,7 +290,7 @@ def dts_result(method: MergeMethod, spec: ModelSpec, base: StateDict,
     """Encode every task's delta against ``base`` and wrap it as a personalized result."""
     records = encode_deltas(base, finetuned, spec,
                             lambda key, delta: dts_encode(delta, density, signs, grouping),
-                            method.name, progress)
+                            method.name, progress, blocked=blocked_key(spec, signs))
     bits = paper_bits(spec, density)
     return MergeResult(method.name, method.params(), base, spec.tasks, kind="personalized",
                        payloads={t: TaskPayload(r) for t, r in records.items()},
@@ -219,6 +324,11 @@ _DECISIONS = """
       paper's count (3 bits per element, 32 per singular value, scales free) beside it.
     - r = int(density * min(m, n)) per matrix; at r = 0 the delta is dropped. 0-d tensors are
       stored exactly; 1-D and >2-D tensors are thresholded without an SVD.
+    - [decision: beyond the paper] a matrix over 1 GiB in float32 (an LLM's embedding) is
+      never held whole: with canonical signs its SVD comes from the float64 Gram matrix of its
+      row blocks (an exact, not randomized, routine; at least as accurate as float32 LAPACK for
+      singular values within 1e9 of the largest); ``svd_signs="lapack"`` keeps LAPACK's SVD.
+    - group scales sum their squares in float64 (in chunks), so CPU and GPU agree to rounding.
 """
 
 

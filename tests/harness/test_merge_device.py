@@ -140,6 +140,21 @@ def test_merges_on_a_device_give_the_cpu_bits_and_store_on_the_cpu(method, param
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), task
 
 
+def test_blocked_svd_runs_on_the_device_and_gives_the_cpu_bits(monkeypatch):
+    import methods.dts as dts
+
+    monkeypatch.setattr(dts, "IN_MEMORY_SVD_BYTES", 0)           # every matrix in blocks
+    pretrained, finetuned = make_models()
+    on_cpu = get_method("dts-d").merge(pretrained, finetuned)
+    with EmulatedDevice() as device, merge_device("cuda"):
+        on_gpu = get_method("dts-d").merge(pretrained, finetuned)
+        assert not any(device.on_device(t) for t in stored_tensors(on_gpu))
+    assert any("eigh" in op for op in device.ops_on_device)
+    for task in on_cpu.tasks:
+        a, b = on_cpu.weights_for(task), on_gpu.weights_for(task)
+        assert all(torch.equal(a[k], b[k]) for k in a), task
+
+
 def test_validation_runs_on_the_device_and_reports_the_same():
     pretrained, finetuned = make_models()
     with EmulatedDevice() as device, merge_device("cuda"):

@@ -9,6 +9,7 @@ from methods.dts import (dts_encode, group_encode, predicted_stored_bytes, thres
                          truncated_svd)
 from methods.ties import inspect_for_ties, ties_merge
 from harness.state_dict import inspect_models
+from tests.conftest import make_models
 
 
 def test_golden_vector():
@@ -238,3 +239,55 @@ def test_wide_matrices_decompose_like_tall_ones():
     flip = torch.sign(ref_u[pivots, torch.arange(10)])
     torch.testing.assert_close(u, ref_u[:, :10] * flip, atol=1e-5, rtol=0)
     torch.testing.assert_close(vh, ref_vh[:10] * flip[:, None], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (40, 300)])
+def test_blocked_svd_matches_lapack(shape, monkeypatch):
+    import harness.state_dict as state_dict
+    from harness.state_dict import BlockedDelta
+    from methods.dts import blocked_truncated_svd
+
+    monkeypatch.setattr(state_dict, "CHUNK_BYTES", 4000)          # a few rows per block
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(shape, generator=g)
+    spectrum = torch.diag(torch.logspace(0, -3, shape[1]))       # distinct singular values
+    src = ref + torch.randn(shape, generator=g) @ spectrum
+    u, s, vh = truncated_svd(src - ref, 12)
+    bu, bs, bvh = blocked_truncated_svd(BlockedDelta(ref, src), 12)
+    torch.testing.assert_close(bs, s, rtol=1e-5, atol=0)
+    torch.testing.assert_close(bu, u, rtol=0, atol=1e-4)
+    torch.testing.assert_close(bvh, vh, rtol=0, atol=1e-4)
+    assert bu.is_contiguous() and bvh.is_contiguous()
+    assert blocked_truncated_svd(BlockedDelta(ref, ref.clone()), 3) is None
+
+
+@pytest.mark.parametrize("method", ["dts-t", "dts-d"])
+def test_large_matrices_are_decomposed_in_blocks(method, monkeypatch):
+    """Over IN_MEMORY_SVD_BYTES a matrix goes through the blocked SVD, never LAPACK's whole
+    SVD, and serves the same task weights up to rounding near the median cuts."""
+    import harness.state_dict as state_dict
+    import methods.dts as dts
+
+    pre, ft = make_models(n_tasks=2)
+    whole = get_method(method).merge(pre, ft)
+    monkeypatch.setattr(dts, "IN_MEMORY_SVD_BYTES", 0)
+    monkeypatch.setattr(state_dict, "CHUNK_BYTES", 200)
+    monkeypatch.setattr(dts, "truncated_svd", None)               # any whole SVD would fail
+    blocked = get_method(method).merge(pre, ft)
+    for task in whole.tasks:
+        a, b = whole.weights_for(task), blocked.weights_for(task)
+        for key in a:
+            if a[key].is_floating_point():
+                assert torch.linalg.vector_norm(a[key] - b[key]) <= \
+                    1e-3 * torch.linalg.vector_norm(a[key]), key
+    assert blocked.stored_bytes("task0") == whole.stored_bytes("task0")
+
+
+def test_lapack_signs_keep_the_whole_svd(monkeypatch):
+    import methods.dts as dts
+
+    monkeypatch.setattr(dts, "IN_MEMORY_SVD_BYTES", 0)
+    spec = inspect_models(*make_models(n_tasks=2))
+    assert dts.blocked_key(spec, "canonical")("embed.weight")
+    assert not dts.blocked_key(spec, "lapack")("embed.weight")
+    assert not dts.blocked_key(spec, "canonical")("conv.weight")
