@@ -2,6 +2,7 @@
 
     python scripts/bench_scale.py --size 0.5b --layers 4 --tasks 3
     python scripts/bench_scale.py --size 14b --layers 1 --tasks 3 --no-embeddings --methods ties
+    python scripts/bench_scale.py --size 7b --only-embeddings --tasks 1 --methods dts-d
     python scripts/bench_scale.py --size 0.5b --methods ties --mergekit /path/to/mergekit-venv
     python scripts/bench_scale.py --size 14b --tasks 3 --device cuda     # a GPU machine
 
@@ -50,16 +51,19 @@ def model_config(size: str, layers: int | None):
                        architectures=["Qwen2ForCausalLM"])
 
 
-def shapes(size: str, layers: int | None, embeddings: bool) -> dict[str, tuple[int, ...]]:
-    """Float tensor shapes of ``Qwen2ForCausalLM`` for the size (built on the meta device)."""
+def shapes(size: str, layers: int | None, embeddings: str) -> dict[str, tuple[int, ...]]:
+    """Float tensor shapes of ``Qwen2ForCausalLM`` for the size (built on the meta device);
+    ``embeddings``: "with", "without", or "only" (the 150k-token embedding and output head)."""
     from transformers import Qwen2ForCausalLM
 
     config = model_config(size, layers)
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config)
     out = {k: tuple(v.shape) for k, v in model.state_dict().items() if v.is_floating_point()}
-    if not embeddings:
-        out = {k: s for k, s in out.items() if "embed_tokens" not in k and "lm_head" not in k}
+    if embeddings != "with":
+        only = embeddings == "only"
+        out = {k: s for k, s in out.items()
+               if ("embed_tokens" in k or "lm_head" in k) == only}
     return out
 
 
@@ -169,6 +173,8 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=None, help="first N decoder layers only")
     parser.add_argument("--tasks", type=int, default=3)
     parser.add_argument("--no-embeddings", action="store_true")
+    parser.add_argument("--only-embeddings", action="store_true",
+                        help="only the embedding and output head (the largest matrices)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--shard-mb", type=int, default=1024)
     parser.add_argument("--methods", nargs="*", default=["ties", "dts-d"])
@@ -186,7 +192,9 @@ def main() -> int:
         else:
             print(json.dumps(worker(method, root, int(tasks), args.device)))
         return 0
-    shape_of = shapes(args.size, args.layers, not args.no_embeddings)
+    embeddings = ("without" if args.no_embeddings else "only" if args.only_embeddings
+                  else "with")
+    shape_of = shapes(args.size, args.layers, embeddings)
     dtype = getattr(torch, args.dtype)
     params = sum(torch.Size(s).numel() for s in shape_of.values())
     largest = max(torch.Size(s).numel() for s in shape_of.values())
@@ -197,8 +205,10 @@ def main() -> int:
             model_config(args.size, args.layers).save_pretrained(os.path.join(root, name))
         written = time.perf_counter() - start
         input_bytes = params * dtype.itemsize * (args.tasks + 1)
-        print(f"# Qwen2.5-{args.size} shapes, {args.layers or 'all'} layers"
-              f"{'' if not args.no_embeddings else ', no embeddings'}: {params:,} parameters "
+        what = {"with": f"{args.layers or 'all'} layers",
+                "without": f"{args.layers or 'all'} layers, no embeddings",
+                "only": "embeddings only"}[embeddings]
+        print(f"# Qwen2.5-{args.size} shapes, {what}: {params:,} parameters "
               f"per model in {args.dtype}, {args.tasks} tasks + base = "
               f"{input_bytes / 2**30:.2f} GiB of input; largest tensor {largest:,} parameters "
               f"({largest * 4 / 2**30:.2f} GiB in float32); {os.cpu_count()} CPUs, "
