@@ -204,7 +204,7 @@ def _moved_shape(shape: tuple[int, ...], dim: int) -> tuple[int, ...]:
 def store_zeros(zero_mask: Tensor) -> tuple[Tensor | None, str | None]:
     """The cheaper of a packed mask and int32 positions for a boolean zero mask."""
     flat = zero_mask.reshape(-1)
-    count = int(flat.sum())
+    count = int(torch.count_nonzero(flat))
     if count == 0:
         return None, None
     if 4 * count < packed_nbytes(flat.numel(), 1):

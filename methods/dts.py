@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -27,14 +28,17 @@ from methods.ties import inspect_for_ties, ties_merge
 _GROUP_SCALE_BYTES = 4 * 4  # four float32 scales per grouped vector
 
 
-def _kth_smallest(values: Tensor, k: int) -> float:
-    """The ``k``-th smallest of a 1-D tensor that the caller no longer needs (on the CPU it is
-    reordered in place by numpy's selection, which needs no copy and no indices)."""
-    if values.device.type == "cpu":
-        array = values.numpy()
-        array.partition(k - 1)
-        return float(array[k - 1])
-    return float(torch.kthvalue(values, k).values)
+def _cut(x: Tensor, member: Tensor, k: int, negate: bool) -> float:
+    """The ``k``-th smallest of ``x``'s member entries (of their negations, ``negate``). On the
+    CPU numpy copies out the members only and selects in place: no int64 index tensors."""
+    if x.device.type == "cpu":
+        picked = x.numpy()[member.numpy()]
+        if negate:
+            numpy.negative(picked, out=picked)
+        picked.partition(k - 1)
+        return float(picked[k - 1])
+    picked = x[member]
+    return float(torch.kthvalue(picked.neg_() if negate else picked, k).values)
 
 
 def _upper_half(rows: Tensor, member: Tensor, negate: bool) -> Tensor:
@@ -44,16 +48,13 @@ def _upper_half(rows: Tensor, member: Tensor, negate: bool) -> Tensor:
     out = torch.zeros_like(member)
     for row in range(rows.shape[0]):
         x, m = rows[row], member[row]
-        picked = x[m]
-        half = picked.numel() // 2
+        count = int(torch.count_nonzero(m))
+        half = count // 2
         if half == 0:
             continue
-        if negate:
-            picked.neg_()
-        cut = _kth_smallest(picked, picked.numel() - half + 1)
-        del picked
+        cut = _cut(x, m, count - half + 1, negate)
         above = (x < -cut if negate else x > cut) & m
-        need = half - int(above.sum())
+        need = half - int(torch.count_nonzero(above))
         if need:
             tied = torch.nonzero((x == (-cut if negate else cut)) & m).reshape(-1)
             above[tied[:need]] = True

@@ -17,7 +17,7 @@ from harness.state_dict import encode_deltas, inspect_models
 def keep_largest(values: Tensor, member: Tensor, k: float) -> Tensor:
     """Among ``member`` entries keep the ``int(n * (1 - k))`` largest ``values`` (ties at the
     smallest kept value kept too); where that count is 0, keep every member."""
-    n = int(member.sum())
+    n = int(torch.count_nonzero(member))
     keep = int(n * (1 - k))
     if keep == 0:
         return member
