@@ -374,7 +374,8 @@ def task_vectors(pretrained: StateDict, finetuned: Mapping[str, StateDict], task
     return [task_vector(p, finetuned[t][key]) for t in tasks]
 
 
-CHUNK_BYTES = 2**27     # float32 bytes of one row block of all tasks' task vectors
+CHUNK_BYTES = 2**25     # float32 bytes of one row block of all tasks' task vectors (32 MiB: the
+                        # per-block temporaries stay small and cache-friendly)
 
 
 def row_chunks(shape: tuple[int, ...], tasks: int) -> list:

@@ -155,13 +155,14 @@ def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progr
         sign_total += signs
         if undecided is None:
             merged[key] = value
-            continue
-        size = sum(t.numel() * t.element_size() for t in (value, *undecided))
-        if held_bytes + size <= HELD_BYTES:
-            held[key] = (value, *undecided)
-            held_bytes += size
         else:
-            again.append(key)
+            size = sum(t.numel() * t.element_size() for t in (value, *undecided))
+            if held_bytes + size <= HELD_BYTES:
+                held[key] = (value, *undecided)
+                held_bytes += size
+            else:
+                again.append(key)
+        del value, undecided    # a key already written to a shard must not outlive its turn
     majority = (sign_total > 0) - (sign_total < 0)
     for key in list(held):
         value, positions, columns = held.pop(key)
