@@ -29,14 +29,22 @@ _GROUP_SCALE_BYTES = 4 * 4  # four float32 scales per grouped vector
 
 
 def _cut(x: Tensor, member: Tensor, k: int, negate: bool) -> float:
-    """The ``k``-th smallest of ``x``'s member entries (of their negations, ``negate``). On the
-    CPU numpy copies out the members only and selects in place: no int64 index tensors."""
-    if x.device.type == "cpu":
-        picked = x.numpy()[member.numpy()]
-        if negate:
-            numpy.negative(picked, out=picked)
-        picked.partition(k - 1)
-        return float(picked[k - 1])
+    """The ``k``-th smallest of ``x``'s member entries (of their negations, ``negate``)."""
+    return (_cut_numpy if x.device.type == "cpu" else _cut_torch)(x, member, k, negate)
+
+
+def _cut_numpy(x: Tensor, member: Tensor, k: int, negate: bool) -> float:
+    """:func:`_cut` on the CPU: numpy copies out the members only and selects in place, with
+    no int64 index tensors (``torch.kthvalue`` makes a copy and int64 indices)."""
+    picked = x.numpy()[member.numpy()]
+    if negate:
+        numpy.negative(picked, out=picked)
+    picked.partition(k - 1)
+    return float(picked[k - 1])
+
+
+def _cut_torch(x: Tensor, member: Tensor, k: int, negate: bool) -> float:
+    """:func:`_cut` on other devices."""
     picked = x[member]
     return float(torch.kthvalue(picked.neg_() if negate else picked, k).values)
 
@@ -70,8 +78,8 @@ def group_encode(x: Tensor, grouped_dim: int | None = None) -> GroupCode:
 
     Positives split at their median into high and low halves (stable order on ties), negatives
     likewise by magnitude; each group's scale is its RMS ``||x_G|| / sqrt(|G|)`` (squares
-    summed in float64, as torch's CPU norm does, in chunks so no full-size temporary is made);
-    exact zeros stay zero. ``grouped_dim=None`` groups over the whole tensor; an int groups each
+    summed in float64 chunk by chunk: no full-size temporary, and CPU and GPU agree to
+    rounding); exact zeros stay zero. ``grouped_dim=None`` groups over the whole tensor; an int groups each
     slice along that dimension separately (per singular vector).
     """
     shape = tuple(x.shape)
@@ -95,7 +103,7 @@ def group_encode(x: Tensor, grouped_dim: int | None = None) -> GroupCode:
         nonzero = chunk != 0
         for group in range(4):
             member = (chunk_ids == group) & nonzero
-            counts[:, group] += member.sum(dim=1)
+            counts[:, group] += torch.count_nonzero(member, dim=1)
             squares[:, group] += (chunk * member).to(torch.float64).square().sum(dim=1)
     norms, roots = squares.sqrt().to(torch.float32), counts.sqrt().to(torch.float32)
     scales = torch.where(roots > 0, norms / roots.clamp(min=1), 0.0)

@@ -3,6 +3,7 @@ merging"): a unified task vector plus a per-task sign mask and rescaler."""
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,16 @@ def emr_elect(taus: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     masks = stacked * flag > 0
     tau_uni = flag * (stacked * masks).abs().amax(dim=0)
     return tau_uni, masks
+
+
+def _elect_and_sum(sums: Tensor, taus: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """:func:`emr_elect` of a block, adding each task's ``sum|tau_t|`` and ``sum|tau_uni * M_t|``
+    to ``sums`` (float64, rows 0 and 1) for lambda."""
+    block, masks = emr_elect(taus)
+    for row, (tau, mask) in enumerate(zip(taus, masks)):
+        sums[0, row] += float(tau.abs().sum(dtype=torch.float64))
+        sums[1, row] += float((block * mask).abs().sum(dtype=torch.float64))
+    return block, masks
 
 
 @dataclass(frozen=True)
@@ -57,14 +68,8 @@ class Emr(MergeMethod):
         with building("tau_uni") as tau_uni:
             for key in iter_keys(spec.active_keys, self.name, progress):
                 sums = torch.zeros(2, len(tasks), dtype=torch.float64)  # sum|tau_t|, |uni*M_t|
-
-                def elect(taus):
-                    block, masks = emr_elect(taus)
-                    for row, (tau, mask) in enumerate(zip(taus, masks)):
-                        sums[0, row] += float(tau.abs().sum(dtype=torch.float64))
-                        sums[1, row] += float((block * mask).abs().sum(dtype=torch.float64))
-                    return block, masks
-                uni, bits = shared_and_masks(pretrained, finetuned, spec, key, elect)
+                uni, bits = shared_and_masks(pretrained, finetuned, spec, key,
+                                             functools.partial(_elect_and_sum, sums))
                 tau_uni[key] = uni
                 count = max(1, uni.numel())
                 for row, (t, packed) in enumerate(zip(tasks, bits)):

@@ -11,15 +11,23 @@ from harness.accounting import amr_percent, dts_rank
 from harness.method import MergeMethod, MethodNotApplicable, hp, require
 from harness.payload import Codec, Dense, LowRank
 from harness.result import MergeResult, TaskPayload
-from harness.state_dict import ModelSpec, encode_deltas, inspect_models, numel
-from methods.dts import delta_zero_counts, predicted_amr, truncated_svd
+from harness.state_dict import BlockedDelta, ModelSpec, encode_deltas, inspect_models, numel
+from methods.dts import (blocked_key, blocked_truncated_svd, delta_zero_counts, predicted_amr,
+                         truncated_svd)
 from methods.dts_star import GRID, largest_density
 
 DTS_REFERENCE_DENSITY = 0.3
 
 
-def svd_encode(tau: Tensor, density: float) -> Codec | None:
-    """Top-r SVD factors of a 2-D task vector (None at r = 0); other tensors as they are."""
+def svd_encode(tau: Tensor | BlockedDelta, density: float) -> Codec | None:
+    """Top-r SVD factors of a 2-D task vector (None at r = 0, or a zero blocked one); other
+    tensors as they are. A blocked matrix is decomposed without holding it (the product
+    ``U S V`` does not depend on the signs, so DTS's blocked routine serves here too)."""
+    if isinstance(tau, BlockedDelta):
+        rank = dts_rank(density, tau.shape)
+        factors = blocked_truncated_svd(tau, rank) if rank else None
+        return None if factors is None else LowRank(Dense(factors[0]), factors[1],
+                                                    Dense(factors[2]))
     if tau.dim() != 2:
         return Dense(tau.clone())
     rank = dts_rank(density, tau.shape)
@@ -71,7 +79,8 @@ class SvdBaseline(MergeMethod):
 
     [decision] DTS-T's reference AMR is predicted from shapes and the task vectors' zero
     counts, taking its SVD factors to hold no exact zeros (a lower bound on its bytes), so
-    the baseline never stores more than DTS-T.
+    the baseline never stores more than DTS-T. Matrices over 1 GiB in float32 are decomposed
+    block by block as DTS does (``methods.dts.blocked_truncated_svd``).
     """
 
     name = "svd"
@@ -87,7 +96,8 @@ class SvdBaseline(MergeMethod):
         spec = inspect_models(pretrained, finetuned)
         density = self.density if self.density is not None else matched_density(spec)
         records = encode_deltas(pretrained, finetuned, spec,
-                                lambda key, tau: svd_encode(tau, density), self.name, progress)
+                                lambda key, tau: svd_encode(tau, density), self.name, progress,
+                                blocked=blocked_key(spec, "canonical"))
         return MergeResult(self.name, self.params(), pretrained, spec.tasks, kind=self.kind,
                            payloads={t: TaskPayload(r) for t, r in records.items()},
                            merged_params=spec.merged_params, info={"density": density})

@@ -261,19 +261,22 @@ def test_blocked_svd_matches_lapack(shape, monkeypatch):
     assert blocked_truncated_svd(BlockedDelta(ref, ref.clone()), 3) is None
 
 
-@pytest.mark.parametrize("method", ["dts-t", "dts-d"])
-def test_large_matrices_are_decomposed_in_blocks(method, monkeypatch):
+@pytest.mark.parametrize("method,params", [("dts-t", {}), ("dts-d", {}),
+                                           ("svd", {"density": 0.5})])
+def test_large_matrices_are_decomposed_in_blocks(method, params, monkeypatch):
     """Over IN_MEMORY_SVD_BYTES a matrix goes through the blocked SVD, never LAPACK's whole
-    SVD, and serves the same task weights up to rounding near the median cuts."""
+    SVD, and serves the same task weights up to rounding (near DTS's median cuts)."""
     import harness.state_dict as state_dict
     import methods.dts as dts
+    import methods.svd as svd
 
     pre, ft = make_models(n_tasks=2)
-    whole = get_method(method).merge(pre, ft)
+    whole = get_method(method, **params).merge(pre, ft)
     monkeypatch.setattr(dts, "IN_MEMORY_SVD_BYTES", 0)
     monkeypatch.setattr(state_dict, "CHUNK_BYTES", 200)
     monkeypatch.setattr(dts, "truncated_svd", None)               # any whole SVD would fail
-    blocked = get_method(method).merge(pre, ft)
+    monkeypatch.setattr(svd, "truncated_svd", None)
+    blocked = get_method(method, **params).merge(pre, ft)
     for task in whole.tasks:
         a, b = whole.weights_for(task), blocked.weights_for(task)
         for key in a:
@@ -291,3 +294,16 @@ def test_lapack_signs_keep_the_whole_svd(monkeypatch):
     assert dts.blocked_key(spec, "canonical")("embed.weight")
     assert not dts.blocked_key(spec, "lapack")("embed.weight")
     assert not dts.blocked_key(spec, "canonical")("conv.weight")
+
+
+@pytest.mark.parametrize("negate", [False, True])
+def test_median_cut_is_the_same_on_numpy_and_torch(negate):
+    from methods.dts import _cut_numpy, _cut_torch
+
+    g = torch.Generator().manual_seed(3)
+    for x in (torch.randn(1001, generator=g), torch.round(torch.randn(500, generator=g) * 2)):
+        member, before = (x < 0 if negate else x > 0), x.clone()
+        n = int(member.sum())
+        for k in (1, n // 2 + 1, n):
+            assert _cut_numpy(x, member, k, negate) == _cut_torch(x, member, k, negate)
+        assert torch.equal(x, before)                           # inputs untouched
