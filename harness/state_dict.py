@@ -496,11 +496,12 @@ def encode_deltas(reference: StateDict, finetuned: Mapping[str, StateDict], spec
         for task in spec.tasks:
             if blocked is not None and blocked(key):
                 delta = BlockedDelta(ref, finetuned[task][key])
+                codec = encode(key, delta)
             else:
                 delta = task_vector(ref, finetuned[task][key])
-                if not bool(delta.any()):
-                    continue
-            codec = encode(key, delta)
+                codec = encode(key, delta) if delta.any() else None
             if codec is not None:
                 records[task][key] = codec.cpu()
+            del delta, codec                 # not alive while the next task's delta is built
+            MAPPED_PAGES.release(forget=False)    # nor this task's mapped input pages
     return records

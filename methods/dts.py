@@ -79,8 +79,8 @@ def group_encode(x: Tensor, grouped_dim: int | None = None) -> GroupCode:
     Positives split at their median into high and low halves (stable order on ties), negatives
     likewise by magnitude; each group's scale is its RMS ``||x_G|| / sqrt(|G|)`` (squares
     summed in float64 chunk by chunk: no full-size temporary, and CPU and GPU agree to
-    rounding); exact zeros stay zero. ``grouped_dim=None`` groups over the whole tensor; an int groups each
-    slice along that dimension separately (per singular vector).
+    rounding); exact zeros stay zero. ``grouped_dim=None`` groups over the whole tensor; an
+    int groups each slice along that dimension separately (per singular vector).
     """
     shape = tuple(x.shape)
     if grouped_dim is None:
@@ -159,7 +159,7 @@ IN_MEMORY_SVD_BYTES = 2**30   # float32 matrices larger than this are decomposed
 
 def blocked_truncated_svd(delta: BlockedDelta, rank: int) -> tuple[Tensor, Tensor, Tensor] | None:
     """Top-``rank`` SVD, canonical signs, of a matrix read in blocks along its longer side;
-    None when the matrix is zero. The matrix is never held whole.
+    None when the matrix is zero or ``rank`` is 0. The matrix is never held whole.
 
     The shorter side's singular vectors are the top eigenvectors of the float64 Gram matrix
     (the sum of ``B^T B`` over blocks ``B``); a second read gives the longer side's as ``B V``
@@ -167,6 +167,8 @@ def blocked_truncated_svd(delta: BlockedDelta, rank: int) -> tuple[Tensor, Tenso
     LAPACK SVD for singular values within a factor 1e9 of the largest. Memory: the Gram matrix
     (shorter side squared, float64) and the longer side's float32 factor.
     """
+    if rank == 0:
+        return None
     m, n = delta.shape
     wide = m < n
     orient = (lambda block: block.T) if wide else (lambda block: block)
@@ -203,8 +205,7 @@ def dts_encode(delta: Tensor | BlockedDelta, density: float, signs: str = "canon
     """DTS's stored form of one float32 delta tensor (None when its rank rounds to 0, or a
     blocked delta is zero)."""
     if isinstance(delta, BlockedDelta):
-        rank = dts_rank(density, delta.shape)
-        factors = blocked_truncated_svd(delta, rank) if rank else None
+        factors = blocked_truncated_svd(delta, dts_rank(density, delta.shape))
         if factors is None:
             return None
         u, s, vh = factors

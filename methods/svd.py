@@ -24,8 +24,7 @@ def svd_encode(tau: Tensor | BlockedDelta, density: float) -> Codec | None:
     tensors as they are. A blocked matrix is decomposed without holding it (the product
     ``U S V`` does not depend on the signs, so DTS's blocked routine serves here too)."""
     if isinstance(tau, BlockedDelta):
-        rank = dts_rank(density, tau.shape)
-        factors = blocked_truncated_svd(tau, rank) if rank else None
+        factors = blocked_truncated_svd(tau, dts_rank(density, tau.shape))
         return None if factors is None else LowRank(Dense(factors[0]), factors[1],
                                                     Dense(factors[2]))
     if tau.dim() != 2:
