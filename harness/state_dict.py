@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from harness.payload import BitPacker
+
 StateDict = Mapping[str, Tensor]
 
 
@@ -416,8 +418,6 @@ def shared_and_masks(pretrained: StateDict, finetuned: Mapping[str, StateDict], 
     """One key of a masking rule, ``rule(taus) -> (shared block, the tasks' bool masks)``, that
     is elementwise across tasks (EMR, TALL-Mask), run in row blocks: the float32 shared tensor
     on the CPU and each task's mask packed at 1 bit per entry, the bits of the whole key."""
-    from harness.payload import BitPacker
-
     shape = spec.shapes[key]
     shared = torch.empty(shape, dtype=torch.float32, device="cpu")
     packers = [BitPacker(numel(shape), 1) for _ in spec.tasks]
