@@ -103,7 +103,9 @@ def attach_low_rank(result, model: nn.Module, task: str, *, prefix: str = "") ->
         if (isinstance(codec, LowRank) and key.endswith(".weight") and
                 isinstance(module, nn.Linear) and payload.scale is None):
             u, v = codec.u.decode(), codec.v.decode()          # (out, r), (r, in)
-            hooks.append(module.register_forward_hook(_low_rank_hook(u * codec.s, v)))
+            device = module.weight.device                      # moved once, not per forward
+            hooks.append(module.register_forward_hook(
+                _low_rank_hook((u * codec.s).to(device), v.to(device))))
             low_rank.add(key)
     changed = _switch(result, tensors, lambda key: None if key in low_rank
                       else payload.delta(key, result.shared))

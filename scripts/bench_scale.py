@@ -213,7 +213,10 @@ def main() -> int:
               f"{input_bytes / 2**30:.2f} GiB of input; largest tensor {largest:,} parameters "
               f"({largest * 4 / 2**30:.2f} GiB in float32); {os.cpu_count()} CPUs, "
               f"torch {torch.__version__}; synthesized in {written:.0f} s")
-        rows = {}
+        print(f"merge device: {args.device}")
+        print("| run | wall s | read GB/s | x read floor | peak RSS GiB | peak GPU GiB |")
+        print("|---|---:|---:|---:|---:|---:|", flush=True)
+        floor = None
         runs = ["read", *args.methods] + ([f"mergekit:{args.mergekit}"] if args.mergekit else [])
         for method in runs:
             out = subprocess.run([sys.executable, __file__, "--worker", method, root,
@@ -221,19 +224,15 @@ def main() -> int:
                                  capture_output=True, text=True)
             label = "mergekit ties (per-tensor trim)" if method.startswith("mergekit:") else method
             if out.returncode:
-                print(f"{label}: failed\n{out.stderr[-2000:]}")
+                print(f"{label}: failed\n{out.stderr[-2000:]}", flush=True)
                 continue
-            rows[label] = json.loads(out.stdout.strip().splitlines()[-1])
-        floor = rows.get("read", {}).get("seconds")
-        print(f"merge device: {args.device}")
-        print("| run | wall s | read GB/s | x read floor | peak RSS GiB | peak GPU GiB |")
-        print("|---|---:|---:|---:|---:|---:|")
-        for method, row in rows.items():
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            floor = row["seconds"] if method == "read" else floor
             ratio = f"{row['seconds'] / floor:.1f}" if floor else "–"
             gpu = "–" if row.get("gpu_gib") is None else f"{row['gpu_gib']:.2f}"
-            print(f"| {method} | {row['seconds']:.1f} | "
+            print(f"| {label} | {row['seconds']:.1f} | "
                   f"{input_bytes / row['seconds'] / 1e9:.2f} | {ratio} | {row['peak_gib']:.2f} | "
-                  f"{gpu} |")
+                  f"{gpu} |", flush=True)
     return 0
 
 

@@ -2,13 +2,16 @@
 
     python scripts/bench_switch.py                 # 8 tasks, CLIP ViT-B/32 vision-tower shapes
     python scripts/bench_switch.py --tasks 2 --density 0.1
+    python scripts/bench_switch.py --device cuda   # merge, model and forward on a GPU
 
 Synthesizes task models with the shapes of CLIP ViT-B/32's vision tower (as
 ``bench_methods.py``), merges them with DTS-D, loads the base into a ``CLIPVisionModel`` and
 compares three ways to serve a task: materializing its full state dict and loading it
 (``weights_for`` + ``load_state_dict``), switching the loaded model in place
 (``result.apply``, undone exactly), and the low-rank forward path (``result.attach_low_rank``).
-Prints latencies, forward times and the bytes each resident task costs.
+Prints latencies, forward times, the bytes each resident task costs (on a GPU also the device
+memory one attached low-rank task adds) and how far the low-rank path's output is from the
+materialized model's.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_methods import synthesize  # noqa: E402
 
-from harness import LazyStateDict, get_method  # noqa: E402
+from harness import LazyStateDict, get_method, merge_device  # noqa: E402
 
 
 def rss_gib() -> float:
@@ -33,11 +36,18 @@ def rss_gib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
+def synchronize() -> None:
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeat: int = 3) -> float:
     times = []
     for _ in range(repeat):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -47,6 +57,8 @@ def main() -> int:
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--density", type=float, default=0.3)
     parser.add_argument("--batch", type=int, default=8, help="images per forward pass")
+    parser.add_argument("--device", default="cpu",
+                        help="where the merge and the served model run")
     args = parser.parse_args()
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -57,16 +69,18 @@ def main() -> int:
         finetuned = {f"task{t}": LazyStateDict(os.path.join(folder, f"task{t}.safetensors"))
                      for t in range(args.tasks)}
         start = time.perf_counter()
-        result = get_method("dts-d", density=args.density).merge(pretrained, finetuned)
+        with merge_device(args.device):
+            result = get_method("dts-d", density=args.density).merge(pretrained, finetuned)
+        synchronize()
         merge_s = time.perf_counter() - start
         config = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                   num_attention_heads=12, image_size=224, patch_size=32)
-        model = CLIPVisionModel(config).eval()
+        model = CLIPVisionModel(config).eval().to(args.device)
         tower = getattr(model, "vision_model", model)
         prefix = "vision_model." if tower is not model else ""
         base = {k: v.clone() for k, v in result.base.items()}
         model.load_state_dict(base, strict=False)
-        x = torch.randn(args.batch, 3, 224, 224)
+        x = torch.randn(args.batch, 3, 224, 224, device=args.device)
         tasks = result.tasks
 
         def materialize(task):
@@ -77,20 +91,30 @@ def main() -> int:
             materialize_s = statistics.median(timed(lambda t=t: materialize(t), 1)
                                               for t in tasks)
             model.load_state_dict(base, strict=False)
-            switch_in, switch_out = [], []
+            switch_in, switch_out, switched = [], [], []
             for task in tasks:
                 start = time.perf_counter()
                 handle = result.apply(model, task, prefix=prefix)
+                synchronize()
                 switch_in.append(time.perf_counter() - start)
+                switched.append(model(pixel_values=x).last_hidden_state)
                 start = time.perf_counter()
                 handle.undo()
+                synchronize()
                 switch_out.append(time.perf_counter() - start)
-            attach, lowrank_forward = [], []
-            for task in tasks:
+            attach, lowrank_forward, attached_bytes, lowrank_error = [], [], [], 0.0
+            for task, expected in zip(tasks, switched):
+                held = torch.cuda.memory_allocated() if torch.cuda.is_initialized() else 0
                 start = time.perf_counter()
                 handle = result.attach_low_rank(model, task, prefix=prefix)
+                synchronize()
                 attach.append(time.perf_counter() - start)
+                if torch.cuda.is_initialized():
+                    attached_bytes.append(torch.cuda.memory_allocated() - held)
                 lowrank_forward.append(timed(lambda: model(pixel_values=x), 1))
+                got = model(pixel_values=x).last_hidden_state
+                lowrank_error = max(lowrank_error, float((got - expected).norm() /
+                                                         expected.norm()))
                 handle.undo()
             before = rss_gib()
             resident = [result.weights_for(t) for t in tasks]
@@ -99,7 +123,9 @@ def main() -> int:
         params = sum(v.numel() for v in result.base.values() if v.is_floating_point())
         stored = statistics.mean(result.stored_bytes(t) for t in tasks)
         print(f"# CLIP ViT-B/32 vision tower, {params:,} parameters, {len(tasks)} tasks, "
-              f"DTS-D density {args.density}, {os.cpu_count()} CPUs, torch {torch.__version__}")
+              f"DTS-D density {args.density}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+              f"served on {args.device}"
+              + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_initialized() else ""))
         print(f"merge: {merge_s:.1f} s")
         print("| way to serve a task | switch s | back s | forward s (batch "
               f"{args.batch}) | bytes per resident task |")
@@ -110,6 +136,11 @@ def main() -> int:
               f"{statistics.median(switch_out):.3f} | {forward_s:.3f} | {stored:,.0f} |")
         print(f"| low-rank path (result.attach_low_rank) | {statistics.median(attach):.3f} | "
               f"– | {statistics.median(lowrank_forward):.3f} | {stored:,.0f} |")
+        print(f"low-rank path against the in-place switch: relative output difference "
+              f"{lowrank_error:.1e} (largest over tasks)")
+        if attached_bytes:
+            print(f"GPU memory one attached low-rank task adds: "
+                  f"{statistics.median(attached_bytes):,.0f} bytes (median over tasks)")
     return 0
 
 
