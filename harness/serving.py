@@ -71,8 +71,8 @@ def _switch(result, tensors: dict[str, Tensor], delta_of: Callable[[str], Tensor
             delta = delta_of(key)
             if delta is None:
                 continue
-            base = result.base[key]
-            tensor.copy_(cast_like(to_float32(base) + delta.to(tensor.device), tensor.dtype))
+            base = to_float32(result.base[key].to(tensor.device))
+            tensor.copy_(cast_like(base + delta.to(tensor.device), tensor.dtype))
             changed[key] = tensor
     return changed
 

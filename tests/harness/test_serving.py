@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from harness import get_method
+from tests.emulated_device import EmulatedDevice
 
 
 class Net(nn.Module):
@@ -81,3 +82,34 @@ def test_shared_results_switch_nothing_and_bad_models_are_named():
     result.apply(wrapped, "t0", prefix="0.").undo()
     with pytest.raises(KeyError, match="t9"):
         result.apply(model, "t9")
+
+
+def on_device_copy(state):
+    """A module holding ``state`` as buffers on the device, nested by the keys' dotted names
+    (buffers keep the very tensors given, so the emulator's tags stay on them)."""
+    root = nn.Module()
+    for key, value in state.items():
+        owner = root
+        *path, name = key.split(".")
+        for part in path:
+            if not hasattr(owner, part):
+                owner.add_module(part, nn.Module())
+            owner = getattr(owner, part)
+        owner.register_buffer(name, value.to("cuda"))
+    return root
+
+
+@pytest.mark.parametrize("method", ["dts-d", "emr"])
+def test_a_model_on_a_device_switches_there(method):
+    pretrained, finetuned = models()
+    result = get_method(method).merge(pretrained, finetuned)
+    with EmulatedDevice() as device:
+        model = on_device_copy(result.base)
+        for task in result.tasks:
+            expected = result.weights_for(task)
+            with result.apply(model, task):
+                state = dict(model.named_buffers())
+                assert all(device.on_device(v) for v in state.values())
+                assert all(torch.equal(state[k].cpu(), expected[k]) for k in expected)
+            assert all(torch.equal(v.cpu(), result.base[k])
+                       for k, v in model.named_buffers())
