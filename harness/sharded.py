@@ -17,9 +17,12 @@ import itertools
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator, MutableMapping
 
+import numpy
+import torch
 from torch import Tensor
 
 INDEX = "model.safetensors.index.json"
@@ -42,6 +45,7 @@ class ShardWriter(MutableMapping):
         self._pending_bytes = 0
         self._files: dict[str, str] = {}            # key -> shard file name
         self._sizes: dict[str, int] = {}            # key -> bytes
+        self._dtypes: dict[str, torch.dtype] = {}
         self._handles: dict[str, object] = {}       # shard file name -> safe_open handle
         self._order: list[str] = []
         self.finished = False
@@ -55,6 +59,7 @@ class ShardWriter(MutableMapping):
             self._pending_bytes -= self._sizes[key]
         self._pending[key] = tensor.cpu().contiguous()
         self._sizes[key] = tensor.numel() * tensor.element_size()
+        self._dtypes[key] = tensor.dtype
         self._pending_bytes += self._sizes[key]
         if self._pending_bytes >= self.shard_bytes:
             self.flush()
@@ -81,6 +86,17 @@ class ShardWriter(MutableMapping):
         except KeyError:
             raise KeyError(key) from None
         return self._handles[name].get_tensor(key)
+
+    def patch(self, key: str, positions: Tensor, values: Tensor) -> None:
+        """Overwrite entries (flat ``positions``) of a key already set: in its pending shard,
+        or in place in the shard file written for it."""
+        if key in self._pending:
+            patch_tensor(self._pending[key], positions, values)
+        elif key in self._files:
+            patch_safetensors_file(os.path.join(self._work, self._files[key]), key, positions,
+                                   values.to(self._dtypes[key]), self._sizes[key])
+        else:
+            raise KeyError(key)
 
     def __delitem__(self, key: str) -> None:
         raise TypeError("a ShardWriter is append-only")
@@ -128,6 +144,37 @@ class CpuOutput(dict):
 
     def __setitem__(self, key: str, tensor: Tensor) -> None:
         super().__setitem__(key, tensor.cpu())
+
+    def patch(self, key: str, positions: Tensor, values: Tensor) -> None:
+        """Overwrite entries (flat ``positions``) of a key already set."""
+        patch_tensor(self[key], positions, values)
+
+
+def patch_tensor(tensor: Tensor, positions: Tensor, values: Tensor) -> None:
+    """``tensor.flatten()[positions] = values`` in place (cast to the tensor's dtype)."""
+    tensor.view(-1)[positions] = values.to(tensor.dtype)
+
+
+_SAME_SIZE_INTEGER = {1: (torch.uint8, "u1"), 2: (torch.int16, "<i2"), 4: (torch.int32, "<i4"),
+                      8: (torch.int64, "<i8")}
+
+
+def patch_safetensors_file(path: str, key: str, positions: Tensor, values: Tensor,
+                           nbytes: int) -> None:
+    """Overwrite entries (flat ``positions``) of tensor ``key`` (``nbytes`` long, of
+    ``values``' dtype) in a safetensors file, in place: the header says where its bytes lie, and
+    the values go through a writable memory map, the bytes ``save_file`` would have stored."""
+    with open(path, "rb") as f:
+        header_bytes = struct.unpack("<Q", f.read(8))[0]
+        begin, end = json.loads(f.read(header_bytes))[key]["data_offsets"]
+    if end - begin != nbytes:
+        raise ValueError(f"{path}: {key!r} holds {end - begin} bytes, expected {nbytes}")
+    as_integer, numpy_dtype = _SAME_SIZE_INTEGER[values.element_size()]
+    data = numpy.memmap(path, dtype=numpy_dtype, mode="r+", offset=8 + header_bytes + begin,
+                        shape=(nbytes // values.element_size(),))
+    data[positions.numpy()] = values.contiguous().view(as_integer).numpy()
+    data.flush()
+    del data
 
 
 def new_output(name: str) -> MutableMapping:

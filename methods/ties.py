@@ -132,19 +132,21 @@ def ties_merge(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: 
         return _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progress)
 
 
-HELD_BYTES = 2**29    # merged keys awaiting the majority sign kept in memory; beyond, recomputed
+HELD_BYTES = 2**29    # undecided entries kept in memory until the majority sign is known
 
 
 def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progress):
     """Trim, elect and merge key by key into ``merged``.
 
     Entries whose elected sign is 0 while some task kept a value take the model-wide majority
-    sign, known only once every key is seen. Keys holding such entries wait in memory up to
-    ``HELD_BYTES``; past that they are dropped and merged again once the majority is known, so
-    memory stays bounded whatever the model size (bf16 task vectors cancel exactly often enough
-    that nearly every key of a large model holds some).
+    sign, known only once every key is seen. Each key is written at once with those entries at
+    theta_0, and its undecided entries (positions and the tasks' trimmed values) wait in memory
+    up to ``HELD_BYTES``; then the output is patched in place (in a shard file already written,
+    when streaming). Keys past that budget are merged again for their undecided entries once
+    the majority is known, so memory stays bounded whatever the model size (bf16 task vectors
+    cancel exactly often enough that nearly every key of a large model holds some).
     """
-    held: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+    held: dict[str, tuple[Tensor, Tensor]] = {}
     held_bytes, again, sign_total = 0, [], 0
     float_keys = set(spec.float_keys)
     for key in iter_keys(list(pretrained.keys()), f"{desc}: merge", progress):
@@ -153,24 +155,25 @@ def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progr
             continue
         value, signs, undecided = _merge_key(pretrained, finetuned, spec, key, cut, lam, merge)
         sign_total += signs
-        if undecided is None:
-            merged[key] = value
-        else:
-            size = sum(t.numel() * t.element_size() for t in (value, *undecided))
+        merged[key] = value
+        if undecided is not None:
+            size = sum(t.numel() * t.element_size() for t in undecided)
             if held_bytes + size <= HELD_BYTES:
-                held[key] = (value, *undecided)
+                held[key] = undecided
                 held_bytes += size
             else:
                 again.append(key)
         del value, undecided    # a key already written to a shard must not outlive its turn
     majority = (sign_total > 0) - (sign_total < 0)
-    for key in list(held):
-        value, positions, columns = held.pop(key)
-        merged[key] = _settled(pretrained[key], value, positions, columns, majority, lam, merge)
+    for key in iter_keys(list(held), f"{desc}: undecided entries", progress):
+        positions, columns = held.pop(key)
+        merged.patch(key, positions, _settled(pretrained[key], positions, columns, majority,
+                                              lam, merge))
     for key in iter_keys(again, f"{desc}: undecided keys", progress):
-        value, _, (positions, columns) = _merge_key(pretrained, finetuned, spec, key, cut, lam,
-                                                   merge)
-        merged[key] = _settled(pretrained[key], value, positions, columns, majority, lam, merge)
+        _, _, (positions, columns) = _merge_key(pretrained, finetuned, spec, key, cut, lam,
+                                                merge)
+        merged.patch(key, positions, _settled(pretrained[key], positions, columns, majority,
+                                              lam, merge))
     if not isinstance(merged, dict):
         return finish_output(merged)
     return {key: merged[key] for key in pretrained.keys()}    # the inputs' key order
@@ -208,13 +211,11 @@ def _merge_key(pretrained, finetuned, spec, key, cut, lam, merge):
     return value, sign_total, (torch.cat(positions), torch.cat(columns, dim=1))
 
 
-def _settled(p, value, positions, columns, majority, lam, merge):
-    """``value`` with its undecided entries merged under the model's majority sign."""
-    theta0 = to_float32(p).reshape(-1)[positions]
-    flat = value.reshape(-1)
-    flat[positions] = cast_like(theta0 + lam * settle_undecided(columns, majority, merge),
-                                flat.dtype)
-    return value
+def _settled(p, positions, columns, majority, lam, merge) -> Tensor:
+    """The undecided entries' merged values under the model's majority sign, in ``p``'s dtype
+    (only those entries of ``p`` are read)."""
+    theta0 = to_float32(p.reshape(-1)[positions])
+    return cast_like(theta0 + lam * settle_undecided(columns, majority, merge), p.dtype)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,9 @@ Synthesizes a pretrained model and task models with the tensor shapes of a Qwen2
 Hugging Face sharded safetensors (an index plus shards), written tensor by tensor. Then, each in
 a fresh process: reading every input once (the floor), and each method merging the memory-mapped
 inputs with its outputs streamed to shards (``harness.stream_outputs``). Prints wall time, read
-throughput, the time over the read floor, and peak resident memory next to the largest tensor;
+throughput, the time over the read floor, and peak resident memory next to the largest tensor
+(``VmHWM``, and sampled every 10 ms, its anonymous and file-backed parts: mapped input pages are
+file-backed, and the kernel can drop them);
 with ``--device cuda`` the methods compute on the GPU (``harness.merge_device``) and the peak GPU
 memory is printed too.
 """
@@ -118,6 +120,42 @@ def peak_gib() -> float:
     return peak_rss_bytes() / 2**30
 
 
+class ResidentSampler:
+    """Peak anonymous and peak file-backed resident memory, read from ``/proc/self/status``
+    every 10 ms in a thread: ``VmHWM`` counts both, and file-backed pages are mapped inputs the
+    kernel can drop at will, while anonymous ones are what the merge itself holds."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.anon = self.file = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(("RssAnon:", "RssFile:")):
+                    kib = int(line.split()[1]) * 1024
+                    if line.startswith("RssAnon:"):
+                        self.anon = max(self.anon, kib)
+                    else:
+                        self.file = max(self.file, kib)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self._sample()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
 def mergekit_worker(venv: str, root: str, tasks: int) -> dict:
     """mergekit's TIES on the same inputs; peak memory is that of its process."""
     config = os.path.join(root, "mergekit.yml")
@@ -155,16 +193,18 @@ def worker(method: str, root: str, tasks: int, device: str) -> dict:
     pretrained = LazyStateDict(os.path.join(root, "pretrained"))
     finetuned = {f"task{t}": LazyStateDict(os.path.join(root, f"task{t}")) for t in range(tasks)}
     start = time.perf_counter()
-    if method == "read":
-        for sd in (pretrained, *finetuned.values()):
-            for key in sd:
-                float(sd[key].float().sum())
-    else:
-        with (tempfile.TemporaryDirectory(dir=root) as out, stream_outputs(out, 2**30),
-              merge_device(device)):
-            get_method(method).merge(pretrained, finetuned)
+    with ResidentSampler() as sampled:
+        if method == "read":
+            for sd in (pretrained, *finetuned.values()):
+                for key in sd:
+                    float(sd[key].float().sum())
+        else:
+            with (tempfile.TemporaryDirectory(dir=root) as out, stream_outputs(out, 2**30),
+                  merge_device(device)):
+                get_method(method).merge(pretrained, finetuned)
     gpu = (torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None)
-    return {"seconds": time.perf_counter() - start, "peak_gib": peak_gib(), "gpu_gib": gpu}
+    return {"seconds": time.perf_counter() - start, "peak_gib": peak_gib(), "gpu_gib": gpu,
+            "anon_gib": sampled.anon / 2**30, "file_gib": sampled.file / 2**30}
 
 
 def main() -> int:
@@ -214,8 +254,9 @@ def main() -> int:
               f"({largest * 4 / 2**30:.2f} GiB in float32); {os.cpu_count()} CPUs, "
               f"torch {torch.__version__}; synthesized in {written:.0f} s")
         print(f"merge device: {args.device}")
-        print("| run | wall s | read GB/s | x read floor | peak RSS GiB | peak GPU GiB |")
-        print("|---|---:|---:|---:|---:|---:|", flush=True)
+        print("| run | wall s | read GB/s | x read floor | peak RSS GiB | peak anon GiB "
+              "| peak file-mapped GiB | peak GPU GiB |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
         floor = None
         runs = ["read", *args.methods] + ([f"mergekit:{args.mergekit}"] if args.mergekit else [])
         for method in runs:
@@ -232,7 +273,8 @@ def main() -> int:
             gpu = "–" if row.get("gpu_gib") is None else f"{row['gpu_gib']:.2f}"
             print(f"| {label} | {row['seconds']:.1f} | "
                   f"{input_bytes / row['seconds'] / 1e9:.2f} | {ratio} | {row['peak_gib']:.2f} | "
-                  f"{gpu} |", flush=True)
+                  f"{row.get('anon_gib', 0):.2f} | {row.get('file_gib', 0):.2f} | {gpu} |",
+                  flush=True)
     return 0
 
 

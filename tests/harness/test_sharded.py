@@ -126,3 +126,45 @@ def test_row_blocks_keep_only_a_block_of_a_mapped_tensor_resident(tmp_path, monk
             grew.append(resident_file_kb() - before)
     assert len(grew) == 16 and max(grew) < 8 * 1024           # never half of the 16 MiB
     assert total == pytest.approx(float(lazy["big"].sum()), rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_patches_reach_pending_and_written_shards_bit_for_bit(dtype, tmp_path):
+    from harness.sharded import ShardWriter
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {name: torch.randn(6, 5, generator=g).to(dtype) for name in ("a", "b", "c")}
+    writer = ShardWriter(str(tmp_path / "out"), shard_bytes=2 * tensors["a"].nbytes)
+    for name, tensor in tensors.items():
+        writer[name] = tensor.clone()
+    assert writer._pending.keys() == {"c"}                 # a and b are in a written shard
+    positions = torch.tensor([0, 7, 29])
+    values = torch.tensor([1.5, -2.25, 3.0e-3])            # float32, cast on the way in
+    for name in tensors:
+        writer.patch(name, positions, values)
+        tensors[name].view(-1)[positions] = values.to(dtype)
+    with pytest.raises(KeyError):
+        writer.patch("missing", positions, values)
+    read = writer.finish()
+    assert all(torch.equal(read[name], tensors[name]) for name in tensors)
+
+
+@pytest.mark.parametrize("held_bytes", [None, 0])
+def test_streamed_ties_patches_undecided_entries_into_written_shards(held_bytes, tmp_path,
+                                                                     monkeypatch):
+    import methods.ties as ties
+
+    if held_bytes is not None:
+        monkeypatch.setattr(ties, "HELD_BYTES", held_bytes)
+    pre, ft = make_models(n_tasks=4, seed=3)
+    pre = {"tie": torch.zeros(3, 2), **pre}         # first: its shard is written before the end
+    for t, task in enumerate(ft):                   # elected sign 0: waits for the majority
+        tie = torch.tensor([[1.0, -1.0], [2.0, 1.0], [-1.0, 1.0]]) * (-1) ** t
+        ft[task] = {"tie": tie, **ft[task]}
+    plain = get_method("ties", k=90).merge(pre, ft)
+    with stream_outputs(tmp_path / "out", shard_bytes=SMALL):
+        streamed = get_method("ties", k=90).merge(pre, ft)
+    index = json.loads(open(streamed.base.path).read())["weight_map"]
+    assert index["tie"] != max(index.values())      # not the shard still pending at the end
+    assert not torch.equal(plain.base["tie"], pre["tie"])
+    assert all(torch.equal(plain.base[k], streamed.base[k]) for k in pre)
