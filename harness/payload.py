@@ -113,11 +113,16 @@ class Codec:
     def nbytes(self) -> int:
         return _nbytes(self.tensors())
 
-    def cpu(self) -> Codec:
-        """This codec with every tensor (nested codecs included) on the CPU, for storing."""
-        moved = {f.name: value.cpu() for f in fields(self)
+    def to(self, device: torch.device | str) -> Codec:
+        """This codec with every tensor (nested codecs included) on ``device``; it decodes
+        there."""
+        moved = {f.name: value.to(device) for f in fields(self)
                  if isinstance(value := getattr(self, f.name), (Tensor, Codec))}
         return replace(self, **moved)
+
+    def cpu(self) -> Codec:
+        """This codec on the CPU, for storing."""
+        return self.to("cpu")
 
     @classmethod
     def from_stored(cls, meta: dict, tensors: dict[str, Tensor]) -> Codec:
@@ -162,7 +167,7 @@ class GroupCode(Codec):
     def decode(self, shared=None):
         n = math.prod(self.shape)
         ids = unpack_bits(self.codes, 2, n).to(torch.int64)
-        signs = torch.tensor([1.0, 1.0, -1.0, -1.0])
+        signs = torch.tensor([1.0, 1.0, -1.0, -1.0], device=self.scales.device)
         table = self.scales * signs
         rows = table.shape[0]
         if self.grouped_dim is None:
@@ -254,7 +259,7 @@ class Ternary(Codec):
 
     def decode(self, shared=None):
         ids = unpack_bits(self.codes, 2, math.prod(self.shape)).to(torch.int64)
-        table = torch.stack([torch.zeros((), dtype=torch.float32), self.alpha, -self.alpha])
+        table = torch.stack([torch.zeros_like(self.alpha), self.alpha, -self.alpha])
         return table[ids].reshape(self.shape)
 
     def tensors(self):

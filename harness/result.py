@@ -130,12 +130,16 @@ class MergeResult:
 
         return apply(self, model, task, prefix=prefix)
 
-    def attach_low_rank(self, model, task: str, *, prefix: str = ""):
+    def attach_low_rank(self, model, task: str, *, prefix: str = "", keep: str = "factors"):
         """Serve ``task`` without building its full deltas: each low-rank delta (DTS, svd) runs
-        as ``x V^T diag(S) U^T`` beside its linear layer; the rest is switched in place."""
+        as ``x V^T diag(S) U^T`` beside its linear layer; the rest is switched in place.
+        ``keep="factors"`` keeps the decoded float32 factors on the layer's device (fastest);
+        ``keep="codes"`` keeps only the stored codes there and decodes them at every forward
+        (a resident task costs about its stored bytes). The handle's ``held_bytes`` says which
+        it cost."""
         from harness.serving import attach_low_rank
 
-        return attach_low_rank(self, model, task, prefix=prefix)
+        return attach_low_rank(self, model, task, prefix=prefix, keep=keep)
 
     def _with_deltas(self, delta_of) -> dict[str, Tensor]:
         out = {}

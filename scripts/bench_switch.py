@@ -8,10 +8,10 @@ Synthesizes task models with the shapes of CLIP ViT-B/32's vision tower (as
 ``bench_methods.py``), merges them with DTS-D, loads the base into a ``CLIPVisionModel`` and
 compares three ways to serve a task: materializing its full state dict and loading it
 (``weights_for`` + ``load_state_dict``), switching the loaded model in place
-(``result.apply``, undone exactly), and the low-rank forward path (``result.attach_low_rank``).
-Prints latencies, forward times, the bytes each resident task costs (on a GPU also the device
-memory one attached low-rank task adds) and how far the low-rank path's output is from the
-materialized model's.
+(``result.apply``, undone exactly), and the low-rank forward path (``result.attach_low_rank``),
+keeping decoded factors or only the codes. Prints latencies, forward times, the bytes each
+resident task costs (for the low-rank paths the bytes the handle holds, and on a GPU the device
+memory it adds) and how far the low-rank paths' outputs are from the in-place switch's.
 """
 
 from __future__ import annotations
@@ -50,6 +50,29 @@ def timed(fn, repeat: int = 3) -> float:
         synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def low_rank_way(result, model, x, tasks, expected_outputs, prefix, keep) -> dict:
+    """Attach each task's low-rank path keeping ``keep``: median attach and forward seconds,
+    bytes the handle holds, GPU memory it adds (on a GPU), largest relative output error."""
+    attach, forward, held, gpu, error = [], [], [], [], 0.0
+    for task, expected in zip(tasks, expected_outputs):
+        allocated = torch.cuda.memory_allocated() if torch.cuda.is_initialized() else 0
+        synchronize()
+        start = time.perf_counter()
+        handle = result.attach_low_rank(model, task, prefix=prefix, keep=keep)
+        synchronize()
+        attach.append(time.perf_counter() - start)
+        held.append(handle.held_bytes)
+        if torch.cuda.is_initialized():
+            gpu.append(torch.cuda.memory_allocated() - allocated)
+        forward.append(timed(lambda: model(pixel_values=x), 1))
+        got = model(pixel_values=x).last_hidden_state
+        error = max(error, float((got - expected).norm() / expected.norm()))
+        handle.undo()
+    return {"attach_s": statistics.median(attach), "forward_s": statistics.median(forward),
+            "held_bytes": statistics.median(held),
+            "gpu_bytes": statistics.median(gpu) if gpu else None, "error": error}
 
 
 def main() -> int:
@@ -102,20 +125,8 @@ def main() -> int:
                 handle.undo()
                 synchronize()
                 switch_out.append(time.perf_counter() - start)
-            attach, lowrank_forward, attached_bytes, lowrank_error = [], [], [], 0.0
-            for task, expected in zip(tasks, switched):
-                held = torch.cuda.memory_allocated() if torch.cuda.is_initialized() else 0
-                start = time.perf_counter()
-                handle = result.attach_low_rank(model, task, prefix=prefix)
-                synchronize()
-                attach.append(time.perf_counter() - start)
-                if torch.cuda.is_initialized():
-                    attached_bytes.append(torch.cuda.memory_allocated() - held)
-                lowrank_forward.append(timed(lambda: model(pixel_values=x), 1))
-                got = model(pixel_values=x).last_hidden_state
-                lowrank_error = max(lowrank_error, float((got - expected).norm() /
-                                                         expected.norm()))
-                handle.undo()
+            low_rank = {keep: low_rank_way(result, model, x, tasks, switched, prefix, keep)
+                        for keep in ("factors", "codes")}
             before = rss_gib()
             resident = [result.weights_for(t) for t in tasks]
             materialized_gib = (rss_gib() - before) / len(tasks)
@@ -134,13 +145,14 @@ def main() -> int:
               f"{forward_s:.3f} | {params * 4:,} (measured RSS +{materialized_gib:.2f} GiB) |")
         print(f"| in place (result.apply / undo) | {statistics.median(switch_in):.3f} | "
               f"{statistics.median(switch_out):.3f} | {forward_s:.3f} | {stored:,.0f} |")
-        print(f"| low-rank path (result.attach_low_rank) | {statistics.median(attach):.3f} | "
-              f"– | {statistics.median(lowrank_forward):.3f} | {stored:,.0f} |")
-        print(f"low-rank path against the in-place switch: relative output difference "
-              f"{lowrank_error:.1e} (largest over tasks)")
-        if attached_bytes:
-            print(f"GPU memory one attached low-rank task adds: "
-                  f"{statistics.median(attached_bytes):,.0f} bytes (median over tasks)")
+        for keep, way in low_rank.items():
+            gpu = (f"; GPU +{way['gpu_bytes']:,.0f}" if way["gpu_bytes"] is not None else "")
+            print(f"| low-rank path (result.attach_low_rank, keep=\"{keep}\") | "
+                  f"{way['attach_s']:.3f} | – | {way['forward_s']:.3f} | "
+                  f"{way['held_bytes']:,.0f} held{gpu} |")
+        print("low-rank paths against the in-place switch: relative output difference "
+              + ", ".join(f"{keep} {way['error']:.1e}" for keep, way in low_rank.items())
+              + " (largest over tasks)")
     return 0
 
 

@@ -113,3 +113,38 @@ def test_a_model_on_a_device_switches_there(method):
                 assert all(torch.equal(state[k].cpu(), expected[k]) for k in expected)
             assert all(torch.equal(v.cpu(), result.base[k])
                        for k, v in model.named_buffers())
+
+
+def test_keeping_codes_serves_the_same_outputs_for_about_the_stored_bytes():
+    pretrained, finetuned = models()
+    result = get_method("dts-d", density=0.5).merge(pretrained, finetuned)
+    model = loaded(result.base)
+    x = torch.randn(5, 12)
+    low_rank = [c for c in result.payloads["t0"].records.values() if hasattr(c, "u")]
+    with torch.no_grad():
+        with result.attach_low_rank(model, "t0") as factors:
+            expected = model(x)
+        with result.attach_low_rank(model, "t0", keep="codes") as codes:
+            assert torch.equal(model(x), expected)
+    assert codes.held_bytes == sum(c.nbytes for c in low_rank)
+    assert factors.held_bytes == sum(4 * (c.u.shape[0] + c.v.shape[1]) * c.s.numel()
+                                     for c in low_rank)
+    with pytest.raises(ValueError, match="keep"):
+        result.attach_low_rank(model, "t0", keep="bits")
+
+
+@pytest.mark.parametrize("method,params", [("dts-t", {"grouping": "vector"}), ("dts-t", {}),
+                                           ("t-switch", {}), ("svd", {"density": 0.5})])
+def test_codecs_decode_on_the_device_they_are_moved_to(method, params):
+    pretrained, finetuned = models()
+    pretrained["sparse"] = torch.zeros(40)          # exact zeros: stored apart, as positions
+    for t, model in enumerate(finetuned.values()):
+        model["sparse"] = torch.zeros(40)
+        model["sparse"][t::7] = 0.1 * (t + 1)
+    result = get_method(method, **params).merge(pretrained, finetuned)
+    with EmulatedDevice() as device:
+        for codec in result.payloads["t0"].records.values():
+            moved = codec.to("cuda")
+            decoded = moved.decode()
+            assert device.on_device(decoded) and not device.on_device(codec.decode())
+            assert torch.equal(decoded.cpu(), codec.decode())
