@@ -171,7 +171,7 @@ def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progr
                                               lam, merge))
     for key in iter_keys(again, f"{desc}: undecided keys", progress):
         _, _, (positions, columns) = _merge_key(pretrained, finetuned, spec, key, cut, lam,
-                                                merge)
+                                                merge, build_value=False)
         merged.patch(key, positions, _settled(pretrained[key], positions, columns, majority,
                                               lam, merge))
     if not isinstance(merged, dict):
@@ -179,13 +179,14 @@ def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progr
     return {key: merged[key] for key in pretrained.keys()}    # the inputs' key order
 
 
-def _merge_key(pretrained, finetuned, spec, key, cut, lam, merge):
-    """One key's merged tensor (undecided entries left at theta_0), the sum of its elected signs,
-    and its undecided entries (flat positions, the tasks' trimmed values there) or None."""
+def _merge_key(pretrained, finetuned, spec, key, cut, lam, merge, build_value=True):
+    """One key's merged tensor (undecided entries left at theta_0; None unless
+    ``build_value``), the sum of its elected signs, and its undecided entries (flat positions,
+    the tasks' trimmed values there) or None."""
     tasks = spec.tasks
     p = pretrained[key]
     sources = [finetuned[t][key] for t in tasks]
-    value = torch.empty(spec.shapes[key], dtype=p.dtype, device="cpu")
+    value = torch.empty(spec.shapes[key], dtype=p.dtype, device="cpu") if build_value else None
     positions, columns, offset, sign_total = [], [], 0, 0
     for rows in row_blocks(spec.shapes[key], len(tasks)):
         p_rows = to_float32(on_merge_device(p[rows]))
@@ -199,12 +200,13 @@ def _merge_key(pretrained, finetuned, spec, key, cut, lam, merge):
             kept |= mask
         sign = torch.sign(trimmed.sum(dim=0))      # elect
         sign_total += int(sign.sum())
-        delta = disjoint_aggregate(trimmed, sign, merge)
         open_ = torch.nonzero(((sign == 0) & kept).reshape(-1)).reshape(-1)
         if open_.numel():
             positions.append((open_ + offset).cpu())
             columns.append(trimmed.reshape(len(tasks), -1)[:, open_].cpu())
-        value[rows] = cast_like(p_rows + lam * delta, p.dtype)
+        if build_value:
+            delta = disjoint_aggregate(trimmed, sign, merge)
+            value[rows] = cast_like(p_rows + lam * delta, p.dtype)
         offset += p_rows.numel()
     if not positions:
         return value, sign_total, None

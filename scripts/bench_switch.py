@@ -37,6 +37,7 @@ def rss_gib() -> float:
 
 
 def synchronize() -> None:
+    """Wait for queued GPU work (if CUDA is in use), so a timing includes it."""
     if torch.cuda.is_initialized():
         torch.cuda.synchronize()
 

@@ -27,25 +27,21 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_methods import synthesize  # noqa: E402
+from bench_switch import synchronize  # noqa: E402
 
 # the SVD baseline's default budget (DTS-T's AMR) leaves ViT-B/32 rank 0: give it ranks to check
 HYPERPARAMETERS = {"svd": {"density": 0.1}}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed_merge(name: str, pretrained, finetuned, device: torch.device):
     from harness import get_method, merge_device
 
     method = get_method(name, **HYPERPARAMETERS.get(name, {}))
-    synchronize(device)
+    synchronize()
     start = time.perf_counter()
     with merge_device(device):
         result = method.merge(pretrained, finetuned)
-    synchronize(device)
+    synchronize()
     return result, time.perf_counter() - start
 
 

@@ -122,7 +122,8 @@ def test_row_blocks_give_the_same_bits(merge, held_bytes, monkeypatch):
         monkeypatch.setattr(ties, "HELD_BYTES", held_bytes)
     merged_again = []
     original = ties._merge_key
-    monkeypatch.setattr(ties, "_merge_key", lambda *a: merged_again.append(a[3]) or original(*a))
+    monkeypatch.setattr(ties, "_merge_key",
+                        lambda *a, **k: merged_again.append(a[3]) or original(*a, **k))
 
     pre, ft = make_models(n_tasks=4, seed=3)
     pre["tie"] = torch.zeros(3, 2)
