@@ -118,7 +118,8 @@ def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
 
     ``observe(task, key, delta)``, when given, sees each float32 task vector as it is computed
     (in row blocks of large keys, so memory stays bounded), so a method can gather whole-model
-    statistics without another pass over the inputs.
+    statistics without another pass over the inputs. ``delta`` is scratch, reused for the next
+    block: valid during the call only, and the hook may overwrite it.
 
     Raises :class:`MergeInputError` on an empty task set, a missing or extra key, a shape
     mismatch, a non-float tensor where a float is required, NaN/Inf values, or a task whose task
@@ -161,12 +162,16 @@ def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
                     f"key {key!r} has shape {tuple(t.shape)} in task model {task!r} but "
                     f"{spec.shapes[key]} in the pretrained model")
             spec.changed[task][key] = 0
+        scratch = None              # one block's delta, reused: fresh pages cost time
         for rows in row_blocks(spec.shapes[key], 2):    # a block of theta_0 and of one delta
             p32 = to_float32(on_merge_device(p[rows]))
             if not _surely_finite(p32):
                 _check_finite(p32, key, "the pretrained model")
+            if scratch is None:     # the first block is the largest
+                scratch = torch.empty(p32.numel(), dtype=torch.float32, device=p32.device)
+            delta = scratch[:p32.numel()].view(p32.shape)
             for task, t in zip(tasks, sources):
-                delta = to_float32(on_merge_device(t[rows])) - p32   # NaN/Inf in t shows too
+                delta.copy_(on_merge_device(t[rows])).sub_(p32)   # NaN/Inf in t shows too
                 if not _surely_finite(delta):
                     _check_finite(t[rows], key, f"task model {task!r}")
                 spec.changed[task][key] += int(torch.count_nonzero(delta))

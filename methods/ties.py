@@ -3,6 +3,7 @@ models"), as the authors' code and the 8-task benchmark run it."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -14,7 +15,7 @@ from harness.method import MergeMethod, hp, require
 from harness.result import MergeResult
 from harness.sharded import building, finish_output
 from harness.state_dict import (ModelSpec, StateDict, cast_like, inspect_models, iter_keys,
-                                on_merge_device, row_blocks, task_vector, to_float32)
+                                on_merge_device, row_blocks, to_float32)
 
 _BINS = 1 << 16
 
@@ -33,8 +34,11 @@ class StreamingKthSmallest:
         self.bin: int | None = None
         self.rank = 0
 
-    def add_high(self, values: Tensor) -> None:
-        bits = values.reshape(-1).view(torch.int32) >> 16
+    def add_high(self, values: Tensor, *, overwrite: bool = False) -> None:
+        """Count ``values``' high 16 bits; with ``overwrite`` they are shifted in place (no
+        copy; ``values`` is destroyed)."""
+        bits = values.reshape(-1).view(torch.int32)
+        bits = bits.bitwise_right_shift_(16) if overwrite else bits >> 16
         self.high += torch.bincount(bits, minlength=_BINS).cpu()
 
     def choose_bin(self, k: int) -> None:
@@ -42,9 +46,15 @@ class StreamingKthSmallest:
         self.bin = int(torch.searchsorted(cum, k))
         self.rank = k - (int(cum[self.bin - 1]) if self.bin > 0 else 0)
 
-    def add_low(self, values: Tensor) -> None:
+    def add_low(self, values: Tensor, scratch: tuple[Tensor, Tensor] | None = None) -> None:
+        """``scratch``: an int32 and a bool tensor of ``values``' size to work in (no fresh
+        allocation per call)."""
         bits = values.reshape(-1).view(torch.int32)
-        inside = bits[(bits >> 16) == self.bin] & 0xFFFF
+        if scratch is None:
+            scratch = torch.empty_like(bits), torch.empty_like(bits, dtype=torch.bool)
+        shifted, in_bin = scratch
+        torch.eq(torch.bitwise_right_shift(bits, 16, out=shifted), self.bin, out=in_bin)
+        inside = bits[in_bin] & 0xFFFF
         self.low += torch.bincount(inside, minlength=_BINS).cpu()
 
     def value(self) -> float:
@@ -60,21 +70,22 @@ def trim_rank(d: int, k: float) -> int:
 
 def disjoint_aggregate(trimmed: Tensor, sign: Tensor, merge: str) -> Tensor:
     """Sum, or mean over their count (at least 1), of the stacked entries ``(N, ...)`` whose
-    sign agrees with ``sign`` (0 where ``sign`` is 0).
+    sign agrees with ``sign`` (0 where ``sign`` is 0). Overwrites ``trimmed``.
 
     Computed as ``sign * sum clamp(trimmed * sign, 0)``: negation commutes with rounding, so this
     equals the sum of the agreeing entries bit for bit, in fewer passes.
     """
-    aligned = (trimmed * sign).clamp_(min=0)
-    total = aligned.sum(dim=0) * sign
+    aligned = trimmed.mul_(sign).clamp_(min=0)
+    total = aligned.sum(dim=0).mul_(sign)
     if merge == "sum":
         return total
     count = (aligned > 0).sum(dim=0).to(torch.float32)
-    return total / torch.clamp(count, min=1)
+    return total.div_(count.clamp_(min=1))
 
 
 def settle_undecided(columns: Tensor, majority: int, merge: str) -> Tensor:
-    """Merge entries whose elected sign is 0 with the model's majority sign (0 -> merge to 0)."""
+    """Merge entries whose elected sign is 0 with the model's majority sign (0 -> merge to 0).
+    Overwrites ``columns``."""
     sign = torch.full(columns.shape[1:], float(majority))
     return disjoint_aggregate(columns, sign, merge)
 
@@ -90,7 +101,9 @@ class TrimThresholds:
         self.selectors: dict[str, StreamingKthSmallest] = {}
 
     def observe(self, task: str, key: str, tau: Tensor) -> None:
-        self.selectors.setdefault(task, StreamingKthSmallest()).add_high(tau.abs())
+        # inspect_models hands over scratch that the hook may overwrite
+        self.selectors.setdefault(task, StreamingKthSmallest()).add_high(tau.abs_(),
+                                                                          overwrite=True)
 
     def finish(self, pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
                k: float, progress: bool, desc: str) -> dict[str, float | None]:
@@ -103,10 +116,19 @@ class TrimThresholds:
             sel.choose_bin(rank)
         for key in iter_keys(spec.float_keys, f"{desc}: thresholds", progress):
             p, sources = pretrained[key], [finetuned[t][key] for t in spec.tasks]
+            scratch = None                 # reused across the key's blocks: no fresh pages
             for rows in row_blocks(spec.shapes[key], 2):
                 p_rows = to_float32(on_merge_device(p[rows]))
+                n = p_rows.numel()
+                if scratch is None:        # the first block is the largest
+                    scratch = (torch.empty(n, dtype=torch.float32, device=p_rows.device),
+                               torch.empty(n, dtype=torch.int32, device=p_rows.device),
+                               torch.empty(n, dtype=torch.bool, device=p_rows.device))
+                magnitude, shifted, in_bin = (buffer[:n] for buffer in scratch)
                 for t, source in zip(spec.tasks, sources):
-                    self.selectors[t].add_low(task_vector(p_rows, source[rows]).abs())
+                    magnitude.copy_(on_merge_device(source[rows]).reshape(-1))
+                    magnitude.sub_(p_rows.reshape(-1)).abs_()
+                    self.selectors[t].add_low(magnitude, (shifted, in_bin))
         return {t: self.selectors[t].value() for t in spec.tasks}
 
 
@@ -182,21 +204,30 @@ def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progr
 def _merge_key(pretrained, finetuned, spec, key, cut, lam, merge, build_value=True):
     """One key's merged tensor (undecided entries left at theta_0; None unless
     ``build_value``), the sum of its elected signs, and its undecided entries (flat positions,
-    the tasks' trimmed values there) or None."""
+    the tasks' trimmed values there) or None.
+
+    The block buffers are allocated once per key and reused: fresh large allocations are
+    fresh pages, and faulting them in cost as much as the arithmetic.
+    """
     tasks = spec.tasks
     p = pretrained[key]
     sources = [finetuned[t][key] for t in tasks]
     value = torch.empty(spec.shapes[key], dtype=p.dtype, device="cpu") if build_value else None
     positions, columns, offset, sign_total = [], [], 0, 0
+    buffers = None
     for rows in row_blocks(spec.shapes[key], len(tasks)):
         p_rows = to_float32(on_merge_device(p[rows]))
-        trimmed = torch.empty((len(tasks), *p_rows.shape), dtype=torch.float32,
-                              device=p_rows.device)
-        kept = torch.zeros(p_rows.shape, dtype=torch.bool, device=p_rows.device)
+        if buffers is None:          # the first block is the largest
+            buffers = _BlockBuffers(len(tasks), p_rows.numel(), p_rows.device)
+        trimmed, magnitude, mask, kept = buffers.views(p_rows.shape)
+        kept.zero_()
         for row, (t, source) in enumerate(zip(tasks, sources)):
-            tau = task_vector(p_rows, source[rows])
-            mask = tau != 0 if cut[t] is None else tau.abs() >= cut[t]
-            torch.mul(tau, mask, out=trimmed[row])
+            tau = trimmed[row].copy_(on_merge_device(source[rows])).sub_(p_rows)
+            if cut[t] is None:
+                torch.ne(tau, 0, out=mask)
+            else:
+                torch.ge(torch.abs(tau, out=magnitude), cut[t], out=mask)
+            tau.mul_(mask)
             kept |= mask
         sign = torch.sign(trimmed.sum(dim=0))      # elect
         sign_total += int(sign.sum())
@@ -206,11 +237,29 @@ def _merge_key(pretrained, finetuned, spec, key, cut, lam, merge, build_value=Tr
             columns.append(trimmed.reshape(len(tasks), -1)[:, open_].cpu())
         if build_value:
             delta = disjoint_aggregate(trimmed, sign, merge)
-            value[rows] = cast_like(p_rows + lam * delta, p.dtype)
+            value[rows] = cast_like(delta.mul_(lam).add_(p_rows), p.dtype)
         offset += p_rows.numel()
     if not positions:
         return value, sign_total, None
     return value, sign_total, (torch.cat(positions), torch.cat(columns, dim=1))
+
+
+class _BlockBuffers:
+    """Scratch tensors for one key's row blocks: the tasks' trimmed values, a magnitude, the
+    current task's mask and the union of masks."""
+
+    def __init__(self, tasks: int, numel: int, device) -> None:
+        self.tasks = tasks
+        self.trimmed = torch.empty(tasks * numel, dtype=torch.float32, device=device)
+        self.magnitude = torch.empty(numel, dtype=torch.float32, device=device)
+        self.mask = torch.empty(numel, dtype=torch.bool, device=device)
+        self.kept = torch.empty(numel, dtype=torch.bool, device=device)
+
+    def views(self, shape):
+        n = math.prod(shape)
+        return (self.trimmed[:self.tasks * n].view(self.tasks, *shape),
+                self.magnitude[:n].view(shape), self.mask[:n].view(shape),
+                self.kept[:n].view(shape))
 
 
 def _settled(p, positions, columns, majority, lam, merge) -> Tensor:

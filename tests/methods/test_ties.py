@@ -98,15 +98,21 @@ def test_trim_rank():
     assert trim_rank(10, 100) == 0
 
 
-def test_fp16_inputs_computed_in_float32_and_returned_in_fp16():
-    pre, ft = make_models(dtype=torch.float16)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_dtypes_computed_in_float32_and_returned_in_theirs(dtype):
+    pre, ft = make_models(dtype=dtype)
+    if dtype == torch.float64:       # values float32 cannot hold: each is rounded to float32
+        g = torch.Generator().manual_seed(5)     # before any arithmetic, as for other dtypes
+        ft = {t: {k: v + 1e-9 * torch.randn(v.shape, generator=g, dtype=dtype)
+                  if v.is_floating_point() else v for k, v in m.items()} for t, m in ft.items()}
     result = get_method("ties").merge(pre, ft)
-    assert result.base["layer.weight"].dtype == torch.float16
+    assert result.base["layer.weight"].dtype == dtype
     pre32 = {k: v.float() if v.is_floating_point() else v for k, v in pre.items()}
     ft32 = {t: {k: v.float() if v.is_floating_point() else v for k, v in m.items()}
             for t, m in ft.items()}
     reference = official_ties(pre32, ft32)
-    assert torch.equal(result.base["layer.weight"], reference["layer.weight"].half())
+    for key in ("layer.weight", "embed.weight", "conv.weight"):
+        assert torch.equal(result.base[key], reference[key].to(dtype)), key
 
 
 @pytest.mark.parametrize("merge", ["sum", "mean"])
