@@ -408,14 +408,25 @@ def task_vector_blocks(pretrained: StateDict, finetuned: Mapping[str, StateDict]
                        spec: ModelSpec, key: str, *, weights: bool = False) -> Iterator[tuple]:
     """``(rows, theta_0 block, the tasks' task-vector blocks)`` of one key in row blocks, float32
     on the merge device, for rules that are elementwise across tasks; with ``weights``, the
-    tasks' own weights (float32, possibly views of the inputs) instead of their task vectors."""
+    tasks' own weights (float32, possibly views of the inputs) instead of their task vectors.
+
+    Task vectors are computed into one buffer per key, reused for the next block (fresh
+    pages cost as much as the arithmetic): use each block's before asking for the next.
+    """
     p, sources = pretrained[key], [finetuned[t][key] for t in spec.tasks]
+    buffer = None
     for rows in row_blocks(spec.shapes[key], len(sources)):
         theta0 = to_float32(on_merge_device(p[rows]))
         if weights:
             yield rows, theta0, [to_float32(on_merge_device(source[rows])) for source in sources]
-        else:
-            yield rows, theta0, [task_vector(theta0, source[rows]) for source in sources]
+            continue
+        if buffer is None:           # the first block is the largest
+            buffer = torch.empty((len(sources), theta0.numel()), dtype=torch.float32,
+                                 device=theta0.device)
+        taus = [row[:theta0.numel()].view(theta0.shape) for row in buffer]
+        for tau, source in zip(taus, sources):
+            tau.copy_(on_merge_device(source[rows])).sub_(theta0)
+        yield rows, theta0, taus
 
 
 def shared_and_masks(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
