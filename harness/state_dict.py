@@ -112,6 +112,26 @@ def _surely_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t.sum()))
 
 
+class BlockBuffers:
+    """Named scratch tensors for row blocks, reused from block to block (and key to key): a
+    fresh large allocation is fresh pages for the kernel to fault in and zero, which cost as
+    much as the arithmetic on them. A view is valid until the same name is asked for again."""
+
+    def __init__(self) -> None:
+        self._flat: dict[str, Tensor] = {}
+
+    def view(self, name: str, like: Tensor, dtype: torch.dtype = torch.float32,
+             count: int | None = None) -> Tensor:
+        """Buffer ``name`` shaped like ``like`` (``(count, *like.shape)`` with ``count``), on its
+        device; grown when a larger block asks."""
+        shape = tuple(like.shape) if count is None else (count, *like.shape)
+        n = math.prod(shape)
+        flat = self._flat.get(name)
+        if flat is None or flat.numel() < n or flat.device != like.device:
+            flat = self._flat[name] = torch.empty(n, dtype=dtype, device=like.device)
+        return flat[:n].view(shape)
+
+
 def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
                    *, allow_zero_tasks: bool = False, observe=None) -> ModelSpec:
     """Validate models before any merging work and describe them (one pass over every tensor).
@@ -143,6 +163,7 @@ def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
                 f"key {extra[0]!r} of task model {task!r} is missing from the pretrained model"
                 + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     spec = ModelSpec(tasks, [], [], {}, {}, {t: {} for t in tasks})
+    buffers = BlockBuffers()
     for key in iter_keys(pre_keys, "validate", False):
         p = pretrained[key]
         spec.shapes[key] = tuple(p.shape)
@@ -162,14 +183,11 @@ def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
                     f"key {key!r} has shape {tuple(t.shape)} in task model {task!r} but "
                     f"{spec.shapes[key]} in the pretrained model")
             spec.changed[task][key] = 0
-        scratch = None              # one block's delta, reused: fresh pages cost time
         for rows in row_blocks(spec.shapes[key], 2):    # a block of theta_0 and of one delta
             p32 = to_float32(on_merge_device(p[rows]))
             if not _surely_finite(p32):
                 _check_finite(p32, key, "the pretrained model")
-            if scratch is None:     # the first block is the largest
-                scratch = torch.empty(p32.numel(), dtype=torch.float32, device=p32.device)
-            delta = scratch[:p32.numel()].view(p32.shape)
+            delta = buffers.view("delta", p32)
             for task, t in zip(tasks, sources):
                 delta.copy_(on_merge_device(t[rows])).sub_(p32)   # NaN/Inf in t shows too
                 if not _surely_finite(delta):
@@ -410,20 +428,17 @@ def task_vector_blocks(pretrained: StateDict, finetuned: Mapping[str, StateDict]
     on the merge device, for rules that are elementwise across tasks; with ``weights``, the
     tasks' own weights (float32, possibly views of the inputs) instead of their task vectors.
 
-    Task vectors are computed into one buffer per key, reused for the next block (fresh
-    pages cost as much as the arithmetic): use each block's before asking for the next.
+    Task vectors are computed into :class:`BlockBuffers`, reused for the next block: use each
+    block's before asking for the next.
     """
     p, sources = pretrained[key], [finetuned[t][key] for t in spec.tasks]
-    buffer = None
+    buffers = BlockBuffers()
     for rows in row_blocks(spec.shapes[key], len(sources)):
         theta0 = to_float32(on_merge_device(p[rows]))
         if weights:
             yield rows, theta0, [to_float32(on_merge_device(source[rows])) for source in sources]
             continue
-        if buffer is None:           # the first block is the largest
-            buffer = torch.empty((len(sources), theta0.numel()), dtype=torch.float32,
-                                 device=theta0.device)
-        taus = [row[:theta0.numel()].view(theta0.shape) for row in buffer]
+        taus = list(buffers.view("taus", theta0, count=len(sources)))
         for tau, source in zip(taus, sources):
             tau.copy_(on_merge_device(source[rows])).sub_(theta0)
         yield rows, theta0, taus

@@ -3,7 +3,6 @@ models"), as the authors' code and the 8-task benchmark run it."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -14,8 +13,8 @@ from torch import Tensor
 from harness.method import MergeMethod, hp, require
 from harness.result import MergeResult
 from harness.sharded import building, finish_output
-from harness.state_dict import (ModelSpec, StateDict, cast_like, inspect_models, iter_keys,
-                                on_merge_device, row_blocks, to_float32)
+from harness.state_dict import (BlockBuffers, ModelSpec, StateDict, cast_like, inspect_models,
+                                iter_keys, on_merge_device, row_blocks, to_float32)
 
 _BINS = 1 << 16
 
@@ -114,21 +113,17 @@ class TrimThresholds:
             return {t: None for t in spec.tasks}
         for sel in self.selectors.values():
             sel.choose_bin(rank)
+        buffers = BlockBuffers()
         for key in iter_keys(spec.float_keys, f"{desc}: thresholds", progress):
             p, sources = pretrained[key], [finetuned[t][key] for t in spec.tasks]
-            scratch = None                 # reused across the key's blocks: no fresh pages
             for rows in row_blocks(spec.shapes[key], 2):
                 p_rows = to_float32(on_merge_device(p[rows]))
-                n = p_rows.numel()
-                if scratch is None:        # the first block is the largest
-                    scratch = (torch.empty(n, dtype=torch.float32, device=p_rows.device),
-                               torch.empty(n, dtype=torch.int32, device=p_rows.device),
-                               torch.empty(n, dtype=torch.bool, device=p_rows.device))
-                magnitude, shifted, in_bin = (buffer[:n] for buffer in scratch)
+                magnitude = buffers.view("magnitude", p_rows)
+                scratch = (buffers.view("shifted", p_rows, torch.int32).reshape(-1),
+                           buffers.view("in_bin", p_rows, torch.bool).reshape(-1))
                 for t, source in zip(spec.tasks, sources):
-                    magnitude.copy_(on_merge_device(source[rows]).reshape(-1))
-                    magnitude.sub_(p_rows.reshape(-1)).abs_()
-                    self.selectors[t].add_low(magnitude, (shifted, in_bin))
+                    magnitude.copy_(on_merge_device(source[rows])).sub_(p_rows).abs_()
+                    self.selectors[t].add_low(magnitude, scratch)
         return {t: self.selectors[t].value() for t in spec.tasks}
 
 
@@ -170,12 +165,14 @@ def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progr
     """
     held: dict[str, tuple[Tensor, Tensor]] = {}
     held_bytes, again, sign_total = 0, [], 0
+    buffers = BlockBuffers()
     float_keys = set(spec.float_keys)
     for key in iter_keys(list(pretrained.keys()), f"{desc}: merge", progress):
         if key not in float_keys:
             merged[key] = pretrained[key]
             continue
-        value, signs, undecided = _merge_key(pretrained, finetuned, spec, key, cut, lam, merge)
+        value, signs, undecided = _merge_key(pretrained, finetuned, spec, key, cut, lam, merge,
+                                             buffers)
         sign_total += signs
         merged[key] = value
         if undecided is not None:
@@ -193,7 +190,7 @@ def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progr
                                               lam, merge))
     for key in iter_keys(again, f"{desc}: undecided keys", progress):
         _, _, (positions, columns) = _merge_key(pretrained, finetuned, spec, key, cut, lam,
-                                                merge, build_value=False)
+                                                merge, buffers, build_value=False)
         merged.patch(key, positions, _settled(pretrained[key], positions, columns, majority,
                                               lam, merge))
     if not isinstance(merged, dict):
@@ -201,26 +198,21 @@ def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progr
     return {key: merged[key] for key in pretrained.keys()}    # the inputs' key order
 
 
-def _merge_key(pretrained, finetuned, spec, key, cut, lam, merge, build_value=True):
+def _merge_key(pretrained, finetuned, spec, key, cut, lam, merge, buffers, build_value=True):
     """One key's merged tensor (undecided entries left at theta_0; None unless
     ``build_value``), the sum of its elected signs, and its undecided entries (flat positions,
-    the tasks' trimmed values there) or None.
-
-    The block buffers are allocated once per key and reused: fresh large allocations are
-    fresh pages, and faulting them in cost as much as the arithmetic.
-    """
+    the tasks' trimmed values there) or None. Blocks are computed in ``buffers``."""
     tasks = spec.tasks
     p = pretrained[key]
     sources = [finetuned[t][key] for t in tasks]
     value = torch.empty(spec.shapes[key], dtype=p.dtype, device="cpu") if build_value else None
     positions, columns, offset, sign_total = [], [], 0, 0
-    buffers = None
     for rows in row_blocks(spec.shapes[key], len(tasks)):
         p_rows = to_float32(on_merge_device(p[rows]))
-        if buffers is None:          # the first block is the largest
-            buffers = _BlockBuffers(len(tasks), p_rows.numel(), p_rows.device)
-        trimmed, magnitude, mask, kept = buffers.views(p_rows.shape)
-        kept.zero_()
+        trimmed = buffers.view("trimmed", p_rows, count=len(tasks))
+        magnitude = buffers.view("magnitude", p_rows)
+        mask = buffers.view("mask", p_rows, torch.bool)
+        kept = buffers.view("kept", p_rows, torch.bool).zero_()
         for row, (t, source) in enumerate(zip(tasks, sources)):
             tau = trimmed[row].copy_(on_merge_device(source[rows])).sub_(p_rows)
             if cut[t] is None:
@@ -242,24 +234,6 @@ def _merge_key(pretrained, finetuned, spec, key, cut, lam, merge, build_value=Tr
     if not positions:
         return value, sign_total, None
     return value, sign_total, (torch.cat(positions), torch.cat(columns, dim=1))
-
-
-class _BlockBuffers:
-    """Scratch tensors for one key's row blocks: the tasks' trimmed values, a magnitude, the
-    current task's mask and the union of masks."""
-
-    def __init__(self, tasks: int, numel: int, device) -> None:
-        self.tasks = tasks
-        self.trimmed = torch.empty(tasks * numel, dtype=torch.float32, device=device)
-        self.magnitude = torch.empty(numel, dtype=torch.float32, device=device)
-        self.mask = torch.empty(numel, dtype=torch.bool, device=device)
-        self.kept = torch.empty(numel, dtype=torch.bool, device=device)
-
-    def views(self, shape):
-        n = math.prod(shape)
-        return (self.trimmed[:self.tasks * n].view(self.tasks, *shape),
-                self.magnitude[:n].view(shape), self.mask[:n].view(shape),
-                self.kept[:n].view(shape))
 
 
 def _settled(p, positions, columns, majority, lam, merge) -> Tensor:
