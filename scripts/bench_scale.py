@@ -270,11 +270,11 @@ def main() -> int:
             row = json.loads(out.stdout.strip().splitlines()[-1])
             floor = row["seconds"] if method == "read" else floor
             ratio = f"{row['seconds'] / floor:.1f}" if floor else "–"
-            gpu = "–" if row.get("gpu_gib") is None else f"{row['gpu_gib']:.2f}"
+            anon, file, gpu = (f"{row[k]:.2f}" if row.get(k) is not None else "–"
+                               for k in ("anon_gib", "file_gib", "gpu_gib"))
             print(f"| {label} | {row['seconds']:.1f} | "
                   f"{input_bytes / row['seconds'] / 1e9:.2f} | {ratio} | {row['peak_gib']:.2f} | "
-                  f"{row.get('anon_gib', 0):.2f} | {row.get('file_gib', 0):.2f} | {gpu} |",
-                  flush=True)
+                  f"{anon} | {file} | {gpu} |", flush=True)
     return 0
 
 
