@@ -59,10 +59,13 @@ def on_merge_device(t: Tensor) -> Tensor:
     return t.to(_DEVICE.get())
 
 
-def task_vector(pretrained: Tensor, finetuned: Tensor) -> Tensor:
-    """``finetuned - pretrained`` in float32 on the merge device (a new tensor; inputs are
-    untouched; each input crosses to the device in its own dtype, then is cast)."""
-    return to_float32(on_merge_device(finetuned)) - to_float32(on_merge_device(pretrained))
+def task_vector(pretrained: Tensor, finetuned: Tensor, out: Tensor | None = None) -> Tensor:
+    """``finetuned - pretrained`` in float32 on the merge device (a new tensor, or written into
+    the float32 ``out``; inputs are untouched; each input crosses to the device in its own
+    dtype and is cast to float32 before the subtraction, whatever that dtype)."""
+    if out is None:
+        return to_float32(on_merge_device(finetuned)) - to_float32(on_merge_device(pretrained))
+    return out.copy_(on_merge_device(finetuned)).sub_(to_float32(on_merge_device(pretrained)))
 
 
 @dataclass
@@ -189,7 +192,7 @@ def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
                 _check_finite(p32, key, "the pretrained model")
             delta = buffers.view("delta", p32)
             for task, t in zip(tasks, sources):
-                delta.copy_(on_merge_device(t[rows])).sub_(p32)   # NaN/Inf in t shows too
+                task_vector(p32, t[rows], out=delta)   # NaN/Inf in t shows too
                 if not _surely_finite(delta):
                     _check_finite(t[rows], key, f"task model {task!r}")
                 spec.changed[task][key] += int(torch.count_nonzero(delta))
@@ -440,7 +443,7 @@ def task_vector_blocks(pretrained: StateDict, finetuned: Mapping[str, StateDict]
             continue
         taus = list(buffers.view("taus", theta0, count=len(sources)))
         for tau, source in zip(taus, sources):
-            tau.copy_(on_merge_device(source[rows])).sub_(theta0)
+            task_vector(theta0, source[rows], out=tau)
         yield rows, theta0, taus
 
 

@@ -14,7 +14,8 @@ from harness.method import MergeMethod, hp, require
 from harness.result import MergeResult
 from harness.sharded import building, finish_output
 from harness.state_dict import (BlockBuffers, ModelSpec, StateDict, cast_like, inspect_models,
-                                iter_keys, on_merge_device, row_blocks, to_float32)
+                                iter_keys, on_merge_device, row_blocks, task_vector,
+                                to_float32)
 
 _BINS = 1 << 16
 
@@ -122,7 +123,7 @@ class TrimThresholds:
                 scratch = (buffers.view("shifted", p_rows, torch.int32).reshape(-1),
                            buffers.view("in_bin", p_rows, torch.bool).reshape(-1))
                 for t, source in zip(spec.tasks, sources):
-                    magnitude.copy_(on_merge_device(source[rows])).sub_(p_rows).abs_()
+                    task_vector(p_rows, source[rows], out=magnitude).abs_()
                     self.selectors[t].add_low(magnitude, scratch)
         return {t: self.selectors[t].value() for t in spec.tasks}
 
@@ -214,7 +215,7 @@ def _merge_key(pretrained, finetuned, spec, key, cut, lam, merge, buffers, build
         mask = buffers.view("mask", p_rows, torch.bool)
         kept = buffers.view("kept", p_rows, torch.bool).zero_()
         for row, (t, source) in enumerate(zip(tasks, sources)):
-            tau = trimmed[row].copy_(on_merge_device(source[rows])).sub_(p_rows)
+            tau = task_vector(p_rows, source[rows], out=trimmed[row])
             if cut[t] is None:
                 torch.ne(tau, 0, out=mask)
             else:
