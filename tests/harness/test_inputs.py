@@ -117,3 +117,13 @@ def test_validation_in_row_blocks_sees_the_same(monkeypatch):
     ft["task1"]["embed.weight"][19, 7] = float("nan")
     with pytest.raises(MergeInputError, match="key 'embed.weight' of task model 'task1' contains"):
         inspect_models(pre, ft)
+
+
+def test_nonzero_count_on_bit_patterns():
+    """Validation counts non-zero task-vector entries on bit patterns: both zeros count as zero,
+    everything else (subnormals, NaN, Inf) as non-zero, as ``torch.count_nonzero`` does."""
+    from harness.state_dict import count_nonzero
+
+    values = torch.tensor([0.0, -0.0, 1.0, -1e-45, float("nan"), float("-inf"), 0.0, 3.5])
+    scratch = torch.empty(values.shape, dtype=torch.int32)
+    assert count_nonzero(values, scratch) == int(torch.count_nonzero(values)) == 5
