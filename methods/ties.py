@@ -3,6 +3,7 @@ models"), as the authors' code and the 8-task benchmark run it."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -14,41 +15,54 @@ from harness.method import MergeMethod, hp, require
 from harness.result import MergeResult
 from harness.sharded import building, finish_output
 from harness.state_dict import (BlockBuffers, ModelSpec, StateDict, cast_like, inspect_models,
-                                iter_keys, on_merge_device, row_blocks, task_vector,
-                                to_float32)
+                                iter_keys, row_blocks, task_vector, to_float32)
 
 _BINS = 1 << 16
 
 
 class StreamingKthSmallest:
-    """The exact k-th smallest (1-indexed) of non-negative float32 values, seen in two passes.
+    """The exact k-th smallest (1-indexed) of non-negative float32 values, seen in one or two
+    passes.
 
-    Non-negative float32 bit patterns order like the values, so a histogram of the high 16 bits
-    (pass 1) finds the bin holding the k-th value and a histogram of the low 16 bits inside that
-    bin (pass 2) finds the value itself. Memory: two 65,536-bin histograms, whatever the model.
+    Non-negative float32 bit patterns order like the values. Pass 1 counts each value in one of
+    two half-bins per high-16-bit pattern ``h``, which keep that order: the value exactly
+    ``h << 16`` (low bits zero), then the values strictly inside the bin. When the k-th value
+    falls on such an edge, pass 1 has found it; this is the usual case for bfloat16 models,
+    whose task vectors carry few mantissa bits. Otherwise pass 2 counts the low 16 bits of the
+    values inside the k-th value's bin. Memory: two small histograms, whatever the model.
     """
 
     def __init__(self) -> None:
-        self.high = torch.zeros(_BINS, dtype=torch.int64)
+        self.high = torch.zeros(2 * _BINS, dtype=torch.int64)
         self.low = torch.zeros(_BINS, dtype=torch.int64)
         self.bin: int | None = None
+        self.on_edge = False
         self.rank = 0
 
-    def add_high(self, values: Tensor, *, overwrite: bool = False) -> None:
-        """Count ``values``' high 16 bits; with ``overwrite`` they are shifted in place (no
-        copy; ``values`` is destroyed)."""
+    def add_high(self, values: Tensor, *, overwrite: bool = False,
+                 scratch: Tensor | None = None) -> None:
+        """Pass 1: count ``values``. With ``overwrite``, ``values`` is worked in (destroyed);
+        ``scratch``, an int32 tensor of its size, spares one fresh allocation."""
         bits = values.reshape(-1).view(torch.int32)
-        bits = bits.bitwise_right_shift_(16) if overwrite else bits >> 16
-        self.high += torch.bincount(bits, minlength=_BINS).cpu()
+        high = torch.bitwise_right_shift(bits, 16, out=scratch)
+        ceiling = (bits if overwrite else bits.clone()).add_(0xFFFF).bitwise_right_shift_(16)
+        half_bin = high.add_(ceiling)    # 2h on the edge h << 16, 2h + 1 inside bin h
+        self.high += torch.bincount(half_bin, minlength=2 * _BINS).cpu()
 
     def choose_bin(self, k: int) -> None:
         cum = self.high.cumsum(0)
-        self.bin = int(torch.searchsorted(cum, k))
-        self.rank = k - (int(cum[self.bin - 1]) if self.bin > 0 else 0)
+        half_bin = int(torch.searchsorted(cum, k))
+        self.bin, self.on_edge = half_bin // 2, half_bin % 2 == 0
+        self.rank = k - (int(cum[2 * self.bin - 1]) if self.bin > 0 else 0)
+
+    @property
+    def needs_low(self) -> bool:
+        """Whether :meth:`value` needs pass 2 (:meth:`add_low`)."""
+        return not self.on_edge
 
     def add_low(self, values: Tensor, scratch: tuple[Tensor, Tensor] | None = None) -> None:
-        """``scratch``: an int32 and a bool tensor of ``values``' size to work in (no fresh
-        allocation per call)."""
+        """Pass 2: count the low bits of ``values`` inside the chosen bin. ``scratch``: an int32
+        and a bool tensor of ``values``' size to work in (no fresh allocation per call)."""
         bits = values.reshape(-1).view(torch.int32)
         if scratch is None:
             scratch = torch.empty_like(bits), torch.empty_like(bits, dtype=torch.bool)
@@ -58,7 +72,7 @@ class StreamingKthSmallest:
         self.low += torch.bincount(inside, minlength=_BINS).cpu()
 
     def value(self) -> float:
-        low = int(torch.searchsorted(self.low.cumsum(0), self.rank))
+        low = 0 if self.on_edge else int(torch.searchsorted(self.low.cumsum(0), self.rank))
         word = torch.tensor([(self.bin << 16) | low], dtype=torch.int32)
         return float(word.view(torch.float32))
 
@@ -68,18 +82,34 @@ def trim_rank(d: int, k: float) -> int:
     return d - int(d * (k / 100))
 
 
-def disjoint_aggregate(trimmed: Tensor, sign: Tensor, merge: str) -> Tensor:
+def trim_below(tau: Tensor, cut: float) -> Tensor:
+    """Zero, in place, the entries of the float32 ``tau`` whose magnitude is below ``cut``.
+
+    ``hardshrink`` zeroes magnitudes up to its bound inclusive; the bound is the largest float32
+    below ``cut``, so entries equal to ``cut`` are kept. One pass, where a mask takes four.
+    """
+    bound = torch.nextafter(torch.tensor(cut, dtype=torch.float32),
+                            torch.tensor(-math.inf, dtype=torch.float32))
+    return torch.ops.aten.hardshrink.out(tau, float(bound), out=tau)
+
+
+def disjoint_aggregate(trimmed: Tensor, sign: Tensor, merge: str,
+                       buffers: BlockBuffers | None = None) -> Tensor:
     """Sum, or mean over their count (at least 1), of the stacked entries ``(N, ...)`` whose
-    sign agrees with ``sign`` (0 where ``sign`` is 0). Overwrites ``trimmed``.
+    sign agrees with ``sign`` (0 where ``sign`` is 0). Overwrites ``trimmed``; the result is a
+    new tensor, or scratch from ``buffers``.
 
     Computed as ``sign * sum clamp(trimmed * sign, 0)``: negation commutes with rounding, so this
     equals the sum of the agreeing entries bit for bit, in fewer passes.
     """
+    def scratch(name):
+        return None if buffers is None else buffers.view(name, sign)
+
     aligned = trimmed.mul_(sign).clamp_(min=0)
-    total = aligned.sum(dim=0).mul_(sign)
+    total = torch.sum(aligned, dim=0, out=scratch("total")).mul_(sign)
     if merge == "sum":
         return total
-    count = (aligned > 0).sum(dim=0).to(torch.float32)
+    count = torch.sum(aligned.sign_(), dim=0, out=scratch("count"))   # agreeing entries, exact
     return total.div_(count.clamp_(min=1))
 
 
@@ -99,33 +129,42 @@ class TrimThresholds:
 
     def __init__(self) -> None:
         self.selectors: dict[str, StreamingKthSmallest] = {}
+        self.buffers = BlockBuffers()
 
     def observe(self, task: str, key: str, tau: Tensor) -> None:
         # inspect_models hands over scratch that the hook may overwrite
-        self.selectors.setdefault(task, StreamingKthSmallest()).add_high(tau.abs_(),
-                                                                          overwrite=True)
+        self.selectors.setdefault(task, StreamingKthSmallest()).add_high(
+            tau.abs_(), overwrite=True,
+            scratch=self.buffers.view("high", tau, torch.int32).reshape(-1))
 
     def finish(self, pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
                k: float, progress: bool, desc: str) -> dict[str, float | None]:
-        """Pass 2 over the inputs; None for a task means keep everything (k = 100)."""
+        """Pass 2 over the inputs, for the tasks whose threshold pass 1 left inside a bin; None
+        for a task means keep everything (k = 100)."""
+        self.buffers = None                 # pass 1 is over: its scratch can go
         d = sum(torch.Size(spec.shapes[key]).numel() for key in spec.float_keys)
         rank = trim_rank(d, k)
         if rank == 0:
             return {t: None for t in spec.tasks}
         for sel in self.selectors.values():
             sel.choose_bin(rank)
+        pending = [t for t in spec.tasks if self.selectors[t].needs_low]
+        if pending:
+            self._second_pass(pretrained, finetuned, spec, pending, progress, desc)
+        return {t: self.selectors[t].value() for t in spec.tasks}
+
+    def _second_pass(self, pretrained, finetuned, spec, pending, progress, desc):
         buffers = BlockBuffers()
         for key in iter_keys(spec.float_keys, f"{desc}: thresholds", progress):
-            p, sources = pretrained[key], [finetuned[t][key] for t in spec.tasks]
+            p, sources = pretrained[key], [finetuned[t][key] for t in pending]
             for rows in row_blocks(spec.shapes[key], 2):
-                p_rows = to_float32(on_merge_device(p[rows]))
+                p_rows = buffers.float32("theta0", p[rows])
                 magnitude = buffers.view("magnitude", p_rows)
                 scratch = (buffers.view("shifted", p_rows, torch.int32).reshape(-1),
                            buffers.view("in_bin", p_rows, torch.bool).reshape(-1))
-                for t, source in zip(spec.tasks, sources):
+                for t, source in zip(pending, sources):
                     task_vector(p_rows, source[rows], out=magnitude).abs_()
                     self.selectors[t].add_low(magnitude, scratch)
-        return {t: self.selectors[t].value() for t in spec.tasks}
 
 
 def inspect_for_ties(pretrained: StateDict, finetuned: Mapping[str, StateDict]
@@ -209,28 +248,25 @@ def _merge_key(pretrained, finetuned, spec, key, cut, lam, merge, buffers, build
     value = torch.empty(spec.shapes[key], dtype=p.dtype, device="cpu") if build_value else None
     positions, columns, offset, sign_total = [], [], 0, 0
     for rows in row_blocks(spec.shapes[key], len(tasks)):
-        p_rows = to_float32(on_merge_device(p[rows]))
+        p_rows = buffers.float32("theta0", p[rows])
         trimmed = buffers.view("trimmed", p_rows, count=len(tasks))
-        magnitude = buffers.view("magnitude", p_rows)
         mask = buffers.view("mask", p_rows, torch.bool)
         kept = buffers.view("kept", p_rows, torch.bool).zero_()
         for row, (t, source) in enumerate(zip(tasks, sources)):
             tau = task_vector(p_rows, source[rows], out=trimmed[row])
-            if cut[t] is None:
-                torch.ne(tau, 0, out=mask)
-            else:
-                torch.ge(torch.abs(tau, out=magnitude), cut[t], out=mask)
-            tau.mul_(mask)
-            kept |= mask
-        sign = torch.sign(trimmed.sum(dim=0))      # elect
+            if cut[t] is not None:
+                trim_below(tau, cut[t])
+            kept |= torch.ne(tau, 0, out=mask)
+        sign = torch.sum(trimmed, dim=0, out=buffers.view("sign", p_rows)).sign_()    # elect
         sign_total += int(sign.sum())
-        open_ = torch.nonzero(((sign == 0) & kept).reshape(-1)).reshape(-1)
+        undecided = torch.eq(sign, 0, out=mask).logical_and_(kept)
+        open_ = torch.nonzero(undecided.reshape(-1)).reshape(-1)
         if open_.numel():
             positions.append((open_ + offset).cpu())
             columns.append(trimmed.reshape(len(tasks), -1)[:, open_].cpu())
         if build_value:
-            delta = disjoint_aggregate(trimmed, sign, merge)
-            value[rows] = cast_like(delta.mul_(lam).add_(p_rows), p.dtype)
+            delta = disjoint_aggregate(trimmed, sign, merge, buffers)
+            value[rows].copy_(delta.mul_(lam).add_(p_rows))    # cast to the inputs' dtype
         offset += p_rows.numel()
     if not positions:
         return value, sign_total, None

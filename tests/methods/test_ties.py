@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from harness import get_method
-from methods.ties import StreamingKthSmallest, trim_rank
+from methods.ties import StreamingKthSmallest, trim_below, trim_rank
 from tests.conftest import make_models
 
 
@@ -91,6 +91,62 @@ def test_streaming_kth_value_is_exact():
         for c in chunks:
             sel.add_low(c)
         assert sel.value() == float(values.kthvalue(k).values)
+
+
+def test_kth_value_on_a_bin_edge_needs_one_pass():
+    """Values with zero low 16 bits (bfloat16 task vectors' usual case) sit on bin edges: pass 1
+    alone finds the k-th of them; one value inside a bin, counted in pass 1, still ranks
+    right."""
+    values = torch.tensor([0.5, 0.25, 0.25, 0.75, 0.0, 1.5]).bfloat16().float()
+    inside = torch.tensor([0.2500001])     # between the 2nd 0.25 and 0.5
+    for k, expected in [(1, 0.0), (2, 0.25), (3, 0.25), (5, 0.5), (7, 1.5)]:
+        sel = StreamingKthSmallest()
+        sel.add_high(values)
+        sel.add_high(inside.clone(), overwrite=True)
+        sel.choose_bin(k)
+        assert not sel.needs_low and sel.value() == expected
+    sel = StreamingKthSmallest()
+    sel.add_high(values)
+    sel.add_high(inside)
+    sel.choose_bin(4)       # the value inside bin 0.25's: pass 2 needed
+    assert sel.needs_low
+    sel.add_low(values)
+    sel.add_low(inside)
+    assert sel.value() == float(inside)
+
+
+@pytest.mark.parametrize("dtype, passes", [(torch.bfloat16, 2), (torch.float32, 3)])
+def test_bfloat16_thresholds_come_from_the_validation_pass(dtype, passes):
+    """bfloat16 task vectors put each task's trim threshold on a bin edge: the inputs are read
+    twice (validation with the threshold's histogram, then the merge), float32 ones three
+    times (the threshold's low bits in between); the same result as the official algorithm."""
+    pre, ft = make_models(dtype=dtype)
+    reads = {t: 0 for t in ft}
+
+    class Counting(dict):
+        def __init__(self, task, tensors):
+            super().__init__(tensors)
+            self.task = task
+
+        def __getitem__(self, key):
+            if key == "layer.weight":
+                reads[self.task] += 1
+            return super().__getitem__(key)
+
+    result = get_method("ties").merge(pre, {t: Counting(t, m) for t, m in ft.items()})
+    assert set(reads.values()) == {passes}
+    def float32(m):
+        return {k: v.float() if v.is_floating_point() else v for k, v in m.items()}
+
+    reference = official_ties(float32(pre), {t: float32(m) for t, m in ft.items()})
+    assert torch.equal(result.base["layer.weight"], reference["layer.weight"].to(dtype))
+
+
+def test_trim_below_keeps_magnitudes_at_the_cut():
+    tau = torch.tensor([0.5, -0.5, 0.49999997, -0.75, 0.0, -0.49999997, 1e-45])
+    assert trim_below(tau.clone(), 0.5).tolist() == [0.5, -0.5, 0.0, -0.75, 0.0, 0.0, 0.0]
+    assert torch.equal(trim_below(tau.clone(), 0.0), tau)          # cut 0 keeps everything
+    assert trim_below(tau.clone(), 1e-45)[-1] == tau[-1]            # the smallest subnormal
 
 
 def test_trim_rank():
