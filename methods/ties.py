@@ -15,7 +15,7 @@ from harness.method import MergeMethod, hp, require
 from harness.result import MergeResult
 from harness.sharded import building, finish_output
 from harness.state_dict import (BlockBuffers, ModelSpec, StateDict, cast_like, inspect_models,
-                                iter_keys, row_blocks, task_vector, to_float32)
+                                iter_keys, row_blocks, task_vector)
 
 _BINS = 1 << 16
 
@@ -116,7 +116,7 @@ def disjoint_aggregate(trimmed: Tensor, sign: Tensor, merge: str,
 def settle_undecided(columns: Tensor, majority: int, merge: str) -> Tensor:
     """Merge entries whose elected sign is 0 with the model's majority sign (0 -> merge to 0).
     Overwrites ``columns``."""
-    sign = torch.full(columns.shape[1:], float(majority))
+    sign = torch.full(columns.shape[1:], float(majority), device=columns.device)
     return disjoint_aggregate(columns, sign, merge)
 
 
@@ -197,11 +197,12 @@ def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progr
 
     Entries whose elected sign is 0 while some task kept a value take the model-wide majority
     sign, known only once every key is seen. Each key is written at once with those entries at
-    theta_0, and its undecided entries (positions and the tasks' trimmed values) wait in memory
-    up to ``HELD_BYTES``; then the output is patched in place (in a shard file already written,
-    when streaming). Keys past that budget are merged again for their undecided entries once
-    the majority is known, so memory stays bounded whatever the model size (bf16 task vectors
-    cancel exactly often enough that nearly every key of a large model holds some).
+    theta_0, and its undecided entries wait in memory, up to ``HELD_BYTES``, as their positions
+    and their two possible merged values (one per majority sign, in the output dtype); then the
+    output is patched in place (in a shard file already written, when streaming). Keys past
+    that budget are merged again for their undecided entries once the majority is known, so
+    memory stays bounded whatever the model size (bf16 task vectors cancel exactly often enough
+    that nearly every key of a large model holds some).
     """
     held: dict[str, tuple[Tensor, Tensor]] = {}
     held_bytes, again, sign_total = 0, [], 0
@@ -224,15 +225,14 @@ def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progr
                 again.append(key)
         del value, undecided    # a key already written to a shard must not outlive its turn
     majority = (sign_total > 0) - (sign_total < 0)
-    for key in iter_keys(list(held), f"{desc}: undecided entries", progress):
-        positions, columns = held.pop(key)
-        merged.patch(key, positions, _settled(pretrained[key], positions, columns, majority,
-                                              lam, merge))
-    for key in iter_keys(again, f"{desc}: undecided keys", progress):
-        _, _, (positions, columns) = _merge_key(pretrained, finetuned, spec, key, cut, lam,
-                                                merge, buffers, build_value=False)
-        merged.patch(key, positions, _settled(pretrained[key], positions, columns, majority,
-                                              lam, merge))
+    if majority:      # with none, undecided entries merge to theta_0, as already written
+        for key in iter_keys(list(held), f"{desc}: undecided entries", progress):
+            positions, candidates = held.pop(key)
+            merged.patch(key, positions, candidates[(majority + 1) // 2])
+        for key in iter_keys(again, f"{desc}: undecided keys", progress):
+            _, _, (positions, candidates) = _merge_key(pretrained, finetuned, spec, key, cut,
+                                                       lam, merge, buffers, build_value=False)
+            merged.patch(key, positions, candidates[(majority + 1) // 2])
     if not isinstance(merged, dict):
         return finish_output(merged)
     return {key: merged[key] for key in pretrained.keys()}    # the inputs' key order
@@ -240,13 +240,15 @@ def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progr
 
 def _merge_key(pretrained, finetuned, spec, key, cut, lam, merge, buffers, build_value=True):
     """One key's merged tensor (undecided entries left at theta_0; None unless
-    ``build_value``), the sum of its elected signs, and its undecided entries (flat positions,
-    the tasks' trimmed values there) or None. Blocks are computed in ``buffers``."""
+    ``build_value``), the sum of its elected signs, and its undecided entries or None: their
+    flat positions (int32 where they fit) and their merged values under a negative and a
+    positive majority sign, ``(2, n)`` in the key's dtype. Blocks are computed in ``buffers``."""
     tasks = spec.tasks
     p = pretrained[key]
     sources = [finetuned[t][key] for t in tasks]
     value = torch.empty(spec.shapes[key], dtype=p.dtype, device="cpu") if build_value else None
-    positions, columns, offset, sign_total = [], [], 0, 0
+    positions, candidates, offset, sign_total = [], [], 0, 0
+    index_dtype = torch.int32 if p.numel() < 2**31 else torch.int64
     for rows in row_blocks(spec.shapes[key], len(tasks)):
         p_rows = buffers.float32("theta0", p[rows])
         trimmed = buffers.view("trimmed", p_rows, count=len(tasks))
@@ -262,22 +264,26 @@ def _merge_key(pretrained, finetuned, spec, key, cut, lam, merge, buffers, build
         undecided = torch.eq(sign, 0, out=mask).logical_and_(kept)
         open_ = torch.nonzero(undecided.reshape(-1)).reshape(-1)
         if open_.numel():
-            positions.append((open_ + offset).cpu())
-            columns.append(trimmed.reshape(len(tasks), -1)[:, open_].cpu())
+            positions.append((open_ + offset).to(index_dtype).cpu())
+            columns = trimmed.reshape(len(tasks), -1)[:, open_]
+            candidates.append(_candidates(p_rows.reshape(-1)[open_], columns, lam, merge,
+                                          p.dtype).cpu())
         if build_value:
             delta = disjoint_aggregate(trimmed, sign, merge, buffers)
             value[rows].copy_(delta.mul_(lam).add_(p_rows))    # cast to the inputs' dtype
         offset += p_rows.numel()
     if not positions:
         return value, sign_total, None
-    return value, sign_total, (torch.cat(positions), torch.cat(columns, dim=1))
+    return value, sign_total, (torch.cat(positions), torch.cat(candidates, dim=1))
 
 
-def _settled(p, positions, columns, majority, lam, merge) -> Tensor:
-    """The undecided entries' merged values under the model's majority sign, in ``p``'s dtype
-    (only those entries of ``p`` are read)."""
-    theta0 = to_float32(p.reshape(-1)[positions])
-    return cast_like(theta0 + lam * settle_undecided(columns, majority, merge), p.dtype)
+def _candidates(theta0: Tensor, columns: Tensor, lam: float, merge: str,
+                dtype: torch.dtype) -> Tensor:
+    """Undecided entries' merged values ``theta0 + lam * merged`` under a negative (row 0) and
+    a positive (row 1) majority sign, in ``dtype``; ``columns`` (the tasks' trimmed values
+    there) is overwritten."""
+    return torch.stack([cast_like(theta0 + lam * settle_undecided(work, majority, merge), dtype)
+                        for work, majority in ((columns.clone(), -1), (columns, 1))])
 
 
 @dataclass(frozen=True)

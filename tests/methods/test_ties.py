@@ -199,3 +199,22 @@ def test_row_blocks_give_the_same_bits(merge, held_bytes, monkeypatch):
         assert torch.equal(result.base[key], value), key
     twice = {k for k in merged_again if merged_again.count(k) == 2}
     assert ("tie" in twice) == (held_bytes == 0)
+
+
+def test_undecided_entries_wait_as_two_candidate_values():
+    """An undecided entry waits as its position (int32) and its merged value under each
+    majority sign in the key's dtype: 8 bytes for bfloat16, whatever the number of tasks."""
+    import methods.ties as ties
+    from harness.state_dict import BlockBuffers, inspect_models
+
+    pre = {"w": torch.zeros(2, 2, dtype=torch.bfloat16)}
+    ft = {t: {"w": torch.tensor([[s, 2.0], [0.0, -s]], dtype=torch.bfloat16)}
+          for t, s in (("x", 1.0), ("y", -1.0), ("z", 0.0))}
+    spec = inspect_models(pre, ft)
+    cut = {t: None for t in spec.tasks}
+    _, signs, (positions, candidates) = ties._merge_key(pre, ft, spec, "w", cut, 0.5, "sum",
+                                                        BlockBuffers())
+    assert signs == 1                                   # only entry (0, 1) elects a sign
+    assert positions.dtype == torch.int32 and positions.tolist() == [0, 3]
+    assert candidates.dtype == torch.bfloat16
+    assert candidates.tolist() == [[-0.5, -0.5], [0.5, 0.5]]    # theta_0 + 0.5 * (-1 or +1)
