@@ -3,7 +3,10 @@ models"), as the authors' code and the 8-task benchmark run it."""
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -192,61 +195,97 @@ def ties_merge(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: 
 HELD_BYTES = 2**29    # undecided entries kept in memory until the majority sign is known
 
 
+class HeldEntries:
+    """Undecided entries waiting for the majority sign, key by key: in memory up to
+    ``HELD_BYTES``, then spilled to safetensors files in ``folder`` (a temporary folder)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.held: dict[str, tuple[Tensor, Tensor]] = {}
+        self.spilled: dict[str, str] = {}
+        self.held_bytes = 0
+        self._files = itertools.count()
+
+    def add(self, key: str, positions: Tensor, candidates: Tensor) -> None:
+        size = positions.numel() * positions.element_size() + \
+            candidates.numel() * candidates.element_size()
+        if self.held_bytes + size <= HELD_BYTES:
+            self.held[key] = positions, candidates
+            self.held_bytes += size
+        else:
+            self._spill(key, positions, candidates)
+
+    def _spill(self, key: str, positions: Tensor, candidates: Tensor) -> None:
+        from safetensors.torch import save_file
+
+        path = os.path.join(self.folder, f"{next(self._files):06d}.safetensors")
+        save_file({"positions": positions, "candidates": candidates}, path)
+        self.spilled[key] = path
+
+    def keys(self) -> list[str]:
+        return [*self.held, *self.spilled]
+
+    def take(self, key: str) -> tuple[Tensor, Tensor]:
+        """A key's ``(positions, candidates)``, given up once taken."""
+        from safetensors.torch import load_file
+
+        if key in self.held:
+            return self.held.pop(key)
+        path = self.spilled.pop(key)
+        loaded = load_file(path)
+        os.remove(path)
+        return loaded["positions"], loaded["candidates"]
+
+
 def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progress):
     """Trim, elect and merge key by key into ``merged``.
 
     Entries whose elected sign is 0 while some task kept a value take the model-wide majority
     sign, known only once every key is seen. Each key is written at once with those entries at
-    theta_0, and its undecided entries wait in memory, up to ``HELD_BYTES``, as their positions
-    and their two possible merged values (one per majority sign, in the output dtype); then the
-    output is patched in place (in a shard file already written, when streaming). Keys past
-    that budget are merged again for their undecided entries once the majority is known, so
-    memory stays bounded whatever the model size (bf16 task vectors cancel exactly often enough
-    that nearly every key of a large model holds some).
+    theta_0, and its undecided entries wait as their positions and their two possible merged
+    values (one per majority sign, in the output dtype): in memory up to ``HELD_BYTES``, then
+    in a temporary folder (beside the output when it is streamed), so memory stays bounded
+    whatever the model size (bf16 task vectors cancel exactly often enough that nearly every
+    key of a large model holds some). Then the output is patched in place (in a shard file
+    already written, when streaming).
     """
-    held: dict[str, tuple[Tensor, Tensor]] = {}
-    held_bytes, again, sign_total = 0, [], 0
+    sign_total = 0
     buffers = BlockBuffers()
     float_keys = set(spec.float_keys)
-    for key in iter_keys(list(pretrained.keys()), f"{desc}: merge", progress):
-        if key not in float_keys:
-            merged[key] = pretrained[key]
-            continue
-        value, signs, undecided = _merge_key(pretrained, finetuned, spec, key, cut, lam, merge,
-                                             buffers)
-        sign_total += signs
-        merged[key] = value
-        if undecided is not None:
-            size = sum(t.numel() * t.element_size() for t in undecided)
-            if held_bytes + size <= HELD_BYTES:
-                held[key] = undecided
-                held_bytes += size
-            else:
-                again.append(key)
-        del value, undecided    # a key already written to a shard must not outlive its turn
-    majority = (sign_total > 0) - (sign_total < 0)
-    if majority:      # with none, undecided entries merge to theta_0, as already written
-        for key in iter_keys(list(held), f"{desc}: undecided entries", progress):
-            positions, candidates = held.pop(key)
-            merged.patch(key, positions, candidates[(majority + 1) // 2])
-        for key in iter_keys(again, f"{desc}: undecided keys", progress):
-            _, _, (positions, candidates) = _merge_key(pretrained, finetuned, spec, key, cut,
-                                                       lam, merge, buffers, build_value=False)
-            merged.patch(key, positions, candidates[(majority + 1) // 2])
+    streamed_to = getattr(merged, "directory", None)       # a ShardWriter's output folder
+    beside = os.path.dirname(os.path.abspath(streamed_to)) if streamed_to else None
+    with tempfile.TemporaryDirectory(prefix=".ties-undecided-", dir=beside) as folder:
+        waiting = HeldEntries(folder)
+        for key in iter_keys(list(pretrained.keys()), f"{desc}: merge", progress):
+            if key not in float_keys:
+                merged[key] = pretrained[key]
+                continue
+            value, signs, undecided = _merge_key(pretrained, finetuned, spec, key, cut, lam,
+                                                 merge, buffers)
+            sign_total += signs
+            merged[key] = value
+            if undecided is not None:
+                waiting.add(key, *undecided)
+            del value, undecided    # a key already written to a shard must not outlive its turn
+        majority = (sign_total > 0) - (sign_total < 0)
+        if majority:      # with none, undecided entries merge to theta_0, as already written
+            for key in iter_keys(waiting.keys(), f"{desc}: undecided entries", progress):
+                positions, candidates = waiting.take(key)
+                merged.patch(key, positions, candidates[(majority + 1) // 2])
     if not isinstance(merged, dict):
         return finish_output(merged)
     return {key: merged[key] for key in pretrained.keys()}    # the inputs' key order
 
 
-def _merge_key(pretrained, finetuned, spec, key, cut, lam, merge, buffers, build_value=True):
-    """One key's merged tensor (undecided entries left at theta_0; None unless
-    ``build_value``), the sum of its elected signs, and its undecided entries or None: their
-    flat positions (int32 where they fit) and their merged values under a negative and a
-    positive majority sign, ``(2, n)`` in the key's dtype. Blocks are computed in ``buffers``."""
+def _merge_key(pretrained, finetuned, spec, key, cut, lam, merge, buffers):
+    """One key's merged tensor (undecided entries left at theta_0), the sum of its elected
+    signs, and its undecided entries or None: their flat positions (int32 where they fit) and
+    their merged values under a negative and a positive majority sign, ``(2, n)`` in the key's
+    dtype. Blocks are computed in ``buffers``."""
     tasks = spec.tasks
     p = pretrained[key]
     sources = [finetuned[t][key] for t in tasks]
-    value = torch.empty(spec.shapes[key], dtype=p.dtype, device="cpu") if build_value else None
+    value = torch.empty(spec.shapes[key], dtype=p.dtype, device="cpu")
     positions, candidates, offset, sign_total = [], [], 0, 0
     index_dtype = torch.int32 if p.numel() < 2**31 else torch.int64
     for rows in row_blocks(spec.shapes[key], len(tasks)):
@@ -268,9 +307,8 @@ def _merge_key(pretrained, finetuned, spec, key, cut, lam, merge, buffers, build
             columns = trimmed.reshape(len(tasks), -1)[:, open_]
             candidates.append(_candidates(p_rows.reshape(-1)[open_], columns, lam, merge,
                                           p.dtype).cpu())
-        if build_value:
-            delta = disjoint_aggregate(trimmed, sign, merge, buffers)
-            value[rows].copy_(delta.mul_(lam).add_(p_rows))    # cast to the inputs' dtype
+        delta = disjoint_aggregate(trimmed, sign, merge, buffers)
+        value[rows].copy_(delta.mul_(lam).add_(p_rows))    # cast to the inputs' dtype
         offset += p_rows.numel()
     if not positions:
         return value, sign_total, None

@@ -168,3 +168,5 @@ def test_streamed_ties_patches_undecided_entries_into_written_shards(held_bytes,
     assert index["tie"] != max(index.values())      # not the shard still pending at the end
     assert not torch.equal(plain.base["tie"], pre["tie"])
     assert all(torch.equal(plain.base[k], streamed.base[k]) for k in pre)
+    leftovers = [name for name in os.listdir(tmp_path / "out") if name.startswith(".")]
+    assert not leftovers        # no partial output, no folder of spilled undecided entries
