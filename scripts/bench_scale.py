@@ -5,6 +5,7 @@
     python scripts/bench_scale.py --size 7b --only-embeddings --tasks 1 --methods dts-d
     python scripts/bench_scale.py --size 0.5b --methods ties --mergekit /path/to/mergekit-venv
     python scripts/bench_scale.py --size 14b --tasks 3 --device cuda     # a GPU machine
+    python scripts/bench_scale.py --size 0.5b --methods ties --ties-held-mib 0
 
 ``--mergekit VENV`` also merges the same inputs with mergekit's TIES (``mergekit-yaml`` from a
 separate environment used only here, e.g. ``python3 -m venv VENV && VENV/bin/pip install -c
@@ -187,8 +188,13 @@ sys.exit(main())
 """
 
 
-def worker(method: str, root: str, tasks: int, device: str) -> dict:
+def worker(method: str, root: str, tasks: int, device: str, ties_held_mib: int | None) -> dict:
     from harness import LazyStateDict, get_method, merge_device, stream_outputs
+
+    if ties_held_mib is not None:
+        import methods.ties
+
+        methods.ties.HELD_BYTES = ties_held_mib * 2**20
 
     pretrained = LazyStateDict(os.path.join(root, "pretrained"))
     finetuned = {f"task{t}": LazyStateDict(os.path.join(root, f"task{t}")) for t in range(tasks)}
@@ -222,6 +228,9 @@ def main() -> int:
                         help="also run mergekit's TIES from this virtual environment")
     parser.add_argument("--device", default="cpu", help="merge device (cuda: SVDs and "
                         "arithmetic on the GPU, inputs and outputs on the CPU)")
+    parser.add_argument("--ties-held-mib", type=int, default=None,
+                        help="TIES's memory for entries awaiting the majority sign (default "
+                        "512; smaller shows a larger model's behaviour past it)")
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "ROOT", "TASKS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -230,7 +239,8 @@ def main() -> int:
         if method.startswith("mergekit:"):
             print(json.dumps(mergekit_worker(method.split(":", 1)[1], root, int(tasks))))
         else:
-            print(json.dumps(worker(method, root, int(tasks), args.device)))
+            print(json.dumps(worker(method, root, int(tasks), args.device,
+                                    args.ties_held_mib)))
         return 0
     embeddings = ("without" if args.no_embeddings else "only" if args.only_embeddings
                   else "with")
@@ -253,15 +263,18 @@ def main() -> int:
               f"{input_bytes / 2**30:.2f} GiB of input; largest tensor {largest:,} parameters "
               f"({largest * 4 / 2**30:.2f} GiB in float32); {os.cpu_count()} CPUs, "
               f"torch {torch.__version__}; synthesized in {written:.0f} s")
-        print(f"merge device: {args.device}")
+        print(f"merge device: {args.device}" + ("" if args.ties_held_mib is None else
+              f"; TIES holds {args.ties_held_mib} MiB of undecided entries in memory"))
         print("| run | wall s | read GB/s | x read floor | peak RSS GiB | peak anon GiB "
               "| peak file-mapped GiB | peak GPU GiB |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
         floor = None
         runs = ["read", *args.methods] + ([f"mergekit:{args.mergekit}"] if args.mergekit else [])
         for method in runs:
+            held = [] if args.ties_held_mib is None else ["--ties-held-mib",
+                                                          str(args.ties_held_mib)]
             out = subprocess.run([sys.executable, __file__, "--worker", method, root,
-                                  str(args.tasks), "--device", args.device],
+                                  str(args.tasks), "--device", args.device, *held],
                                  capture_output=True, text=True)
             label = "mergekit ties (per-tensor trim)" if method.startswith("mergekit:") else method
             if out.returncode:
