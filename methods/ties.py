@@ -304,7 +304,8 @@ def _merge_key(pretrained, finetuned, spec, key, cut, lam, merge, buffers):
         open_ = torch.nonzero(undecided.reshape(-1)).reshape(-1)
         if open_.numel():
             positions.append((open_ + offset).to(index_dtype).cpu())
-            columns = trimmed.reshape(len(tasks), -1)[:, open_]
+            # index_select: indexing a 2-D tensor as [:, open_] is ~30x slower on the CPU
+            columns = torch.index_select(trimmed.reshape(len(tasks), -1), 1, open_)
             candidates.append(_candidates(p_rows.reshape(-1)[open_], columns, lam, merge,
                                           p.dtype).cpu())
         delta = disjoint_aggregate(trimmed, sign, merge, buffers)
