@@ -156,7 +156,9 @@ def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
     ``observe(task, key, delta)``, when given, sees each float32 task vector as it is computed
     (in row blocks of large keys, so memory stays bounded), so a method can gather whole-model
     statistics without another pass over the inputs. ``delta`` is scratch, reused for the next
-    block: valid during the call only, and the hook may overwrite it.
+    block: valid during the call only, and the hook may overwrite it. A hook that sees every
+    value anyway (a histogram) may return ``delta``'s numbers of non-zero and of non-finite
+    entries, which validation then does not count again.
 
     Raises :class:`MergeInputError` on an empty task set, a missing or extra key, a shape
     mismatch, a non-float tensor where a float is required, NaN/Inf values, or a task whose task
@@ -207,12 +209,15 @@ def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
             delta = buffers.view("delta", p32)
             for task, t in zip(tasks, sources):
                 task_vector(p32, t[rows], out=delta)   # NaN/Inf in t shows too
-                if not _surely_finite(delta):
+                counted = observe(task, key, delta) if observe is not None else None
+                if counted is None:
+                    nonzero = count_nonzero(delta, buffers.view("bits", delta, torch.int32))
+                    nonfinite = not _surely_finite(delta)
+                else:
+                    nonzero, nonfinite = counted
+                if nonfinite:
                     _check_finite(t[rows], key, f"task model {task!r}")
-                spec.changed[task][key] += count_nonzero(delta, buffers.view("bits", delta,
-                                                                              torch.int32))
-                if observe is not None:
-                    observe(task, key, delta)
+                spec.changed[task][key] += nonzero
     if not allow_zero_tasks:
         for task in tasks:
             if not any(spec.changed[task].values()):

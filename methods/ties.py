@@ -21,6 +21,7 @@ from harness.state_dict import (BlockBuffers, ModelSpec, StateDict, cast_like, i
                                 iter_keys, row_blocks, task_vector)
 
 _BINS = 1 << 16
+_NON_FINITE = 2 * 0x7F80    # the half-bins of +inf (exponent bits all ones) and NaN, and up
 
 
 class StreamingKthSmallest:
@@ -43,14 +44,17 @@ class StreamingKthSmallest:
         self.rank = 0
 
     def add_high(self, values: Tensor, *, overwrite: bool = False,
-                 scratch: Tensor | None = None) -> None:
-        """Pass 1: count ``values``. With ``overwrite``, ``values`` is worked in (destroyed);
-        ``scratch``, an int32 tensor of its size, spares one fresh allocation."""
+                 scratch: Tensor | None = None) -> Tensor:
+        """Pass 1: count ``values``; returns these values' counts per half-bin. With
+        ``overwrite``, ``values`` is worked in (destroyed); ``scratch``, an int32 tensor of its
+        size, spares one fresh allocation."""
         bits = values.reshape(-1).view(torch.int32)
         high = torch.bitwise_right_shift(bits, 16, out=scratch)
         ceiling = (bits if overwrite else bits.clone()).add_(0xFFFF).bitwise_right_shift_(16)
         half_bin = high.add_(ceiling)    # 2h on the edge h << 16, 2h + 1 inside bin h
-        self.high += torch.bincount(half_bin, minlength=2 * _BINS).cpu()
+        counts = torch.bincount(half_bin, minlength=2 * _BINS).cpu()
+        self.high += counts
+        return counts
 
     def choose_bin(self, k: int) -> None:
         cum = self.high.cumsum(0)
@@ -134,11 +138,13 @@ class TrimThresholds:
         self.selectors: dict[str, StreamingKthSmallest] = {}
         self.buffers = BlockBuffers()
 
-    def observe(self, task: str, key: str, tau: Tensor) -> None:
-        # inspect_models hands over scratch that the hook may overwrite
-        self.selectors.setdefault(task, StreamingKthSmallest()).add_high(
+    def observe(self, task: str, key: str, tau: Tensor) -> tuple[int, int]:
+        """Count ``tau``'s magnitudes (which overwrites it: inspect_models hands over scratch);
+        returns its numbers of non-zero and non-finite entries, read off the counts."""
+        counts = self.selectors.setdefault(task, StreamingKthSmallest()).add_high(
             tau.abs_(), overwrite=True,
             scratch=self.buffers.view("high", tau, torch.int32).reshape(-1))
+        return tau.numel() - int(counts[0]), int(counts[_NON_FINITE:].sum())
 
     def finish(self, pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
                k: float, progress: bool, desc: str) -> dict[str, float | None]:

@@ -86,6 +86,8 @@ CASES = [
      "key 'layer.bias' of task model 'task2' contains NaN"),
     ("inf", lambda p, f: p["conv.weight"].view(-1).__setitem__(3, float("inf")),
      "key 'conv.weight' of the pretrained model contains Inf"),
+    ("task inf", lambda p, f: f["task0"]["embed.weight"].__setitem__((2, 3), float("-inf")),
+     "key 'embed.weight' of task model 'task0' contains Inf"),
     ("non-float", lambda p, f: f["task1"].__setitem__("layer.weight", torch.zeros(8, 8,
                                                                                   dtype=torch.int64)),
      "key 'layer.weight' of task model 'task1' has dtype torch.int64, where a floating"),
@@ -127,3 +129,18 @@ def test_nonzero_count_on_bit_patterns():
     values = torch.tensor([0.0, -0.0, 1.0, -1e-45, float("nan"), float("-inf"), 0.0, 3.5])
     scratch = torch.empty(values.shape, dtype=torch.int32)
     assert count_nonzero(values, scratch) == int(torch.count_nonzero(values)) == 5
+
+
+def test_a_counting_hook_describes_the_models_as_validation_does():
+    """TIES's threshold hook reports each block's non-zero and non-finite counts off its
+    histogram, and validation takes them instead of counting: the same description, exact
+    zeros of either sign included."""
+    from harness.state_dict import inspect_models
+    from methods.ties import inspect_for_ties
+
+    pre, ft = make_models()
+    ft["task0"]["layer.weight"][:3] = pre["layer.weight"][:3]        # exact zeros
+    pre["layer.bias"][0], ft["task1"]["layer.bias"][0] = 0.0, -0.0   # -0.0 - 0.0 = -0.0
+    spec, _ = inspect_for_ties(pre, ft)
+    assert spec == inspect_models(pre, ft)
+    assert spec.changed["task0"]["layer.weight"] == 64 - 24
