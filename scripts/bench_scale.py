@@ -6,6 +6,8 @@
     python scripts/bench_scale.py --size 0.5b --methods ties --mergekit /path/to/mergekit-venv
     python scripts/bench_scale.py --size 14b --tasks 3 --device cuda     # a GPU machine
     python scripts/bench_scale.py --size 0.5b --methods ties --ties-held-mib 0
+    python scripts/bench_scale.py --size 14b --layers 1 --tasks 1 --no-embeddings \
+        --methods svd-floor dts-d       # DTS-D against the exact SVDs it needs
 
 ``--mergekit VENV`` also merges the same inputs with mergekit's TIES (``mergekit-yaml`` from a
 separate environment used only here, e.g. ``python3 -m venv VENV && VENV/bin/pip install -c
@@ -188,6 +190,22 @@ sys.exit(main())
 """
 
 
+def svd_floor(pretrained, finetuned, device: str) -> None:
+    """The thin SVD of every 2-D task vector that DTS decomposes whole (float32 up to
+    ``IN_MEMORY_SVD_BYTES``; larger ones it decomposes by blocks), on ``device``: DTS's floor."""
+    from methods.dts import IN_MEMORY_SVD_BYTES
+
+    for sd in finetuned.values():
+        for key in sd:
+            shape = sd[key].shape
+            if len(shape) == 2 and shape.numel() * 4 <= IN_MEMORY_SVD_BYTES:
+                delta = sd[key].to(device, torch.float32) - pretrained[key].to(device,
+                                                                               torch.float32)
+                torch.linalg.svd(delta, full_matrices=False)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+
+
 def worker(method: str, root: str, tasks: int, device: str, ties_held_mib: int | None) -> dict:
     from harness import LazyStateDict, get_method, merge_device, stream_outputs
 
@@ -204,6 +222,8 @@ def worker(method: str, root: str, tasks: int, device: str, ties_held_mib: int |
             for sd in (pretrained, *finetuned.values()):
                 for key in sd:
                     float(sd[key].float().sum())
+        elif method == "svd-floor":
+            svd_floor(pretrained, finetuned, device)
         else:
             with (tempfile.TemporaryDirectory(dir=root) as out, stream_outputs(out, 2**30),
                   merge_device(device)):
@@ -223,7 +243,8 @@ def main() -> int:
                         help="only the embedding and output head (the largest matrices)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--shard-mb", type=int, default=1024)
-    parser.add_argument("--methods", nargs="*", default=["ties", "dts-d"])
+    parser.add_argument("--methods", nargs="*", default=["ties", "dts-d"],
+                        help="registry names, and svd-floor: the exact SVDs DTS needs alone")
     parser.add_argument("--mergekit", default=None, metavar="VENV",
                         help="also run mergekit's TIES from this virtual environment")
     parser.add_argument("--device", default="cpu", help="merge device (cuda: SVDs and "
