@@ -21,7 +21,7 @@ from harness.state_dict import (BlockBuffers, ModelSpec, StateDict, cast_like, i
                                 iter_keys, row_blocks, task_vector)
 
 _BINS = 1 << 16
-_NON_FINITE = 2 * 0x7F80    # the half-bins of +inf (exponent bits all ones) and NaN, and up
+_NON_FINITE = 2 * 0x7F80    # first half-bin of non-finite magnitudes (exponent bits all ones)
 
 
 class StreamingKthSmallest:
@@ -310,7 +310,7 @@ def _merge_key(pretrained, finetuned, spec, key, cut, lam, merge, buffers):
         open_ = torch.nonzero(undecided.reshape(-1)).reshape(-1)
         if open_.numel():
             positions.append((open_ + offset).to(index_dtype).cpu())
-            # index_select: indexing a 2-D tensor as [:, open_] is ~30x slower on the CPU
+            # index_select: indexing a 2-D tensor as [:, open_] is far slower on the CPU
             columns = torch.index_select(trimmed.reshape(len(tasks), -1), 1, open_)
             candidates.append(_candidates(p_rows.reshape(-1)[open_], columns, lam, merge,
                                           p.dtype).cpu())
