@@ -192,8 +192,9 @@ sys.exit(main())
 
 def svd_floor(pretrained, finetuned, device: str) -> None:
     """The thin SVD of every 2-D task vector that DTS decomposes whole (float32 up to
-    ``IN_MEMORY_SVD_BYTES``; larger ones it decomposes by blocks), on ``device``: DTS's floor."""
-    from methods.dts import IN_MEMORY_SVD_BYTES
+    ``IN_MEMORY_SVD_BYTES``; larger ones it decomposes by blocks), as DTS calls it (a wide
+    matrix through its transpose), on ``device``: DTS's floor."""
+    from methods.dts import IN_MEMORY_SVD_BYTES, truncated_svd
 
     for sd in finetuned.values():
         for key in sd:
@@ -201,7 +202,7 @@ def svd_floor(pretrained, finetuned, device: str) -> None:
             if len(shape) == 2 and shape.numel() * 4 <= IN_MEMORY_SVD_BYTES:
                 delta = sd[key].to(device, torch.float32) - pretrained[key].to(device,
                                                                                torch.float32)
-                torch.linalg.svd(delta, full_matrices=False)
+                truncated_svd(delta, min(shape))
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
 
