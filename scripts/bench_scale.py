@@ -292,9 +292,8 @@ def main() -> int:
         print("|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
         floor = None
         runs = ["read", *args.methods] + ([f"mergekit:{args.mergekit}"] if args.mergekit else [])
+        held = [] if args.ties_held_mib is None else ["--ties-held-mib", str(args.ties_held_mib)]
         for method in runs:
-            held = [] if args.ties_held_mib is None else ["--ties-held-mib",
-                                                          str(args.ties_held_mib)]
             out = subprocess.run([sys.executable, __file__, "--worker", method, root,
                                   str(args.tasks), "--device", args.device, *held],
                                  capture_output=True, text=True)
