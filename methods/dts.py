@@ -36,7 +36,7 @@ def _cut(x: Tensor, member: Tensor, k: int, negate: bool) -> float:
 def _cut_numpy(x: Tensor, member: Tensor, k: int, negate: bool) -> float:
     """:func:`_cut` on the CPU: numpy copies out the members only and selects in place, with
     no int64 index tensors (``torch.kthvalue`` makes a copy and int64 indices)."""
-    picked = x.numpy()[member.numpy()]
+    picked = numpy.compress(member.numpy(), x.numpy())
     if negate:
         numpy.negative(picked, out=picked)
     picked.partition(k - 1)
@@ -87,24 +87,26 @@ def group_encode(x: Tensor, grouped_dim: int | None = None) -> GroupCode:
         rows = x.reshape(1, -1)
     else:
         rows = x.movedim(grouped_dim, 0).reshape(shape[grouped_dim], -1)
-    ids = torch.full(rows.shape, 3, dtype=torch.uint8, device=rows.device)  # 3 also for zeros
-    neg = rows < 0
-    ids.masked_fill_(_upper_half(rows, neg, negate=True), 2)
-    del neg
+    # ids 0/1: positive high/low halves, 2/3: negative high/low (3 also for zeros), computed
+    # as 3 - (negative high) - 2 (positive) - (positive high); masks are viewed as 0/1 bytes
+    ids = torch.full(rows.shape, 3, dtype=torch.uint8, device=rows.device)
+    ids.sub_(_upper_half(rows, rows < 0, negate=True).view(torch.uint8))
     pos = rows > 0
-    ids.masked_fill_(pos, 1)
-    ids.masked_fill_(_upper_half(rows, pos, negate=False), 0)
+    ids.sub_(pos.view(torch.uint8), alpha=2)
+    ids.sub_(_upper_half(rows, pos, negate=False).view(torch.uint8))
     del pos
     counts = torch.zeros(rows.shape[0], 4, dtype=torch.float64, device=rows.device)
     squares = torch.zeros_like(counts)
     for start in range(0, rows.shape[1], _CHUNK_ENTRIES):
         part = slice(start, start + _CHUNK_ENTRIES)
         chunk, chunk_ids = rows[:, part], ids[:, part]
-        nonzero = chunk != 0
+        chunk_squares = chunk.to(torch.float64).square()
         for group in range(4):
-            member = (chunk_ids == group) & nonzero
+            member = chunk_ids == group
+            if group == 3:                 # zeros carry id 3 but belong to no group
+                member &= chunk != 0
             counts[:, group] += torch.count_nonzero(member, dim=1)
-            squares[:, group] += (chunk * member).to(torch.float64).square().sum(dim=1)
+            squares[:, group] += torch.where(member, chunk_squares, 0.0).sum(dim=1)
     norms, roots = squares.sqrt().to(torch.float32), counts.sqrt().to(torch.float32)
     scales = torch.where(roots > 0, norms / roots.clamp(min=1), 0.0)
     zeros, zeros_as = store_zeros(x == 0)
