@@ -34,9 +34,17 @@ def _cut(x: Tensor, member: Tensor, k: int, negate: bool) -> float:
 
 
 def _cut_numpy(x: Tensor, member: Tensor, k: int, negate: bool) -> float:
-    """:func:`_cut` on the CPU: numpy copies out the members only and selects in place, with
-    no int64 index tensors (``torch.kthvalue`` makes a copy and int64 indices)."""
-    picked = numpy.compress(member.numpy(), x.numpy())
+    """:func:`_cut` on the CPU: numpy copies out the members only and selects in place
+    (``torch.kthvalue`` makes a copy and int64 indices). ``numpy.compress`` is several times
+    faster than boolean indexing but makes int64 indices, so it goes chunk by chunk."""
+    values, keep = x.numpy(), member.numpy()
+    picked = numpy.empty(int(numpy.count_nonzero(keep)), dtype=values.dtype)
+    filled = 0
+    for start in range(0, values.size, _CHUNK_ENTRIES):
+        part = slice(start, start + _CHUNK_ENTRIES)
+        n = int(numpy.count_nonzero(keep[part]))
+        numpy.compress(keep[part], values[part], out=picked[filled:filled + n])
+        filled += n
     if negate:
         numpy.negative(picked, out=picked)
     picked.partition(k - 1)
