@@ -38,11 +38,12 @@ def _cut_numpy(x: Tensor, member: Tensor, k: int, negate: bool) -> float:
     (``torch.kthvalue`` makes a copy and int64 indices). ``numpy.compress`` is several times
     faster than boolean indexing but makes int64 indices, so it goes chunk by chunk."""
     values, keep = x.numpy(), member.numpy()
-    picked = numpy.empty(int(numpy.count_nonzero(keep)), dtype=values.dtype)
+    parts = [slice(start, start + _CHUNK_ENTRIES) for start in range(0, values.size,
+                                                                      _CHUNK_ENTRIES)]
+    counts = [int(numpy.count_nonzero(keep[part])) for part in parts]
+    picked = numpy.empty(sum(counts), dtype=values.dtype)
     filled = 0
-    for start in range(0, values.size, _CHUNK_ENTRIES):
-        part = slice(start, start + _CHUNK_ENTRIES)
-        n = int(numpy.count_nonzero(keep[part]))
+    for part, n in zip(parts, counts):
         numpy.compress(keep[part], values[part], out=picked[filled:filled + n])
         filled += n
     if negate:
