@@ -1,16 +1,17 @@
 """Streaming merge outputs: model-sized results written shard by shard as they are made.
 
 Inside ``with stream_outputs(directory):`` every model-sized state dict a method builds (a
-shared merged model, EMR's tau_uni, TALL's tau_MTL) is a :class:`ShardWriter`: each tensor goes
-into an in-memory shard that is written to a safetensors file once it holds ``shard_bytes``, and
-is read back memory-mapped from then on. Resident memory therefore stays near one shard plus the
-tensors of the key being merged, whatever the model size. Each writer works in a temporary
-folder and is renamed into place with its Hugging Face index written last, so an interrupted
-merge never leaves a folder that looks complete.
+shared merged model, EMR's tau_uni, TALL's tau_MTL) is a :class:`ShardWriter`: each tensor is
+written to the current safetensors shard as it arrives, by a background thread that overlaps
+the merge, and is read back memory-mapped once its shard is done. Resident memory therefore
+stays near the tensors of the key being merged plus a bounded write queue, whatever the model
+size. Each writer works in a temporary folder and is renamed into place with its Hugging Face
+index written last, so an interrupted merge never leaves a folder that looks complete.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import itertools
@@ -20,6 +21,8 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Iterator, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy
 import torch
@@ -31,8 +34,24 @@ _TARGET: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar
 _COUNTER = itertools.count()
 
 
+# safetensors' names of the dtypes a merge output can hold
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+                       torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
+                       torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+IN_FLIGHT_BYTES = 2**28     # tensor bytes handed to the writer thread and not yet written
+
+
 class ShardWriter(MutableMapping):
-    """A state dict that spills to safetensors shards; finished by :meth:`finish`."""
+    """A state dict written to safetensors shards as its tensors arrive; finished by
+    :meth:`finish`.
+
+    Each tensor's bytes go to the current shard file at once, written by a background thread
+    (at most ``IN_FLIGHT_BYTES`` waiting, beyond one tensor), so writing overlaps the merge and
+    no shard is ever held in memory whole: safetensors' ``save_file`` needs all of a file's
+    tensors at once. The header, known only when a shard is complete, goes into room reserved
+    at the start of the file (padded with spaces, as the format allows); a shard closes when it
+    holds ``shard_bytes`` or its header room is full.
+    """
 
     def __init__(self, directory: str, shard_bytes: int = 2**30) -> None:
         self.directory = directory
@@ -41,81 +60,144 @@ class ShardWriter(MutableMapping):
         os.makedirs(parent, exist_ok=True)
         self._work = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial-",
                                       dir=parent)
-        self._pending: dict[str, Tensor] = {}
-        self._pending_bytes = 0
-        self._files: dict[str, str] = {}            # key -> shard file name
-        self._sizes: dict[str, int] = {}            # key -> bytes
-        self._dtypes: dict[str, torch.dtype] = {}
-        self._handles: dict[str, object] = {}       # shard file name -> safe_open handle
-        self._order: list[str] = []
+        self._header_room = min(max(shard_bytes // 1024, 4096), 2**20) // 8 * 8
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._in_flight: collections.deque = collections.deque()     # (future, bytes)
+        self._in_flight_bytes = 0
+        self._open: _OpenShard | None = None
+        self._shards = 0
+        self._place: dict[str, tuple[str, int, int]] = {}   # key -> (file, offset, bytes)
+        self._meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self._handles: dict[str, object] = {}       # finished shard -> safe_open handle
+        self._finished_shards: set[str] = set()
+        self._unclosed: set[int] = set()            # shard file descriptors not yet closed
         self.finished = False
 
     def __setitem__(self, key: str, tensor: Tensor) -> None:
-        if key in self._files:
+        if key in self._place:
             raise KeyError(f"{key!r} was already written to a shard; shards are write-once")
-        if key not in self._pending:
-            self._order.append(key)
-        else:
-            self._pending_bytes -= self._sizes[key]
-        self._pending[key] = tensor.cpu().contiguous()
-        self._sizes[key] = tensor.numel() * tensor.element_size()
-        self._dtypes[key] = tensor.dtype
-        self._pending_bytes += self._sizes[key]
-        if self._pending_bytes >= self.shard_bytes:
-            self.flush()
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"{key!r}: safetensors cannot store dtype {tensor.dtype}")
+        tensor = tensor.detach().cpu().contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        entry = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape)}
+        entry_bytes = len(json.dumps({key: {**entry, "data_offsets": [2**63, 2**63]}}))
+        if self._open is not None and not self._open.has_room(entry_bytes, self._header_room):
+            self._close_shard()
+        if self._open is None:
+            self._shards += 1
+            name = f"shard-{self._shards:05d}.safetensors"
+            fd = os.open(os.path.join(self._work, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                         0o644)
+            self._unclosed.add(fd)
+            self._open = _OpenShard(name, fd)
+        shard = self._open
+        begin = shard.data_bytes
+        shard.header[key] = {**entry, "data_offsets": [begin, begin + nbytes]}
+        shard.header_bytes += entry_bytes
+        shard.data_bytes += nbytes
+        self._place[key] = (shard.name, self._header_room + begin, nbytes)
+        self._meta[key] = (tensor.dtype, tuple(tensor.shape))
+        if nbytes:
+            self._submit(nbytes, _write_at, shard.fd, self._header_room + begin,
+                         tensor.reshape(-1).view(torch.uint8).numpy())
+        if shard.data_bytes >= self.shard_bytes:
+            self._close_shard()
 
-    def flush(self) -> None:
-        """Write the pending tensors as the next shard."""
-        if not self._pending:
-            return
-        from safetensors import safe_open
-        from safetensors.torch import save_file
+    def _submit(self, nbytes: int, job, *args) -> None:
+        """Hand ``job`` to the writer thread once the bytes in flight leave room for ``nbytes``
+        (a writer's error surfaces here)."""
+        while self._in_flight and (self._in_flight[0][0].done()
+                                   or self._in_flight_bytes + nbytes > IN_FLIGHT_BYTES):
+            done, size = self._in_flight.popleft()
+            self._in_flight_bytes -= size
+            done.result()
+        self._in_flight.append((self._writer.submit(job, *args), nbytes))
+        self._in_flight_bytes += nbytes
 
-        name = f"shard-{len(self._handles) + 1:05d}.safetensors"
-        save_file(self._pending, os.path.join(self._work, name))
-        self._handles[name] = safe_open(os.path.join(self._work, name), "pt")
-        for key in self._pending:
-            self._files[key] = name
-        self._pending, self._pending_bytes = {}, 0
+    def _drain(self) -> None:
+        """Wait until every byte handed to the writer is in its file."""
+        while self._in_flight:
+            done, size = self._in_flight.popleft()
+            self._in_flight_bytes -= size
+            done.result()
+
+    def _close_shard(self) -> None:
+        """Queue the open shard's header (into its reserved room) and the closing of its file."""
+        shard, self._open = self._open, None
+        header = json.dumps({"__metadata__": {"format": "pt"}, **shard.header}).encode()
+        room = self._header_room - 8
+        self._submit(0, self._finish_file, shard.fd, struct.pack("<Q", room) + header.ljust(room),
+                     self._header_room + shard.data_bytes)
+        self._finished_shards.add(shard.name)
+
+    def _finish_file(self, fd: int, header: bytes, size: int) -> None:
+        """Write a shard's header at its start, set its length, close it (the writer's job)."""
+        try:
+            _write_at(fd, 0, numpy.frombuffer(header, dtype=numpy.uint8))
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+            self._unclosed.discard(fd)
 
     def __getitem__(self, key: str) -> Tensor:
-        if key in self._pending:
-            return self._pending[key]
         try:
-            name = self._files[key]
+            name, offset, nbytes = self._place[key]
         except KeyError:
             raise KeyError(key) from None
+        self._drain()
+        if name not in self._finished_shards:       # the open shard: no header yet
+            dtype, shape = self._meta[key]
+            if not nbytes:
+                return torch.empty(shape, dtype=dtype)
+            data = numpy.fromfile(os.path.join(self._work, name), dtype=numpy.uint8,
+                                  count=nbytes, offset=offset)
+            return torch.from_numpy(data).view(dtype).reshape(shape)
+        if name not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[name] = safe_open(os.path.join(self._work, name), "pt")
         return self._handles[name].get_tensor(key)
 
     def patch(self, key: str, positions: Tensor, values: Tensor) -> None:
-        """Overwrite entries (flat ``positions``) of a key already set: in its pending shard,
-        or in place in the shard file written for it."""
-        if key in self._pending:
-            patch_tensor(self._pending[key], positions, values)
-        elif key in self._files:
-            patch_safetensors_file(os.path.join(self._work, self._files[key]), key, positions,
-                                   values.to(self._dtypes[key]), self._sizes[key])
-        else:
-            raise KeyError(key)
+        """Overwrite entries (flat ``positions``) of a key already written, in place in its
+        shard file (through a writable memory map)."""
+        try:
+            name, offset, nbytes = self._place[key]
+        except KeyError:
+            raise KeyError(key) from None
+        self._drain()
+        dtype = self._meta[key][0]
+        as_integer, numpy_dtype = _SAME_SIZE_INTEGER[dtype.itemsize]
+        data = numpy.memmap(os.path.join(self._work, name), dtype=numpy_dtype, mode="r+",
+                            offset=offset, shape=(nbytes // dtype.itemsize,))
+        data[positions.numpy()] = values.to(dtype).contiguous().view(as_integer).numpy()
+        data.flush()
+        del data
 
     def __delitem__(self, key: str) -> None:
         raise TypeError("a ShardWriter is append-only")
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._order)
+        return iter(self._place)
 
     def __len__(self) -> int:
-        return len(self._order)
+        return len(self._place)
 
     def finish(self):
-        """Flush, write the index last, move the folder into place; return it lazily read."""
+        """Close the last shard, wait for the writes, write the index last, move the folder
+        into place; return it lazily read."""
         from harness.state_dict import LazyStateDict
 
-        self.flush()
-        total = sum(self._sizes.values())
+        if self._open is not None:
+            self._close_shard()
+        self._drain()
+        self._writer.shutdown()
+        total = sum(nbytes for _, _, nbytes in self._place.values())
         with open(os.path.join(self._work, INDEX), "w", encoding="utf-8") as f:
             json.dump({"metadata": {"total_size": total},
-                       "weight_map": {k: self._files[k] for k in self._order}}, f, indent=1)
+                       "weight_map": {k: name for k, (name, _, _) in self._place.items()}},
+                      f, indent=1)
         self._handles.clear()
         if os.path.exists(self.directory):
             shutil.rmtree(self.directory)
@@ -124,8 +206,37 @@ class ShardWriter(MutableMapping):
         return LazyStateDict(os.path.join(self.directory, INDEX))
 
     def discard(self) -> None:
+        """Drop what was written (a failed merge): queued writes are cancelled."""
+        self._writer.shutdown(cancel_futures=True)
+        for fd in self._unclosed:               # the open shard, or one whose closing was queued
+            os.close(fd)
+        self._unclosed.clear()
+        self._open = None
+        self._in_flight.clear()
         self._handles.clear()
         shutil.rmtree(self._work, ignore_errors=True)
+
+
+@dataclass
+class _OpenShard:
+    """The shard file being written: its descriptor, header entries and data size so far."""
+
+    name: str
+    fd: int
+    header: dict = field(default_factory=dict)
+    header_bytes: int = 64          # the braces and the metadata entry, generously
+    data_bytes: int = 0
+
+    def has_room(self, entry_bytes: int, room: int) -> bool:
+        return self.header_bytes + entry_bytes <= room - 8
+
+
+def _write_at(fd: int, offset: int, data: numpy.ndarray) -> None:
+    """Write all of ``data``'s bytes at ``offset`` of ``fd`` (the writer thread's job)."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 @contextlib.contextmanager
@@ -157,24 +268,6 @@ def patch_tensor(tensor: Tensor, positions: Tensor, values: Tensor) -> None:
 
 _SAME_SIZE_INTEGER = {1: (torch.uint8, "u1"), 2: (torch.int16, "<i2"), 4: (torch.int32, "<i4"),
                       8: (torch.int64, "<i8")}
-
-
-def patch_safetensors_file(path: str, key: str, positions: Tensor, values: Tensor,
-                           nbytes: int) -> None:
-    """Overwrite entries (flat ``positions``) of tensor ``key`` (``nbytes`` long, of
-    ``values``' dtype) in a safetensors file, in place: the header says where its bytes lie, and
-    the values go through a writable memory map, the bytes ``save_file`` would have stored."""
-    with open(path, "rb") as f:
-        header_bytes = struct.unpack("<Q", f.read(8))[0]
-        begin, end = json.loads(f.read(header_bytes))[key]["data_offsets"]
-    if end - begin != nbytes:
-        raise ValueError(f"{path}: {key!r} holds {end - begin} bytes, expected {nbytes}")
-    as_integer, numpy_dtype = _SAME_SIZE_INTEGER[values.element_size()]
-    data = numpy.memmap(path, dtype=numpy_dtype, mode="r+", offset=8 + header_bytes + begin,
-                        shape=(nbytes // values.element_size(),))
-    data[positions.numpy()] = values.contiguous().view(as_integer).numpy()
-    data.flush()
-    del data
 
 
 def new_output(name: str) -> MutableMapping:

@@ -137,7 +137,7 @@ def test_patches_reach_pending_and_written_shards_bit_for_bit(dtype, tmp_path):
     writer = ShardWriter(str(tmp_path / "out"), shard_bytes=2 * tensors["a"].nbytes)
     for name, tensor in tensors.items():
         writer[name] = tensor.clone()
-    assert writer._pending.keys() == {"c"}                 # a and b are in a written shard
+    assert writer._open.header.keys() == {"c"}             # a and b are in a finished shard
     positions = torch.tensor([0, 7, 29])
     values = torch.tensor([1.5, -2.25, 3.0e-3])            # float32, cast on the way in
     for name in tensors:
@@ -170,3 +170,84 @@ def test_streamed_ties_patches_undecided_entries_into_written_shards(held_bytes,
     assert all(torch.equal(plain.base[k], streamed.base[k]) for k in pre)
     leftovers = [name for name in os.listdir(tmp_path / "out") if name.startswith(".")]
     assert not leftovers        # no partial output, no folder of spilled undecided entries
+
+
+def test_shards_written_as_tensors_arrive_load_with_safetensors(tmp_path):
+    """Every tensor kind a merge output holds (0-d, empty, bool, integer, mixed float dtypes,
+    a run of many small keys that fills a shard's header room) reads back from the files with
+    safetensors itself, with the metadata transformers expects; keys of the open shard read
+    back before it is finished."""
+    from safetensors import safe_open
+
+    from harness.sharded import ShardWriter
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3),
+               "mask": torch.rand(5, 3, generator=g) > 0.5, "ids": torch.arange(7),
+               "half": torch.randn(3, 3, generator=g).half(),
+               "bf16": torch.randn(5, generator=g).bfloat16(),
+               **{f"layer.{i}.bias": torch.randn(3, generator=g) for i in range(120)},
+               "big": torch.randn(64, 64, generator=g)}
+    writer = ShardWriter(str(tmp_path / "out"), shard_bytes=2**13)      # 4 KiB header room
+    for name, tensor in tensors.items():
+        writer[name] = tensor
+        assert torch.equal(writer[name], tensor)        # from the open shard or a finished one
+    read = writer.finish()
+    assert list(read) == list(tensors)
+    assert all(torch.equal(read[k], v) and read[k].dtype == v.dtype for k, v in tensors.items())
+    index = json.loads((tmp_path / "out" / INDEX).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2          # the 120 small keys need more than one header's room
+    for shard in shards:
+        with safe_open(str(tmp_path / "out" / shard), "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            assert all(torch.equal(f.get_tensor(k), tensors[k]) for k in f.keys())
+    with pytest.raises(KeyError, match="write-once"):
+        writer["scalar"] = torch.tensor(1.0)
+
+
+def test_a_failed_write_surfaces_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    """The writer thread's error (a full disk) stops the merge at the next key with that
+    error, and the partial output is removed with its files closed."""
+    import errno
+
+    import harness.sharded as sharded
+
+    def full_disk(fd, offset, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    pretrained, finetuned = make_models()
+    monkeypatch.setattr(sharded, "_write_at", full_disk)
+    open_files = len(os.listdir("/proc/self/fd"))
+    with stream_outputs(tmp_path / "out", shard_bytes=SMALL):
+        with pytest.raises(OSError, match="No space left"):
+            get_method("task-arithmetic").merge(pretrained, finetuned)
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+    assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+    assert len(os.listdir("/proc/self/fd")) == open_files
+
+
+def test_the_write_queue_stays_bounded(tmp_path, monkeypatch):
+    """Tensors wait in memory for the writer thread up to IN_FLIGHT_BYTES (or one tensor
+    larger than that), however slow the disk."""
+    import threading
+
+    import harness.sharded as sharded
+
+    release = threading.Event()
+    write = sharded._write_at
+
+    def slow_write(fd, offset, data):
+        release.wait(0.05)
+        write(fd, offset, data)
+
+    monkeypatch.setattr(sharded, "_write_at", slow_write)
+    monkeypatch.setattr(sharded, "IN_FLIGHT_BYTES", 4096)
+    writer = sharded.ShardWriter(str(tmp_path / "out"), shard_bytes=2**20)
+    tensors = [torch.full((256,), float(i)) for i in range(12)] + [torch.zeros(4096)]
+    for i, tensor in enumerate(tensors):                  # 1 KiB each, then one of 16 KiB
+        writer[f"t{i}"] = tensor
+        assert writer._in_flight_bytes <= max(4096, tensor.nbytes)
+    release.set()
+    read = writer.finish()
+    assert all(torch.equal(read[f"t{i}"], t) for i, t in enumerate(tensors))
