@@ -275,6 +275,7 @@ def main() -> int:
         synthesize(root, shape_of, args.tasks, dtype, args.shard_mb * 2**20)
         for name in ["pretrained", *[f"task{t}" for t in range(args.tasks)]]:
             model_config(args.size, args.layers).save_pretrained(os.path.join(root, name))
+        os.sync()       # the inputs' write-back to disk would otherwise compete with the runs
         written = time.perf_counter() - start
         input_bytes = params * dtype.itemsize * (args.tasks + 1)
         what = {"with": f"{args.layers or 'all'} layers",
