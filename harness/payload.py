@@ -7,10 +7,12 @@ merge results are made of these, so AMR counts exactly what is written to disk.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -46,7 +48,7 @@ class BitPacker:
 
     def add(self, codes: Tensor) -> None:
         """Append ``codes`` (any integer or bool dtype) after those added before."""
-        if codes.numel() and int(codes.max()) >= (1 << self.bits):
+        if codes.dtype != torch.bool and codes.numel() and int(codes.max()) >= (1 << self.bits):
             raise ValueError(f"a code does not fit in {self.bits} bits")
         flat = codes.reshape(-1).to(torch.uint8)
         if self.carry.numel():
@@ -70,18 +72,36 @@ class BitPacker:
         out = self.packed[self.filled:self.filled + groups.shape[0]]
         if out.numel() != groups.shape[0]:
             raise ValueError(f"more codes than the {self.packed.numel()} bytes allotted hold")
-        out.copy_(groups[:, 0])
-        for slot in range(1, self.per_byte):
-            out.bitwise_or_(groups[:, slot] << (slot * self.bits))
+        if self.bits == 1 and flat.device.type == "cpu":    # numpy's packbits: many times faster
+            out.copy_(torch.from_numpy(numpy.packbits(flat.numpy(), bitorder="little")))
+        else:
+            out.copy_(groups[:, 0])
+            for slot in range(1, self.per_byte):
+                out.bitwise_or_(groups[:, slot] << (slot * self.bits))
         self.filled += groups.shape[0]
 
 
 def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
     """Inverse of :func:`pack_bits`: the first ``numel`` codes as uint8."""
     per_byte = 8 // bits
+    if packed.device.type == "cpu":     # numpy, no int32 temporaries: several times faster
+        if bits == 1:
+            codes = numpy.unpackbits(packed.numpy(), count=numel, bitorder="little")
+        else:                           # each byte looks up its codes, read as one wide word
+            codes = _unpack_table(bits).take(packed.numpy()).view(numpy.uint8)[:numel]
+        return torch.from_numpy(codes)
     shifts = torch.arange(per_byte, dtype=torch.int32, device=packed.device) * bits
     codes = (packed.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
     return codes.reshape(-1)[:numel].to(torch.uint8)
+
+
+@functools.cache
+def _unpack_table(bits: int) -> numpy.ndarray:
+    """Entry ``b``: the ``8 // bits`` codes packed in byte ``b`` (first code first, one byte
+    each), as one little-endian word."""
+    shifts = numpy.arange(8 // bits) * bits
+    codes = ((numpy.arange(256)[:, None] >> shifts) & ((1 << bits) - 1)).astype(numpy.uint8)
+    return codes.view(f"<u{8 // bits}").reshape(256)
 
 
 def zero_storage_nbytes(numel: int, zeros: int) -> int:

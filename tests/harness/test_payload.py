@@ -51,3 +51,22 @@ def test_bit_packer_refuses_more_codes_than_allotted():
     packer.add(torch.ones(8, dtype=torch.bool))
     with pytest.raises(ValueError, match="more codes"):
         packer.add(torch.ones(8, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_packing_on_a_device_gives_the_cpu_bytes(bits):
+    """The CPU packs and unpacks through numpy; a device through shifts: same bytes, same
+    codes."""
+    from tests.emulated_device import CUDA, EmulatedDevice
+
+    codes = torch.randint(0, 2**bits, (1001,), generator=torch.Generator().manual_seed(bits),
+                          dtype=torch.uint8)
+    packed = pack_bits(codes, bits)
+    with EmulatedDevice() as device:
+        on_device = codes.to(CUDA)
+        device_packed = pack_bits(on_device, bits)
+        assert device.on_device(device_packed)
+        device_codes = unpack_bits(packed.to(CUDA), bits, 1001)
+        assert device.on_device(device_codes)
+        device_packed, device_codes = device_packed.cpu(), device_codes.cpu()
+    assert torch.equal(device_packed, packed) and torch.equal(device_codes, codes)

@@ -35,6 +35,54 @@ def test_emr_hand_computed():
     assert result.stored_bytes("a") == 1 + 1 + 4
 
 
+def _signed_zero_taus(n_tasks: int, n: int = 4001) -> list[torch.Tensor]:
+    """Random task-vector blocks with exact cancellations and zeros of both signs."""
+    g = torch.Generator().manual_seed(n_tasks + n)
+    taus = [torch.randn(n, generator=g) * 1e-3 for _ in range(n_tasks)]
+    taus[1][:800] = -taus[0][:800]
+    for t, tau in enumerate(taus):
+        tau[800:1200] = 0.0 if t % 2 else -0.0
+        tau[torch.rand(n, generator=g) < 0.1] = 0.0
+    return taus
+
+
+@pytest.mark.parametrize("n_tasks", [2, 3, 8])
+def test_emr_block_rule_matches_the_reference_bit_for_bit(n_tasks):
+    """The merge's fused rule gives emr_elect's tau_uni (zero signs included), its masks, and
+    the float64 sums for lambda."""
+    from harness.state_dict import BlockBuffers
+    from methods.emr import _elect_and_sum
+
+    buffers = BlockBuffers()
+    for taus in (_signed_zero_taus(n_tasks, 9001), _signed_zero_taus(n_tasks)):  # reused
+        uni, masks = emr_elect(taus)
+        originals = [tau.clone() for tau in taus]
+        sums = torch.zeros(2, n_tasks, dtype=torch.float64)
+        fused_uni, fused_masks = _elect_and_sum(sums, buffers, taus)
+        assert all(torch.equal(a, b) for a, b in zip(taus, originals))     # inputs untouched
+        assert torch.equal(fused_uni.view(torch.int32), uni.view(torch.int32))
+        assert torch.equal(fused_masks, masks)
+        for row, (tau, mask) in enumerate(zip(taus, masks)):
+            assert sums[0, row] == tau.abs().sum(dtype=torch.float64)
+            assert sums[1, row] == (uni * mask).abs().sum(dtype=torch.float64)
+
+
+@pytest.mark.parametrize("with_buffers", [False, True])
+def test_tall_masks_match_the_formula_bit_for_bit(with_buffers):
+    from harness.state_dict import BlockBuffers
+
+    buffers = BlockBuffers() if with_buffers else None
+    lams = [0.4, 0.2, 0.6]
+    for taus in (_signed_zero_taus(3, 9001), _signed_zero_taus(3)):
+        originals = [tau.clone() for tau in taus]
+        mtl, masks = tall_masks(taus, lams, buffers)
+        expected = taus[0] + taus[1] + taus[2]
+        assert torch.equal(mtl.view(torch.int32), expected.view(torch.int32))
+        for tau, lam, mask in zip(taus, lams, masks):
+            assert torch.equal(mask, tau.abs() > lam * (expected - tau).abs())
+        assert all(torch.equal(a, b) for a, b in zip(taus, originals))     # inputs untouched
+
+
 def test_emr_empty_masks_give_zero_lambda_and_warn():
     pre = {"w": torch.zeros(2)}
     ft = {"a": {"w": torch.tensor([1.0, 1.0])}, "b": {"w": torch.tensor([-0.1, -0.1])}}
