@@ -132,14 +132,15 @@ class BlockBuffers:
         self._flat: dict[str, Tensor] = {}
 
     def view(self, name: str, like: Tensor, dtype: torch.dtype = torch.float32,
-             count: int | None = None) -> Tensor:
+             count: int | None = None, device: torch.device | str | None = None) -> Tensor:
         """Buffer ``name`` shaped like ``like`` (``(count, *like.shape)`` with ``count``), on its
-        device; grown when a larger block asks."""
+        device or ``device``; grown when a larger block asks."""
         shape = tuple(like.shape) if count is None else (count, *like.shape)
+        device = like.device if device is None else torch.device(device)
         n = math.prod(shape)
         flat = self._flat.get(name)
-        if flat is None or flat.numel() < n or flat.device != like.device:
-            flat = self._flat[name] = torch.empty(n, dtype=dtype, device=like.device)
+        if flat is None or flat.numel() < n or flat.device != device:
+            flat = self._flat[name] = torch.empty(n, dtype=dtype, device=device)
         return flat[:n].view(shape)
 
     def float32(self, name: str, t: Tensor) -> Tensor:

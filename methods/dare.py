@@ -12,7 +12,7 @@ from torch import Tensor
 
 from harness.method import MergeMethod, hp, require
 from harness.result import MergeResult
-from harness.state_dict import inspect_models, merge_shared
+from harness.state_dict import BlockBuffers, inspect_models, merge_shared
 from methods.task_arithmetic import task_arithmetic
 
 
@@ -22,10 +22,19 @@ def key_generator(seed: int, task: str, key: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def drop_and_rescale(tau: Tensor, p: float, generator: torch.Generator) -> Tensor:
-    """Drop each entry with probability ``p`` and scale the survivors by ``1 / (1 - p)``."""
-    keep = torch.rand(tau.shape, generator=generator, device="cpu") >= p   # same bits anywhere
-    return tau * keep.to(tau.device) / (1 - p)
+def drop_and_rescale(tau: Tensor, p: float, generator: torch.Generator,
+                     buffers: BlockBuffers | None = None, name: str = "dropped") -> Tensor:
+    """Drop each entry with probability ``p`` and scale the survivors by ``1 / (1 - p)``.
+
+    The draws are made on the CPU (the same bits on any device); the keep mask is 1.0 / 0.0 in
+    float32 (comparing into bool is several times slower on the CPU). With ``buffers`` the draws
+    and the result (buffer ``name``) reuse scratch, valid until the next call with that name.
+    """
+    draws = (torch.empty(tau.shape) if buffers is None
+             else buffers.view("draws", tau, device="cpu"))
+    keep = torch.ge(torch.rand(tau.shape, generator=generator, out=draws), p, out=draws)
+    out = None if buffers is None else buffers.view(name, tau)
+    return torch.mul(tau, keep.to(tau.device), out=out).div_(1 - p)
 
 
 @dataclass(frozen=True)
@@ -55,9 +64,11 @@ class Dare(MergeMethod):
         def generators(key):
             return [key_generator(self.seed, t, key) for t in spec.tasks]
 
+        buffers = BlockBuffers()
+
         def merge_key(key, theta0, taus):
-            dropped = [drop_and_rescale(tau, self.p, generator)
-                       for generator, tau in zip(generators(key), taus)]
+            dropped = [drop_and_rescale(tau, self.p, generator, buffers, f"dropped{row}")
+                       for row, (generator, tau) in enumerate(zip(generators(key), taus))]
             return task_arithmetic(theta0, dropped, self.lam)
         base = merge_shared(pretrained, finetuned, spec, merge_key, self.name, progress,
                             elementwise=True)

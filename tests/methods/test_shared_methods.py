@@ -50,6 +50,23 @@ def test_dare_survivors_are_scaled_by_inverse_keep_rate():
     assert abs(float((merged == 0).float().mean()) - 0.75) < 0.02
 
 
+@pytest.mark.parametrize("with_buffers", [False, True])
+def test_dare_drops_give_the_bits_of_the_formula(with_buffers):
+    """``tau * (rand >= p) / (1 - p)``, in scratch or not, with zeros of both signs."""
+    from harness.state_dict import BlockBuffers
+    from methods.dare import drop_and_rescale
+
+    buffers = BlockBuffers() if with_buffers else None
+    for n in (5001, 2000):                             # scratch reused by a smaller block
+        tau = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 1e-3
+        tau[:300] = -0.0
+        original = tau.clone()
+        dropped = drop_and_rescale(tau, 0.3, torch.Generator().manual_seed(7), buffers)
+        expected = tau * (torch.rand(n, generator=torch.Generator().manual_seed(7)) >= 0.3) / 0.7
+        assert torch.equal(dropped.view(torch.int32), expected.view(torch.int32))
+        assert torch.equal(tau, original)
+
+
 def test_dare_seed_zero_golden_bits():
     # survivors scaled by 2: 2 = only task a kept, 4 = only b, 6 = both, 0 = neither.
     # Pins the per-(seed, task, key) seeding: a change here changes every published DARE row.
