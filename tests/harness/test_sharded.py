@@ -251,3 +251,28 @@ def test_the_write_queue_stays_bounded(tmp_path, monkeypatch):
     release.set()
     read = writer.finish()
     assert all(torch.equal(read[f"t{i}"], t) for i, t in enumerate(tensors))
+
+
+def test_a_streamed_merge_loads_with_transformers(tmp_path):
+    """A merged Qwen2 written by the streaming writer (several shards, bfloat16) loads with
+    ``from_pretrained`` and computes what the in-memory merge computes."""
+    transformers = pytest.importorskip("transformers")
+
+    config = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      vocab_size=100)
+    torch.manual_seed(0)
+    models = [transformers.Qwen2ForCausalLM(config).to(torch.bfloat16) for _ in range(3)]
+    pretrained, *tasks = [m.state_dict() for m in models]
+    finetuned = {f"task{t}": sd for t, sd in enumerate(tasks)}
+    plain = get_method("ties").merge(pretrained, finetuned).base
+    with stream_outputs(tmp_path / "out", shard_bytes=20_000):
+        folder = os.path.dirname(get_method("ties").merge(pretrained, finetuned).base.path)
+    assert len(set(json.loads(open(os.path.join(folder, INDEX)).read())["weight_map"]
+                   .values())) > 1
+    config.save_pretrained(folder)
+    loaded = transformers.Qwen2ForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    reference = transformers.Qwen2ForCausalLM(config).to(torch.bfloat16)
+    reference.load_state_dict(plain)
+    tokens = torch.tensor([[1, 5, 7, 42]])
+    assert torch.equal(loaded(tokens).logits, reference(tokens).logits)
