@@ -137,9 +137,10 @@ def main() -> None:
     print(f"# {platform.node()}: {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d')}; CLIP ViT-B/32 vision tower x {args.tasks} tasks")
     floor = run_worker("read-inputs", folder, args.tasks)
-    svd_floor = run_worker("svd-floor", folder, args.tasks)
     print(f"reading all inputs once: {floor['seconds']:.2f} s, peak RSS {floor['peak_gib']:.2f} GiB")
-    print(f"exact SVDs of every 2-D task vector: {svd_floor['seconds']:.1f} s")
+    if any(name == "svd" or name.startswith("dts") for name in methods):     # their floor
+        svd_floor = run_worker("svd-floor", folder, args.tasks)
+        print(f"exact SVDs of every 2-D task vector: {svd_floor['seconds']:.1f} s")
     header = ("| method | merge s | peak RSS GiB | above read-once GiB | bytes stored/task "
               "| AMR % (stored) | AMR % (paper count) |")
     print(header)
