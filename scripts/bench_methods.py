@@ -104,7 +104,9 @@ def worker(method_name: str, folder: str, n_tasks: int) -> dict:
 
 
 def run_worker(method_name: str, folder: str, n_tasks: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    # the project after any PYTHONPATH already set (an export of older code, to compare with)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (os.environ.get("PYTHONPATH"), ROOT) if p))
     proc = subprocess.run([sys.executable, __file__, "--worker", method_name, "--dir", folder,
                            "--tasks", str(n_tasks)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
