@@ -11,25 +11,46 @@ from torch import Tensor
 from harness.method import MergeMethod, hp, require
 from harness.payload import Dense, Ternary, pack_bits
 from harness.result import MergeResult, TaskPayload
+from harness.select import StreamingKthSmallest
 from harness.state_dict import encode_deltas, inspect_models
 
 
-def keep_largest(values: Tensor, member: Tensor, k: float) -> Tensor:
-    """Among ``member`` entries keep the ``int(n * (1 - k))`` largest ``values`` (ties at the
-    smallest kept value kept too); where that count is 0, keep every member."""
-    n = int(torch.count_nonzero(member))
-    keep = int(n * (1 - k))
-    if keep == 0:
-        return member
-    candidates = values[member]
-    threshold = torch.kthvalue(candidates, n - keep + 1).values
-    return member & (values >= threshold)
+SELECT_BY_HISTOGRAM = 2**16     # entries from which a radix select beats kthvalue
+
+
+def largest_of_sign(tau: Tensor, sign: int, k: float) -> Tensor:
+    """Among the entries of ``tau`` with ``sign`` (+1 or -1), the ``int(n * (1 - k))`` of largest
+    magnitude (ties at the smallest kept magnitude kept too); where that count is 0, all ``n``.
+
+    Their magnitudes, with +0.0 elsewhere, have the kept ones from the ``(numel - keep + 1)``-th
+    smallest up: ``kthvalue`` on small tensors, on large ones an exact radix select whose first
+    histogram also counts the zeros (:class:`harness.select.StreamingKthSmallest`), several
+    times faster there.
+    """
+    magnitude = torch.clamp(tau * sign, min=0).abs_().reshape(-1)     # abs_: -0.0 -> +0.0
+    total = magnitude.numel()
+    if total <= SELECT_BY_HISTOGRAM:
+        keep = int(int(torch.count_nonzero(magnitude)) * (1 - k))
+        if keep == 0:
+            return (magnitude > 0).reshape(tau.shape)
+        threshold = torch.kthvalue(magnitude, total - keep + 1).values
+    else:
+        selector = StreamingKthSmallest()
+        selector.add_high(magnitude)
+        keep = int((total - selector.zeros) * (1 - k))
+        if keep == 0:
+            return (magnitude > 0).reshape(tau.shape)
+        selector.choose_bin(total - keep + 1)
+        if selector.needs_low:
+            selector.add_low(magnitude)
+        threshold = selector.value()
+    return (magnitude >= threshold).reshape(tau.shape)
 
 
 def t_switch_codes(tau: Tensor, k: float) -> tuple[Tensor, Tensor]:
     """Ternary codes (0 absent, 1 positive, 2 negative) and the scale ``alpha`` of one tensor."""
-    keep_pos = keep_largest(tau, tau > 0, k)
-    keep_neg = keep_largest(-tau, tau < 0, k)
+    keep_pos = largest_of_sign(tau, 1, k)
+    keep_neg = largest_of_sign(tau, -1, k)
     kept = tau * (keep_pos | keep_neg)
     signs = torch.sign(kept)
     b_norm = torch.linalg.vector_norm(signs)

@@ -17,73 +17,10 @@ from torch import Tensor
 
 from harness.method import MergeMethod, hp, require
 from harness.result import MergeResult
+from harness.select import NON_FINITE_HALF_BIN, StreamingKthSmallest
 from harness.sharded import building, finish_output
 from harness.state_dict import (BlockBuffers, ModelSpec, StateDict, cast_like, inspect_models,
                                 iter_keys, row_blocks, task_vector)
-
-_BINS = 1 << 16
-_NON_FINITE = 2 * 0x7F80    # first half-bin of non-finite magnitudes (exponent bits all ones)
-
-
-class StreamingKthSmallest:
-    """The exact k-th smallest (1-indexed) of non-negative float32 values, seen in one or two
-    passes.
-
-    Non-negative float32 bit patterns order like the values. Pass 1 counts each value in one of
-    two half-bins per high-16-bit pattern ``h``, which keep that order: the value exactly
-    ``h << 16`` (low bits zero), then the values strictly inside the bin. When the k-th value
-    falls on such an edge, pass 1 has found it; this is the usual case for bfloat16 models,
-    whose task vectors carry few mantissa bits. Otherwise pass 2 counts the low 16 bits of the
-    values inside the k-th value's bin. Memory: two small histograms, whatever the model.
-    """
-
-    def __init__(self) -> None:
-        self.high = torch.zeros(2 * _BINS, dtype=torch.int64)
-        self.low = torch.zeros(_BINS, dtype=torch.int64)
-        self.bin: int | None = None
-        self.on_edge = False
-        self.rank = 0
-
-    def add_high(self, values: Tensor, *, overwrite: bool = False,
-                 scratch: Tensor | None = None) -> Tensor:
-        """Pass 1: count ``values``; returns these values' counts per half-bin. With
-        ``overwrite``, ``values`` is worked in (destroyed); ``scratch``, an int32 tensor of its
-        size, spares one fresh allocation."""
-        bits = values.reshape(-1).view(torch.int32)
-        high = torch.bitwise_right_shift(bits, 16, out=scratch)
-        ceiling = (bits if overwrite else bits.clone()).add_(0xFFFF).bitwise_right_shift_(16)
-        half_bin = high.add_(ceiling)    # 2h on the edge h << 16, 2h + 1 inside bin h
-        counts = torch.bincount(half_bin, minlength=2 * _BINS).cpu()
-        self.high += counts
-        return counts
-
-    def choose_bin(self, k: int) -> None:
-        cum = self.high.cumsum(0)
-        half_bin = int(torch.searchsorted(cum, k))
-        self.bin, self.on_edge = half_bin // 2, half_bin % 2 == 0
-        self.rank = k - (int(cum[2 * self.bin - 1]) if self.bin > 0 else 0)
-
-    @property
-    def needs_low(self) -> bool:
-        """Whether :meth:`value` needs pass 2 (:meth:`add_low`)."""
-        return not self.on_edge
-
-    def add_low(self, values: Tensor, scratch: tuple[Tensor, Tensor] | None = None) -> None:
-        """Pass 2: count the low bits of ``values`` inside the chosen bin. ``scratch``: an int32
-        and a bool tensor of ``values``' size to work in (no fresh allocation per call)."""
-        bits = values.reshape(-1).view(torch.int32)
-        if scratch is None:
-            scratch = torch.empty_like(bits), torch.empty_like(bits, dtype=torch.bool)
-        shifted, in_bin = scratch
-        torch.eq(torch.bitwise_right_shift(bits, 16, out=shifted), self.bin, out=in_bin)
-        inside = bits[in_bin] & 0xFFFF
-        self.low += torch.bincount(inside, minlength=_BINS).cpu()
-
-    def value(self) -> float:
-        low = 0 if self.on_edge else int(torch.searchsorted(self.low.cumsum(0), self.rank))
-        word = torch.tensor([(self.bin << 16) | low], dtype=torch.int32)
-        return float(word.view(torch.float32))
-
 
 def trim_rank(d: int, k: float) -> int:
     """The 1-indexed rank of the trim threshold among ``d`` magnitudes: ``d - int(d * k/100)``."""
@@ -145,7 +82,7 @@ class TrimThresholds:
         counts = self.selectors.setdefault(task, StreamingKthSmallest()).add_high(
             tau.abs_(), overwrite=True,
             scratch=self.buffers.view("high", tau, torch.int32).reshape(-1))
-        return tau.numel() - int(counts[0]), int(counts[_NON_FINITE:].sum())
+        return tau.numel() - int(counts[0]), int(counts[NON_FINITE_HALF_BIN:].sum())
 
     def finish(self, pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
                k: float, progress: bool, desc: str) -> dict[str, float | None]:

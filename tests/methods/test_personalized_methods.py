@@ -130,6 +130,27 @@ def test_t_switch_per_sign_keep_counts_and_ties():
     assert codes.tolist()[:5] == [1, 1, 1, 1, 0]
 
 
+@pytest.mark.parametrize("shape", [(64, 64), (300, 300)])     # kthvalue; radix select
+@pytest.mark.parametrize("k", [0.6, 0.7, 0.0, 0.99999])
+def test_t_switch_selection_matches_kthvalue_over_each_signs_members(shape, k):
+    """The authors' rule as written: per sign, kthvalue over the gathered members; ties
+    (bfloat16-rounded values), zeros of both signs, a count rounding to 0 (k = 0.99999)."""
+    def keep_largest(values, member):
+        n = int(member.sum())
+        keep = int(n * (1 - k))
+        if keep == 0:
+            return member
+        return member & (values >= torch.kthvalue(values[member], n - keep + 1).values)
+
+    g = torch.Generator().manual_seed(shape[0])
+    tau = (torch.randn(shape, generator=g) * 1e-3).bfloat16().float()
+    tau.view(-1)[:500] = 0.0
+    tau.view(-1)[500:600] = -0.0
+    positive, negative = keep_largest(tau, tau > 0), keep_largest(-tau, tau < 0)
+    codes, _ = t_switch_codes(tau, k)
+    assert torch.equal(codes, positive.to(torch.uint8) + 2 * negative.to(torch.uint8))
+
+
 def test_t_switch_all_zero_tensor_scale_is_zero_not_nan():
     codes, alpha = t_switch_codes(torch.zeros(4), 0.6)
     assert float(alpha) == 0.0 and codes.tolist() == [0, 0, 0, 0]

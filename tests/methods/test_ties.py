@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from harness import get_method
-from methods.ties import StreamingKthSmallest, trim_below, trim_rank
+from harness.select import StreamingKthSmallest
+from methods.ties import trim_below, trim_rank
 from tests.conftest import make_models
 
 
