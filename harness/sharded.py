@@ -87,8 +87,8 @@ class ShardWriter(MutableMapping):
         if self._open is None:
             self._shards += 1
             name = f"shard-{self._shards:05d}.safetensors"
-            fd = os.open(os.path.join(self._work, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-                         0o644)
+            fd = os.open(os.path.join(self._work, name),
+                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o644)
             self._unclosed.add(fd)
             self._open = _OpenShard(name, fd)
         shard = self._open
@@ -232,10 +232,15 @@ class _OpenShard:
 
 
 def _write_at(fd: int, offset: int, data: numpy.ndarray) -> None:
-    """Write all of ``data``'s bytes at ``offset`` of ``fd`` (the writer thread's job)."""
+    """Write all of ``data``'s bytes at ``offset`` of ``fd`` (the writer thread's job: the only
+    one writing to ``fd``, so seeking first is safe where ``pwrite`` is missing, on Windows)."""
     view = memoryview(data).cast("B")
     while view:
-        written = os.pwrite(fd, view, offset)
+        if hasattr(os, "pwrite"):
+            written = os.pwrite(fd, view, offset)
+        else:
+            os.lseek(fd, offset, os.SEEK_SET)
+            written = os.write(fd, view)
         view, offset = view[written:], offset + written
 
 
