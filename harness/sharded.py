@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Iterator, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy
 import torch
@@ -66,8 +67,7 @@ class ShardWriter(MutableMapping):
         self._in_flight_bytes = 0
         self._open: _OpenShard | None = None
         self._shards = 0
-        self._place: dict[str, tuple[str, int, int]] = {}   # key -> (file, offset, bytes)
-        self._meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self._place: dict[str, _Placed] = {}
         self._handles: dict[str, object] = {}       # finished shard -> safe_open handle
         self._finished_shards: set[str] = set()
         self._unclosed: set[int] = set()            # shard file descriptors not yet closed
@@ -96,8 +96,8 @@ class ShardWriter(MutableMapping):
         shard.header[key] = {**entry, "data_offsets": [begin, begin + nbytes]}
         shard.header_bytes += entry_bytes
         shard.data_bytes += nbytes
-        self._place[key] = (shard.name, self._header_room + begin, nbytes)
-        self._meta[key] = (tensor.dtype, tuple(tensor.shape))
+        self._place[key] = _Placed(shard.name, self._header_room + begin, nbytes, tensor.dtype,
+                                   tuple(tensor.shape))
         if nbytes:
             self._submit(nbytes, _write_at, shard.fd, self._header_room + begin,
                          tensor.reshape(-1).view(torch.uint8).numpy())
@@ -109,18 +109,20 @@ class ShardWriter(MutableMapping):
         (a writer's error surfaces here)."""
         while self._in_flight and (self._in_flight[0][0].done()
                                    or self._in_flight_bytes + nbytes > IN_FLIGHT_BYTES):
-            done, size = self._in_flight.popleft()
-            self._in_flight_bytes -= size
-            done.result()
+            self._retire_oldest()
         self._in_flight.append((self._writer.submit(job, *args), nbytes))
         self._in_flight_bytes += nbytes
+
+    def _retire_oldest(self) -> None:
+        """Wait for the oldest queued job (raising its error, if any)."""
+        done, size = self._in_flight.popleft()
+        self._in_flight_bytes -= size
+        done.result()
 
     def _drain(self) -> None:
         """Wait until every byte handed to the writer is in its file."""
         while self._in_flight:
-            done, size = self._in_flight.popleft()
-            self._in_flight_bytes -= size
-            done.result()
+            self._retire_oldest()
 
     def _close_shard(self) -> None:
         """Queue the open shard's header (into its reserved room) and the closing of its file."""
@@ -142,17 +144,17 @@ class ShardWriter(MutableMapping):
 
     def __getitem__(self, key: str) -> Tensor:
         try:
-            name, offset, nbytes = self._place[key]
+            placed = self._place[key]
         except KeyError:
             raise KeyError(key) from None
         self._drain()
+        name = placed.file
         if name not in self._finished_shards:       # the open shard: no header yet
-            dtype, shape = self._meta[key]
-            if not nbytes:
-                return torch.empty(shape, dtype=dtype)
+            if not placed.nbytes:
+                return torch.empty(placed.shape, dtype=placed.dtype)
             data = numpy.fromfile(os.path.join(self._work, name), dtype=numpy.uint8,
-                                  count=nbytes, offset=offset)
-            return torch.from_numpy(data).view(dtype).reshape(shape)
+                                  count=placed.nbytes, offset=placed.offset)
+            return torch.from_numpy(data).view(placed.dtype).reshape(placed.shape)
         if name not in self._handles:
             from safetensors import safe_open
 
@@ -163,15 +165,14 @@ class ShardWriter(MutableMapping):
         """Overwrite entries (flat ``positions``) of a key already written, in place in its
         shard file (through a writable memory map)."""
         try:
-            name, offset, nbytes = self._place[key]
+            placed = self._place[key]
         except KeyError:
             raise KeyError(key) from None
         self._drain()
-        dtype = self._meta[key][0]
-        as_integer, numpy_dtype = _SAME_SIZE_INTEGER[dtype.itemsize]
-        data = numpy.memmap(os.path.join(self._work, name), dtype=numpy_dtype, mode="r+",
-                            offset=offset, shape=(nbytes // dtype.itemsize,))
-        data[positions.numpy()] = values.to(dtype).contiguous().view(as_integer).numpy()
+        as_integer, numpy_dtype = _SAME_SIZE_INTEGER[placed.dtype.itemsize]
+        data = numpy.memmap(os.path.join(self._work, placed.file), dtype=numpy_dtype, mode="r+",
+                            offset=placed.offset, shape=(placed.nbytes // placed.dtype.itemsize,))
+        data[positions.numpy()] = values.to(placed.dtype).contiguous().view(as_integer).numpy()
         data.flush()
         del data
 
@@ -193,10 +194,10 @@ class ShardWriter(MutableMapping):
             self._close_shard()
         self._drain()
         self._writer.shutdown()
-        total = sum(nbytes for _, _, nbytes in self._place.values())
+        total = sum(placed.nbytes for placed in self._place.values())
         with open(os.path.join(self._work, INDEX), "w", encoding="utf-8") as f:
             json.dump({"metadata": {"total_size": total},
-                       "weight_map": {k: name for k, (name, _, _) in self._place.items()}},
+                       "weight_map": {k: placed.file for k, placed in self._place.items()}},
                       f, indent=1)
         self._handles.clear()
         if os.path.exists(self.directory):
@@ -215,6 +216,16 @@ class ShardWriter(MutableMapping):
         self._in_flight.clear()
         self._handles.clear()
         shutil.rmtree(self._work, ignore_errors=True)
+
+
+class _Placed(NamedTuple):
+    """Where a written tensor lies: its shard file, byte offset and length, dtype and shape."""
+
+    file: str
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
 
 
 @dataclass

@@ -27,14 +27,13 @@ def drop_and_rescale(tau: Tensor, p: float, generator: torch.Generator,
     """Drop each entry with probability ``p`` and scale the survivors by ``1 / (1 - p)``.
 
     The draws are made on the CPU (the same bits on any device); the keep mask is 1.0 / 0.0 in
-    float32 (comparing into bool is several times slower on the CPU). With ``buffers`` the draws
-    and the result (buffer ``name``) reuse scratch, valid until the next call with that name.
+    float32 (comparing into bool is several times slower on the CPU). The draws and the result
+    (buffer ``name``) live in ``buffers``, valid until their next use, else in new tensors.
     """
-    draws = (torch.empty(tau.shape) if buffers is None
-             else buffers.view("draws", tau, device="cpu"))
+    buffers = BlockBuffers() if buffers is None else buffers
+    draws = buffers.view("draws", tau, device="cpu")
     keep = torch.ge(torch.rand(tau.shape, generator=generator, out=draws), p, out=draws)
-    out = None if buffers is None else buffers.view(name, tau)
-    return torch.mul(tau, keep.to(tau.device), out=out).div_(1 - p)
+    return torch.mul(tau, keep.to(tau.device), out=buffers.view(name, tau)).div_(1 - p)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from harness.result import MergeResult, TaskPayload
 from harness.sharded import building, finish_output
 from harness.state_dict import (BlockBuffers, MergeInputError, inspect_models, iter_keys,
                                 shared_and_masks)
+from methods.task_arithmetic import sum_task_vectors
 
 
 def tall_masks(taus: Sequence[Tensor], lams: Sequence[float],
@@ -23,21 +24,12 @@ def tall_masks(taus: Sequence[Tensor], lams: Sequence[float],
     """``tau_MTL = sum_t tau_t`` and ``m_t = |tau_t| > lam_t * |tau_MTL - tau_t|`` (strict).
 
     Compares into float32 (several times faster than into bool on the CPU) before the cast to
-    bool. With ``buffers`` it works in them (results valid until the next call), else in new
-    tensors.
+    bool. Works in ``buffers`` (results valid until their next use), else in new tensors.
     """
-    def scratch(name, dtype=torch.float32, count=None):
-        like = taus[0]
-        if buffers is None:
-            return torch.empty((count, *like.shape) if count else like.shape, dtype=dtype,
-                               device=like.device)
-        return buffers.view(name, like, dtype, count)
-
-    mtl = scratch("mtl").copy_(taus[0])
-    for tau in taus[1:]:
-        mtl += tau                                  # as sum_task_vectors: in task order
-    bound, magnitude = scratch("bound"), scratch("magnitude")
-    masks = scratch("masks", torch.bool, len(taus))
+    buffers = BlockBuffers() if buffers is None else buffers
+    mtl = sum_task_vectors(taus, out=buffers.view("mtl", taus[0]))
+    bound, magnitude = buffers.view("bound", mtl), buffers.view("magnitude", mtl)
+    masks = buffers.view("masks", mtl, torch.bool, len(taus))
     for mask, tau, lam in zip(masks, taus, lams):
         torch.sub(mtl, tau, out=bound).abs_().mul_(lam)
         mask.copy_(torch.gt(torch.abs(tau, out=magnitude), bound, out=bound))

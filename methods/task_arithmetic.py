@@ -12,9 +12,9 @@ from harness.result import MergeResult
 from harness.state_dict import inspect_models, merge_shared
 
 
-def sum_task_vectors(taus: Sequence[Tensor]) -> Tensor:
-    """``sum_t tau_t`` accumulated in task order (a new tensor)."""
-    total = taus[0].clone()
+def sum_task_vectors(taus: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
+    """``sum_t tau_t`` accumulated in task order (a new tensor, or in ``out``)."""
+    total = taus[0].clone() if out is None else out.copy_(taus[0])
     for tau in taus[1:]:
         total += tau
     return total
