@@ -9,7 +9,7 @@ from torch import Tensor
 
 from harness.method import MergeMethod, hp, require
 from harness.result import MergeResult
-from harness.state_dict import inspect_models, merge_shared
+from harness.state_dict import BlockBuffers, inspect_models, merge_shared
 
 
 def sum_task_vectors(taus: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
@@ -20,9 +20,11 @@ def sum_task_vectors(taus: Sequence[Tensor], out: Tensor | None = None) -> Tenso
     return total
 
 
-def task_arithmetic(theta0: Tensor, taus: Sequence[Tensor], lam: float) -> Tensor:
-    """``theta_0 + lam * sum_t tau_t`` in float32."""
-    return theta0 + lam * sum_task_vectors(taus)
+def task_arithmetic(theta0: Tensor, taus: Sequence[Tensor], lam: float,
+                    out: Tensor | None = None) -> Tensor:
+    """``theta_0 + lam * sum_t tau_t`` in float32 (a new tensor, or in ``out``), computed in
+    place on the sum: same bits, no temporaries."""
+    return sum_task_vectors(taus, out=out).mul_(lam).add_(theta0)
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,10 @@ class TaskArithmetic(MergeMethod):
 
     def merge(self, pretrained, finetuned, *, progress=False):
         spec = inspect_models(pretrained, finetuned)
+        buffers = BlockBuffers()        # each block's result is stored before the next is made
         base = merge_shared(pretrained, finetuned, spec,
-                            lambda key, theta0, taus: task_arithmetic(theta0, taus, self.lam),
+                            lambda key, theta0, taus: task_arithmetic(
+                                theta0, taus, self.lam, buffers.view("merged", theta0)),
                             self.name, progress, elementwise=True)
         return MergeResult(self.name, self.params(), base, spec.tasks,
                            merged_params=spec.merged_params)

@@ -50,6 +50,21 @@ def test_dare_survivors_are_scaled_by_inverse_keep_rate():
     assert abs(float((merged == 0).float().mean()) - 0.75) < 0.02
 
 
+@pytest.mark.parametrize("with_out", [False, True])
+def test_task_arithmetic_gives_the_bits_of_the_formula(with_out):
+    from methods.task_arithmetic import task_arithmetic
+
+    g = torch.Generator().manual_seed(5)
+    theta0 = torch.randn(3001, generator=g)
+    taus = [torch.randn(3001, generator=g) * 1e-3 for _ in range(3)]
+    originals = [t.clone() for t in (theta0, *taus)]
+    out = torch.empty(3001) if with_out else None
+    merged = task_arithmetic(theta0, taus, 0.3, out)
+    expected = theta0 + 0.3 * (taus[0] + taus[1] + taus[2])
+    assert torch.equal(merged.view(torch.int32), expected.view(torch.int32))
+    assert all(torch.equal(a, b) for a, b in zip((theta0, *taus), originals))
+
+
 @pytest.mark.parametrize("with_buffers", [False, True])
 def test_dare_drops_give_the_bits_of_the_formula(with_buffers):
     """``tau * (rand >= p) / (1 - p)``, in scratch or not, with zeros of both signs."""
