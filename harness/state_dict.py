@@ -452,15 +452,16 @@ def task_vector_blocks(pretrained: StateDict, finetuned: Mapping[str, StateDict]
     on the merge device, for rules that are elementwise across tasks; with ``weights``, the
     tasks' own weights (float32, possibly views of the inputs) instead of their task vectors.
 
-    Task vectors are computed into :class:`BlockBuffers`, reused for the next block: use each
-    block's before asking for the next.
+    Task vectors (and weight casts) are computed into :class:`BlockBuffers`, reused for the next
+    block: use each block's before asking for the next.
     """
     p, sources = pretrained[key], [finetuned[t][key] for t in spec.tasks]
     buffers = BlockBuffers()
     for rows in row_blocks(spec.shapes[key], len(sources)):
         theta0 = buffers.float32("theta0", p[rows])
         if weights:
-            yield rows, theta0, [to_float32(on_merge_device(source[rows])) for source in sources]
+            yield rows, theta0, [buffers.float32(f"weights{row}", source[rows])
+                                 for row, source in enumerate(sources)]
             continue
         taus = list(buffers.view("taus", theta0, count=len(sources)))
         for tau, source in zip(taus, sources):

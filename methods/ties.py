@@ -22,6 +22,7 @@ from harness.sharded import building, finish_output
 from harness.state_dict import (BlockBuffers, ModelSpec, StateDict, cast_like, inspect_models,
                                 iter_keys, row_blocks, task_vector)
 
+
 def trim_rank(d: int, k: float) -> int:
     """The 1-indexed rank of the trim threshold among ``d`` magnitudes: ``d - int(d * k/100)``."""
     return d - int(d * (k / 100))
@@ -47,14 +48,12 @@ def disjoint_aggregate(trimmed: Tensor, sign: Tensor, merge: str,
     Computed as ``sign * sum clamp(trimmed * sign, 0)``: negation commutes with rounding, so this
     equals the sum of the agreeing entries bit for bit, in fewer passes.
     """
-    def scratch(name):
-        return None if buffers is None else buffers.view(name, sign)
-
+    buffers = BlockBuffers() if buffers is None else buffers
     aligned = trimmed.mul_(sign).clamp_(min=0)
-    total = torch.sum(aligned, dim=0, out=scratch("total")).mul_(sign)
+    total = torch.sum(aligned, dim=0, out=buffers.view("total", sign)).mul_(sign)
     if merge == "sum":
         return total
-    count = torch.sum(aligned.sign_(), dim=0, out=scratch("count"))   # agreeing entries, exact
+    count = torch.sum(aligned.sign_(), dim=0, out=buffers.view("count", sign))  # agreeing, exact
     return total.div_(count.clamp_(min=1))
 
 
