@@ -2,13 +2,45 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 
 import pytest
 import torch
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)     # one thread per xdist worker: no oversubscribed cores
+
+# No test may reach the network: the hubs and pip (in subprocesses too) are told to stay
+# offline, and any connection this process opens beyond the loopback fails, naming the address.
+for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "PIP_NO_INDEX"):
+    os.environ[_name] = "1"
+
+
+class NetworkUsedError(RuntimeError):
+    """A test tried to reach the network."""
+
+
+def _local(address) -> bool:
+    if not isinstance(address, tuple):          # a Unix socket path
+        return True
+    try:
+        return ipaddress.ip_address(address[0]).is_loopback
+    except ValueError:                          # a host name: would need a DNS lookup
+        return address[0] == "localhost"
+
+
+_connect = socket.socket.connect
+
+
+def _guarded_connect(sock, address):
+    if not _local(address):
+        raise NetworkUsedError(f"a test tried to connect to {address!r}; tests run offline")
+    return _connect(sock, address)
+
+
+socket.socket.connect = _guarded_connect
 
 
 def make_models(n_tasks: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32,

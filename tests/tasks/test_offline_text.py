@@ -75,10 +75,12 @@ def assets(tmp_path_factory):
     return root
 
 
-def make_suite(assets, cache):
+def make_suite(assets, cache, encoder=None):
+    """The small suite on the archive built here (a suite without ``archive`` would fetch the
+    real one from PyPI)."""
     archive = str(assets / "bigbench.tar.gz")
     return SmallTextSuite(str(cache), backbone_dir=str(assets / "minilm"), archive=archive,
-                          archive_sha256=sha256_file(archive))
+                          archive_sha256=sha256_file(archive), encoder=encoder)
 
 
 def test_extraction_is_deterministic_disjoint_and_capped(assets):
@@ -186,8 +188,7 @@ def test_capped_splits_sample_the_whole_file_not_its_start(tmp_path):
 
 
 def test_an_encoder_that_cannot_load_is_named(assets, tmp_path):
-    suite = OfflineTextSuite(str(tmp_path), backbone_dir=str(assets / "minilm"),
-                             encoder=str(tmp_path / "no-such-encoder"))
+    suite = make_suite(assets, tmp_path, encoder=str(tmp_path / "no-such-encoder"))
     with pytest.raises(SuiteUnavailableError, match="cannot load the text encoder .*no-such"):
         suite.task_embedding("sentiment-medicine")
 
@@ -204,8 +205,7 @@ def test_another_encoder_changes_the_embeddings_and_the_provenance(assets, tmp_p
         if (assets / "minilm" / name).exists():
             (other / name).write_bytes((assets / "minilm" / name).read_bytes())
     default = make_suite(assets, tmp_path / "a")
-    chosen = OfflineTextSuite(str(tmp_path / "b"), backbone_dir=str(assets / "minilm"),
-                              encoder=str(other))
+    chosen = make_suite(assets, tmp_path / "b", encoder=str(other))
     e1, e2 = (s.task_embedding("sentiment-hotels") for s in (default, chosen))
     assert e1.shape != e2.shape or not torch.allclose(e1, e2)
     assert chosen.provenance()["encoder"] == str(other)
