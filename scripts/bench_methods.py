@@ -8,6 +8,7 @@ tensor's RMS, as in ``shared/notes/performance.md``.
 
     python scripts/bench_methods.py                 # all methods, 8 tasks
     python scripts/bench_methods.py --methods ties dts-d --tasks 4
+    python scripts/bench_methods.py --dir /tmp/vit-b32   # keep the models for the next run
 
 Prints one row per method: merge seconds, peak resident memory (GiB), peak above the memory of
 just reading every input once, bytes stored per task, and AMR (stored bytes; the paper's count
@@ -115,12 +116,12 @@ def run_worker(method_name: str, folder: str, n_tasks: int) -> dict:
 
 
 def main() -> None:
-    from harness import list_methods
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="*", default=None, help="default: every method")
     parser.add_argument("--tasks", type=int, default=8)
-    parser.add_argument("--dir", default=None, help="reuse or keep synthesized models here")
+    parser.add_argument("--dir", default=None,
+                        help="synthesize the models here and keep them for reuse (default: a "
+                             "temporary folder, removed at the end)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -128,27 +129,37 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.dir, args.tasks)))
         return
 
-    folder = args.dir or tempfile.mkdtemp(prefix="bench-methods-")
-    os.makedirs(folder, exist_ok=True)
-    if not os.path.exists(os.path.join(folder, f"task{args.tasks - 1}.safetensors")):
+    if args.dir:
+        os.makedirs(args.dir, exist_ok=True)
+        compare(args.dir, args.tasks, args.methods)
+    else:       # 3 GB of synthesized models for 8 tasks: removed at the end, even on an error
+        with tempfile.TemporaryDirectory(prefix="bench-methods-") as folder:
+            compare(folder, args.tasks, args.methods)
+
+
+def compare(folder: str, n_tasks: int, method_names: list[str] | None) -> None:
+    """Synthesize the models in ``folder`` unless they are there, then print the table."""
+    from harness import list_methods
+
+    if not os.path.exists(os.path.join(folder, f"task{n_tasks - 1}.safetensors")):
         start = time.perf_counter()
-        synthesize(folder, args.tasks)
-        print(f"synthesized {args.tasks} task models in {folder} "
+        synthesize(folder, n_tasks)
+        print(f"synthesized {n_tasks} task models in {folder} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
-    methods = args.methods or list_methods()
+    methods = method_names or list_methods()
     print(f"# {platform.node()}: {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d')}; CLIP ViT-B/32 vision tower x {args.tasks} tasks")
-    floor = run_worker("read-inputs", folder, args.tasks)
+          f"{time.strftime('%Y-%m-%d')}; CLIP ViT-B/32 vision tower x {n_tasks} tasks")
+    floor = run_worker("read-inputs", folder, n_tasks)
     print(f"reading all inputs once: {floor['seconds']:.2f} s, peak RSS {floor['peak_gib']:.2f} GiB")
     if any(name == "svd" or name.startswith("dts") for name in methods):     # their floor
-        svd_floor = run_worker("svd-floor", folder, args.tasks)
+        svd_floor = run_worker("svd-floor", folder, n_tasks)
         print(f"exact SVDs of every 2-D task vector: {svd_floor['seconds']:.1f} s")
     header = ("| method | merge s | peak RSS GiB | above read-once GiB | bytes stored/task "
               "| AMR % (stored) | AMR % (paper count) |")
     print(header)
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in methods:
-        r = run_worker(name, folder, args.tasks)
+        r = run_worker(name, folder, n_tasks)
         if "error" in r:
             print(f"| {name} | failed: {r['error']} | | | | | |", flush=True)
             continue
