@@ -18,7 +18,7 @@ from torch import Tensor
 from harness.method import MergeMethod, hp, require
 from harness.result import MergeResult
 from harness.select import NON_FINITE_HALF_BIN, StreamingKthSmallest
-from harness.sharded import building, finish_output
+from harness.sharded import building, finish_output, patch_tensor
 from harness.state_dict import (BlockBuffers, ModelSpec, StateDict, cast_like, inspect_models,
                                 iter_keys, row_blocks, task_vector)
 
@@ -184,15 +184,19 @@ def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progr
     """Trim, elect and merge key by key into ``merged``.
 
     Entries whose elected sign is 0 while some task kept a value take the model-wide majority
-    sign, known only once every key is seen. Each key is written at once with those entries at
-    theta_0, and its undecided entries wait as their positions and their two possible merged
-    values (one per majority sign, in the output dtype): in memory up to ``HELD_BYTES``, then
-    in a temporary folder (beside the output when it is streamed), so memory stays bounded
-    whatever the model size (bf16 task vectors cancel exactly often enough that nearly every
-    key of a large model holds some). Then the output is patched in place (in a shard file
-    already written, when streaming).
+    sign, known only once every key is seen. Each key is written at once with those entries
+    merged under the majority sign of the keys so far (this key included; at theta_0 while
+    that is 0), usually the final one (for 96% of the undecided entries of the synthesized
+    bf16 0.5B set in ``scripts/bench_scale.py``). Its undecided entries wait as their
+    positions and their two possible merged values (one per majority sign, in the output
+    dtype): in memory up to ``HELD_BYTES``, then in a temporary folder (beside the output when
+    it is streamed), so memory stays bounded whatever the model size (bf16 task vectors cancel
+    exactly often enough that nearly every key of a large model holds some). The keys written
+    under another sign than the final majority are then patched in place (in a shard file
+    already written, when streaming): touching nearly every page of a key, so worth avoiding.
     """
-    sign_total = 0
+    running = 0
+    guesses: dict[str, int] = {}
     buffers = BlockBuffers()
     float_keys = set(spec.float_keys)
     streamed_to = getattr(merged, "directory", None)       # a ShardWriter's output folder
@@ -205,19 +209,34 @@ def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progr
                 continue
             value, signs, undecided = _merge_key(pretrained, finetuned, spec, key, cut, lam,
                                                  merge, buffers)
-            sign_total += signs
-            merged[key] = value
+            running += signs
             if undecided is not None:
+                guesses[key] = _sign(running)
+                if guesses[key]:
+                    positions, candidates = undecided
+                    patch_tensor(value, positions, candidates[(guesses[key] + 1) // 2])
                 waiting.add(key, *undecided)
+            merged[key] = value
             del value, undecided    # a key already written to a shard must not outlive its turn
-        majority = (sign_total > 0) - (sign_total < 0)
-        if majority:      # with none, undecided entries merge to theta_0, as already written
-            for key in iter_keys(waiting.keys(), f"{desc}: undecided entries", progress):
-                positions, candidates = waiting.take(key)
-                merged.patch(key, positions, candidates[(majority + 1) // 2])
+        majority = _sign(running)
+        wrong = [key for key in waiting.keys() if guesses[key] != majority]
+        for key in iter_keys(wrong, f"{desc}: undecided entries", progress):
+            positions, candidates = waiting.take(key)
+            merged.patch(key, positions, candidates[(majority + 1) // 2] if majority else
+                         _at_theta0(pretrained[key], positions))
     if not isinstance(merged, dict):
         return finish_output(merged)
     return {key: merged[key] for key in pretrained.keys()}    # the inputs' key order
+
+
+def _sign(total: int) -> int:
+    return (total > 0) - (total < 0)
+
+
+def _at_theta0(theta0: Tensor, positions: Tensor) -> Tensor:
+    """theta_0's values at flat ``positions``: undecided entries merge to them (a zero delta)
+    when there is no majority sign."""
+    return theta0.reshape(-1)[positions.long()]
 
 
 def _merge_key(pretrained, finetuned, spec, key, cut, lam, merge, buffers):

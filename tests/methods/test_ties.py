@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -79,6 +80,49 @@ def test_zero_elected_sign_uses_majority_or_merges_to_zero():
     # signs: 0, +, -, 0 -> majority 0 -> entry 0 merges to 0 (spec)
     assert get_method("ties", k=100, lam=1.0).merge(pre, ft_even).base["a"].tolist() == \
         [0.0, 3.0, -3.0, 0.0]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_keys_written_under_a_passing_majority_are_patched(streamed, tmp_path, monkeypatch):
+    """Each key is written with its undecided entries under the majority sign of the keys so
+    far; only the keys written under another sign than the final majority are patched."""
+    import harness.sharded as sharded
+
+    patched = []
+    for cls in (sharded.ShardWriter, sharded.CpuOutput):
+        original = cls.patch
+
+        def patch(self, key, positions, values, original=original):
+            patched.append(key)
+            original(self, key, positions, values)
+
+        monkeypatch.setattr(cls, "patch", patch)
+
+    def merge(pre, ft):
+        with contextlib.ExitStack() as stack:
+            if streamed:
+                stack.enter_context(sharded.stream_outputs(tmp_path / f"out{len(patched)}"))
+            result = get_method("ties", k=99, lam=1.0).merge(pre, ft)    # keeps every |tau| >= 1
+            return {key: value.clone() for key, value in result.base.items()}
+
+    # "a" elects -, - and leaves entry 0 undecided (running sign -); "b" then elects + 5 times
+    pre = {"a": torch.zeros(3), "b": torch.zeros(5), "c": torch.zeros(2)}
+    ft = {"x": {"a": torch.tensor([1.0, -2.0, -2.0]), "b": torch.ones(5),
+                "c": torch.tensor([2.0, -2.0])},
+          "y": {"a": torch.tensor([-1.0, -1.0, -1.0]), "b": torch.ones(5),
+                "c": torch.tensor([-2.0, 1.0])}}    # "c": entry 0 undecided under majority +
+    result = merge(pre, ft)
+    reference = official_ties(pre, ft, k=99, lam=1.0)
+    assert all(torch.equal(result[key], reference[key]) for key in pre)
+    assert result["a"].tolist() == [1.0, -3.0, -3.0] and result["c"].tolist() == [2.0, -2.0]
+    assert patched == ["a"]                         # "c" was written under the final sign
+    # the final majority is 0: "a"'s entry, written under -, goes back to theta_0
+    patched.clear()
+    pre = {"a": torch.tensor([0.5, 0.0]), "b": torch.zeros(1)}
+    ft = {"x": {"a": torch.tensor([1.5, -2.0]), "b": torch.ones(1)},
+          "y": {"a": torch.tensor([-0.5, -1.0]), "b": torch.ones(1)}}
+    assert merge(pre, ft)["a"].tolist() == [0.5, -3.0]
+    assert patched == ["a"]
 
 
 def test_streaming_kth_value_is_exact():
