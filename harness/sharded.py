@@ -163,7 +163,8 @@ class ShardWriter(MutableMapping):
 
     def patch(self, key: str, positions: Tensor, values: Tensor) -> None:
         """Overwrite entries (flat ``positions``) of a key already written, in place in its
-        shard file (through a writable memory map)."""
+        shard file (through a writable memory map; not flushed: the page cache is shared with
+        every later read, and msync would wait for the disk, as nothing else here does)."""
         try:
             placed = self._place[key]
         except KeyError:
@@ -173,7 +174,6 @@ class ShardWriter(MutableMapping):
         data = numpy.memmap(os.path.join(self._work, placed.file), dtype=numpy_dtype, mode="r+",
                             offset=placed.offset, shape=(placed.nbytes // placed.dtype.itemsize,))
         data[positions.numpy()] = values.to(placed.dtype).contiguous().view(as_integer).numpy()
-        data.flush()
         del data
 
     def __delitem__(self, key: str) -> None:
