@@ -18,9 +18,11 @@ weight 0.3 per task), not over the whole model as the official TIES does.
 Synthesizes a pretrained model and task models with the tensor shapes of a Qwen2.5 architecture
 (optionally only the first N decoder layers, with or without the 150k-token embedding), saved as
 Hugging Face sharded safetensors (an index plus shards), written tensor by tensor. Then, each in
-a fresh process: reading every input once (the floor), and each method merging the memory-mapped
-inputs with its outputs streamed to shards (``harness.stream_outputs``). Prints wall time, read
-throughput, the time over the read floor, and peak resident memory next to the largest tensor
+a fresh process: reading every input once (the floor), writing one model's worth of shards (the
+pretrained model's tensors streamed to a copy: what writing a merged model costs at least), and
+each method merging the memory-mapped inputs with its outputs streamed to shards
+(``harness.stream_outputs``). Prints wall time, read throughput, the time over the read floor
+and over both floors, and peak resident memory next to the largest tensor
 (``VmHWM``, and sampled every 10 ms, its anonymous and file-backed parts: mapped input pages are
 file-backed, and the kernel can drop them);
 with ``--device cuda`` the methods compute on the GPU (``harness.merge_device``) and the peak GPU
@@ -209,6 +211,7 @@ def svd_floor(pretrained, finetuned, device: str) -> None:
 
 def worker(method: str, root: str, tasks: int, device: str, ties_held_mib: int | None) -> dict:
     from harness import LazyStateDict, get_method, merge_device, stream_outputs
+    from harness.sharded import finish_output, new_output
 
     if ties_held_mib is not None:
         import methods.ties
@@ -223,6 +226,12 @@ def worker(method: str, root: str, tasks: int, device: str, ties_held_mib: int |
             for sd in (pretrained, *finetuned.values()):
                 for key in sd:
                     float(sd[key].float().sum())
+        elif method == "write":
+            with tempfile.TemporaryDirectory(dir=root) as out, stream_outputs(out, 2**30):
+                copy = new_output("pretrained-copy")
+                for key in pretrained:
+                    copy[key] = pretrained[key]
+                finish_output(copy)
         elif method == "svd-floor":
             svd_floor(pretrained, finetuned, device)
         else:
@@ -288,11 +297,11 @@ def main() -> int:
               f"torch {torch.__version__}; synthesized in {written:.0f} s")
         print(f"merge device: {args.device}" + ("" if args.ties_held_mib is None else
               f"; TIES holds {args.ties_held_mib} MiB of undecided entries in memory"))
-        print("| run | wall s | read GB/s | x read floor | peak RSS GiB | peak anon GiB "
-              "| peak file-mapped GiB | peak GPU GiB |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
-        floor = None
-        runs = ["read", *args.methods] + ([f"mergekit:{args.mergekit}"] if args.mergekit else [])
+        print("| run | wall s | read GB/s | x read floor | x read + write floors | peak RSS GiB "
+              "| peak anon GiB | peak file-mapped GiB | peak GPU GiB |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+        floors = {}
+        runs = ["read", "write", *args.methods] + ([f"mergekit:{args.mergekit}"] if args.mergekit else [])
         held = [] if args.ties_held_mib is None else ["--ties-held-mib", str(args.ties_held_mib)]
         for method in runs:
             out = subprocess.run([sys.executable, __file__, "--worker", method, root,
@@ -303,13 +312,16 @@ def main() -> int:
                 print(f"{label}: failed\n{out.stderr[-2000:]}", flush=True)
                 continue
             row = json.loads(out.stdout.strip().splitlines()[-1])
-            floor = row["seconds"] if method == "read" else floor
-            ratio = f"{row['seconds'] / floor:.1f}" if floor else "–"
+            if method in ("read", "write"):
+                floors[method] = row["seconds"]
+            both = sum(floors.values()) if len(floors) == 2 and method != "write" else None
+            ratio, ratio_both = (f"{row['seconds'] / floor:.1f}" if floor else "–"
+                                 for floor in (floors.get("read"), both))
             anon, file, gpu = (f"{row[k]:.2f}" if row.get(k) is not None else "–"
                                for k in ("anon_gib", "file_gib", "gpu_gib"))
-            print(f"| {label} | {row['seconds']:.1f} | "
-                  f"{input_bytes / row['seconds'] / 1e9:.2f} | {ratio} | {row['peak_gib']:.2f} | "
-                  f"{anon} | {file} | {gpu} |", flush=True)
+            throughput = "–" if method == "write" else f"{input_bytes / row['seconds'] / 1e9:.2f}"
+            print(f"| {label} | {row['seconds']:.1f} | {throughput} | {ratio} | {ratio_both} | "
+                  f"{row['peak_gib']:.2f} | {anon} | {file} | {gpu} |", flush=True)
     return 0
 
 
