@@ -301,7 +301,8 @@ def main() -> int:
               "| peak anon GiB | peak file-mapped GiB | peak GPU GiB |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
         floors = {}
-        runs = ["read", "write", *args.methods] + ([f"mergekit:{args.mergekit}"] if args.mergekit else [])
+        runs = ["read", "write", *args.methods]
+        runs += [f"mergekit:{args.mergekit}"] if args.mergekit else []
         held = [] if args.ties_held_mib is None else ["--ties-held-mib", str(args.ties_held_mib)]
         for method in runs:
             out = subprocess.run([sys.executable, __file__, "--worker", method, root,
