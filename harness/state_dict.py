@@ -65,7 +65,11 @@ def task_vector(pretrained: Tensor, finetuned: Tensor, out: Tensor | None = None
     dtype and is cast to float32 before the subtraction, whatever that dtype)."""
     if out is None:
         return to_float32(on_merge_device(finetuned)) - to_float32(on_merge_device(pretrained))
-    return out.copy_(on_merge_device(finetuned)).sub_(to_float32(on_merge_device(pretrained)))
+    finetuned, pretrained = on_merge_device(finetuned), to_float32(on_merge_device(pretrained))
+    if finetuned.dtype == torch.float32:
+        return torch.sub(finetuned, pretrained, out=out)
+    # another dtype: cast, then subtract (a mixed-dtype subtraction runs 2-4 times slower)
+    return out.copy_(finetuned).sub_(pretrained)
 
 
 @dataclass
