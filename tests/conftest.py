@@ -13,7 +13,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)     # one thread per xdist worker: no oversubscribed cores
 
 # No test may reach the network: the hubs and pip (in subprocesses too) are told to stay
-# offline, and any connection this process opens beyond the loopback fails, naming the address.
+# offline, and any name lookup or connection this process makes beyond the loopback fails,
+# naming the address.
 for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "PIP_NO_INDEX"):
     os.environ[_name] = "1"
 
@@ -28,19 +29,28 @@ def _local(address) -> bool:
     try:
         return ipaddress.ip_address(address[0]).is_loopback
     except ValueError:                          # a host name: would need a DNS lookup
-        return address[0] == "localhost"
+        return address[0] in ("localhost", "")
 
 
-_connect = socket.socket.connect
+def _guarded(connect):
+    def guarded_connect(sock, address):
+        if not _local(address):
+            raise NetworkUsedError(f"a test tried to connect to {address!r}; tests run offline")
+        return connect(sock, address)
+    return guarded_connect
 
 
-def _guarded_connect(sock, address):
-    if not _local(address):
-        raise NetworkUsedError(f"a test tried to connect to {address!r}; tests run offline")
-    return _connect(sock, address)
+def _guarded_lookup(lookup):
+    def guarded_getaddrinfo(host, port, *args, **kwargs):
+        if host is not None and not _local((host if isinstance(host, str) else host.decode(),)):
+            raise NetworkUsedError(f"a test tried to look up {host!r}; tests run offline")
+        return lookup(host, port, *args, **kwargs)
+    return guarded_getaddrinfo
 
 
-socket.socket.connect = _guarded_connect
+socket.socket.connect = _guarded(socket.socket.connect)
+socket.socket.connect_ex = _guarded(socket.socket.connect_ex)
+socket.getaddrinfo = _guarded_lookup(socket.getaddrinfo)
 
 
 def make_models(n_tasks: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32,

@@ -11,9 +11,14 @@ from tests.conftest import NetworkUsedError
 def test_a_connection_beyond_the_loopback_is_refused_with_its_address():
     with pytest.raises(NetworkUsedError, match="192.0.2.1"):
         socket.create_connection(("192.0.2.1", 443), timeout=1)
+    with socket.socket() as sock, pytest.raises(NetworkUsedError, match="example.org"):
+        sock.connect_ex(("example.org", 80))
+    with pytest.raises(NetworkUsedError, match="pypi.org"):
+        socket.getaddrinfo("pypi.org", 443)
 
 
 def test_the_loopback_stays_usable():
+    assert socket.getaddrinfo("localhost", 80)
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(1)
