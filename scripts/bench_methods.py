@@ -150,7 +150,8 @@ def compare(folder: str, n_tasks: int, method_names: list[str] | None) -> None:
     print(f"# {platform.node()}: {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d')}; CLIP ViT-B/32 vision tower x {n_tasks} tasks")
     floor = run_worker("read-inputs", folder, n_tasks)
-    print(f"reading all inputs once: {floor['seconds']:.2f} s, peak RSS {floor['peak_gib']:.2f} GiB")
+    print(f"reading all inputs once: {floor['seconds']:.2f} s, "
+          f"peak RSS {floor['peak_gib']:.2f} GiB")
     if any(name == "svd" or name.startswith("dts") for name in methods):     # their floor
         svd_floor = run_worker("svd-floor", folder, n_tasks)
         print(f"exact SVDs of every 2-D task vector: {svd_floor['seconds']:.1f} s")
