@@ -1,0 +1,50 @@
+"""The measuring scripts' workers on tiny checkpoints: the README's figures come from them, so a
+change that breaks one fails here rather than on the next benchmark run."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(SCRIPTS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/self/status")
+def test_bench_scale_times_its_floors_and_a_merge_and_leaves_only_its_inputs(tmp_path):
+    bench = load_script("bench_scale")
+    shapes = {"model.embed_tokens.weight": (64, 16), "model.layers.0.mlp.up_proj.weight": (32, 16),
+              "model.norm.weight": (16,)}
+    bench.synthesize(str(tmp_path), shapes, 2, torch.bfloat16, shard_bytes=2048)
+    assert len(os.listdir(tmp_path / "task0")) == 3          # two shards and their index
+    for run in ("read", "write", "ties", "svd-floor"):
+        row = bench.worker(run, str(tmp_path), 2, "cpu", None)
+        assert row["seconds"] > 0 and row["peak_gib"] > 0 and row["gpu_gib"] is None, run
+    assert sorted(os.listdir(tmp_path)) == ["pretrained", "task0", "task1"]   # outputs removed
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/self/status")
+def test_bench_methods_worker_reports_time_memory_and_stored_bytes(tmp_path):
+    from safetensors.torch import save_file
+
+    from tests.conftest import make_models
+
+    bench = load_script("bench_methods")
+    pretrained, finetuned = make_models(n_tasks=2)
+    save_file({k: v.contiguous() for k, v in pretrained.items()},
+              str(tmp_path / "pretrained.safetensors"))
+    for t, model in enumerate(finetuned.values()):
+        save_file({k: v.contiguous() for k, v in model.items()},
+                  str(tmp_path / f"task{t}.safetensors"))
+    for run in ("read-inputs", "svd-floor"):
+        assert bench.worker(run, str(tmp_path), 2)["seconds"] > 0
+    ties, dts = (bench.worker(name, str(tmp_path), 2) for name in ("ties", "dts-d"))
+    assert ties["bytes_per_task"] == 0 and ties["amr"] == 0
+    assert dts["bytes_per_task"] > 0 and dts["amr"] > 0 and dts["amr_paper"] > 0
