@@ -186,8 +186,8 @@ def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progr
     Entries whose elected sign is 0 while some task kept a value take the model-wide majority
     sign, known only once every key is seen. Each key is written at once with those entries
     merged under the majority sign of the keys so far (this key included; at theta_0 while
-    that is 0), usually the final one (for 96% of the undecided entries of the synthesized
-    bf16 0.5B set in ``scripts/bench_scale.py``). Its undecided entries wait as their
+    that is 0), usually the final one (for all but a few keys of the synthesized bf16 0.5B
+    set in ``scripts/bench_scale.py``). Its undecided entries wait as their
     positions and their two possible merged values (one per majority sign, in the output
     dtype): in memory up to ``HELD_BYTES``, then in a temporary folder (beside the output when
     it is streamed), so memory stays bounded whatever the model size (bf16 task vectors cancel
