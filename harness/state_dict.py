@@ -63,9 +63,9 @@ def task_vector(pretrained: Tensor, finetuned: Tensor, out: Tensor | None = None
     """``finetuned - pretrained`` in float32 on the merge device (a new tensor, or written into
     the float32 ``out``; inputs are untouched; each input crosses to the device in its own
     dtype and is cast to float32 before the subtraction, whatever that dtype)."""
-    if out is None:
-        return to_float32(on_merge_device(finetuned)) - to_float32(on_merge_device(pretrained))
     finetuned, pretrained = on_merge_device(finetuned), to_float32(on_merge_device(pretrained))
+    if out is None:
+        return to_float32(finetuned) - pretrained
     if finetuned.dtype == torch.float32:
         return torch.sub(finetuned, pretrained, out=out)
     # another dtype: cast, then subtract (a mixed-dtype subtraction runs 2-4 times slower)

@@ -211,10 +211,10 @@ def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progr
                                                  merge, buffers)
             running += signs
             if undecided is not None:
-                guesses[key] = _sign(running)
-                if guesses[key]:
+                guess = guesses[key] = _sign(running)
+                if guess:
                     positions, candidates = undecided
-                    patch_tensor(value, positions, candidates[(guesses[key] + 1) // 2])
+                    patch_tensor(value, positions, candidates[(guess + 1) // 2])
                 waiting.add(key, *undecided)
             merged[key] = value
             del value, undecided    # a key already written to a shard must not outlive its turn
