@@ -6,6 +6,7 @@
     python scripts/bench_scale.py --size 0.5b --methods ties --mergekit /path/to/mergekit-venv
     python scripts/bench_scale.py --size 14b --tasks 3 --device cuda     # a GPU machine
     python scripts/bench_scale.py --size 0.5b --methods ties --ties-held-mib 0
+    python scripts/bench_scale.py --size 14b --layers 1 --methods ties --cold   # from the disk
     python scripts/bench_scale.py --size 14b --layers 1 --tasks 1 --no-embeddings \
         --methods svd-floor dts-d       # DTS-D against the exact SVDs it needs
 
@@ -18,11 +19,16 @@ weight 0.3 per task), not over the whole model as the official TIES does.
 Synthesizes a pretrained model and task models with the tensor shapes of a Qwen2.5 architecture
 (optionally only the first N decoder layers, with or without the 150k-token embedding), saved as
 Hugging Face sharded safetensors (an index plus shards), written tensor by tensor. Then, each in
-a fresh process: reading every input once (the floor), writing one model's worth of shards (the
-pretrained model's tensors streamed to a copy: what writing a merged model costs at least), and
-each method merging the memory-mapped inputs with its outputs streamed to shards
-(``harness.stream_outputs``). Prints wall time, read throughput, the time over the read floor
-and over both floors, and peak resident memory next to the largest tensor
+a fresh process: reading every input once in its stored dtype (the read floor: a sum over each
+memory-mapped tensor, no copy), reading it into float32 row blocks (what any float32 arithmetic
+on these inputs pays at least: the cast, in reused scratch), writing one model's worth of shards
+(the pretrained model's tensors streamed to a copy: what writing a merged model costs at least),
+and each method merging the memory-mapped inputs with its outputs streamed to shards
+(``harness.stream_outputs``). ``--cold`` empties the page cache before every run, so each reads
+its inputs from the disk, as merges of models larger than memory do (a two-pass method's second
+pass still finds them cached when they fit in memory). Prints wall time, read throughput, the
+time over the read floor and over the read and write floors together, and peak resident memory
+next to the largest tensor
 (``VmHWM``, and sampled every 10 ms, its anonymous and file-backed parts: mapped input pages are
 file-backed, and the kernel can drop them);
 with ``--device cuda`` the methods compute on the GPU (``harness.merge_device``) and the peak GPU
@@ -209,6 +215,31 @@ def svd_floor(pretrained, finetuned, device: str) -> None:
                     torch.cuda.synchronize()
 
 
+def read_as_float32(pretrained, finetuned) -> None:
+    """Every input once, cast to float32 in reused row-block scratch, as merges cast their
+    inputs: the least any float32 arithmetic on these inputs costs."""
+    from harness.state_dict import BlockBuffers, row_blocks
+
+    buffers = BlockBuffers()
+    for sd in (pretrained, *finetuned.values()):
+        for key in sd:
+            tensor = sd[key]
+            for rows in row_blocks(tuple(tensor.shape), 1):
+                buffers.float32("block", tensor[rows])
+
+
+def drop_page_cache() -> None:
+    """Empty the kernel's page cache (root only), so that the next run reads its inputs from
+    the disk, as a merge of models larger than memory does."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w", encoding="ascii") as control:
+            control.write("3\n")
+    except OSError as error:
+        raise SystemExit(f"--cold needs to write /proc/sys/vm/drop_caches (root on Linux): "
+                         f"{error}") from None
+
+
 def worker(method: str, root: str, tasks: int, device: str, ties_held_mib: int | None) -> dict:
     from harness import LazyStateDict, get_method, merge_device, stream_outputs
     from harness.sharded import finish_output, new_output
@@ -222,10 +253,12 @@ def worker(method: str, root: str, tasks: int, device: str, ties_held_mib: int |
     finetuned = {f"task{t}": LazyStateDict(os.path.join(root, f"task{t}")) for t in range(tasks)}
     start = time.perf_counter()
     with ResidentSampler() as sampled:
-        if method == "read":
+        if method == "read":        # every byte once, in its stored dtype: no copy
             for sd in (pretrained, *finetuned.values()):
                 for key in sd:
-                    float(sd[key].float().sum())
+                    float(sd[key].sum())
+        elif method == "read-float32":
+            read_as_float32(pretrained, finetuned)
         elif method == "write":
             with tempfile.TemporaryDirectory(dir=root) as out, stream_outputs(out, 2**30):
                 copy = new_output("pretrained-copy")
@@ -262,6 +295,9 @@ def main() -> int:
     parser.add_argument("--ties-held-mib", type=int, default=None,
                         help="TIES's memory for entries awaiting the majority sign (default "
                         "512; smaller shows a larger model's behaviour past it)")
+    parser.add_argument("--cold", action="store_true",
+                        help="empty the page cache before every run (root on Linux), so each "
+                        "reads its inputs from the disk")
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "ROOT", "TASKS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -296,15 +332,19 @@ def main() -> int:
               f"({largest * 4 / 2**30:.2f} GiB in float32); {os.cpu_count()} CPUs, "
               f"torch {torch.__version__}; synthesized in {written:.0f} s")
         print(f"merge device: {args.device}" + ("" if args.ties_held_mib is None else
-              f"; TIES holds {args.ties_held_mib} MiB of undecided entries in memory"))
+              f"; TIES holds {args.ties_held_mib} MiB of undecided entries in memory")
+              + ("; page cache emptied before every run" if args.cold else
+                 "; inputs in the page cache"))
         print("| run | wall s | read GB/s | x read floor | x read + write floors | peak RSS GiB "
               "| peak anon GiB | peak file-mapped GiB | peak GPU GiB |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
         floors = {}
-        runs = ["read", "write", *args.methods]
+        runs = ["read", "read-float32", "write", *args.methods]
         runs += [f"mergekit:{args.mergekit}"] if args.mergekit else []
         held = [] if args.ties_held_mib is None else ["--ties-held-mib", str(args.ties_held_mib)]
         for method in runs:
+            if args.cold:
+                drop_page_cache()
             out = subprocess.run([sys.executable, __file__, "--worker", method, root,
                                   str(args.tasks), "--device", args.device, *held],
                                  capture_output=True, text=True)

@@ -24,7 +24,7 @@ def test_bench_scale_times_its_floors_and_a_merge_and_leaves_only_its_inputs(tmp
               "model.norm.weight": (16,)}
     bench.synthesize(str(tmp_path), shapes, 2, torch.bfloat16, shard_bytes=2048)
     assert len(os.listdir(tmp_path / "task0")) == 3          # two shards and their index
-    for run in ("read", "write", "ties", "svd-floor"):
+    for run in ("read", "read-float32", "write", "ties", "svd-floor"):
         row = bench.worker(run, str(tmp_path), 2, "cpu", None)
         assert row["seconds"] > 0 and row["peak_gib"] > 0 and row["gpu_gib"] is None, run
     assert sorted(os.listdir(tmp_path)) == ["pretrained", "task0", "task1"]   # outputs removed
@@ -48,3 +48,15 @@ def test_bench_methods_worker_reports_time_memory_and_stored_bytes(tmp_path):
     ties, dts = (bench.worker(name, str(tmp_path), 2) for name in ("ties", "dts-d"))
     assert ties["bytes_per_task"] == 0 and ties["amr"] == 0
     assert dts["bytes_per_task"] > 0 and dts["amr"] > 0 and dts["amr_paper"] > 0
+
+
+def test_bench_scale_cold_runs_name_what_they_need_when_the_cache_cannot_be_emptied(monkeypatch):
+    bench = load_script("bench_scale")
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(bench.os, "sync", lambda: None)
+    monkeypatch.setattr(bench, "open", refuse, raising=False)
+    with pytest.raises(SystemExit, match="--cold needs to write /proc/sys/vm/drop_caches"):
+        bench.drop_page_cache()
