@@ -128,6 +128,71 @@ def test_row_blocks_keep_only_a_block_of_a_mapped_tensor_resident(tmp_path, monk
     assert total == pytest.approx(float(lazy["big"].sum()), rel=1e-4)
 
 
+def test_tensor_byte_ranges_point_at_each_tensors_bytes(tmp_path):
+    from safetensors.torch import save_file
+
+    from harness.state_dict import tensor_byte_ranges
+
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64),
+               "c": torch.randn(2, 4).bfloat16(), "scalar": torch.tensor(2.5)}
+    save_file(tensors, tmp_path / "m.safetensors", metadata={"format": "pt"})
+    raw = (tmp_path / "m.safetensors").read_bytes()
+    ranges = tensor_byte_ranges(str(tmp_path / "m.safetensors"))
+    assert sorted(ranges) == sorted(tensors)
+    for key, (offset, length) in ranges.items():
+        flat = tensors[key].reshape(-1)
+        assert raw[offset:offset + length] == flat.view(torch.uint8).numpy().tobytes(), key
+
+
+def test_merge_loops_ask_for_the_next_keys_bytes_ahead_of_reading_them(tmp_path, monkeypatch):
+    """Before each key, the next keys' byte ranges in every lazy input read in the loop are
+    queued once, up to the budget (the next key at least); in-memory inputs and keys already
+    queued are not."""
+    from safetensors.torch import save_file
+
+    from harness.state_dict import READ_AHEAD, iter_keys, tensor_byte_ranges
+
+    keys = [f"k{i}" for i in range(5)]
+    for name in ("base", "task"):
+        save_file({k: torch.randn(64, 16) for k in keys}, tmp_path / f"{name}.safetensors")
+    base, task = (LazyStateDict(tmp_path / f"{name}.safetensors") for name in ("base", "task"))
+    in_memory = {k: torch.randn(64, 16) for k in keys}
+    queued = []
+    monkeypatch.setattr(READ_AHEAD, "_submit", lambda *job: queued.append(job))
+    monkeypatch.setattr(READ_AHEAD, "AHEAD_BYTES", 2 * 64 * 16 * 4)     # two tensors' bytes
+    seen = {}
+    for key in iter_keys(keys, "test", False):
+        seen[key] = len(queued)
+        base[key], task[key], in_memory[key]
+    ranges = {name: tensor_byte_ranges(str(tmp_path / f"{name}.safetensors"))
+              for name in ("base", "task")}
+    expected = [(str(tmp_path / f"{name}.safetensors"), *ranges[name][k])
+                for k in keys[2:] for name in ("base", "task")]
+    assert queued == expected            # each range once, in the loop's order, nothing more
+    # the inputs are known once the first key has read them; then one key ahead (the budget)
+    assert seen == {"k0": 0, "k1": 2, "k2": 4, "k3": 6, "k4": 6}
+    assert not READ_AHEAD.sources        # forgotten with the loop
+    base["k0"]
+    assert not READ_AHEAD.sources        # outside merge loops nothing is noted
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise")
+def test_page_cached_tells_pages_in_memory_from_evicted_ones(tmp_path):
+    from harness.state_dict import page_cached
+
+    path = tmp_path / "bytes.bin"
+    path.write_bytes(os.urandom(3 * 2**20))
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)            # clean pages: the kernel can drop them
+        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert not page_cached(descriptor, 2**20 + 5)
+        os.pread(descriptor, 10, 2**20)                 # brings that page (at least) back
+        assert page_cached(descriptor, 2**20 + 5)
+    finally:
+        os.close(descriptor)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_patches_reach_pending_and_written_shards_bit_for_bit(dtype, tmp_path):
     from harness.sharded import ShardWriter
