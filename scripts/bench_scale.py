@@ -24,9 +24,9 @@ memory-mapped tensor, no copy), reading it into float32 row blocks (what any flo
 on these inputs pays at least: the cast, in reused scratch), writing one model's worth of shards
 (the pretrained model's tensors streamed to a copy: what writing a merged model costs at least),
 and each method merging the memory-mapped inputs with its outputs streamed to shards
-(``harness.stream_outputs``). ``--cold`` empties the page cache before every run, so each reads
-its inputs from the disk, as merges of models larger than memory do (a two-pass method's second
-pass still finds them cached when they fit in memory). Prints wall time, read throughput, the
+(``harness.stream_outputs``). ``--cold`` drops the inputs from the page cache before every run,
+so each reads them from the disk, as merges of models larger than memory do (a two-pass method's
+second pass still finds them cached when they fit in memory). Prints wall time, read throughput, the
 time over the read floor and over the read and write floors together, and peak resident memory
 next to the largest tensor
 (``VmHWM``, and sampled every 10 ms, its anonymous and file-backed parts: mapped input pages are
@@ -228,16 +228,24 @@ def read_as_float32(pretrained, finetuned) -> None:
                 buffers.float32("block", tensor[rows])
 
 
-def drop_page_cache() -> None:
-    """Empty the kernel's page cache (root only), so that the next run reads its inputs from
-    the disk, as a merge of models larger than memory does."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w", encoding="ascii") as control:
-            control.write("3\n")
-    except OSError as error:
-        raise SystemExit(f"--cold needs to write /proc/sys/vm/drop_caches (root on Linux): "
-                         f"{error}") from None
+def evict_inputs(root: str) -> None:
+    """Drop the input files' pages from the page cache (``posix_fadvise(DONTNEED)``; they were
+    synced when written), so the next run reads them from the disk, as a merge of models larger
+    than memory does; the libraries a run loads stay cached. Exits if a page stays cached."""
+    from harness.state_dict import page_cached
+
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            descriptor = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+                size = os.fstat(descriptor).st_size
+                if size > 2**20 and page_cached(descriptor, size // 2):
+                    raise SystemExit(f"--cold: {path} stays in the page cache after "
+                                     "POSIX_FADV_DONTNEED (a memory-backed file system?)")
+            finally:
+                os.close(descriptor)
 
 
 def worker(method: str, root: str, tasks: int, device: str, ties_held_mib: int | None) -> dict:
@@ -296,8 +304,8 @@ def main() -> int:
                         help="TIES's memory for entries awaiting the majority sign (default "
                         "512; smaller shows a larger model's behaviour past it)")
     parser.add_argument("--cold", action="store_true",
-                        help="empty the page cache before every run (root on Linux), so each "
-                        "reads its inputs from the disk")
+                        help="drop the inputs from the page cache before every run, so each "
+                        "reads them from the disk")
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "ROOT", "TASKS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -333,7 +341,7 @@ def main() -> int:
               f"torch {torch.__version__}; synthesized in {written:.0f} s")
         print(f"merge device: {args.device}" + ("" if args.ties_held_mib is None else
               f"; TIES holds {args.ties_held_mib} MiB of undecided entries in memory")
-              + ("; page cache emptied before every run" if args.cold else
+              + ("; inputs dropped from the page cache before every run" if args.cold else
                  "; inputs in the page cache"))
         print("| run | wall s | read GB/s | x read floor | x read + write floors | peak RSS GiB "
               "| peak anon GiB | peak file-mapped GiB | peak GPU GiB |")
@@ -342,12 +350,17 @@ def main() -> int:
         runs = ["read", "read-float32", "write", *args.methods]
         runs += [f"mergekit:{args.mergekit}"] if args.mergekit else []
         held = [] if args.ties_held_mib is None else ["--ties-held-mib", str(args.ties_held_mib)]
+
+        def run(method: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, __file__, "--worker", method, root,
+                                   str(args.tasks), "--device", args.device, *held],
+                                  capture_output=True, text=True)
+        if not args.cold:
+            run("read")     # untimed: the first read after writing was slower than the later
         for method in runs:
             if args.cold:
-                drop_page_cache()
-            out = subprocess.run([sys.executable, __file__, "--worker", method, root,
-                                  str(args.tasks), "--device", args.device, *held],
-                                 capture_output=True, text=True)
+                evict_inputs(root)
+            out = run(method)
             label = "mergekit ties (per-tensor trim)" if method.startswith("mergekit:") else method
             if out.returncode:
                 print(f"{label}: failed\n{out.stderr[-2000:]}", flush=True)

@@ -50,13 +50,20 @@ def test_bench_methods_worker_reports_time_memory_and_stored_bytes(tmp_path):
     assert dts["bytes_per_task"] > 0 and dts["amr"] > 0 and dts["amr_paper"] > 0
 
 
-def test_bench_scale_cold_runs_name_what_they_need_when_the_cache_cannot_be_emptied(monkeypatch):
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise")
+def test_bench_scale_cold_runs_find_their_inputs_out_of_the_page_cache(tmp_path):
+    from harness.state_dict import page_cached
+
     bench = load_script("bench_scale")
-
-    def refuse(path, *args, **kwargs):
-        raise PermissionError(13, "Permission denied", path)
-
-    monkeypatch.setattr(bench.os, "sync", lambda: None)
-    monkeypatch.setattr(bench, "open", refuse, raising=False)
-    with pytest.raises(SystemExit, match="--cold needs to write /proc/sys/vm/drop_caches"):
-        bench.drop_page_cache()
+    (tmp_path / "task0").mkdir()
+    path = tmp_path / "task0" / "model.safetensors"
+    path.write_bytes(os.urandom(3 * 2**20))
+    os.sync()
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.pread(descriptor, 2**20, 2**20)
+        assert page_cached(descriptor, 2**20)
+        bench.evict_inputs(str(tmp_path))
+        assert not page_cached(descriptor, 2**20)
+    finally:
+        os.close(descriptor)
