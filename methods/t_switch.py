@@ -29,17 +29,19 @@ def largest_of_sign(tau: Tensor, sign: int, k: float) -> Tensor:
     """
     magnitude = torch.clamp(tau * sign, min=0).abs_().reshape(-1)     # abs_: -0.0 -> +0.0
     total = magnitude.numel()
+    selector = None
     if total <= SELECT_BY_HISTOGRAM:
-        keep = int(int(torch.count_nonzero(magnitude)) * (1 - k))
-        if keep == 0:
-            return (magnitude > 0).reshape(tau.shape)
-        threshold = torch.kthvalue(magnitude, total - keep + 1).values
+        present = int(torch.count_nonzero(magnitude))
     else:
         selector = StreamingKthSmallest()
         selector.add_high(magnitude)
-        keep = int((total - selector.zeros) * (1 - k))
-        if keep == 0:
-            return (magnitude > 0).reshape(tau.shape)
+        present = total - selector.zeros
+    keep = int(present * (1 - k))
+    if keep == 0:
+        return (magnitude > 0).reshape(tau.shape)
+    if selector is None:
+        threshold = torch.kthvalue(magnitude, total - keep + 1).values
+    else:
         selector.choose_bin(total - keep + 1)
         if selector.needs_low:
             selector.add_low(magnitude)

@@ -29,6 +29,7 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))      # bench_scale's SVD floor, also in tests
 
 
 def vit_b32_shapes() -> dict[str, tuple[int, ...]]:
@@ -82,14 +83,11 @@ def worker(method_name: str, folder: str, n_tasks: int) -> dict:
             for key in sd:
                 sd[key].sum()
         return {"seconds": time.perf_counter() - start, "peak_gib": peak_rss_gib()}
-    if method_name == "svd-floor":       # as DTS calls it: a wide matrix through its transpose
-        from methods.dts import truncated_svd
+    if method_name == "svd-floor":       # the exact SVDs alone, as DTS calls them
+        from bench_scale import svd_floor
 
         start = time.perf_counter()
-        for sd in finetuned.values():
-            for key in sd:
-                if len(sd[key].shape) == 2:
-                    truncated_svd(sd[key] - pretrained[key], min(sd[key].shape))
+        svd_floor(pretrained, finetuned, "cpu")
         return {"seconds": time.perf_counter() - start, "peak_gib": peak_rss_gib()}
     method = get_method(method_name)
     start = time.perf_counter()
