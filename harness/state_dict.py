@@ -380,12 +380,10 @@ class _ReadAhead:
     next model. The :class:`LazyStateDict` read inside a merge loop (:func:`iter_keys`) are
     noted; before each key (from the second on, once they are known), the keys after it are
     queued until ``AHEAD_BYTES`` of them are (the next key at least). Queued bytes go to the
-    page cache, never to this process's memory. With a window of 1 GiB (at most an eighth of
-    the machine's memory, so they are not evicted before their turn), TIES on the synthesized
-    0.5B set read from the disk was faster by 0.3 to 2.1 s (of 14 to 20 s) in each of six
-    alternated pairs of ``scripts/bench_scale.py``'s worker, the page cache emptied before
-    each run; a 64 MiB window gained less. Where ``posix_fadvise`` is missing (not Linux),
-    nothing is queued.
+    page cache, never to this process's memory. The window is 1 GiB (at most an eighth of the
+    machine's memory, so queued bytes are not evicted before their turn); 64 MiB gained less
+    (the README's performance section has the measurements). Where ``posix_fadvise`` is
+    missing (not Linux), nothing is queued.
     """
 
     AHEAD_BYTES = min(2**30, _physical_memory() // 8)

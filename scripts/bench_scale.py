@@ -25,12 +25,11 @@ on these inputs pays at least: the cast, in reused scratch), writing one model's
 (the pretrained model's tensors streamed to a copy: what writing a merged model costs at least),
 and each method merging the memory-mapped inputs with its outputs streamed to shards
 (``harness.stream_outputs``). ``--cold`` drops the inputs from the page cache before every run,
-so each reads them from the disk, as merges of models larger than memory do (a two-pass method's
-second pass still finds them cached when they fit in memory). Prints wall time, read throughput, the
-time over the read floor and over the read and write floors together, and peak resident memory
-next to the largest tensor
-(``VmHWM``, and sampled every 10 ms, its anonymous and file-backed parts: mapped input pages are
-file-backed, and the kernel can drop them);
+so each reads them from the disk, as merges of models larger than memory do (a two-pass
+method's second pass still finds them cached when they fit in memory). Prints wall time, read
+throughput, the time over the read floor and over the read and write floors together, and peak
+resident memory next to the largest tensor (``VmHWM``, and sampled every 10 ms, its anonymous
+and file-backed parts: mapped input pages are file-backed, and the kernel can drop them);
 with ``--device cuda`` the methods compute on the GPU (``harness.merge_device``) and the peak GPU
 memory is printed too.
 """
@@ -216,8 +215,9 @@ def svd_floor(pretrained, finetuned, device: str) -> None:
 
 
 def read_as_float32(pretrained, finetuned) -> None:
-    """Every input once, cast to float32 in reused row-block scratch, as merges cast their
-    inputs: the least any float32 arithmetic on these inputs costs."""
+    """Every input once, copied (cast, unless it is float32) into reused float32 row-block
+    scratch, as merges cast their inputs: the least any float32 arithmetic on bfloat16 inputs
+    costs."""
     from harness.state_dict import BlockBuffers, row_blocks
 
     buffers = BlockBuffers()
@@ -225,7 +225,8 @@ def read_as_float32(pretrained, finetuned) -> None:
         for key in sd:
             tensor = sd[key]
             for rows in row_blocks(tuple(tensor.shape), 1):
-                buffers.float32("block", tensor[rows])
+                block = tensor[rows]
+                buffers.view("block", block).copy_(block)
 
 
 def evict_inputs(root: str) -> None:
