@@ -363,11 +363,36 @@ def page_cached(descriptor: int, offset: int) -> bool:
     return found == 0 and bool(state.value & 1)
 
 
-def _physical_memory() -> int:
+def memory_size(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int:
+    """The bytes of memory this process may fill, page cache included: the machine's, or the
+    limit of its memory cgroup (v1 or v2: a container's, say) where that is lower."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        sizes = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
     except (AttributeError, ValueError, OSError):
-        return 2**33
+        sizes = [2**33]
+    try:
+        with open(proc, encoding="ascii") as groups:
+            lines = [line.rstrip("\n").split(":", 2) for line in groups]
+    except OSError:
+        return sizes[0]
+    for _, controllers, path in lines:
+        path = path.lstrip("/")
+        if controllers == "":
+            candidates = [os.path.join(root, path, "memory.max"),
+                          os.path.join(root, "unified", path, "memory.max")]
+        elif "memory" in controllers.split(","):
+            candidates = [os.path.join(root, "memory", path, "memory.limit_in_bytes")]
+        else:
+            continue
+        for candidate in candidates:
+            try:
+                with open(candidate, encoding="ascii") as limit:
+                    value = limit.read().strip()
+            except OSError:
+                continue
+            if value.isdigit():
+                sizes.append(int(value))
+    return min(sizes)
 
 
 class _ReadAhead:
@@ -381,12 +406,13 @@ class _ReadAhead:
     noted; before each key (from the second on, once they are known), the keys after it are
     queued until ``AHEAD_BYTES`` of them are (the next key at least). Queued bytes go to the
     page cache, never to this process's memory. The window is 1 GiB (at most an eighth of the
-    machine's memory, so queued bytes are not evicted before their turn); 64 MiB gained less
+    memory this process may fill, so queued bytes are not evicted before their turn: see
+    :func:`memory_size`); 64 MiB gained less
     (the README's performance section has the measurements). Where ``posix_fadvise`` is
     missing (not Linux), nothing is queued.
     """
 
-    AHEAD_BYTES = min(2**30, _physical_memory() // 8)
+    AHEAD_BYTES = min(2**30, memory_size() // 8)
 
     def __init__(self) -> None:
         self.sources: list[LazyStateDict] = []

@@ -7,6 +7,7 @@
     python scripts/bench_scale.py --size 14b --tasks 3 --device cuda     # a GPU machine
     python scripts/bench_scale.py --size 0.5b --methods ties --ties-held-mib 0
     python scripts/bench_scale.py --size 14b --layers 1 --methods ties --cold   # from the disk
+    python scripts/bench_scale.py --size 0.5b --methods ties --memory-limit 2   # inputs > memory
     python scripts/bench_scale.py --size 14b --layers 1 --tasks 1 --no-embeddings \
         --methods svd-floor dts-d       # DTS-D against the exact SVDs it needs
 
@@ -26,10 +27,14 @@ on these inputs pays at least: the cast, in reused scratch), writing one model's
 and each method merging the memory-mapped inputs with its outputs streamed to shards
 (``harness.stream_outputs``). ``--cold`` drops the inputs from the page cache before every run,
 so each reads them from the disk, as merges of models larger than memory do (a two-pass
-method's second pass still finds them cached when they fit in memory). Prints wall time, read
-throughput, the time over the read floor and over the read and write floors together, and peak
-resident memory next to the largest tensor (``VmHWM``, and sampled every 10 ms, its anonymous
-and file-backed parts: mapped input pages are file-backed, and the kernel can drop them);
+method's second pass still finds them cached when they fit in memory); ``--memory-limit GIB``
+runs every worker in a memory cgroup of that size, page cache included, so inputs larger than
+it are read from the disk in every pass, as on a machine with that much memory (it implies
+``--cold``: cached pages stay charged to the cgroup that read them first). Prints wall
+time, read throughput, the time over the read floor and over the read and write floors
+together, and peak resident memory next to the largest tensor (``VmHWM``, and sampled every
+10 ms, its anonymous and file-backed parts: mapped input pages are file-backed, and the kernel
+can drop them);
 with ``--device cuda`` the methods compute on the GPU (``harness.merge_device``) and the peak GPU
 memory is printed too.
 """
@@ -37,6 +42,7 @@ memory is printed too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -249,6 +255,48 @@ def evict_inputs(root: str) -> None:
                 os.close(descriptor)
 
 
+class MemoryCgroup:
+    """A memory cgroup under this process's own, limited to ``limit`` bytes (page cache
+    included), for the workers to run in: inputs larger than the limit are read from the disk in
+    every pass, as on a machine with that much memory, and a merge needing more is killed.
+    Linux, as root or in a delegated cgroup; the v1 memory controller where mounted, else v2."""
+
+    def __init__(self, limit: int, proc: str = "/proc/self/cgroup",
+                 root: str = "/sys/fs/cgroup") -> None:
+        with open(proc, encoding="ascii") as groups:
+            lines = [line.rstrip("\n").split(":", 2) for line in groups]
+        name = f"bench-scale-{os.getpid()}"
+        v1 = [path for _, controllers, path in lines if "memory" in controllers.split(",")]
+        v2 = [path for _, controllers, path in lines if controllers == ""]
+        if v1:
+            self.folder = os.path.join(root, "memory", v1[0].lstrip("/"), name)
+            self.limit_file = "memory.limit_in_bytes"
+        elif v2:
+            self.folder = os.path.join(root, v2[0].lstrip("/"), name)
+            self.limit_file = "memory.max"
+        else:
+            raise SystemExit(f"--memory-limit: no memory cgroup in {proc}")
+        self.limit = limit
+
+    def __enter__(self) -> MemoryCgroup:
+        try:
+            os.mkdir(self.folder)
+            with open(os.path.join(self.folder, self.limit_file), "w", encoding="ascii") as f:
+                f.write(str(self.limit))
+        except OSError as error:
+            raise SystemExit(f"--memory-limit needs a memory cgroup this process can create "
+                             f"(Linux, as root or in a delegated cgroup): {error}") from None
+        return self
+
+    def join(self) -> None:
+        """Move the calling process in (a ``preexec_fn``: the worker, before it starts)."""
+        with open(os.path.join(self.folder, "cgroup.procs"), "w", encoding="ascii") as f:
+            f.write(str(os.getpid()))
+
+    def __exit__(self, *exc) -> None:
+        os.rmdir(self.folder)
+
+
 def worker(method: str, root: str, tasks: int, device: str, ties_held_mib: int | None) -> dict:
     from harness import LazyStateDict, get_method, merge_device, stream_outputs
     from harness.sharded import finish_output, new_output
@@ -304,6 +352,9 @@ def main() -> int:
     parser.add_argument("--ties-held-mib", type=int, default=None,
                         help="TIES's memory for entries awaiting the majority sign (default "
                         "512; smaller shows a larger model's behaviour past it)")
+    parser.add_argument("--memory-limit", type=float, default=None, metavar="GIB",
+                        help="run every worker in a memory cgroup of GIB GiB, page cache "
+                        "included, as on a machine with that much memory (Linux, root)")
     parser.add_argument("--cold", action="store_true",
                         help="drop the inputs from the page cache before every run, so each "
                         "reads them from the disk")
@@ -324,7 +375,11 @@ def main() -> int:
     dtype = getattr(torch, args.dtype)
     params = sum(torch.Size(s).numel() for s in shape_of.values())
     largest = max(torch.Size(s).numel() for s in shape_of.values())
-    with tempfile.TemporaryDirectory(prefix="bench-scale-") as root:
+    limited = (MemoryCgroup(int(args.memory_limit * 2**30)) if args.memory_limit
+               else contextlib.nullcontext())
+    # cached pages stay charged to whoever read them first: a limited run must read its own
+    cold = args.cold or bool(args.memory_limit)
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as root, limited as cgroup:
         start = time.perf_counter()
         synthesize(root, shape_of, args.tasks, dtype, args.shard_mb * 2**20)
         for name in ["pretrained", *[f"task{t}" for t in range(args.tasks)]]:
@@ -342,8 +397,10 @@ def main() -> int:
               f"torch {torch.__version__}; synthesized in {written:.0f} s")
         print(f"merge device: {args.device}" + ("" if args.ties_held_mib is None else
               f"; TIES holds {args.ties_held_mib} MiB of undecided entries in memory")
-              + ("; inputs dropped from the page cache before every run" if args.cold else
-                 "; inputs in the page cache"))
+              + ("; inputs dropped from the page cache before every run" if cold else
+                 "; inputs in the page cache")
+              + (f"; every run limited to {args.memory_limit:g} GiB of memory, page cache "
+                 "included" if args.memory_limit else ""))
         print("| run | wall s | read GB/s | x read floor | x read + write floors | peak RSS GiB "
               "| peak anon GiB | peak file-mapped GiB | peak GPU GiB |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
@@ -355,11 +412,12 @@ def main() -> int:
         def run(method: str) -> subprocess.CompletedProcess:
             return subprocess.run([sys.executable, __file__, "--worker", method, root,
                                    str(args.tasks), "--device", args.device, *held],
-                                  capture_output=True, text=True)
-        if not args.cold:
+                                  capture_output=True, text=True,
+                                  preexec_fn=cgroup.join if cgroup else None)
+        if not cold:
             run("read")     # untimed: the first read after writing was slower than the later
         for method in runs:
-            if args.cold:
+            if cold:
                 evict_inputs(root)
             out = run(method)
             label = "mergekit ties (per-tensor trim)" if method.startswith("mergekit:") else method

@@ -67,3 +67,22 @@ def test_bench_scale_cold_runs_find_their_inputs_out_of_the_page_cache(tmp_path)
         assert not page_cached(descriptor, 2**20)
     finally:
         os.close(descriptor)
+
+
+def test_bench_scale_memory_limit_makes_a_cgroup_and_moves_workers_in(tmp_path):
+    bench = load_script("bench_scale")
+    proc = tmp_path / "cgroup"
+    proc.write_text("4:memory:/job\n0::/\n")
+    (tmp_path / "memory" / "job").mkdir(parents=True)
+    group = bench.MemoryCgroup(2**31, str(proc), str(tmp_path))
+    with group:
+        folder = tmp_path / "memory" / "job" / f"bench-scale-{os.getpid()}"
+        assert (folder / "memory.limit_in_bytes").read_text() == str(2**31)
+        group.join()
+        assert (folder / "cgroup.procs").read_text() == str(os.getpid())
+        for name in ("memory.limit_in_bytes", "cgroup.procs"):     # a real cgroup's files
+            (folder / name).unlink()                               # go with it
+    assert not folder.exists()
+    proc.write_text("3:cpu:/\n")
+    with pytest.raises(SystemExit, match="no memory cgroup"):
+        bench.MemoryCgroup(2**31, str(proc), str(tmp_path))

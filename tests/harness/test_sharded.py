@@ -351,3 +351,21 @@ def test_shards_are_written_without_pwrite(tmp_path, monkeypatch):
     with stream_outputs(tmp_path / "out", shard_bytes=SMALL):
         streamed = get_method("ties").merge(pretrained, finetuned).base
     assert all(torch.equal(plain[k], streamed[k]) for k in pretrained)
+
+
+@pytest.mark.parametrize("layout", ["v1", "v2", "none"])
+def test_memory_size_takes_the_cgroup_limit_where_it_is_lower(layout, tmp_path):
+    from harness.state_dict import memory_size
+
+    machine = memory_size(str(tmp_path / "missing"))      # no cgroup file: the machine's memory
+    proc = tmp_path / "cgroup"
+    if layout == "v1":
+        proc.write_text("5:cpu,cpuacct:/a\n4:memory:/job/7\n0::/\n")
+        limit = tmp_path / "root" / "memory" / "job" / "7" / "memory.limit_in_bytes"
+    else:
+        proc.write_text("0::/user/job\n")
+        limit = tmp_path / "root" / "user" / "job" / "memory.max"
+    limit.parent.mkdir(parents=True)
+    limit.write_text("3221225472\n" if layout != "none" else "max\n")
+    expected = min(machine, 3 * 2**30) if layout != "none" else machine
+    assert memory_size(str(proc), str(tmp_path / "root")) == expected
