@@ -284,6 +284,8 @@ class MemoryCgroup:
             with open(os.path.join(self.folder, self.limit_file), "w", encoding="ascii") as f:
                 f.write(str(self.limit))
         except OSError as error:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.folder)
             raise SystemExit(f"--memory-limit needs a memory cgroup this process can create "
                              f"(Linux, as root or in a delegated cgroup): {error}") from None
         return self

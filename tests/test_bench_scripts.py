@@ -83,6 +83,10 @@ def test_bench_scale_memory_limit_makes_a_cgroup_and_moves_workers_in(tmp_path):
         for name in ("memory.limit_in_bytes", "cgroup.procs"):     # a real cgroup's files
             (folder / name).unlink()                               # go with it
     assert not folder.exists()
+    proc.write_text("4:memory:/missing-parent\n")
+    with pytest.raises(SystemExit, match="needs a memory cgroup this process can create"):
+        with bench.MemoryCgroup(2**31, str(proc), str(tmp_path)):
+            pass
     proc.write_text("3:cpu:/\n")
     with pytest.raises(SystemExit, match="no memory cgroup"):
         bench.MemoryCgroup(2**31, str(proc), str(tmp_path))
