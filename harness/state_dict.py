@@ -365,7 +365,8 @@ def page_cached(descriptor: int, offset: int) -> bool:
 
 def memory_size(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int:
     """The bytes of memory this process may fill, page cache included: the machine's, or the
-    limit of its memory cgroup (v1 or v2: a container's, say) where that is lower."""
+    lowest limit of its memory cgroup and the cgroups above it (v1 or v2: a container's, say)
+    where that is lower."""
     try:
         sizes = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
     except (AttributeError, ValueError, OSError):
@@ -376,12 +377,14 @@ def memory_size(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -
     except OSError:
         return sizes[0]
     for _, controllers, path in lines:
-        path = path.lstrip("/")
+        parts = [part for part in path.split("/") if part]
+        levels = [os.path.join(*parts[:depth]) if depth else "" for depth in range(len(parts) + 1)]
         if controllers == "":
-            candidates = [os.path.join(root, path, "memory.max"),
-                          os.path.join(root, "unified", path, "memory.max")]
+            candidates = [os.path.join(base, level, "memory.max") for level in levels
+                          for base in (root, os.path.join(root, "unified"))]
         elif "memory" in controllers.split(","):
-            candidates = [os.path.join(root, "memory", path, "memory.limit_in_bytes")]
+            candidates = [os.path.join(root, "memory", level, "memory.limit_in_bytes")
+                          for level in levels]
         else:
             continue
         for candidate in candidates:

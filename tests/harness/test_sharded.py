@@ -369,3 +369,6 @@ def test_memory_size_takes_the_cgroup_limit_where_it_is_lower(layout, tmp_path):
     limit.write_text("3221225472\n" if layout != "none" else "max\n")
     expected = min(machine, 3 * 2**30) if layout != "none" else machine
     assert memory_size(str(proc), str(tmp_path / "root")) == expected
+    if layout != "none":            # a lower limit above the process's own cgroup counts too
+        (limit.parent.parent / limit.name).write_text(str(2**30))
+        assert memory_size(str(proc), str(tmp_path / "root")) == min(machine, 2**30)
