@@ -363,6 +363,17 @@ def page_cached(descriptor: int, offset: int) -> bool:
     return found == 0 and bool(state.value & 1)
 
 
+def memory_cgroup_paths(proc: str = "/proc/self/cgroup") -> tuple[str | None, str | None]:
+    """This process's cgroup under the v1 memory controller and its v2 cgroup, as paths from
+    their hierarchies' roots (None where it has none)."""
+    with open(proc, encoding="ascii") as groups:
+        lines = [line.rstrip("\n").split(":", 2) for line in groups]
+    v1 = next((path.strip("/") for _, controllers, path in lines
+               if "memory" in controllers.split(",")), None)
+    v2 = next((path.strip("/") for _, controllers, path in lines if controllers == ""), None)
+    return v1, v2
+
+
 def memory_size(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int:
     """The bytes of memory this process may fill, page cache included: the machine's, or the
     lowest limit of its memory cgroup and the cgroups above it (v1 or v2: a container's, say)
@@ -372,29 +383,28 @@ def memory_size(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -
     except (AttributeError, ValueError, OSError):
         sizes = [2**33]
     try:
-        with open(proc, encoding="ascii") as groups:
-            lines = [line.rstrip("\n").split(":", 2) for line in groups]
+        v1, v2 = memory_cgroup_paths(proc)
     except OSError:
         return sizes[0]
-    for _, controllers, path in lines:
-        parts = [part for part in path.split("/") if part]
-        levels = [os.path.join(*parts[:depth]) if depth else "" for depth in range(len(parts) + 1)]
-        if controllers == "":
-            candidates = [os.path.join(base, level, "memory.max") for level in levels
-                          for base in (root, os.path.join(root, "unified"))]
-        elif "memory" in controllers.split(","):
-            candidates = [os.path.join(root, "memory", level, "memory.limit_in_bytes")
-                          for level in levels]
-        else:
+
+    def levels(path: str) -> list[str]:        # the cgroup and every one above it
+        parts = path.split("/") if path else []
+        return ["/".join(parts[:depth]) for depth in range(len(parts) + 1)]
+    candidates = []
+    if v1 is not None:
+        candidates += [os.path.join(root, "memory", level, "memory.limit_in_bytes")
+                       for level in levels(v1)]
+    if v2 is not None:
+        candidates += [os.path.join(base, level, "memory.max") for level in levels(v2)
+                       for base in (root, os.path.join(root, "unified"))]
+    for candidate in candidates:
+        try:
+            with open(candidate, encoding="ascii") as limit:
+                value = limit.read().strip()
+        except OSError:
             continue
-        for candidate in candidates:
-            try:
-                with open(candidate, encoding="ascii") as limit:
-                    value = limit.read().strip()
-            except OSError:
-                continue
-            if value.isdigit():
-                sizes.append(int(value))
+        if value.isdigit():
+            sizes.append(int(value))
     return min(sizes)
 
 
@@ -408,11 +418,10 @@ class _ReadAhead:
     next model. The :class:`LazyStateDict` read inside a merge loop (:func:`iter_keys`) are
     noted; before each key (from the second on, once they are known), the keys after it are
     queued until ``AHEAD_BYTES`` of them are (the next key at least). Queued bytes go to the
-    page cache, never to this process's memory. The window is 1 GiB (at most an eighth of the
-    memory this process may fill, so queued bytes are not evicted before their turn: see
-    :func:`memory_size`); 64 MiB gained less
-    (the README's performance section has the measurements). Where ``posix_fadvise`` is
-    missing (not Linux), nothing is queued.
+    page cache, never to this process's memory. The window is 1 GiB, at most an eighth of the
+    memory this process may fill (:func:`memory_size`), so queued bytes are not evicted before
+    their turn; 64 MiB gained less (the README's performance section has the measurements).
+    Where ``posix_fadvise`` is missing (not Linux), nothing is queued.
     """
 
     AHEAD_BYTES = min(2**30, memory_size() // 8)

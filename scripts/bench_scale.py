@@ -263,16 +263,15 @@ class MemoryCgroup:
 
     def __init__(self, limit: int, proc: str = "/proc/self/cgroup",
                  root: str = "/sys/fs/cgroup") -> None:
-        with open(proc, encoding="ascii") as groups:
-            lines = [line.rstrip("\n").split(":", 2) for line in groups]
+        from harness.state_dict import memory_cgroup_paths
+
+        v1, v2 = memory_cgroup_paths(proc)
         name = f"bench-scale-{os.getpid()}"
-        v1 = [path for _, controllers, path in lines if "memory" in controllers.split(",")]
-        v2 = [path for _, controllers, path in lines if controllers == ""]
-        if v1:
-            self.folder = os.path.join(root, "memory", v1[0].lstrip("/"), name)
+        if v1 is not None:
+            self.folder = os.path.join(root, "memory", v1, name)
             self.limit_file = "memory.limit_in_bytes"
-        elif v2:
-            self.folder = os.path.join(root, v2[0].lstrip("/"), name)
+        elif v2 is not None:
+            self.folder = os.path.join(root, v2, name)
             self.limit_file = "memory.max"
         else:
             raise SystemExit(f"--memory-limit: no memory cgroup in {proc}")
