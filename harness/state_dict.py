@@ -82,10 +82,14 @@ class ModelSpec:
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, torch.dtype]
     changed: dict[str, dict[str, int]] = field(default_factory=dict)  # task -> key -> #nonzero
+    values_checked: bool = True     # False until a merge pass has run the value checks
 
     @property
     def zero_keys(self) -> set[str]:
         """Keys whose task vector is identically zero in every task."""
+        if not self.values_checked:
+            raise RuntimeError("the models' values are not checked yet: the non-zero counts "
+                               "are known once the merge pass that checks them has run")
         return {k for k in self.float_keys if all(self.changed[t][k] == 0 for t in self.tasks)}
 
     @property
@@ -154,8 +158,52 @@ class BlockBuffers:
         return t if t.dtype == torch.float32 else self.view(name, t).copy_(t)
 
 
+class ValueChecks:
+    """Validation's checks on values, run on the float32 blocks of a pass over the inputs:
+    NaN/Inf in any model, each task's number of non-zero task-vector entries per key, and no
+    task whose task vector is zero everywhere. :func:`inspect_models` runs them in a pass of its
+    own; an elementwise merge runs them on the blocks it computes anyway
+    (``inspect_models(values=False)``), which spares a whole read of the inputs."""
+
+    def __init__(self, spec: ModelSpec, allow_zero_tasks: bool = False) -> None:
+        self.spec, self.allow_zero_tasks = spec, allow_zero_tasks
+        self.buffers = BlockBuffers()
+
+    def pretrained(self, key: str, theta0: Tensor) -> None:
+        """Check a float32 block of the pretrained model."""
+        if not _surely_finite(theta0):
+            _check_finite(theta0, key, "the pretrained model")
+
+    def task(self, task: str, key: str, delta: Tensor, source: Tensor,
+             counted: tuple[int, bool] | None = None) -> None:
+        """Check a task's float32 task-vector block ``delta`` (of the block ``source`` of its
+        model) and count its non-zero entries; ``counted`` gives the counts of non-zero and of
+        non-finite entries when the caller has them already."""
+        if counted is None:
+            nonzero = count_nonzero(delta, self.buffers.view("bits", delta, torch.int32))
+            nonfinite = not _surely_finite(delta)
+        else:
+            nonzero, nonfinite = counted
+        if nonfinite:
+            _check_finite(source, key, f"task model {task!r}")
+        self.spec.changed[task][key] += nonzero
+
+    def finish(self) -> None:
+        """After every block: refuse a task that equals the pretrained model, and mark the
+        values checked."""
+        spec = self.spec
+        if not self.allow_zero_tasks:
+            for task in spec.tasks:
+                if not any(spec.changed[task].values()):
+                    raise MergeInputError(
+                        f"task model {task!r} equals the pretrained model on every merged key "
+                        "(its task vector is zero): was the pretrained model passed by mistake?")
+        spec.values_checked = True
+
+
 def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
-                   *, allow_zero_tasks: bool = False, observe=None) -> ModelSpec:
+                   *, allow_zero_tasks: bool = False, observe=None,
+                   values: bool = True) -> ModelSpec:
     """Validate models before any merging work and describe them (one pass over every tensor).
 
     ``observe(task, key, delta)``, when given, sees each float32 task vector as it is computed
@@ -164,6 +212,9 @@ def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
     block: valid during the call only, and the hook may overwrite it. A hook that sees every
     value anyway (a histogram) may return ``delta``'s numbers of non-zero and of non-finite
     entries, which validation then does not count again.
+
+    With ``values=False`` only keys, shapes and dtypes are checked (no tensor is read) and the
+    value checks are left to the merge pass (:class:`ValueChecks`, run by :func:`merge_shared`).
 
     Raises :class:`MergeInputError` on an empty task set, a missing or extra key, a shape
     mismatch, a non-float tensor where a float is required, NaN/Inf values, or a task whose task
@@ -186,9 +237,10 @@ def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
             raise MergeInputError(
                 f"key {extra[0]!r} of task model {task!r} is missing from the pretrained model"
                 + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
-    spec = ModelSpec(tasks, [], [], {}, {}, {t: {} for t in tasks})
+    spec = ModelSpec(tasks, [], [], {}, {}, {t: {} for t in tasks}, values_checked=False)
+    checks = ValueChecks(spec, allow_zero_tasks) if values else None
     buffers = BlockBuffers()
-    for key in iter_keys(pre_keys, "validate", False):
+    for key in iter_keys(pre_keys, "validate", False) if values else pre_keys:
         p = pretrained[key]
         spec.shapes[key] = tuple(p.shape)
         spec.dtypes[key] = p.dtype
@@ -207,28 +259,20 @@ def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
                     f"key {key!r} has shape {tuple(t.shape)} in task model {task!r} but "
                     f"{spec.shapes[key]} in the pretrained model")
             spec.changed[task][key] = 0
+        if checks is None:
+            continue
         for rows in row_blocks(spec.shapes[key], 2):    # a block of theta_0 and of one delta
             p32 = buffers.float32("theta0", p[rows])
-            if not _surely_finite(p32):
-                _check_finite(p32, key, "the pretrained model")
+            checks.pretrained(key, p32)
             delta = buffers.view("delta", p32)
             for task, t in zip(tasks, sources):
-                task_vector(p32, t[rows], out=delta)   # NaN/Inf in t shows too
+                block = t[rows]
+                task_vector(p32, block, out=delta)   # NaN/Inf in t shows too
                 counted = observe(task, key, delta) if observe is not None else None
-                if counted is None:
-                    nonzero = count_nonzero(delta, buffers.view("bits", delta, torch.int32))
-                    nonfinite = not _surely_finite(delta)
-                else:
-                    nonzero, nonfinite = counted
-                if nonfinite:
-                    _check_finite(t[rows], key, f"task model {task!r}")
-                spec.changed[task][key] += nonzero
-    if not allow_zero_tasks:
-        for task in tasks:
-            if not any(spec.changed[task].values()):
-                raise MergeInputError(
-                    f"task model {task!r} equals the pretrained model on every merged key "
-                    "(its task vector is zero): was the pretrained model passed by mistake?")
+                checks.task(task, key, delta, block, counted)
+    if checks is None:
+        return spec
+    checks.finish()
     return spec
 
 
@@ -625,13 +669,6 @@ def iter_keys(keys: list[str], desc: str, progress: bool) -> Iterator[str]:
             READ_AHEAD.clear()
 
 
-def task_vectors(pretrained: StateDict, finetuned: Mapping[str, StateDict], tasks: list[str],
-                 key: str) -> list[Tensor]:
-    """The float32 task vectors of one key, one per task, in task order."""
-    p = pretrained[key]
-    return [task_vector(p, finetuned[t][key]) for t in tasks]
-
-
 CHUNK_BYTES = 2**25     # float32 bytes of one row block of all tasks' task vectors (32 MiB: the
                         # per-block temporaries stay small and cache-friendly)
 
@@ -656,10 +693,12 @@ def row_blocks(shape: tuple[int, ...], tasks: int) -> Iterator:
 
 
 def task_vector_blocks(pretrained: StateDict, finetuned: Mapping[str, StateDict],
-                       spec: ModelSpec, key: str, *, weights: bool = False) -> Iterator[tuple]:
+                       spec: ModelSpec, key: str, *, weights: bool = False,
+                       checks: ValueChecks | None = None) -> Iterator[tuple]:
     """``(rows, theta_0 block, the tasks' task-vector blocks)`` of one key in row blocks, float32
     on the merge device, for rules that are elementwise across tasks; with ``weights``, the
     tasks' own weights (float32, possibly views of the inputs) instead of their task vectors.
+    With ``checks``, every block is checked (:class:`ValueChecks`) before it is handed over.
 
     Task vectors (and weight casts) are computed into :class:`BlockBuffers`, reused for the next
     block: use each block's before asking for the next.
@@ -668,13 +707,22 @@ def task_vector_blocks(pretrained: StateDict, finetuned: Mapping[str, StateDict]
     buffers = BlockBuffers()
     for rows in row_blocks(spec.shapes[key], len(sources)):
         theta0 = buffers.float32("theta0", p[rows])
+        if checks is not None:
+            checks.pretrained(key, theta0)
+        blocks = [source[rows] for source in sources]
         if weights:
-            yield rows, theta0, [buffers.float32(f"weights{row}", source[rows])
-                                 for row, source in enumerate(sources)]
+            inputs = [buffers.float32(f"weights{row}", block) for row, block in enumerate(blocks)]
+            if checks is not None:
+                delta = buffers.view("delta", theta0)
+                for task, weight, block in zip(spec.tasks, inputs, blocks):
+                    checks.task(task, key, torch.sub(weight, theta0, out=delta), block)
+            yield rows, theta0, inputs
             continue
         taus = list(buffers.view("taus", theta0, count=len(sources)))
-        for tau, source in zip(taus, sources):
-            task_vector(theta0, source[rows], out=tau)
+        for task, tau, block in zip(spec.tasks, taus, blocks):
+            task_vector(theta0, block, out=tau)
+            if checks is not None:
+                checks.task(task, key, tau, block)
         yield rows, theta0, taus
 
 
@@ -695,32 +743,31 @@ def shared_and_masks(pretrained: StateDict, finetuned: Mapping[str, StateDict], 
 
 
 def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
-                 merge_key, desc: str, progress: bool, *, elementwise: bool = False,
-                 weights: bool = False) -> StateDict:
-    """A merged state dict built key by key: ``merge_key(key, theta0_f32, taus)`` gives the
-    float32 merged tensor of each float key; other keys are copied from the pretrained model.
-    With ``elementwise`` (the rule treats every entry on its own) large keys go through in row
-    blocks, so memory stays bounded by a block rather than a whole key; with ``weights`` as
-    well, ``merge_key`` gets the tasks' float32 weights in place of ``taus``."""
+                 merge_key, desc: str, progress: bool, *, weights: bool = False) -> StateDict:
+    """A merged state dict built key by key for a rule that treats every entry on its own:
+    ``merge_key(key, theta0_f32, taus)`` gives the float32 merged block of each float key, in
+    row blocks, so memory stays bounded by a block rather than a whole key (the same bits as
+    whole keys); with ``weights``, ``merge_key`` gets the tasks' float32 weights in place of
+    ``taus``. Other keys are copied from the pretrained model. A ``spec`` whose values are not
+    checked yet (``inspect_models(values=False)``) gets them checked on the blocks of this pass.
+    """
     from harness.sharded import building, finish_output
 
     float_keys = set(spec.float_keys)
+    checks = None if spec.values_checked else ValueChecks(spec)
     with building("merged") as merged:
         for key in iter_keys(list(pretrained.keys()), desc, progress):
             p = pretrained[key]
             if key not in float_keys:
                 merged[key] = p
                 continue
-            if not elementwise:
-                taus = task_vectors(pretrained, finetuned, spec.tasks, key)
-                merged[key] = cast_like(merge_key(key, to_float32(on_merge_device(p)), taus),
-                                        p.dtype)
-                continue
             value = torch.empty(spec.shapes[key], dtype=p.dtype, device="cpu")
             for rows, theta0, inputs in task_vector_blocks(pretrained, finetuned, spec, key,
-                                                           weights=weights):
+                                                           weights=weights, checks=checks):
                 value[rows] = cast_like(merge_key(key, theta0, inputs), p.dtype)
             merged[key] = value
+        if checks is not None:
+            checks.finish()
         return finish_output(merged)
 
 

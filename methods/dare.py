@@ -57,7 +57,7 @@ class Dare(MergeMethod):
         require(self.lam >= 0, self.name, "lam", f"must be >= 0, got {self.lam}")
 
     def merge(self, pretrained, finetuned, *, progress=False):
-        spec = inspect_models(pretrained, finetuned)
+        spec = inspect_models(pretrained, finetuned, values=False)  # values: checked merging
 
         @functools.lru_cache(maxsize=1)           # one key's generators, for all its blocks
         def generators(key):
@@ -69,7 +69,6 @@ class Dare(MergeMethod):
             dropped = [drop_and_rescale(tau, self.p, generator, buffers, f"dropped{row}")
                        for row, (generator, tau) in enumerate(zip(generators(key), taus))]
             return task_arithmetic(theta0, dropped, self.lam, buffers.view("merged", theta0))
-        base = merge_shared(pretrained, finetuned, spec, merge_key, self.name, progress,
-                            elementwise=True)
+        base = merge_shared(pretrained, finetuned, spec, merge_key, self.name, progress)
         return MergeResult(self.name, self.params(), base, spec.tasks,
                            merged_params=spec.merged_params)

@@ -38,11 +38,11 @@ class TaskArithmetic(MergeMethod):
         require(self.lam >= 0, self.name, "lam", f"must be >= 0, got {self.lam}")
 
     def merge(self, pretrained, finetuned, *, progress=False):
-        spec = inspect_models(pretrained, finetuned)
+        spec = inspect_models(pretrained, finetuned, values=False)  # values: checked merging
         buffers = BlockBuffers()        # each block's result is stored before the next is made
         base = merge_shared(pretrained, finetuned, spec,
                             lambda key, theta0, taus: task_arithmetic(
                                 theta0, taus, self.lam, buffers.view("merged", theta0)),
-                            self.name, progress, elementwise=True)
+                            self.name, progress)
         return MergeResult(self.name, self.params(), base, spec.tasks,
                            merged_params=spec.merged_params)

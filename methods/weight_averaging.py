@@ -33,9 +33,9 @@ class WeightAveraging(MergeMethod):
     name = "weight-averaging"
 
     def merge(self, pretrained, finetuned, *, progress=False):
-        spec = inspect_models(pretrained, finetuned)
+        spec = inspect_models(pretrained, finetuned, values=False)  # values: checked merging
         base = merge_shared(pretrained, finetuned, spec,
                             lambda key, theta0, weights: weight_average(weights),
-                            self.name, progress, elementwise=True, weights=True)
+                            self.name, progress, weights=True)
         return MergeResult(self.name, self.params(), base, spec.tasks,
                            merged_params=spec.merged_params)

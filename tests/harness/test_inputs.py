@@ -1,10 +1,13 @@
 import json
+from collections import Counter
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from harness import LazyStateDict, MergeInputError, get_method, list_methods
+from harness.sharded import stream_outputs
+from harness.state_dict import inspect_models
 from tests.conftest import make_models
 
 OPTIONS = {"svd": {"density": 0.3}, "dts-t-star": {"budget": 60}, "dts-d-star": {"budget": 60}}
@@ -99,10 +102,53 @@ CASES = [
 
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("case,mutate,message", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_named_before_work(name, case, mutate, message):
+def test_bad_input_is_named_and_leaves_no_result(name, case, mutate, message, tmp_path):
+    """Named before any output is complete: elementwise merges check values on the blocks they
+    merge, and a streamed output that failed is discarded."""
     pre, ft = bad(mutate)
-    with pytest.raises(MergeInputError, match=message):
+    with pytest.raises(MergeInputError, match=message), stream_outputs(tmp_path / "out", 600):
         method(name).merge(pre, ft)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+class ReadCounted:
+    """A tensor stand-in that counts the reads of its values (indexing), not of its layout."""
+
+    def __init__(self, tensor, reads, name):
+        self.tensor, self.reads, self.name = tensor, reads, name
+        self.shape, self.dtype = tensor.shape, tensor.dtype
+
+    def is_floating_point(self):
+        return self.tensor.is_floating_point()
+
+    def __getitem__(self, index):
+        self.reads[self.name] += 1
+        return self.tensor[index]
+
+
+@pytest.mark.parametrize("name", ["task-arithmetic", "weight-averaging", "dare"])
+def test_elementwise_merges_check_values_in_their_one_read(name):
+    """Task Arithmetic, Weight Averaging and DARE check values on the blocks they merge: each
+    task tensor is read once, and the models are described as a validation pass does."""
+    pre, ft = make_models()
+    reads = Counter()
+    counted = {t: {k: ReadCounted(v, reads, (t, k)) for k, v in m.items()} for t, m in ft.items()}
+    result = method(name).merge(pre, counted)
+    spec = inspect_models(pre, ft)
+    assert reads == Counter({(t, k): 1 for t in ft for k in spec.float_keys})
+    assert result.merged_params == spec.merged_params == sum(
+        pre[k].numel() for k in spec.float_keys if k != "frozen.weight")
+    for key, value in method(name).merge(pre, ft).base.items():
+        assert torch.equal(result.base[key], value), key
+
+
+def test_unchecked_values_are_not_described():
+    """A layout-only inspection refuses to say which keys changed until values are checked."""
+    pre, ft = make_models()
+    spec = inspect_models(pre, ft, values=False)
+    assert spec.float_keys == inspect_models(pre, ft).float_keys
+    with pytest.raises(RuntimeError, match="not checked yet"):
+        spec.merged_params
 
 
 def test_validation_in_row_blocks_sees_the_same(monkeypatch):
