@@ -188,6 +188,11 @@ class ValueChecks:
             _check_finite(source, key, f"task model {task!r}")
         self.spec.changed[task][key] += nonzero
 
+    def unchanged(self, key: str) -> bool:
+        """Whether every task's task vector of ``key`` (all of whose blocks are checked) is
+        zero: a key outside the AMR parameter set, which masking merges do not store."""
+        return all(self.spec.changed[task][key] == 0 for task in self.spec.tasks)
+
     def finish(self) -> None:
         """After every block: refuse a task that equals the pretrained model, and mark the
         values checked."""
@@ -727,14 +732,16 @@ def task_vector_blocks(pretrained: StateDict, finetuned: Mapping[str, StateDict]
 
 
 def shared_and_masks(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
-                     key: str, rule) -> tuple[Tensor, list[Tensor]]:
+                     key: str, rule, checks: ValueChecks | None = None
+                     ) -> tuple[Tensor, list[Tensor]]:
     """One key of a masking rule, ``rule(taus) -> (shared block, the tasks' bool masks)``, that
     is elementwise across tasks (EMR, TALL-Mask), run in row blocks: the float32 shared tensor
-    on the CPU and each task's mask packed at 1 bit per entry, the bits of the whole key."""
+    on the CPU and each task's mask packed at 1 bit per entry, the bits of the whole key. With
+    ``checks``, the key's values are checked on the same blocks."""
     shape = spec.shapes[key]
     shared = torch.empty(shape, dtype=torch.float32, device="cpu")
     packers = [BitPacker(numel(shape), 1) for _ in spec.tasks]
-    for rows, _, taus in task_vector_blocks(pretrained, finetuned, spec, key):
+    for rows, _, taus in task_vector_blocks(pretrained, finetuned, spec, key, checks=checks):
         block, masks = rule(taus)
         shared[rows] = block.cpu()
         for packer, mask in zip(packers, masks):

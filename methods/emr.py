@@ -15,7 +15,8 @@ from harness.method import MergeMethod
 from harness.payload import Mask
 from harness.result import MergeResult, TaskPayload
 from harness.sharded import building, finish_output
-from harness.state_dict import BlockBuffers, inspect_models, iter_keys, shared_and_masks
+from harness.state_dict import (BlockBuffers, ValueChecks, inspect_models, iter_keys,
+                                shared_and_masks)
 
 
 def emr_elect(taus: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -76,23 +77,28 @@ class Emr(MergeMethod):
     kind = "personalized"
 
     def merge(self, pretrained, finetuned, *, progress=False):
-        spec = inspect_models(pretrained, finetuned)
+        spec = inspect_models(pretrained, finetuned, values=False)  # values: checked merging
+        checks = ValueChecks(spec)
         tasks = spec.tasks
         records: dict[str, dict] = {t: {} for t in tasks}
         numerator = {t: 0.0 for t in tasks}
         denominator = {t: 0.0 for t in tasks}
         buffers = BlockBuffers()
         with building("tau_uni") as tau_uni:
-            for key in iter_keys(spec.active_keys, self.name, progress):
+            for key in iter_keys(spec.float_keys, self.name, progress):
                 sums = torch.zeros(2, len(tasks), dtype=torch.float64)  # sum|tau_t|, |uni*M_t|
                 uni, bits = shared_and_masks(pretrained, finetuned, spec, key,
-                                             functools.partial(_elect_and_sum, sums, buffers))
+                                             functools.partial(_elect_and_sum, sums, buffers),
+                                             checks)
+                if checks.unchanged(key):
+                    continue
                 tau_uni[key] = uni
                 count = max(1, uni.numel())
                 for row, (t, packed) in enumerate(zip(tasks, bits)):
                     numerator[t] += float(sums[0, row]) / count
                     denominator[t] += float(sums[1, row]) / count
                     records[t][key] = Mask(packed, tuple(uni.shape))
+            checks.finish()
             tau_uni = finish_output(tau_uni)
         payloads, scales = {}, {}
         for t in tasks:

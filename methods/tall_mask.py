@@ -14,8 +14,8 @@ from harness.method import MergeMethod, hp, require
 from harness.payload import Mask
 from harness.result import MergeResult, TaskPayload
 from harness.sharded import building, finish_output
-from harness.state_dict import (BlockBuffers, MergeInputError, inspect_models, iter_keys,
-                                shared_and_masks)
+from harness.state_dict import (BlockBuffers, MergeInputError, ValueChecks, inspect_models,
+                                iter_keys, shared_and_masks)
 from methods.task_arithmetic import sum_task_vectors
 
 
@@ -68,18 +68,22 @@ class TallMask(MergeMethod):
         return self.lam[task]
 
     def merge(self, pretrained, finetuned, *, progress=False):
-        spec = inspect_models(pretrained, finetuned)
+        spec = inspect_models(pretrained, finetuned, values=False)  # values: checked merging
+        checks = ValueChecks(spec)
         tasks = spec.tasks
         lams = [self.lam_for(t) for t in tasks]
         records: dict[str, dict] = {t: {} for t in tasks}
         buffers = BlockBuffers()
         with building("tau_mtl") as tau_mtl:
-            for key in iter_keys(spec.active_keys, self.name, progress):
+            for key in iter_keys(spec.float_keys, self.name, progress):
                 mtl, masks = shared_and_masks(pretrained, finetuned, spec, key,
-                                              lambda taus: tall_masks(taus, lams, buffers))
+                                              lambda taus: tall_masks(taus, lams, buffers), checks)
+                if checks.unchanged(key):
+                    continue
                 tau_mtl[key] = mtl
                 for t, bits in zip(tasks, masks):
                     records[t][key] = Mask(bits, tuple(mtl.shape))
+            checks.finish()
             tau_mtl = finish_output(tau_mtl)
         return MergeResult(self.name, self.params(), pretrained, tasks, kind=self.kind,
                            payloads={t: TaskPayload(r, shared="tau_mtl") for t, r in records.items()},

@@ -126,10 +126,11 @@ class ReadCounted:
         return self.tensor[index]
 
 
-@pytest.mark.parametrize("name", ["task-arithmetic", "weight-averaging", "dare"])
+@pytest.mark.parametrize("name", ["task-arithmetic", "weight-averaging", "dare", "emr",
+                                  "tall-mask"])
 def test_elementwise_merges_check_values_in_their_one_read(name):
-    """Task Arithmetic, Weight Averaging and DARE check values on the blocks they merge: each
-    task tensor is read once, and the models are described as a validation pass does."""
+    """Merges elementwise across tasks check values on the blocks they merge: each task tensor
+    is read once, and the models are described as a validation pass does."""
     pre, ft = make_models()
     reads = Counter()
     counted = {t: {k: ReadCounted(v, reads, (t, k)) for k, v in m.items()} for t, m in ft.items()}
@@ -138,8 +139,10 @@ def test_elementwise_merges_check_values_in_their_one_read(name):
     assert reads == Counter({(t, k): 1 for t in ft for k in spec.float_keys})
     assert result.merged_params == spec.merged_params == sum(
         pre[k].numel() for k in spec.float_keys if k != "frozen.weight")
-    for key, value in method(name).merge(pre, ft).base.items():
-        assert torch.equal(result.base[key], value), key
+    reference = method(name).merge(pre, ft)
+    for task in ft:
+        for key, value in reference.weights_for(task).items():
+            assert torch.equal(result.weights_for(task)[key], value), (task, key)
 
 
 def test_unchecked_values_are_not_described():
