@@ -674,18 +674,26 @@ def iter_keys(keys: list[str], desc: str, progress: bool) -> Iterator[str]:
             READ_AHEAD.clear()
 
 
-CHUNK_BYTES = 2**25     # float32 bytes of one row block of all tasks' task vectors (32 MiB: the
-                        # per-block temporaries stay small and cache-friendly)
+CHUNK_BYTES = 2**22     # float32 bytes of one row block of all tasks' task vectors on the CPU
+DEVICE_CHUNK_BYTES = 2**25      # the same on another merge device (a GPU)
 
 
 def row_chunks(shape: tuple[int, ...], tasks: int) -> list:
     """Row blocks of a tensor such that all tasks' float32 vectors of one block stay near
     ``CHUNK_BYTES``, for merge rules that are elementwise across tasks (blocks then give the
-    same bits as whole keys); a 0-d tensor is one block."""
+    same bits as whole keys); a 0-d tensor is one block.
+
+    On the CPU, 4 MiB blocks keep a block's temporaries (its task vectors, theta_0, scratch) in
+    the last-level cache from one operation to the next: against 32 MiB blocks, Task Arithmetic,
+    TIES, EMR and Weight Averaging ran 20-35% faster on a 14B layer (2 cores, 32 MiB L3; DARE
+    and TALL-Mask about the same), and blocks of 1 MiB lost it again to per-operation overhead. A GPU keeps 32 MiB blocks: fewer
+    transfers and kernel launches (not measured at other sizes).
+    """
     if not shape:
         return [...]
     row = max(1, math.prod(shape[1:]))
-    step = max(1, CHUNK_BYTES // (4 * tasks * row))
+    budget = CHUNK_BYTES if _DEVICE.get().type == "cpu" else DEVICE_CHUNK_BYTES
+    step = max(1, budget // (4 * tasks * row))
     return [slice(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
 
 

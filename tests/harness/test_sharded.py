@@ -128,6 +128,15 @@ def test_row_blocks_keep_only_a_block_of_a_mapped_tensor_resident(tmp_path, monk
     assert total == pytest.approx(float(lazy["big"].sum()), rel=1e-4)
 
 
+def test_row_blocks_are_cache_sized_on_the_cpu_and_larger_on_another_device():
+    from harness.state_dict import CHUNK_BYTES, DEVICE_CHUNK_BYTES, merge_device, row_chunks
+
+    shape = (DEVICE_CHUNK_BYTES // 8 // 1024, 1024)     # 2 tasks' float32: one device block
+    assert len(row_chunks(shape, 2)) == DEVICE_CHUNK_BYTES // CHUNK_BYTES > 1
+    with merge_device("cuda"):                  # only the setting: no tensor goes anywhere
+        assert row_chunks(shape, 2) == [slice(0, shape[0])]
+
+
 def test_tensor_byte_ranges_point_at_each_tensors_bytes(tmp_path):
     from safetensors.torch import save_file
 
