@@ -674,7 +674,7 @@ def iter_keys(keys: list[str], desc: str, progress: bool) -> Iterator[str]:
             READ_AHEAD.clear()
 
 
-CHUNK_BYTES = 2**22     # float32 bytes of one row block of all tasks' task vectors on the CPU
+CHUNK_BYTES = 2**23     # float32 bytes of one row block of all tasks' task vectors on the CPU
 DEVICE_CHUNK_BYTES = 2**25      # the same on another merge device (a GPU)
 
 
@@ -683,11 +683,12 @@ def row_chunks(shape: tuple[int, ...], tasks: int) -> list:
     ``CHUNK_BYTES``, for merge rules that are elementwise across tasks (blocks then give the
     same bits as whole keys); a 0-d tensor is one block.
 
-    On the CPU, 4 MiB blocks keep a block's temporaries (its task vectors, theta_0, scratch) in
+    On the CPU, 8 MiB blocks keep a block's temporaries (its task vectors, theta_0, scratch) in
     the last-level cache from one operation to the next: against 32 MiB blocks, Task Arithmetic,
     TIES, EMR and Weight Averaging ran 20-35% faster on a 14B layer (2 cores, 32 MiB L3; DARE
-    and TALL-Mask about the same), and blocks of 1 MiB lost it again to per-operation overhead. A GPU keeps 32 MiB blocks: fewer
-    transfers and kernel launches (not measured at other sizes).
+    and TALL-Mask about the same). Blocks of 4 MiB were as fast from the page cache but less
+    steady from the disk, and blocks of 1 MiB lost it all to per-operation overhead. A GPU keeps
+    32 MiB blocks: fewer transfers and kernel launches (not measured at other sizes).
     """
     if not shape:
         return [...]
