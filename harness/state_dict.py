@@ -685,8 +685,8 @@ def row_chunks(shape: tuple[int, ...], tasks: int) -> list:
 
     On the CPU, 8 MiB blocks keep a block's temporaries (its task vectors, theta_0, scratch) in
     the last-level cache from one operation to the next: against 32 MiB blocks, Task Arithmetic,
-    TIES, EMR and Weight Averaging ran 20-35% faster on a 14B layer (2 cores, 32 MiB L3; DARE
-    and TALL-Mask about the same). Blocks of 4 MiB were as fast from the page cache but less
+    TIES, EMR and Weight Averaging ran 20-35% faster on a cached 14B layer in throwaway runs (2
+    cores, 32 MiB L3; DARE and TALL-Mask about the same). Blocks of 4 MiB were as fast from the page cache but less
     steady from the disk, and blocks of 1 MiB lost it all to per-operation overhead. A GPU keeps
     32 MiB blocks: fewer transfers and kernel launches (not measured at other sizes).
     """
