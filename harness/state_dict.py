@@ -82,7 +82,7 @@ class ModelSpec:
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, torch.dtype]
     changed: dict[str, dict[str, int]] = field(default_factory=dict)  # task -> key -> #nonzero
-    values_checked: bool = True     # False until a merge pass has run the value checks
+    values_checked: bool = True     # False until a pass over the inputs has run ValueChecks
 
     @property
     def zero_keys(self) -> set[str]:
@@ -209,7 +209,8 @@ class ValueChecks:
 def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
                    *, allow_zero_tasks: bool = False, observe=None,
                    values: bool = True) -> ModelSpec:
-    """Validate models before any merging work and describe them (one pass over every tensor).
+    """Validate models before any merging work and describe them (one pass over every tensor;
+    none with ``values=False``).
 
     ``observe(task, key, delta)``, when given, sees each float32 task vector as it is computed
     (in row blocks of large keys, so memory stays bounded), so a method can gather whole-model
@@ -275,9 +276,8 @@ def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
                 task_vector(p32, block, out=delta)   # NaN/Inf in t shows too
                 counted = observe(task, key, delta) if observe is not None else None
                 checks.task(task, key, delta, block, counted)
-    if checks is None:
-        return spec
-    checks.finish()
+    if checks is not None:
+        checks.finish()
     return spec
 
 
@@ -686,9 +686,10 @@ def row_chunks(shape: tuple[int, ...], tasks: int) -> list:
     On the CPU, 8 MiB blocks keep a block's temporaries (its task vectors, theta_0, scratch) in
     the last-level cache from one operation to the next: against 32 MiB blocks, Task Arithmetic,
     TIES, EMR and Weight Averaging ran 20-35% faster on a cached 14B layer in throwaway runs (2
-    cores, 32 MiB L3; DARE and TALL-Mask about the same). Blocks of 4 MiB were as fast from the page cache but less
-    steady from the disk, and blocks of 1 MiB lost it all to per-operation overhead. A GPU keeps
-    32 MiB blocks: fewer transfers and kernel launches (not measured at other sizes).
+    cores, 32 MiB L3; DARE and TALL-Mask about the same). Blocks of 4 MiB were as fast from the
+    page cache but less steady from the disk, and blocks of 1 MiB lost it all to per-operation
+    overhead. A GPU keeps 32 MiB blocks: fewer transfers and kernel launches (not measured at
+    other sizes).
     """
     if not shape:
         return [...]
