@@ -8,6 +8,7 @@
     python scripts/bench_scale.py --size 0.5b --methods ties --ties-held-mib 0
     python scripts/bench_scale.py --size 14b --layers 1 --methods ties --cold   # from the disk
     python scripts/bench_scale.py --size 0.5b --methods ties --memory-limit 2   # inputs > memory
+    python scripts/bench_scale.py --size 14b --layers 1 --methods ties --repeat 3  # median of 3
     python scripts/bench_scale.py --size 14b --layers 1 --tasks 1 --no-embeddings \
         --methods svd-floor dts-d       # DTS-D against the exact SVDs it needs
 
@@ -36,7 +37,9 @@ together, and peak resident memory next to the largest tensor (``VmHWM``, and sa
 10 ms, its anonymous and file-backed parts: mapped input pages are file-backed, and the kernel
 can drop them);
 with ``--device cuda`` the methods compute on the GPU (``harness.merge_device``) and the peak GPU
-memory is printed too.
+memory is printed too. ``--repeat N`` runs the whole list N times in rounds (so the machine's
+drift falls on every run alike) and prints each run's median wall time with its range, ratios
+of medians, and the largest peaks.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -334,6 +338,42 @@ def worker(method: str, root: str, tasks: int, device: str, ties_held_mib: int |
             "anon_gib": sampled.anon / 2**30, "file_gib": sampled.file / 2**30}
 
 
+def summarize(runs: list[dict]) -> dict:
+    """One table row from repeated runs of one method: the median wall time and its range, and
+    the largest of each peak (a peak any run reached is memory the machine must have)."""
+    seconds = sorted(run["seconds"] for run in runs)
+    row = {"seconds": statistics.median(seconds), "low": seconds[0], "high": seconds[-1]}
+    for key in ("peak_gib", "anon_gib", "file_gib", "gpu_gib"):
+        values = [run[key] for run in runs if run.get(key) is not None]
+        row[key] = max(values) if values else None
+    return row
+
+
+def print_header() -> None:
+    print("| run | wall s | read GB/s | x read floor | x read + write floors | peak RSS GiB "
+          "| peak anon GiB | peak file-mapped GiB | peak GPU GiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+
+
+def print_row(label: str, row: dict, results: dict[int, list[dict]], runs: list[str],
+              input_bytes: int) -> None:
+    """One table row: wall time (the median, with its range over repeated runs), throughput,
+    ratios to the read floor and to the read and write floors (medians), and peaks."""
+    floors = {name: summarize(results[runs.index(name)])["seconds"]
+              for name in ("read", "write") if results[runs.index(name)]}
+    method = label not in ("read", "read-float32", "write")
+    both = sum(floors.values()) if len(floors) == 2 and method else None
+    ratio, ratio_both = (f"{row['seconds'] / floor:.1f}" if floor else "–"
+                         for floor in (floors.get("read"), both))
+    anon, file, gpu = (f"{row[k]:.2f}" if row.get(k) is not None else "–"
+                       for k in ("anon_gib", "file_gib", "gpu_gib"))
+    throughput = "–" if label == "write" else f"{input_bytes / row['seconds'] / 1e9:.2f}"
+    wall, low, high = (f"{row[k]:.1f}" for k in ("seconds", "low", "high"))
+    wall += f" ({low}–{high})" if low != high else ""
+    print(f"| {label} | {wall} | {throughput} | {ratio} | {ratio_both} | "
+          f"{row['peak_gib']:.2f} | {anon} | {file} | {gpu} |", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="0.5b", choices=sorted(SIZES))
@@ -359,6 +399,8 @@ def main() -> int:
     parser.add_argument("--cold", action="store_true",
                         help="drop the inputs from the page cache before every run, so each "
                         "reads them from the disk")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="run the whole list N times, in rounds, and print medians")
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "ROOT", "TASKS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -402,10 +444,6 @@ def main() -> int:
                  "; inputs in the page cache")
               + (f"; every run limited to {args.memory_limit:g} GiB of memory, page cache "
                  "included" if args.memory_limit else ""))
-        print("| run | wall s | read GB/s | x read floor | x read + write floors | peak RSS GiB "
-              "| peak anon GiB | peak file-mapped GiB | peak GPU GiB |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
-        floors = {}
         runs = ["read", "read-float32", "write", *args.methods]
         runs += [f"mergekit:{args.mergekit}"] if args.mergekit else []
         held = [] if args.ties_held_mib is None else ["--ties-held-mib", str(args.ties_held_mib)]
@@ -415,27 +453,35 @@ def main() -> int:
                                    str(args.tasks), "--device", args.device, *held],
                                   capture_output=True, text=True,
                                   preexec_fn=cgroup.join if cgroup else None)
+
+        def label(method: str) -> str:
+            return "mergekit ties (per-tensor trim)" if method.startswith("mergekit:") else method
+        if args.repeat == 1:
+            print_header()
         if not cold:
             run("read")     # untimed: the first read after writing was slower than the later
-        for method in runs:
-            if cold:
-                evict_inputs(root)
-            out = run(method)
-            label = "mergekit ties (per-tensor trim)" if method.startswith("mergekit:") else method
-            if out.returncode:
-                print(f"{label}: failed\n{out.stderr[-2000:]}", flush=True)
-                continue
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            if method in ("read", "write"):
-                floors[method] = row["seconds"]
-            both = sum(floors.values()) if len(floors) == 2 and method != "write" else None
-            ratio, ratio_both = (f"{row['seconds'] / floor:.1f}" if floor else "–"
-                                 for floor in (floors.get("read"), both))
-            anon, file, gpu = (f"{row[k]:.2f}" if row.get(k) is not None else "–"
-                               for k in ("anon_gib", "file_gib", "gpu_gib"))
-            throughput = "–" if method == "write" else f"{input_bytes / row['seconds'] / 1e9:.2f}"
-            print(f"| {label} | {row['seconds']:.1f} | {throughput} | {ratio} | {ratio_both} | "
-                  f"{row['peak_gib']:.2f} | {anon} | {file} | {gpu} |", flush=True)
+        results: dict[int, list[dict]] = {index: [] for index in range(len(runs))}
+        for round_ in range(args.repeat):
+            for index, method in enumerate(runs):
+                if cold:
+                    evict_inputs(root)
+                out = run(method)
+                if out.returncode:
+                    print(f"{label(method)}: failed\n{out.stderr[-2000:]}", flush=True)
+                    continue
+                results[index].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                if args.repeat == 1:
+                    print_row(label(method), summarize(results[index]), results, runs,
+                              input_bytes)
+                else:
+                    print(f"# round {round_ + 1}/{args.repeat}: {label(method)} "
+                          f"{results[index][-1]['seconds']:.2f} s", flush=True)
+        if args.repeat > 1:
+            print_header()
+            for index, method in enumerate(runs):
+                if results[index]:
+                    print_row(label(method), summarize(results[index]), results, runs,
+                              input_bytes)
     return 0
 
 

@@ -90,3 +90,25 @@ def test_bench_scale_memory_limit_makes_a_cgroup_and_moves_workers_in(tmp_path):
     proc.write_text("3:cpu:/\n")
     with pytest.raises(SystemExit, match="no memory cgroup"):
         bench.MemoryCgroup(2**31, str(proc), str(tmp_path))
+
+
+def test_bench_scale_repeated_runs_print_medians_ranges_and_largest_peaks(capsys):
+    bench = load_script("bench_scale")
+    runs = ["read", "read-float32", "write", "ties"]
+
+    def worker_row(seconds, peak, gpu=None):
+        return {"seconds": seconds, "peak_gib": peak, "anon_gib": peak / 2, "file_gib": 0.1,
+                "gpu_gib": gpu}
+    results = {0: [worker_row(1.0, 2.0), worker_row(3.0, 2.5), worker_row(2.0, 2.0)],
+               1: [worker_row(1.5, 2.0)] * 3,
+               2: [worker_row(0.5, 1.0), worker_row(0.5, 1.0), worker_row(1.5, 1.0)],
+               3: [worker_row(8.0, 0.5), worker_row(6.0, 0.75), worker_row(7.0, 0.5)]}
+    ties = bench.summarize(results[3])
+    assert ties == {"seconds": 7.0, "low": 6.0, "high": 8.0, "peak_gib": 0.75,
+                    "anon_gib": 0.375, "file_gib": 0.1, "gpu_gib": None}
+    bench.print_row("ties", ties, results, runs, input_bytes=7 * 10**9)
+    bench.print_row("read-float32", bench.summarize(results[1]), results, runs, 10**9)
+    printed = capsys.readouterr().out.splitlines()
+    # median 7.0 s over a median read of 2.0 s, and over 2.0 + a median write of 0.5 s
+    assert printed[0] == "| ties | 7.0 (6.0–8.0) | 1.00 | 3.5 | 2.8 | 0.75 | 0.38 | 0.10 | – |"
+    assert printed[1] == "| read-float32 | 1.5 | 0.67 | 0.8 | – | 2.00 | 1.00 | 0.10 | – |"
