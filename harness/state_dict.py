@@ -760,13 +760,15 @@ def shared_and_masks(pretrained: StateDict, finetuned: Mapping[str, StateDict], 
 
 
 def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
-                 merge_key, desc: str, progress: bool, *, weights: bool = False) -> StateDict:
-    """A merged state dict built key by key for a rule that treats every entry on its own:
-    ``merge_key(key, theta0_f32, taus)`` gives the float32 merged block of each float key, in
-    row blocks, so memory stays bounded by a block rather than a whole key (the same bits as
-    whole keys); with ``weights``, ``merge_key`` gets the tasks' float32 weights in place of
-    ``taus``. Other keys are copied from the pretrained model. A ``spec`` whose values are not
-    checked yet (``inspect_models(values=False)``) gets them checked on the blocks of this pass.
+                 merge_key, desc: str, progress: bool, *, elementwise: bool = False,
+                 weights: bool = False) -> StateDict:
+    """A merged state dict built key by key: ``merge_key(key, theta0_f32, taus)`` gives the
+    float32 merged tensor of each float key; other keys are copied from the pretrained model.
+    With ``elementwise`` (the rule treats every entry on its own) large keys go through in row
+    blocks, so memory stays bounded by a block rather than a whole key (the same bits); with
+    ``weights`` as well, ``merge_key`` gets the tasks' float32 weights in place of ``taus``. A
+    ``spec`` whose values are not checked yet (``inspect_models(values=False)``) gets them
+    checked on the blocks (or whole keys) of this pass.
     """
     from harness.sharded import building, finish_output
 
@@ -777,6 +779,16 @@ def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec
             p = pretrained[key]
             if key not in float_keys:
                 merged[key] = p
+                continue
+            if not elementwise:
+                theta0 = to_float32(on_merge_device(p))
+                sources = [finetuned[t][key] for t in spec.tasks]
+                taus = [task_vector(theta0, source) for source in sources]
+                if checks is not None:
+                    checks.pretrained(key, theta0)
+                    for task, tau, source in zip(spec.tasks, taus, sources):
+                        checks.task(task, key, tau, source)
+                merged[key] = cast_like(merge_key(key, theta0, taus), p.dtype)
                 continue
             value = torch.empty(spec.shapes[key], dtype=p.dtype, device="cpu")
             for rows, theta0, inputs in task_vector_blocks(pretrained, finetuned, spec, key,

@@ -69,6 +69,7 @@ class Dare(MergeMethod):
             dropped = [drop_and_rescale(tau, self.p, generator, buffers, f"dropped{row}")
                        for row, (generator, tau) in enumerate(zip(generators(key), taus))]
             return task_arithmetic(theta0, dropped, self.lam, buffers.view("merged", theta0))
-        base = merge_shared(pretrained, finetuned, spec, merge_key, self.name, progress)
+        base = merge_shared(pretrained, finetuned, spec, merge_key, self.name, progress,
+                            elementwise=True)
         return MergeResult(self.name, self.params(), base, spec.tasks,
                            merged_params=spec.merged_params)

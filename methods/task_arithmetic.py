@@ -43,6 +43,6 @@ class TaskArithmetic(MergeMethod):
         base = merge_shared(pretrained, finetuned, spec,
                             lambda key, theta0, taus: task_arithmetic(
                                 theta0, taus, self.lam, buffers.view("merged", theta0)),
-                            self.name, progress)
+                            self.name, progress, elementwise=True)
         return MergeResult(self.name, self.params(), base, spec.tasks,
                            merged_params=spec.merged_params)

@@ -36,6 +36,6 @@ class WeightAveraging(MergeMethod):
         spec = inspect_models(pretrained, finetuned, values=False)  # values: checked merging
         base = merge_shared(pretrained, finetuned, spec,
                             lambda key, theta0, weights: weight_average(weights),
-                            self.name, progress, weights=True)
+                            self.name, progress, elementwise=True, weights=True)
         return MergeResult(self.name, self.params(), base, spec.tasks,
                            merged_params=spec.merged_params)

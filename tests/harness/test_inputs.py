@@ -193,3 +193,24 @@ def test_a_counting_hook_describes_the_models_as_validation_does():
     spec, _ = inspect_for_ties(pre, ft)
     assert spec == inspect_models(pre, ft)
     assert spec.changed["task0"]["layer.weight"] == 64 - 24
+
+
+@pytest.mark.parametrize("elementwise", [False, True])
+def test_merge_shared_checks_values_on_whole_keys_or_blocks(elementwise):
+    """A plugin's rule gets whole keys or row blocks (``elementwise``); either way a layout-only
+    spec gets its values checked in the merge pass: the same description, NaN named."""
+    from harness.state_dict import merge_shared
+
+    pre, ft = make_models()
+
+    def rule(key, theta0, taus):
+        return theta0 + 0.3 * sum(taus)
+    spec = inspect_models(pre, ft, values=False)
+    merged = merge_shared(pre, ft, spec, rule, "test", False, elementwise=elementwise)
+    assert spec.values_checked and spec == inspect_models(pre, ft)
+    for key, value in get_method("task-arithmetic").merge(pre, ft).base.items():
+        assert torch.equal(merged[key], value), key
+    ft["task2"]["layer.bias"][0] = float("nan")
+    with pytest.raises(MergeInputError, match="key 'layer.bias' of task model 'task2' contains"):
+        merge_shared(pre, ft, inspect_models(pre, ft, values=False), rule, "test", False,
+                     elementwise=elementwise)
