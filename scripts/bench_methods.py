@@ -9,10 +9,12 @@ tensor's RMS, as in ``shared/notes/performance.md``.
     python scripts/bench_methods.py                 # all methods, 8 tasks
     python scripts/bench_methods.py --methods ties dts-d --tasks 4
     python scripts/bench_methods.py --dir /tmp/vit-b32   # keep the models for the next run
+    python scripts/bench_methods.py --methods ties task-arithmetic --repeat 3   # medians
 
 Prints one row per method: merge seconds, peak resident memory (GiB), peak above the memory of
 just reading every input once, bytes stored per task, and AMR (stored bytes; the paper's count
-for DTS).
+for DTS). ``--repeat N`` runs the read floor and every method N times in rounds (the machine's
+drift falls on each alike) and prints median seconds with their range and the largest peaks.
 """
 
 from __future__ import annotations
@@ -120,6 +122,8 @@ def main() -> None:
     parser.add_argument("--dir", default=None,
                         help="synthesize the models here and keep them for reuse (default: a "
                              "temporary folder, removed at the end)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="run the floor and every method N times, in rounds: medians")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -129,14 +133,32 @@ def main() -> None:
 
     if args.dir:
         os.makedirs(args.dir, exist_ok=True)
-        compare(args.dir, args.tasks, args.methods)
+        compare(args.dir, args.tasks, args.methods, args.repeat)
     else:       # 3 GB of synthesized models for 8 tasks: removed at the end, even on an error
         with tempfile.TemporaryDirectory(prefix="bench-methods-") as folder:
-            compare(folder, args.tasks, args.methods)
+            compare(folder, args.tasks, args.methods, args.repeat)
 
 
-def compare(folder: str, n_tasks: int, method_names: list[str] | None) -> None:
+def method_row(name: str, runs: list[dict], floor_gib: float) -> str:
+    """One table row from a method's runs: median seconds (with their range over several
+    runs), the largest peak, and what it stores (the same in every run)."""
+    from bench_scale import summarize
+
+    failed = [run["error"] for run in runs if "error" in run]
+    if failed:
+        return f"| {name} | failed: {failed[0]} | | | | | |"
+    row, last = summarize(runs), runs[-1]
+    seconds, low, high = (f"{row[k]:.2f}" for k in ("seconds", "low", "high"))
+    seconds += f" ({low}–{high})" if low != high else ""
+    paper = f"{last['amr_paper']:.2f}" if "amr_paper" in last else ""
+    return (f"| {name} | {seconds} | {row['peak_gib']:.2f} | {row['peak_gib'] - floor_gib:+.2f} | "
+            f"{last['bytes_per_task']:,} | {last['amr']:.3f} | {paper} |")
+
+
+def compare(folder: str, n_tasks: int, method_names: list[str] | None, repeat: int = 1) -> None:
     """Synthesize the models in ``folder`` unless they are there, then print the table."""
+    from bench_scale import summarize
+
     from harness import list_methods
 
     if not os.path.exists(os.path.join(folder, f"task{n_tasks - 1}.safetensors")):
@@ -147,9 +169,19 @@ def compare(folder: str, n_tasks: int, method_names: list[str] | None) -> None:
     methods = method_names or list_methods()
     print(f"# {platform.node()}: {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d')}; CLIP ViT-B/32 vision tower x {n_tasks} tasks")
-    floor = run_worker("read-inputs", folder, n_tasks)
-    print(f"reading all inputs once: {floor['seconds']:.2f} s, "
-          f"peak RSS {floor['peak_gib']:.2f} GiB")
+    runs: dict[str, list[dict]] = {name: [] for name in ["read-inputs", *methods]}
+    if repeat > 1:      # every run first, in rounds; a single run prints each row as it goes
+        for round_ in range(repeat):
+            for name in runs:
+                runs[name].append(run_worker(name, folder, n_tasks))
+                print(f"# round {round_ + 1}/{repeat}: {name} "
+                      f"{runs[name][-1].get('seconds', float('nan')):.2f} s", flush=True)
+    else:
+        runs["read-inputs"].append(run_worker("read-inputs", folder, n_tasks))
+    floor = summarize(runs["read-inputs"])
+    print(f"reading all inputs once: {floor['seconds']:.2f} s"
+          + (f" ({floor['low']:.2f}–{floor['high']:.2f})" if repeat > 1 else "")
+          + f", peak RSS {floor['peak_gib']:.2f} GiB")
     if any(name == "svd" or name.startswith("dts") for name in methods):     # their floor
         svd_floor = run_worker("svd-floor", folder, n_tasks)
         print(f"exact SVDs of every 2-D task vector: {svd_floor['seconds']:.1f} s")
@@ -158,14 +190,9 @@ def compare(folder: str, n_tasks: int, method_names: list[str] | None) -> None:
     print(header)
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in methods:
-        r = run_worker(name, folder, n_tasks)
-        if "error" in r:
-            print(f"| {name} | failed: {r['error']} | | | | | |", flush=True)
-            continue
-        paper = f"{r['amr_paper']:.2f}" if "amr_paper" in r else ""
-        print(f"| {name} | {r['seconds']:.2f} | {r['peak_gib']:.2f} | "
-              f"{r['peak_gib'] - floor['peak_gib']:+.2f} | {r['bytes_per_task']:,} | "
-              f"{r['amr']:.3f} | {paper} |", flush=True)
+        if not runs[name]:
+            runs[name].append(run_worker(name, folder, n_tasks))
+        print(method_row(name, runs[name], floor["peak_gib"]), flush=True)
 
 
 if __name__ == "__main__":

@@ -112,3 +112,16 @@ def test_bench_scale_repeated_runs_print_medians_ranges_and_largest_peaks(capsys
     # median 7.0 s over a median read of 2.0 s, and over 2.0 + a median write of 0.5 s
     assert printed[0] == "| ties | 7.0 (6.0–8.0) | 1.00 | 3.5 | 2.8 | 0.75 | 0.38 | 0.10 | – |"
     assert printed[1] == "| read-float32 | 1.5 | 0.67 | 0.8 | – | 2.00 | 1.00 | 0.10 | – |"
+
+
+def test_bench_methods_rows_give_medians_and_name_a_failure():
+    bench = load_script("bench_methods")
+    runs = [{"seconds": s, "peak_gib": p, "bytes_per_task": 1234, "amr": 0.5, "amr_paper": 0.75}
+            for s, p in ((2.0, 1.5), (1.0, 1.25), (4.0, 1.0))]
+    assert (bench.method_row("dts-d", runs, floor_gib=1.0)
+            == "| dts-d | 2.00 (1.00–4.00) | 1.50 | +0.50 | 1,234 | 0.500 | 0.75 |")
+    assert (bench.method_row("ties", [{"seconds": 3.0, "peak_gib": 0.5, "bytes_per_task": 0,
+                                       "amr": 0.0}], floor_gib=1.0)
+            == "| ties | 3.00 | 0.50 | -0.50 | 0 | 0.000 |  |")
+    assert bench.method_row("svd", runs + [{"error": "ValueError: bad"}], 1.0).startswith(
+        "| svd | failed: ValueError: bad |")
