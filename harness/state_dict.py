@@ -709,18 +709,19 @@ def row_blocks(shape: tuple[int, ...], tasks: int) -> Iterator:
 
 def task_vector_blocks(pretrained: StateDict, finetuned: Mapping[str, StateDict],
                        spec: ModelSpec, key: str, *, weights: bool = False,
-                       checks: ValueChecks | None = None) -> Iterator[tuple]:
+                       checks: ValueChecks | None = None, whole: bool = False) -> Iterator[tuple]:
     """``(rows, theta_0 block, the tasks' task-vector blocks)`` of one key in row blocks, float32
-    on the merge device, for rules that are elementwise across tasks; with ``weights``, the
-    tasks' own weights (float32, possibly views of the inputs) instead of their task vectors.
-    With ``checks``, every block is checked (:class:`ValueChecks`) before it is handed over.
+    on the merge device, for rules that are elementwise across tasks (``whole``: the key as one
+    block, ``rows`` then ``...``); with ``weights``, the tasks' own weights (float32, possibly
+    views of the inputs) instead of their task vectors. With ``checks``, every block is checked
+    (:class:`ValueChecks`) before it is handed over.
 
     Task vectors (and weight casts) are computed into :class:`BlockBuffers`, reused for the next
     block: use each block's before asking for the next.
     """
     p, sources = pretrained[key], [finetuned[t][key] for t in spec.tasks]
     buffers = BlockBuffers()
-    for rows in row_blocks(spec.shapes[key], len(sources)):
+    for rows in [...] if whole else row_blocks(spec.shapes[key], len(sources)):
         theta0 = buffers.float32("theta0", p[rows])
         if checks is not None:
             checks.pretrained(key, theta0)
@@ -766,9 +767,9 @@ def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec
     float32 merged tensor of each float key; other keys are copied from the pretrained model.
     With ``elementwise`` (the rule treats every entry on its own) large keys go through in row
     blocks, so memory stays bounded by a block rather than a whole key (the same bits); with
-    ``weights`` as well, ``merge_key`` gets the tasks' float32 weights in place of ``taus``. A
-    ``spec`` whose values are not checked yet (``inspect_models(values=False)``) gets them
-    checked on the blocks (or whole keys) of this pass.
+    ``weights``, ``merge_key`` gets the tasks' float32 weights in place of ``taus``. A ``spec``
+    whose values are not checked yet (``inspect_models(values=False)``) gets them checked on the
+    blocks (or whole keys) of this pass.
     """
     from harness.sharded import building, finish_output
 
@@ -780,19 +781,10 @@ def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec
             if key not in float_keys:
                 merged[key] = p
                 continue
-            if not elementwise:
-                theta0 = to_float32(on_merge_device(p))
-                sources = [finetuned[t][key] for t in spec.tasks]
-                taus = [task_vector(theta0, source) for source in sources]
-                if checks is not None:
-                    checks.pretrained(key, theta0)
-                    for task, tau, source in zip(spec.tasks, taus, sources):
-                        checks.task(task, key, tau, source)
-                merged[key] = cast_like(merge_key(key, theta0, taus), p.dtype)
-                continue
             value = torch.empty(spec.shapes[key], dtype=p.dtype, device="cpu")
             for rows, theta0, inputs in task_vector_blocks(pretrained, finetuned, spec, key,
-                                                           weights=weights, checks=checks):
+                                                           weights=weights, checks=checks,
+                                                           whole=not elementwise):
                 value[rows] = cast_like(merge_key(key, theta0, inputs), p.dtype)
             merged[key] = value
         if checks is not None:
