@@ -142,22 +142,20 @@ def main() -> None:
 def method_row(name: str, runs: list[dict], floor_gib: float) -> str:
     """One table row from a method's runs: median seconds (with their range over several
     runs), the largest peak, and what it stores (the same in every run)."""
-    from bench_scale import summarize
+    from bench_scale import seconds_text, summarize
 
     failed = [run["error"] for run in runs if "error" in run]
     if failed:
         return f"| {name} | failed: {failed[0]} | | | | | |"
     row, last = summarize(runs), runs[-1]
-    seconds, low, high = (f"{row[k]:.2f}" for k in ("seconds", "low", "high"))
-    seconds += f" ({low}–{high})" if low != high else ""
     paper = f"{last['amr_paper']:.2f}" if "amr_paper" in last else ""
-    return (f"| {name} | {seconds} | {row['peak_gib']:.2f} | {row['peak_gib'] - floor_gib:+.2f} | "
+    return (f"| {name} | {seconds_text(row, 2)} | {row['peak_gib']:.2f} | {row['peak_gib'] - floor_gib:+.2f} | "
             f"{last['bytes_per_task']:,} | {last['amr']:.3f} | {paper} |")
 
 
 def compare(folder: str, n_tasks: int, method_names: list[str] | None, repeat: int = 1) -> None:
     """Synthesize the models in ``folder`` unless they are there, then print the table."""
-    from bench_scale import summarize
+    from bench_scale import seconds_text, summarize
 
     from harness import list_methods
 
@@ -179,9 +177,8 @@ def compare(folder: str, n_tasks: int, method_names: list[str] | None, repeat: i
     else:
         runs["read-inputs"].append(run_worker("read-inputs", folder, n_tasks))
     floor = summarize(runs["read-inputs"])
-    print(f"reading all inputs once: {floor['seconds']:.2f} s"
-          + (f" ({floor['low']:.2f}–{floor['high']:.2f})" if repeat > 1 else "")
-          + f", peak RSS {floor['peak_gib']:.2f} GiB")
+    print(f"reading all inputs once: {seconds_text(floor, 2)} s, "
+          f"peak RSS {floor['peak_gib']:.2f} GiB")
     if any(name == "svd" or name.startswith("dts") for name in methods):     # their floor
         svd_floor = run_worker("svd-floor", folder, n_tasks)
         print(f"exact SVDs of every 2-D task vector: {svd_floor['seconds']:.1f} s")

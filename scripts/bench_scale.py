@@ -349,6 +349,13 @@ def summarize(runs: list[dict]) -> dict:
     return row
 
 
+def seconds_text(row: dict, digits: int) -> str:
+    """A summarized run's median seconds, with the range when repeated runs differ at
+    ``digits`` decimals."""
+    median, low, high = (f"{row[k]:.{digits}f}" for k in ("seconds", "low", "high"))
+    return median + (f" ({low}–{high})" if low != high else "")
+
+
 def print_header() -> None:
     print("| run | wall s | read GB/s | x read floor | x read + write floors | peak RSS GiB "
           "| peak anon GiB | peak file-mapped GiB | peak GPU GiB |")
@@ -368,9 +375,7 @@ def print_row(label: str, row: dict, results: dict[int, list[dict]], runs: list[
     anon, file, gpu = (f"{row[k]:.2f}" if row.get(k) is not None else "–"
                        for k in ("anon_gib", "file_gib", "gpu_gib"))
     throughput = "–" if label == "write" else f"{input_bytes / row['seconds'] / 1e9:.2f}"
-    wall, low, high = (f"{row[k]:.1f}" for k in ("seconds", "low", "high"))
-    wall += f" ({low}–{high})" if low != high else ""
-    print(f"| {label} | {wall} | {throughput} | {ratio} | {ratio_both} | "
+    print(f"| {label} | {seconds_text(row, 1)} | {throughput} | {ratio} | {ratio_both} | "
           f"{row['peak_gib']:.2f} | {anon} | {file} | {gpu} |", flush=True)
 
 
