@@ -78,7 +78,10 @@ class TrimThresholds:
     def observe(self, task: str, key: str, tau: Tensor) -> tuple[int, int]:
         """Count ``tau``'s magnitudes (which overwrites it: inspect_models hands over scratch);
         returns its numbers of non-zero and non-finite entries, read off the counts."""
-        counts = self.selectors.setdefault(task, StreamingKthSmallest()).add_high(
+        selector = self.selectors.get(task)
+        if selector is None:                # not setdefault: that would build one every call
+            selector = self.selectors[task] = StreamingKthSmallest()
+        counts = selector.add_high(
             tau.abs_(), overwrite=True,
             scratch=self.buffers.view("high", tau, torch.int32).reshape(-1))
         return tau.numel() - int(counts[0]), int(counts[NON_FINITE_HALF_BIN:].sum())
