@@ -1,7 +1,7 @@
 """Exact order statistics of non-negative float32 values by radix selection on their bits:
-histograms instead of sorts, so a whole model's k-th magnitude takes one or two streaming
-passes and a small, fixed memory (TIES, whose passes ride on validation and on the merge), and
-an in-memory tensor's a few elementwise passes (T-Switch)."""
+histograms instead of sorts, so a whole model's k-th magnitude takes two or three streaming
+passes and a small, fixed memory (TIES), and an in-memory tensor's a few elementwise passes
+(T-Switch)."""
 
 from __future__ import annotations
 
@@ -60,30 +60,18 @@ class StreamingKthSmallest:
         """Whether :meth:`value` needs pass 2 (:meth:`add_low`)."""
         return not self.on_edge
 
-    def add_low(self, values: Tensor, scratch: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """Pass 2: count the low bits of the ``values`` whose magnitude lies inside the chosen
-        bin (signs are ignored, so signed values need no ``abs``); returns the flat bool mask of
-        those values. ``scratch``: an int32 and a bool tensor of ``values``' size to work in (no
-        fresh allocation per call; the mask is the bool one)."""
+    def add_low(self, values: Tensor, scratch: tuple[Tensor, Tensor] | None = None) -> None:
+        """Pass 2: count the low bits of ``values`` inside the chosen bin. ``scratch``: an int32
+        and a bool tensor of ``values``' size to work in (no fresh allocation per call)."""
         bits = values.reshape(-1).view(torch.int32)
         if scratch is None:
             scratch = torch.empty_like(bits), torch.empty_like(bits, dtype=torch.bool)
-        high, in_bin = scratch
-        torch.eq(torch.bitwise_and(bits, 0x7FFF0000, out=high), self.bin << 16, out=in_bin)
+        shifted, in_bin = scratch
+        torch.eq(torch.bitwise_right_shift(bits, 16, out=shifted), self.bin, out=in_bin)
         inside = bits[in_bin] & 0xFFFF
         self.low += torch.bincount(inside, minlength=_BINS).cpu()
-        return in_bin
-
-    @property
-    def lower_edge(self) -> float:
-        """The smallest value inside the chosen bin: a lower bound of :meth:`value`."""
-        return _from_bits(self.bin << 16)
 
     def value(self) -> float:
         low = 0 if self.on_edge else int(torch.searchsorted(self.low.cumsum(0), self.rank))
-        return _from_bits((self.bin << 16) | low)
-
-
-def _from_bits(word: int) -> float:
-    """The float32 whose bit pattern is the non-negative ``word``."""
-    return float(torch.tensor([word], dtype=torch.int32).view(torch.float32))
+        word = torch.tensor([(self.bin << 16) | low], dtype=torch.int32)
+        return float(word.view(torch.float32))

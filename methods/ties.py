@@ -68,9 +68,7 @@ class TrimThresholds:
     """Each task's exact whole-model trim threshold, gathered while the inputs stream by.
 
     Pass 1 is :meth:`observe`, meant as the ``observe`` hook of
-    :func:`harness.state_dict.inspect_models`, so it costs no extra read of the inputs. Where
-    pass 1 leaves a threshold inside a bin (float32 task vectors, usually), the merge itself
-    counts the bin's low bits (:func:`_merge_key`): no other read either.
+    :func:`harness.state_dict.inspect_models`, so it costs no extra read of the inputs.
     """
 
     def __init__(self) -> None:
@@ -88,22 +86,34 @@ class TrimThresholds:
             scratch=self.buffers.view("high", tau, torch.int32).reshape(-1))
         return tau.numel() - int(counts[0]), int(counts[NON_FINITE_HALF_BIN:].sum())
 
-    def finish(self, spec: ModelSpec, k: float
-               ) -> tuple[dict[str, float | None], dict[str, StreamingKthSmallest]]:
-        """Each task's cut as far as pass 1 knows it (None: keep everything, k = 100), and the
-        selectors of the tasks whose threshold lies inside a bin: their cut is the bin's lower
-        edge until the merge has counted the entries inside it."""
+    def finish(self, pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
+               k: float, progress: bool, desc: str) -> dict[str, float | None]:
+        """Pass 2 over the inputs, for the tasks whose threshold pass 1 left inside a bin; None
+        for a task means keep everything (k = 100)."""
         self.buffers = None                 # pass 1 is over: its scratch can go
         d = sum(torch.Size(spec.shapes[key]).numel() for key in spec.float_keys)
         rank = trim_rank(d, k)
         if rank == 0:
-            return {t: None for t in spec.tasks}, {}
+            return {t: None for t in spec.tasks}
         for sel in self.selectors.values():
             sel.choose_bin(rank)
-        pending = {t: self.selectors[t] for t in spec.tasks if self.selectors[t].needs_low}
-        cut = {t: sel.lower_edge if t in pending else sel.value()
-               for t, sel in ((t, self.selectors[t]) for t in spec.tasks)}
-        return cut, pending
+        pending = [t for t in spec.tasks if self.selectors[t].needs_low]
+        if pending:
+            self._second_pass(pretrained, finetuned, spec, pending, progress, desc)
+        return {t: self.selectors[t].value() for t in spec.tasks}
+
+    def _second_pass(self, pretrained, finetuned, spec, pending, progress, desc):
+        buffers = BlockBuffers()
+        for key in iter_keys(spec.float_keys, f"{desc}: thresholds", progress):
+            p, sources = pretrained[key], [finetuned[t][key] for t in pending]
+            for rows in row_blocks(spec.shapes[key], 2):
+                p_rows = buffers.float32("theta0", p[rows])
+                magnitude = buffers.view("magnitude", p_rows)
+                scratch = (buffers.view("shifted", p_rows, torch.int32).reshape(-1),
+                           buffers.view("in_bin", p_rows, torch.bool).reshape(-1))
+                for t, source in zip(pending, sources):
+                    task_vector(p_rows, source[rows], out=magnitude).abs_()
+                    self.selectors[t].add_low(magnitude, scratch)
 
 
 def inspect_for_ties(pretrained: StateDict, finetuned: Mapping[str, StateDict]
@@ -120,70 +130,60 @@ def ties_merge(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: 
                ) -> dict[str, Tensor]:
     """The TIES-merged state dict ``theta_0 + lam * merged``, in the inputs' dtypes.
 
-    Streams over the keys once after validation (trim/elect/merge), which also completes the
-    thresholds that validation left inside a bin; no flattened model is ever built.
+    Streams over the keys twice after validation (the second half of each task's exact
+    whole-model trim threshold, then trim/elect/merge); no flattened model is ever built.
     """
-    cut, pending = thresholds.finish(spec, k)
+    cut = thresholds.finish(pretrained, finetuned, spec, k, progress, desc)
     with building("merged") as merged:
-        return _ties_keys(pretrained, finetuned, spec, cut, pending, lam, merge, merged, desc,
-                          progress)
+        return _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progress)
 
 
-HELD_BYTES = 2**29    # entries held back until the end of the merge, kept in memory
+HELD_BYTES = 2**29    # undecided entries kept in memory until the majority sign is known
 
 
 class HeldEntries:
-    """Entries held back key by key until every key is merged (undecided entries waiting for
-    the majority sign, columns waiting for exact thresholds), each as a tuple of tensors under
-    a name: in memory up to ``HELD_BYTES`` in all, then spilled to safetensors files in
-    ``folder`` (a temporary folder)."""
+    """Undecided entries waiting for the majority sign, key by key: in memory up to
+    ``HELD_BYTES``, then spilled to safetensors files in ``folder`` (a temporary folder)."""
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
-        self.held: dict[tuple[str, str], tuple[Tensor, ...]] = {}
-        self.spilled: dict[tuple[str, str], str] = {}
+        self.held: dict[str, tuple[Tensor, Tensor]] = {}
+        self.spilled: dict[str, str] = {}
         self.held_bytes = 0
         self._files = itertools.count()
 
-    def add(self, name: tuple[str, str], *entries: Tensor) -> None:
-        size = sum(t.numel() * t.element_size() for t in entries)
+    def add(self, key: str, positions: Tensor, candidates: Tensor) -> None:
+        size = positions.numel() * positions.element_size() + \
+            candidates.numel() * candidates.element_size()
         if self.held_bytes + size <= HELD_BYTES:
-            self.held[name] = entries
+            self.held[key] = positions, candidates
             self.held_bytes += size
         else:
-            self._spill(name, *entries)
+            self._spill(key, positions, candidates)
 
-    def _spill(self, name: tuple[str, str], *entries: Tensor) -> None:
+    def _spill(self, key: str, positions: Tensor, candidates: Tensor) -> None:
         from safetensors.torch import save_file
 
         path = os.path.join(self.folder, f"{next(self._files):06d}.safetensors")
-        save_file({str(i): t for i, t in enumerate(entries)}, path)
-        self.spilled[name] = path
+        save_file({"positions": positions, "candidates": candidates}, path)
+        self.spilled[key] = path
 
-    def keys(self, kind: str) -> list[str]:
-        """The keys holding entries of ``kind``."""
-        return [key for k, key in [*self.held, *self.spilled] if k == kind]
+    def keys(self) -> list[str]:
+        return [*self.held, *self.spilled]
 
-    def get(self, name: tuple[str, str]) -> tuple[Tensor, ...]:
-        """The entries under ``name``, kept for a later :meth:`take`."""
+    def take(self, key: str) -> tuple[Tensor, Tensor]:
+        """A key's ``(positions, candidates)``, given up once taken."""
         from safetensors.torch import load_file
 
-        if name in self.held:
-            return self.held[name]
-        loaded = load_file(self.spilled[name])
-        return tuple(loaded[str(i)] for i in range(len(loaded)))
-
-    def take(self, name: tuple[str, str]) -> tuple[Tensor, ...]:
-        """The entries under ``name``, given up once taken."""
-        entries = self.get(name)
-        if name in self.held:
-            del self.held[name]
-        else:
-            os.remove(self.spilled.pop(name))
-        return entries
+        if key in self.held:
+            return self.held.pop(key)
+        path = self.spilled.pop(key)
+        loaded = load_file(path)
+        os.remove(path)
+        return loaded["positions"], loaded["candidates"]
 
 
-def _ties_keys(pretrained, finetuned, spec, cut, pending, lam, merge, merged, desc, progress):
+def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progress):
     """Trim, elect and merge key by key into ``merged``.
 
     Entries whose elected sign is 0 while some task kept a value take the model-wide majority
@@ -197,12 +197,6 @@ def _ties_keys(pretrained, finetuned, spec, cut, pending, lam, merge, merged, de
     exactly often enough that nearly every key of a large model holds some). The keys written
     under another sign than the final majority are then patched in place (in a shard file
     already written, when streaming): touching nearly every page of a key, so worth avoiding.
-
-    For the ``pending`` tasks, whose threshold validation left inside a bin (float32 task
-    vectors), the merge counts the low bits of the entries inside it, so their thresholds are
-    exact at the end; the columns where such an entry may or may not be trimmed (about one in a
-    hundred with 8 tasks) wait the same way, as their positions, theta_0 and the tasks' values,
-    and are merged and patched once the thresholds and the majority are known.
     """
     running = 0
     guesses: dict[str, int] = {}
@@ -216,51 +210,26 @@ def _ties_keys(pretrained, finetuned, spec, cut, pending, lam, merge, merged, de
             if key not in float_keys:
                 merged[key] = pretrained[key]
                 continue
-            value, signs, undecided, columns = _merge_key(pretrained, finetuned, spec, key, cut,
-                                                          pending, lam, merge, buffers)
+            value, signs, undecided = _merge_key(pretrained, finetuned, spec, key, cut, lam,
+                                                 merge, buffers)
             running += signs
             if undecided is not None:
                 guess = guesses[key] = _sign(running)
                 if guess:
                     positions, candidates = undecided
                     patch_tensor(value, positions, candidates[(guess + 1) // 2])
-                waiting.add(("undecided", key), *undecided)
-            if columns is not None:
-                waiting.add(("columns", key), *columns)
+                waiting.add(key, *undecided)
             merged[key] = value
             del value, undecided    # a key already written to a shard must not outlive its turn
-        for task, selector in pending.items():
-            cut[task] = selector.value()            # exact: the merge counted its low bits
-        rows = [row for row, task in enumerate(spec.tasks) if task in pending]
-        held_back = waiting.keys("columns")
-        for key in held_back:
-            _, _, columns = waiting.get(("columns", key))
-            running += int(_elect(columns, rows, spec.tasks, cut).sum())
         majority = _sign(running)
-        wrong = [key for key in waiting.keys("undecided") if guesses[key] != majority]
+        wrong = [key for key in waiting.keys() if guesses[key] != majority]
         for key in iter_keys(wrong, f"{desc}: undecided entries", progress):
-            positions, candidates = waiting.take(("undecided", key))
+            positions, candidates = waiting.take(key)
             merged.patch(key, positions, candidates[(majority + 1) // 2] if majority else
                          _at_theta0(pretrained[key], positions))
-        for key in iter_keys(held_back, f"{desc}: entries at the thresholds", progress):
-            positions, theta0, columns = waiting.take(("columns", key))
-            sign = _elect(columns, rows, spec.tasks, cut)
-            if majority:        # undecided: a kept entry but no elected sign
-                sign[(sign == 0) & columns.ne(0).any(dim=0)] = majority
-            delta = disjoint_aggregate(columns, sign, merge)
-            merged.patch(key, positions, cast_like(delta.mul_(lam).add_(theta0),
-                                                   pretrained[key].dtype))
     if not isinstance(merged, dict):
         return finish_output(merged)
     return {key: merged[key] for key in pretrained.keys()}    # the inputs' key order
-
-
-def _elect(columns: Tensor, rows: list[int], tasks: list[str], cut) -> Tensor:
-    """The elected signs of held-back columns ``(N, n)``, once the ``rows`` of the pending
-    tasks are trimmed (in place) at their exact cuts."""
-    for row in rows:
-        trim_below(columns[row], cut[tasks[row]])
-    return torch.sum(columns, dim=0).sign_()
 
 
 def _sign(total: int) -> int:
@@ -273,24 +242,17 @@ def _at_theta0(theta0: Tensor, positions: Tensor) -> Tensor:
     return theta0.reshape(-1)[positions.long()]
 
 
-def _merge_key(pretrained, finetuned, spec, key, cut, pending, lam, merge, buffers):
-    """One key's merged tensor (undecided and held-back entries left at theta_0), the sum of
-    its elected signs (held-back columns left out), its undecided entries or None, and its
-    held-back columns or None. Undecided entries: their flat positions (int32 where they fit)
-    and their merged values under a negative and a positive majority sign, ``(2, n)`` in the
-    key's dtype. Held-back columns, where a ``pending`` task's entry lies inside its
-    threshold's bin: their positions, theta_0 there and the tasks' values there, trimmed but
-    for those entries (float32, ``(N, n)``). Blocks are computed in ``buffers``."""
+def _merge_key(pretrained, finetuned, spec, key, cut, lam, merge, buffers):
+    """One key's merged tensor (undecided entries left at theta_0), the sum of its elected
+    signs, and its undecided entries or None: their flat positions (int32 where they fit) and
+    their merged values under a negative and a positive majority sign, ``(2, n)`` in the key's
+    dtype. Blocks are computed in ``buffers``."""
     tasks = spec.tasks
     p = pretrained[key]
     sources = [finetuned[t][key] for t in tasks]
     value = torch.empty(spec.shapes[key], dtype=p.dtype, device="cpu")
     positions, candidates, offset, sign_total = [], [], 0, 0
-    held: list[tuple[Tensor, Tensor, Tensor]] = []
     index_dtype = torch.int32 if p.numel() < 2**31 else torch.int64
-    # each task's bin as the bits of its entries inside it show, sign and low bits masked off
-    # (-1, which no entry shows, for a task not pending)
-    bins = [pending[t].bin << 16 if t in pending else -1 for t in tasks]
     for rows in row_blocks(spec.shapes[key], len(tasks)):
         p_rows = buffers.float32("theta0", p[rows])
         trimmed = buffers.view("trimmed", p_rows, count=len(tasks))
@@ -305,24 +267,6 @@ def _merge_key(pretrained, finetuned, spec, key, cut, pending, lam, merge, buffe
             else:
                 torch.ne(tau, 0, out=kept)
         sign = torch.sum(trimmed, dim=0, out=buffers.view("sign", p_rows)).sign_()    # elect
-        if pending:     # columns with an entry inside a pending bin: held back
-            high = torch.bitwise_and(trimmed.view(torch.int32), 0x7FFF0000,
-                                     out=buffers.view("high", trimmed, torch.int32))
-            in_bin = torch.eq(high, torch.tensor(bins, dtype=torch.int32, device=p_rows.device)
-                              .view(-1, *[1] * p_rows.dim()),
-                              out=buffers.view("in_bin", trimmed, torch.bool))
-            hold = flat_nonzero(torch.any(in_bin, dim=0,
-                                          out=buffers.view("at_cut", p_rows, torch.bool)),
-                                buffers)
-            if hold.numel():
-                columns = torch.index_select(trimmed.reshape(len(tasks), -1), 1, hold)
-                for row, t in enumerate(tasks):
-                    if t in pending:
-                        pending[t].add_low(columns[row])        # the bin's low bits
-                held.append(((hold + offset).to(index_dtype).cpu(),
-                                  p_rows.reshape(-1)[hold].cpu(), columns.cpu()))
-                sign.view(-1).index_fill_(0, hold, 0)       # merged later: neither elected
-                kept.view(-1).index_fill_(0, hold, 0)       # nor undecided here
         sign_total += int(sign.sum())
         undecided = torch.eq(sign, 0, out=scratch).mul_(kept)
         open_ = flat_nonzero(undecided, buffers)
@@ -335,9 +279,9 @@ def _merge_key(pretrained, finetuned, spec, key, cut, pending, lam, merge, buffe
         delta = disjoint_aggregate(trimmed, sign, merge, buffers)
         value[rows].copy_(delta.mul_(lam).add_(p_rows))    # cast to the inputs' dtype
         offset += p_rows.numel()
-    undecided = (torch.cat(positions), torch.cat(candidates, dim=1)) if positions else None
-    held_back = tuple(torch.cat(parts, dim=-1) for parts in zip(*held)) if held else None
-    return value, sign_total, undecided, held_back
+    if not positions:
+        return value, sign_total, None
+    return value, sign_total, (torch.cat(positions), torch.cat(candidates, dim=1))
 
 
 def flat_nonzero(values: Tensor, buffers: BlockBuffers) -> Tensor:
@@ -345,8 +289,7 @@ def flat_nonzero(values: Tensor, buffers: BlockBuffers) -> Tensor:
     copy and numpy, several times faster than ``torch.nonzero``."""
     if values.device.type != "cpu":
         return torch.nonzero(values.reshape(-1)).reshape(-1)
-    mask = values if values.dtype == torch.bool else \
-        buffers.view("mask", values, torch.bool).copy_(values)
+    mask = buffers.view("mask", values, torch.bool).copy_(values)
     return torch.from_numpy(numpy.flatnonzero(mask.numpy()))
 
 
