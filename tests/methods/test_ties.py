@@ -270,3 +270,30 @@ def test_undecided_entries_wait_as_two_candidate_values():
     assert positions.dtype == torch.int32 and positions.tolist() == [0, 3]
     assert candidates.dtype == torch.bfloat16
     assert candidates.tolist() == [[-0.5, -0.5], [0.5, 0.5]]    # theta_0 + 0.5 * (-1 or +1)
+
+
+@pytest.mark.parametrize("merge", ["sum", "mean"])
+@pytest.mark.parametrize("seed", [1, 3])
+def test_float32_thresholds_inside_a_bin_with_ties_at_them(merge, seed):
+    """Task vectors of integers up to 300 (times 2^-10) put the thresholds of k = 10 inside
+    their bins (more mantissa bits than the high 16 bits hold), where the low-bits pass finds
+    them; key "c" holds +v, -v and 0 right at the thresholds, so entries there are kept, cancel
+    and wait for the majority sign: the official algorithm's bits."""
+    import methods.ties as ties
+
+    g = torch.Generator().manual_seed(seed)
+    pre = {k: torch.randint(-1000, 1001, shape, generator=g) * 2.0**-10
+           for k, shape in (("a", (40, 30)), ("b", (300,)), ("c", (50,)))}
+    ft = {f"t{t}": {k: v + torch.randint(-300, 301, v.shape, generator=g) * 2.0**-10
+                    for k, v in pre.items()} for t in range(3)}
+    for task, change in (("t0", 271), ("t1", -271), ("t2", 0)):
+        ft[task]["c"] = pre["c"] + change * 2.0**-10
+    spec, thresholds = ties.inspect_for_ties(pre, ft)
+    for selector in thresholds.selectors.values():      # pass 1 alone leaves them in a bin
+        selector.choose_bin(ties.trim_rank(sum(v.numel() for v in pre.values()), 10.0))
+    assert any(selector.needs_low for selector in thresholds.selectors.values())
+    result = get_method("ties", k=10, merge_function=merge).merge(pre, ft)
+    reference = official_ties(pre, ft, k=10, merge=merge)
+    for key, value in reference.items():
+        assert torch.equal(result.base[key], value), key
+    assert bool((result.base["c"] < pre["c"]).all())    # +v, -v cancel: the majority, -, merges
