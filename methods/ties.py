@@ -3,6 +3,7 @@ models"), as the authors' code and the 8-task benchmark run it."""
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 import os
@@ -72,16 +73,14 @@ class TrimThresholds:
     """
 
     def __init__(self) -> None:
-        self.selectors: dict[str, StreamingKthSmallest] = {}
+        self.selectors: dict[str, StreamingKthSmallest] = collections.defaultdict(
+            StreamingKthSmallest)
         self.buffers = BlockBuffers()
 
     def observe(self, task: str, key: str, tau: Tensor) -> tuple[int, int]:
         """Count ``tau``'s magnitudes (which overwrites it: inspect_models hands over scratch);
         returns its numbers of non-zero and non-finite entries, read off the counts."""
-        selector = self.selectors.get(task)
-        if selector is None:                # not setdefault: that would build one every call
-            selector = self.selectors[task] = StreamingKthSmallest()
-        counts = selector.add_high(
+        counts = self.selectors[task].add_high(
             tau.abs_(), overwrite=True,
             scratch=self.buffers.view("high", tau, torch.int32).reshape(-1))
         return tau.numel() - int(counts[0]), int(counts[NON_FINITE_HALF_BIN:].sum())
