@@ -246,15 +246,21 @@ def test_streamed_ties_patches_undecided_entries_into_written_shards(held_bytes,
     assert not leftovers        # no partial output, no folder of spilled undecided entries
 
 
-def test_shards_written_as_tensors_arrive_load_with_safetensors(tmp_path):
+@pytest.mark.parametrize("staging_pages", [None, 2])
+def test_shards_written_as_tensors_arrive_load_with_safetensors(staging_pages, tmp_path,
+                                                                monkeypatch):
     """Every tensor kind a merge output holds (0-d, empty, bool, integer, mixed float dtypes,
     a run of many small keys that fills a shard's header room) reads back from the files with
     safetensors itself, with the metadata transformers expects; keys of the open shard read
-    back before it is finished."""
+    back before it is finished (its staged partial page written, then completed). With a
+    staging buffer of two pages, tensors also straddle and overflow it."""
     from safetensors import safe_open
 
+    import harness.sharded as sharded
     from harness.sharded import ShardWriter
 
+    if staging_pages:
+        monkeypatch.setattr(sharded._ShardFile, "STAGING", staging_pages * sharded._PAGE)
     g = torch.Generator().manual_seed(0)
     tensors = {"scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3),
                "mask": torch.rand(5, 3, generator=g) > 0.5, "ids": torch.arange(7),
@@ -317,6 +323,7 @@ def test_the_write_queue_stays_bounded(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sharded, "_write_at", slow_write)
     monkeypatch.setattr(sharded, "IN_FLIGHT_BYTES", 4096)
+    monkeypatch.setattr(sharded._ShardFile, "STAGING", sharded._PAGE)   # a write per 4 KiB
     writer = sharded.ShardWriter(str(tmp_path / "out"), shard_bytes=2**20)
     tensors = [torch.full((256,), float(i)) for i in range(12)] + [torch.zeros(4096)]
     for i, tensor in enumerate(tensors):                  # 1 KiB each, then one of 16 KiB
@@ -350,6 +357,46 @@ def test_a_streamed_merge_loads_with_transformers(tmp_path):
     reference.load_state_dict(plain)
     tokens = torch.tensor([[1, 5, 7, 42]])
     assert torch.equal(loaded(tokens).logits, reference(tokens).logits)
+
+
+@pytest.mark.parametrize("refused", ["open", "write"])
+def test_a_file_system_without_direct_io_gets_buffered_writes(refused, tmp_path, monkeypatch):
+    """Shards are written with O_DIRECT where it is taken; a file system that refuses it when
+    the file is opened, or at its first write (EINVAL), gets the same bytes written through
+    the page cache."""
+    import errno
+    import fcntl
+
+    import harness.sharded as sharded
+
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this platform")
+    pretrained, finetuned = make_models()
+    plain = get_method("ties").merge(pretrained, finetuned).base
+    opened, write, files = os.open, sharded._write_at, []
+
+    def refusing_open(path, flags, *args, **kwargs):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return opened(path, flags, *args, **kwargs)
+
+    def refusing_write(fd, offset, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        write(fd, offset, data)
+
+    class Recorded(sharded._ShardFile):
+        def __init__(self, *args):
+            super().__init__(*args)
+            files.append(self)
+
+    monkeypatch.setattr(os, "open", refusing_open) if refused == "open" else \
+        monkeypatch.setattr(sharded, "_write_at", refusing_write)
+    monkeypatch.setattr(sharded, "_ShardFile", Recorded)
+    with stream_outputs(tmp_path / "out", shard_bytes=SMALL):
+        streamed = get_method("ties").merge(pretrained, finetuned).base
+    assert files and not any(file.direct for file in files)
+    assert all(torch.equal(plain[k], streamed[k]) for k in pretrained)
 
 
 def test_shards_are_written_without_pwrite(tmp_path, monkeypatch):
