@@ -202,6 +202,28 @@ def test_page_cached_tells_pages_in_memory_from_evicted_ones(tmp_path):
         os.close(descriptor)
 
 
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise")
+def test_a_file_read_from_the_disk_is_told_by_pages_spread_over_it(tmp_path):
+    """A file counts as on the disk while some of the pages sampled across it is evicted, even
+    where the pages a merge reads first, or any one page, are cached; fully cached, it does
+    not."""
+    from harness.state_dict import page_cached, read_from_disk
+
+    path = tmp_path / "bytes.bin"
+    path.write_bytes(os.urandom(9 * 2**20))
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert read_from_disk(descriptor)
+        os.pread(descriptor, 6 * 2**20, 0)              # the first two thirds, every sample there
+        assert page_cached(descriptor, 6 * 2**20 - 1) and read_from_disk(descriptor)
+        os.pread(descriptor, 3 * 2**20, 6 * 2**20)      # the rest
+        assert not read_from_disk(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_patches_reach_pending_and_written_shards_bit_for_bit(dtype, tmp_path):
     from harness.sharded import ShardWriter
