@@ -4,10 +4,10 @@ Inside ``with stream_outputs(directory):`` every model-sized state dict a method
 shared merged model, EMR's tau_uni, TALL's tau_MTL) is a :class:`ShardWriter`: each tensor is
 written to the current safetensors shard as it arrives, by a background thread that overlaps
 the merge (with direct I/O where the file system takes it: no page-cache copy), and is read back
-memory-mapped once its shard is done. Resident memory therefore
-stays near the tensors of the key being merged plus a bounded write queue, whatever the model
-size. Each writer works in a temporary folder and is renamed into place with its Hugging Face
-index written last, so an interrupted merge never leaves a folder that looks complete.
+memory-mapped once its shard is done. Resident memory therefore stays near the tensors of the
+key being merged plus a bounded write queue, whatever the model size. Each writer works in a
+temporary folder and is renamed into place with its Hugging Face index written last, so an
+interrupted merge never leaves a folder that looks complete.
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ class _Placed(NamedTuple):
 
 @dataclass
 class _OpenShard:
-    """The shard file being written: its descriptor, header entries and data size so far."""
+    """The shard being written: its file, header entries and data size so far."""
 
     name: str
     file: _ShardFile
@@ -307,7 +307,6 @@ class _ShardFile:
         length to ``size``, close it."""
         try:
             self.flush()
-            self.staged = 0
             self.buffer[:len(header)] = numpy.frombuffer(header, dtype=numpy.uint8)
             self._write(0, self.buffer[:len(header)])
             os.ftruncate(self.fd, size)

@@ -412,7 +412,9 @@ def test_a_file_system_without_direct_io_gets_buffered_writes(refused, tmp_path,
             super().__init__(*args)
             files.append(self)
 
-    monkeypatch.setattr(os, "open", refusing_open) if refused == "open" else \
+    if refused == "open":
+        monkeypatch.setattr(os, "open", refusing_open)
+    else:
         monkeypatch.setattr(sharded, "_write_at", refusing_write)
     monkeypatch.setattr(sharded, "_ShardFile", Recorded)
     with stream_outputs(tmp_path / "out", shard_bytes=SMALL):
