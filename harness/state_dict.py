@@ -485,7 +485,8 @@ class _ReadAhead:
     page cache, never to this process's memory. The window is 1 GiB, at most an eighth of the
     memory this process may fill (:func:`memory_size`), so queued bytes are not evicted before
     their turn; 64 MiB gained less (the README's performance section has the measurements).
-    Where ``posix_fadvise`` is missing (not Linux), nothing is queued.
+    Where ``posix_fadvise`` is missing (not Linux), nothing is queued. ``hinted_bytes`` counts
+    the bytes passed to the kernel in this process, so a benchmark can tell that hints went out.
     """
 
     AHEAD_BYTES = min(2**30, memory_size() // 8)
@@ -494,6 +495,7 @@ class _ReadAhead:
         self.sources: list[LazyStateDict] = []
         self._ranges: dict[str, dict[str, tuple[int, int]]] = {}
         self._jobs, self._pid = None, None
+        self.hinted_bytes = 0
 
     def read(self, source: LazyStateDict) -> None:
         """Note that the running merge loop reads ``source``."""
@@ -523,8 +525,7 @@ class _ReadAhead:
                              name="merge-harness-read-ahead").start()
         self._jobs.put((path, offset, length))
 
-    @staticmethod
-    def _advise(jobs) -> None:
+    def _advise(self, jobs) -> None:
         """Pass the queued ranges to the kernel; ``None`` ends a loop. Whether a file is read
         from the disk is decided once per loop (:func:`read_from_disk`): asking the kernel to
         read ahead pages it holds is not free, it looks up every one (plain hints made warm
@@ -535,21 +536,26 @@ class _ReadAhead:
             job = jobs.get()
             if job is None:
                 from_disk.clear()           # files may be rewritten before the next loop
-                continue
-            path, offset, length = job
-            if from_disk.get(path) is False or not length:
-                continue
+            else:
+                self._hint(*job, from_disk)
+
+    def _hint(self, path: str, offset: int, length: int, from_disk: dict[str, bool]) -> None:
+        """Ask the kernel for a range of ``path`` if the file is read from the disk (decided on
+        its first range of the loop, and noted in ``from_disk``)."""
+        if from_disk.get(path) is False or not length:
+            return
+        try:
+            descriptor = os.open(path, os.O_RDONLY)
             try:
-                descriptor = os.open(path, os.O_RDONLY)
-                try:
-                    if path not in from_disk:
-                        from_disk[path] = read_from_disk(descriptor)
-                    if from_disk[path]:
-                        os.posix_fadvise(descriptor, offset, length, os.POSIX_FADV_WILLNEED)
-                finally:
-                    os.close(descriptor)
-            except (OSError, ValueError):
-                pass                # a hint only: the merge reads the bytes anyway
+                if path not in from_disk:
+                    from_disk[path] = read_from_disk(descriptor)
+                if from_disk[path]:
+                    os.posix_fadvise(descriptor, offset, length, os.POSIX_FADV_WILLNEED)
+                    self.hinted_bytes += length
+            finally:
+                os.close(descriptor)
+        except (OSError, ValueError):
+            pass                # a hint only: the merge reads the bytes anyway
 
     def clear(self) -> None:
         """Forget the loop's sources and their files (files may be replaced between merges)."""

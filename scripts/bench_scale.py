@@ -35,8 +35,9 @@ it are read from the disk in every pass, as on a machine with that much memory (
 time, read throughput, the time over the read floor and over the read and write floors
 together, and peak resident memory next to the largest tensor (``VmHWM``, and sampled every
 10 ms, its anonymous and file-backed parts: mapped input pages are file-backed, and the kernel
-can drop them);
-with ``--device cuda`` the methods compute on the GPU (``harness.merge_device``) and the peak GPU
+can drop them), and the input bytes the merge asked the kernel to read ahead (none when the
+inputs are cached; a merge from the disk that hints nothing has lost its read-ahead); with
+``--device cuda`` the methods compute on the GPU (``harness.merge_device``) and the peak GPU
 memory is printed too. ``--repeat N`` runs the whole list N times in rounds (so the machine's
 drift falls on every run alike) and prints each run's median wall time with its range, ratios
 of medians, and the largest peaks.
@@ -305,6 +306,7 @@ class MemoryCgroup:
 def worker(method: str, root: str, tasks: int, device: str, ties_held_mib: int | None) -> dict:
     from harness import LazyStateDict, get_method, merge_device, stream_outputs
     from harness.sharded import finish_output, new_output
+    from harness.state_dict import READ_AHEAD
 
     if ties_held_mib is not None:
         import methods.ties
@@ -334,16 +336,20 @@ def worker(method: str, root: str, tasks: int, device: str, ties_held_mib: int |
                   merge_device(device)):
                 get_method(method).merge(pretrained, finetuned)
     gpu = (torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None)
+    # None for code older than the count (A/B runs of old commits through PYTHONPATH)
+    hinted = getattr(READ_AHEAD, "hinted_bytes", None)
     return {"seconds": time.perf_counter() - start, "peak_gib": peak_gib(), "gpu_gib": gpu,
-            "anon_gib": sampled.anon / 2**30, "file_gib": sampled.file / 2**30}
+            "anon_gib": sampled.anon / 2**30, "file_gib": sampled.file / 2**30,
+            "hinted_gib": None if hinted is None else hinted / 2**30}
 
 
 def summarize(runs: list[dict]) -> dict:
     """One table row from repeated runs of one method: the median wall time and its range, and
-    the largest of each peak (a peak any run reached is memory the machine must have)."""
+    the largest of each peak (a peak any run reached is memory the machine must have) and of
+    the bytes hinted to the kernel for reading ahead."""
     seconds = sorted(run["seconds"] for run in runs)
     row = {"seconds": statistics.median(seconds), "low": seconds[0], "high": seconds[-1]}
-    for key in ("peak_gib", "anon_gib", "file_gib", "gpu_gib"):
+    for key in ("peak_gib", "anon_gib", "file_gib", "gpu_gib", "hinted_gib"):
         values = [run[key] for run in runs if run.get(key) is not None]
         row[key] = max(values) if values else None
     return row
@@ -358,8 +364,8 @@ def seconds_text(row: dict, digits: int) -> str:
 
 def print_header() -> None:
     print("| run | wall s | read GB/s | x read floor | x read + write floors | peak RSS GiB "
-          "| peak anon GiB | peak file-mapped GiB | peak GPU GiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+          "| peak anon GiB | peak file-mapped GiB | peak GPU GiB | read-ahead GiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
 
 
 def print_row(label: str, row: dict, results: dict[int, list[dict]], runs: list[str],
@@ -372,11 +378,11 @@ def print_row(label: str, row: dict, results: dict[int, list[dict]], runs: list[
     both = sum(floors.values()) if len(floors) == 2 and method else None
     ratio, ratio_both = (f"{row['seconds'] / floor:.1f}" if floor else "–"
                          for floor in (floors.get("read"), both))
-    anon, file, gpu = (f"{row[k]:.2f}" if row.get(k) is not None else "–"
-                       for k in ("anon_gib", "file_gib", "gpu_gib"))
+    anon, file, gpu, hinted = (f"{row[k]:.2f}" if row.get(k) is not None else "–"
+                               for k in ("anon_gib", "file_gib", "gpu_gib", "hinted_gib"))
     throughput = "–" if label == "write" else f"{input_bytes / row['seconds'] / 1e9:.2f}"
     print(f"| {label} | {seconds_text(row, 1)} | {throughput} | {ratio} | {ratio_both} | "
-          f"{row['peak_gib']:.2f} | {anon} | {file} | {gpu} |", flush=True)
+          f"{row['peak_gib']:.2f} | {anon} | {file} | {gpu} | {hinted} |", flush=True)
 
 
 def main() -> int:

@@ -224,6 +224,28 @@ def test_a_file_read_from_the_disk_is_told_by_pages_spread_over_it(tmp_path):
         os.close(descriptor)
 
 
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise")
+def test_ranges_of_a_file_on_the_disk_are_hinted_and_counted_and_of_a_cached_one_not(tmp_path):
+    from harness.state_dict import _ReadAhead
+
+    path = tmp_path / "bytes.bin"
+    path.write_bytes(os.urandom(4 * 2**20))
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        read_ahead, from_disk = _ReadAhead(), {}
+        read_ahead._hint(str(path), 2**20, 2**20, from_disk)
+        read_ahead._hint(str(path), 3 * 2**20, 0, from_disk)       # an empty tensor
+        assert from_disk == {str(path): True} and read_ahead.hinted_bytes == 2**20
+        os.pread(descriptor, 4 * 2**20, 0)
+        cached, from_cache = _ReadAhead(), {}
+        cached._hint(str(path), 2**20, 2**20, from_cache)
+        assert from_cache == {str(path): False} and cached.hinted_bytes == 0
+    finally:
+        os.close(descriptor)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_patches_reach_pending_and_written_shards_bit_for_bit(dtype, tmp_path):
     from harness.sharded import ShardWriter
