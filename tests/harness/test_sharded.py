@@ -1,5 +1,6 @@
 """Streaming outputs: model-sized results written shard by shard, atomically, read back lazily."""
 
+import contextlib
 import json
 import os
 
@@ -185,21 +186,28 @@ def test_merge_loops_ask_for_the_next_keys_bytes_ahead_of_reading_them(tmp_path,
     assert not READ_AHEAD.sources        # outside merge loops nothing is noted
 
 
-@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise")
-def test_page_cached_tells_pages_in_memory_from_evicted_ones(tmp_path):
-    from harness.state_dict import page_cached
-
-    path = tmp_path / "bytes.bin"
-    path.write_bytes(os.urandom(3 * 2**20))
+@contextlib.contextmanager
+def evicted_file(path, size: int):
+    """A file of ``size`` random bytes, written and dropped from the page cache: its
+    descriptor."""
+    path.write_bytes(os.urandom(size))
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)            # clean pages: the kernel can drop them
         os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        yield descriptor
+    finally:
+        os.close(descriptor)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise")
+def test_page_cached_tells_pages_in_memory_from_evicted_ones(tmp_path):
+    from harness.state_dict import page_cached
+
+    with evicted_file(tmp_path / "bytes.bin", 3 * 2**20) as descriptor:
         assert not page_cached(descriptor, 2**20 + 5)
         os.pread(descriptor, 10, 2**20)                 # brings that page (at least) back
         assert page_cached(descriptor, 2**20 + 5)
-    finally:
-        os.close(descriptor)
 
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise")
@@ -209,41 +217,28 @@ def test_a_file_read_from_the_disk_is_told_by_pages_spread_over_it(tmp_path):
     not."""
     from harness.state_dict import page_cached, read_from_disk
 
-    path = tmp_path / "bytes.bin"
-    path.write_bytes(os.urandom(9 * 2**20))
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+    with evicted_file(tmp_path / "bytes.bin", 9 * 2**20) as descriptor:
         assert read_from_disk(descriptor)
         os.pread(descriptor, 6 * 2**20, 0)              # the first two thirds, every sample there
         assert page_cached(descriptor, 6 * 2**20 - 1) and read_from_disk(descriptor)
         os.pread(descriptor, 3 * 2**20, 6 * 2**20)      # the rest
         assert not read_from_disk(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise")
 def test_ranges_of_a_file_on_the_disk_are_hinted_and_counted_and_of_a_cached_one_not(tmp_path):
     from harness.state_dict import _ReadAhead
 
-    path = tmp_path / "bytes.bin"
-    path.write_bytes(os.urandom(4 * 2**20))
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+    path = str(tmp_path / "bytes.bin")
+    with evicted_file(tmp_path / "bytes.bin", 4 * 2**20) as descriptor:
         read_ahead, from_disk = _ReadAhead(), {}
-        read_ahead._hint(str(path), 2**20, 2**20, from_disk)
-        read_ahead._hint(str(path), 3 * 2**20, 0, from_disk)       # an empty tensor
-        assert from_disk == {str(path): True} and read_ahead.hinted_bytes == 2**20
+        read_ahead._hint(path, 2**20, 2**20, from_disk)
+        read_ahead._hint(path, 3 * 2**20, 0, from_disk)        # an empty tensor
+        assert from_disk == {path: True} and read_ahead.hinted_bytes == 2**20
         os.pread(descriptor, 4 * 2**20, 0)
         cached, from_cache = _ReadAhead(), {}
-        cached._hint(str(path), 2**20, 2**20, from_cache)
-        assert from_cache == {str(path): False} and cached.hinted_bytes == 0
-    finally:
-        os.close(descriptor)
+        cached._hint(path, 2**20, 2**20, from_cache)
+        assert from_cache == {path: False} and cached.hinted_bytes == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
