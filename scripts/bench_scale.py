@@ -31,16 +31,20 @@ so each reads them from the disk, as merges of models larger than memory do (a t
 method's second pass still finds them cached when they fit in memory); ``--memory-limit GIB``
 runs every worker in a memory cgroup of that size, page cache included, so inputs larger than
 it are read from the disk in every pass, as on a machine with that much memory (it implies
-``--cold``: cached pages stay charged to the cgroup that read them first). Prints wall
-time, read throughput, the time over the read floor and over the read and write floors
-together, and peak resident memory next to the largest tensor (``VmHWM``, and sampled every
-10 ms, its anonymous and file-backed parts: mapped input pages are file-backed, and the kernel
-can drop them), and the input bytes the merge asked the kernel to read ahead (none when the
-inputs are cached; a merge from the disk that hints nothing has lost its read-ahead); with
-``--device cuda`` the methods compute on the GPU (``harness.merge_device``) and the peak GPU
-memory is printed too. ``--repeat N`` runs the whole list N times in rounds (so the machine's
-drift falls on every run alike) and prints each run's median wall time with its range, ratios
-of medians, and the largest peaks.
+``--cold``: cached pages stay charged to the cgroup that read them first). Prints wall time,
+the CPU time the run used (user and system, over all its threads; the system part is the
+kernel's work charged to the process, page faults and reading and writing files included, while
+I/O completion and write-back in the kernel's own threads are not: a merge whose CPU time over
+the core count exceeds its read floor is bound by the CPU, not the disk), read throughput, the
+time over the read floor and over the read and write floors together, and peak resident memory
+next to the largest tensor (``VmHWM``, and sampled every 10 ms, its anonymous and file-backed
+parts: mapped input pages are file-backed, and the kernel can drop them), and the input bytes
+the merge asked the kernel to read ahead (none when the inputs are cached; a merge from the
+disk that hints nothing has lost its read-ahead); with ``--device cuda`` the methods compute on
+the GPU (``harness.merge_device``) and the peak GPU memory is printed too. ``--repeat N`` runs
+the whole list N times in rounds (so the machine's drift falls on every run alike) and prints
+each run's median wall time with its range, the median CPU time, ratios of medians, and the
+largest peaks.
 """
 
 from __future__ import annotations
@@ -185,16 +189,18 @@ def mergekit_worker(venv: str, root: str, tasks: int) -> dict:
                 "parameters: {normalize: false}\ndtype: bfloat16\nmodels:\n" +
                 "".join(f"  - model: {os.path.join(root, f'task{t}')}\n"
                         "    parameters: {density: 0.2, weight: 0.3}\n" for t in range(tasks)))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), os.times()
     with tempfile.TemporaryDirectory(dir=root) as out:
         done = subprocess.run([os.path.join(venv, "bin", "python"), "-c", MERGEKIT_WITH_PEAK,
                                config, out, "--lazy-unpickle", "--no-copy-tokenizer"],
                               capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"mergekit-yaml failed: {done.stderr[-1500:]}")
-    seconds = time.perf_counter() - start
+    seconds, used = time.perf_counter() - start, os.times()
     peak_kb = int(done.stderr.rsplit("VmHWM:", 1)[1].split()[0])
-    return {"seconds": seconds, "peak_gib": peak_kb / 2**20}
+    system = used.children_system - cpu.children_system
+    return {"seconds": seconds, "peak_gib": peak_kb / 2**20, "system_s": system,
+            "cpu_s": used.children_user - cpu.children_user + system}
 
 
 # mergekit-yaml's entry point, printing its own peak resident memory (VmHWM) when it exits
@@ -315,7 +321,7 @@ def worker(method: str, root: str, tasks: int, device: str, ties_held_mib: int |
 
     pretrained = LazyStateDict(os.path.join(root, "pretrained"))
     finetuned = {f"task{t}": LazyStateDict(os.path.join(root, f"task{t}")) for t in range(tasks)}
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), os.times()
     with ResidentSampler() as sampled:
         if method == "read":        # every byte once, in its stored dtype: no copy
             for sd in (pretrained, *finetuned.values()):
@@ -335,20 +341,26 @@ def worker(method: str, root: str, tasks: int, device: str, ties_held_mib: int |
             with (tempfile.TemporaryDirectory(dir=root) as out, stream_outputs(out, 2**30),
                   merge_device(device)):
                 get_method(method).merge(pretrained, finetuned)
+    seconds, used = time.perf_counter() - start, os.times()       # all this process's threads
     gpu = (torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None)
     # None for code older than the count (A/B runs of old commits through PYTHONPATH)
     hinted = getattr(READ_AHEAD, "hinted_bytes", None)
-    return {"seconds": time.perf_counter() - start, "peak_gib": peak_gib(), "gpu_gib": gpu,
+    system = used.system - cpu.system
+    return {"seconds": seconds, "cpu_s": used.user - cpu.user + system, "system_s": system,
+            "peak_gib": peak_gib(), "gpu_gib": gpu,
             "anon_gib": sampled.anon / 2**30, "file_gib": sampled.file / 2**30,
             "hinted_gib": None if hinted is None else hinted / 2**30}
 
 
 def summarize(runs: list[dict]) -> dict:
-    """One table row from repeated runs of one method: the median wall time and its range, and
-    the largest of each peak (a peak any run reached is memory the machine must have) and of
-    the bytes hinted to the kernel for reading ahead."""
+    """One table row from repeated runs of one method: the median wall time and its range, the
+    median CPU time and its system part, and the largest of each peak (a peak any run reached
+    is memory the machine must have) and of the bytes hinted to the kernel for reading ahead."""
     seconds = sorted(run["seconds"] for run in runs)
     row = {"seconds": statistics.median(seconds), "low": seconds[0], "high": seconds[-1]}
+    for key in ("cpu_s", "system_s"):
+        values = [run[key] for run in runs if run.get(key) is not None]
+        row[key] = statistics.median(values) if values else None
     for key in ("peak_gib", "anon_gib", "file_gib", "gpu_gib", "hinted_gib"):
         values = [run[key] for run in runs if run.get(key) is not None]
         row[key] = max(values) if values else None
@@ -363,15 +375,16 @@ def seconds_text(row: dict, digits: int) -> str:
 
 
 def print_header() -> None:
-    print("| run | wall s | read GB/s | x read floor | x read + write floors | peak RSS GiB "
-          "| peak anon GiB | peak file-mapped GiB | peak GPU GiB | read-ahead GiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    print("| run | wall s | CPU s (system) | read GB/s | x read floor | x read + write floors "
+          "| peak RSS GiB | peak anon GiB | peak file-mapped GiB | peak GPU GiB "
+          "| read-ahead GiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
 
 
 def print_row(label: str, row: dict, results: dict[int, list[dict]], runs: list[str],
               input_bytes: int) -> None:
-    """One table row: wall time (the median, with its range over repeated runs), throughput,
-    ratios to the read floor and to the read and write floors (medians), and peaks."""
+    """One table row: wall time (the median, with its range over repeated runs), CPU time,
+    throughput, ratios to the read floor and to the read and write floors (medians), and peaks."""
     floors = {name: summarize(results[runs.index(name)])["seconds"]
               for name in ("read", "write") if results[runs.index(name)]}
     method = label not in ("read", "read-float32", "write")
@@ -381,7 +394,9 @@ def print_row(label: str, row: dict, results: dict[int, list[dict]], runs: list[
     anon, file, gpu, hinted = (f"{row[k]:.2f}" if row.get(k) is not None else "–"
                                for k in ("anon_gib", "file_gib", "gpu_gib", "hinted_gib"))
     throughput = "–" if label == "write" else f"{input_bytes / row['seconds'] / 1e9:.2f}"
-    print(f"| {label} | {seconds_text(row, 1)} | {throughput} | {ratio} | {ratio_both} | "
+    cpu = ("–" if row.get("cpu_s") is None
+           else f"{row['cpu_s']:.1f} ({row['system_s']:.1f})")
+    print(f"| {label} | {seconds_text(row, 1)} | {cpu} | {throughput} | {ratio} | {ratio_both} | "
           f"{row['peak_gib']:.2f} | {anon} | {file} | {gpu} | {hinted} |", flush=True)
 
 

@@ -28,6 +28,7 @@ def test_bench_scale_times_its_floors_and_a_merge_and_leaves_only_its_inputs(tmp
         row = bench.worker(run, str(tmp_path), 2, "cpu", None)
         assert row["seconds"] > 0 and row["peak_gib"] > 0 and row["gpu_gib"] is None, run
         assert row["hinted_gib"] >= 0, run
+        assert row["cpu_s"] >= row["system_s"] >= 0, run      # os.times: 10 ms ticks
     assert sorted(os.listdir(tmp_path)) == ["pretrained", "task0", "task1"]   # outputs removed
 
 
@@ -98,23 +99,26 @@ def test_bench_scale_repeated_runs_print_medians_ranges_and_largest_peaks(capsys
     runs = ["read", "read-float32", "write", "ties"]
 
     def worker_row(seconds, peak, gpu=None, hinted=None):
-        return {"seconds": seconds, "peak_gib": peak, "anon_gib": peak / 2, "file_gib": 0.1,
-                "gpu_gib": gpu, "hinted_gib": hinted}
+        return {"seconds": seconds, "cpu_s": 2 * seconds, "system_s": seconds / 4,
+                "peak_gib": peak, "anon_gib": peak / 2, "file_gib": 0.1, "gpu_gib": gpu,
+                "hinted_gib": hinted}
     results = {0: [worker_row(1.0, 2.0), worker_row(3.0, 2.5), worker_row(2.0, 2.0)],
                1: [worker_row(1.5, 2.0)] * 3,
                2: [worker_row(0.5, 1.0), worker_row(0.5, 1.0), worker_row(1.5, 1.0)],
                3: [worker_row(8.0, 0.5, hinted=1.5), worker_row(6.0, 0.75, hinted=2.0),
                    worker_row(7.0, 0.5, hinted=0.0)]}
     ties = bench.summarize(results[3])
-    assert ties == {"seconds": 7.0, "low": 6.0, "high": 8.0, "peak_gib": 0.75,
-                    "anon_gib": 0.375, "file_gib": 0.1, "gpu_gib": None, "hinted_gib": 2.0}
+    assert ties == {"seconds": 7.0, "low": 6.0, "high": 8.0, "cpu_s": 14.0, "system_s": 1.75,
+                    "peak_gib": 0.75, "anon_gib": 0.375, "file_gib": 0.1, "gpu_gib": None,
+                    "hinted_gib": 2.0}
     bench.print_row("ties", ties, results, runs, input_bytes=7 * 10**9)
     bench.print_row("read-float32", bench.summarize(results[1]), results, runs, 10**9)
     printed = capsys.readouterr().out.splitlines()
     # median 7.0 s over a median read of 2.0 s, and over 2.0 + a median write of 0.5 s
-    assert printed[0] == ("| ties | 7.0 (6.0–8.0) | 1.00 | 3.5 | 2.8 | 0.75 | 0.38 | 0.10 | – "
-                          "| 2.00 |")
-    assert printed[1] == "| read-float32 | 1.5 | 0.67 | 0.8 | – | 2.00 | 1.00 | 0.10 | – | – |"
+    assert printed[0] == ("| ties | 7.0 (6.0–8.0) | 14.0 (1.8) | 1.00 | 3.5 | 2.8 | 0.75 | 0.38 "
+                          "| 0.10 | – | 2.00 |")
+    assert printed[1] == ("| read-float32 | 1.5 | 3.0 (0.4) | 0.67 | 0.8 | – | 2.00 | 1.00 "
+                          "| 0.10 | – | – |")
 
 
 def test_bench_methods_rows_give_medians_and_name_a_failure():
