@@ -165,7 +165,11 @@ def _canonical_signs(u: Tensor, vh: Tensor) -> None:
     vh.mul_(flip[:, None])
 
 
-IN_MEMORY_SVD_BYTES = 2**30   # float32 matrices larger than this are decomposed block by block
+# Float32 matrices larger than this are decomposed block by block: LAPACK's thin SVD of a whole
+# matrix needs several times its bytes of working memory on top of it, while the blocked SVD
+# needs the Gram matrix (shorter side squared, float64) and the longer factor; on the tall
+# matrices of LLMs it is faster too (README, "Out of core at LLM scale").
+IN_MEMORY_SVD_BYTES = 2**28
 
 
 def blocked_truncated_svd(delta: BlockedDelta, rank: int) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -345,10 +349,12 @@ _DECISIONS = """
       paper's count (3 bits per element, 32 per singular value, scales free) beside it.
     - r = int(density * min(m, n)) per matrix; at r = 0 the delta is dropped. 0-d tensors are
       stored exactly; 1-D and >2-D tensors are thresholded without an SVD.
-    - [decision: beyond the paper] a matrix over 1 GiB in float32 (an LLM's embedding) is
-      never held whole: with canonical signs its SVD comes from the float64 Gram matrix of its
-      row blocks (an exact, not randomized, routine; at least as accurate as float32 LAPACK for
-      singular values within 1e9 of the largest); ``svd_signs="lapack"`` keeps LAPACK's SVD.
+    - [decision: beyond the paper] a matrix over 256 MiB in float32 (an LLM's embedding and
+      output head, a 7B or 14B model's MLP matrices) is never held whole: with canonical signs
+      its SVD comes from the float64 Gram matrix of its row blocks (an exact, not randomized,
+      routine; at least as accurate as float32 LAPACK for singular values within 1e9 of the
+      largest), which needs far less memory than LAPACK's SVD of the whole; ``svd_signs="lapack"``
+      keeps LAPACK's SVD.
     - group scales sum their squares in float64 (in chunks), so CPU and GPU agree to rounding.
 """
 

@@ -215,18 +215,27 @@ sys.exit(main())
 
 
 def svd_floor(pretrained, finetuned, device: str) -> None:
-    """The thin SVD of every 2-D task vector that DTS decomposes whole (float32 up to
-    ``IN_MEMORY_SVD_BYTES``; larger ones it decomposes by blocks), as DTS calls it (a wide
-    matrix through its transpose), on ``device``: DTS's floor."""
-    from methods.dts import IN_MEMORY_SVD_BYTES, truncated_svd
+    """The SVD of every 2-D task vector as DTS computes it, on ``device``, and nothing else:
+    thin and whole (a wide matrix through its transpose) up to ``IN_MEMORY_SVD_BYTES`` in
+    float32, larger ones block by block at DTS-D's default rank. DTS's floor."""
+    from harness import get_method, merge_device
+    from harness.state_dict import BlockedDelta
+    from methods.dts import IN_MEMORY_SVD_BYTES, blocked_truncated_svd, dts_rank, truncated_svd
 
-    for sd in finetuned.values():
-        for key in sd:
-            shape = sd[key].shape
-            if len(shape) == 2 and shape.numel() * 4 <= IN_MEMORY_SVD_BYTES:
-                delta = sd[key].to(device, torch.float32) - pretrained[key].to(device,
-                                                                               torch.float32)
-                truncated_svd(delta, min(shape))
+    density = get_method("dts-d").density
+    with merge_device(device):
+        for sd in finetuned.values():
+            for key in sd:
+                shape = tuple(sd[key].shape)
+                if len(shape) != 2:
+                    continue
+                if 4 * shape[0] * shape[1] > IN_MEMORY_SVD_BYTES:
+                    blocked_truncated_svd(BlockedDelta(pretrained[key], sd[key]),
+                                          dts_rank(density, shape))
+                else:
+                    delta = (sd[key].to(device, torch.float32)
+                             - pretrained[key].to(device, torch.float32))
+                    truncated_svd(delta, min(shape))
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
 

@@ -32,6 +32,28 @@ def test_bench_scale_times_its_floors_and_a_merge_and_leaves_only_its_inputs(tmp
     assert sorted(os.listdir(tmp_path)) == ["pretrained", "task0", "task1"]   # outputs removed
 
 
+def test_bench_scale_svd_floor_decomposes_large_matrices_in_blocks_as_dts_does(tmp_path,
+                                                                            monkeypatch):
+    import methods.dts as dts
+    from harness import LazyStateDict
+
+    bench = load_script("bench_scale")
+    shapes = {"model.embed_tokens.weight": (64, 16), "model.layers.0.mlp.down_proj.weight": (8, 32),
+              "model.norm.weight": (16,)}
+    bench.synthesize(str(tmp_path), shapes, 1, torch.bfloat16, shard_bytes=2**20)
+    blocked, whole = [], []
+    real_blocked = dts.blocked_truncated_svd
+    monkeypatch.setattr(dts, "blocked_truncated_svd",
+                        lambda delta, rank: blocked.append((delta.shape, rank))
+                        or real_blocked(delta, rank))
+    monkeypatch.setattr(dts, "truncated_svd", lambda delta, rank: whole.append(delta.shape))
+    monkeypatch.setattr(dts, "IN_MEMORY_SVD_BYTES", 4 * 8 * 32)       # the smaller matrix
+    pretrained = LazyStateDict(str(tmp_path / "pretrained"))
+    bench.svd_floor(pretrained, {"task0": LazyStateDict(str(tmp_path / "task0"))}, "cpu")
+    assert blocked == [((64, 16), dts.dts_rank(0.3, (64, 16)))]
+    assert whole == [(8, 32)]
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/self/status")
 def test_bench_methods_worker_reports_time_memory_and_stored_bytes(tmp_path):
     from safetensors.torch import save_file
