@@ -78,7 +78,7 @@ class SvdBaseline(MergeMethod):
 
     [decision] DTS-T's reference AMR is predicted from shapes and the task vectors' zero
     counts, taking its SVD factors to hold no exact zeros (a lower bound on its bytes), so
-    the baseline never stores more than DTS-T. Matrices over 1 GiB in float32 are decomposed
+    the baseline never stores more than DTS-T. Matrices over 256 MiB in float32 are decomposed
     block by block as DTS does (``methods.dts.blocked_truncated_svd``).
     """
 
