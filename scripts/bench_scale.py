@@ -367,12 +367,11 @@ def summarize(runs: list[dict]) -> dict:
     is memory the machine must have) and of the bytes hinted to the kernel for reading ahead."""
     seconds = sorted(run["seconds"] for run in runs)
     row = {"seconds": statistics.median(seconds), "low": seconds[0], "high": seconds[-1]}
-    for key in ("cpu_s", "system_s"):
-        values = [run[key] for run in runs if run.get(key) is not None]
-        row[key] = statistics.median(values) if values else None
-    for key in ("peak_gib", "anon_gib", "file_gib", "gpu_gib", "hinted_gib"):
-        values = [run[key] for run in runs if run.get(key) is not None]
-        row[key] = max(values) if values else None
+    for keys, pick in ((("cpu_s", "system_s"), statistics.median),
+                       (("peak_gib", "anon_gib", "file_gib", "gpu_gib", "hinted_gib"), max)):
+        for key in keys:
+            values = [run[key] for run in runs if run.get(key) is not None]
+            row[key] = pick(values) if values else None
     return row
 
 

@@ -43,9 +43,11 @@ def test_bench_scale_svd_floor_decomposes_large_matrices_in_blocks_as_dts_does(t
     bench.synthesize(str(tmp_path), shapes, 1, torch.bfloat16, shard_bytes=2**20)
     blocked, whole = [], []
     real_blocked = dts.blocked_truncated_svd
-    monkeypatch.setattr(dts, "blocked_truncated_svd",
-                        lambda delta, rank: blocked.append((delta.shape, rank))
-                        or real_blocked(delta, rank))
+
+    def noted_blocked(delta, rank):
+        blocked.append((delta.shape, rank))
+        return real_blocked(delta, rank)
+    monkeypatch.setattr(dts, "blocked_truncated_svd", noted_blocked)
     monkeypatch.setattr(dts, "truncated_svd", lambda delta, rank: whole.append(delta.shape))
     monkeypatch.setattr(dts, "IN_MEMORY_SVD_BYTES", 4 * 8 * 32)       # the smaller matrix
     pretrained = LazyStateDict(str(tmp_path / "pretrained"))
