@@ -39,12 +39,13 @@ the core count exceeds its read floor is bound by the CPU, not the disk), read t
 time over the read floor and over the read and write floors together, and peak resident memory
 next to the largest tensor (``VmHWM``, and sampled every 10 ms, its anonymous and file-backed
 parts: mapped input pages are file-backed, and the kernel can drop them), and the input bytes
-the merge asked the kernel to read ahead (none when the inputs are cached; a merge from the
-disk that hints nothing has lost its read-ahead); with ``--device cuda`` the methods compute on
-the GPU (``harness.merge_device``) and the peak GPU memory is printed too. ``--repeat N`` runs
-the whole list N times in rounds (so the machine's drift falls on every run alike) and prints
-each run's median wall time with its range, the median CPU time, ratios of medians, and the
-largest peaks.
+the merge asked the kernel to read ahead (none when the inputs are cached, but for outputs read
+back, such as DTS's streamed TIES base, written past the page cache; a merge from the disk that
+hints nothing has lost its read-ahead); with ``--device cuda`` the methods compute on the GPU
+(``harness.merge_device``) and the peak GPU memory is printed too. ``--repeat N`` runs the
+whole list N times in rounds (so the machine's drift falls on every run alike) and prints each
+run's median wall time with its range, the median CPU time, ratios of medians, and the largest
+peaks.
 """
 
 from __future__ import annotations
