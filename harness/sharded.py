@@ -150,10 +150,11 @@ class ShardWriter(MutableMapping):
         except KeyError:
             raise KeyError(key) from None
         name = placed.file
-        if name not in self._finished_shards:       # the open shard: its staged bytes first
+        in_open_shard = name not in self._finished_shards   # no header yet
+        if in_open_shard:                                   # its staged bytes first
             self._submit(0, self._open.file.flush)
         self._drain()
-        if name not in self._finished_shards:       # the open shard: no header yet
+        if in_open_shard:
             if not placed.nbytes:
                 return torch.empty(placed.shape, dtype=placed.dtype)
             data = numpy.fromfile(os.path.join(self._work, name), dtype=numpy.uint8,
