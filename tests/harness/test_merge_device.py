@@ -94,6 +94,25 @@ def test_validation_runs_on_the_device_and_reports_the_same():
     assert spec == inspect_models(pretrained, finetuned)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ties_counts_its_thresholds_on_the_device(dtype):
+    """Adding each block's counts to a histogram on the CPU would be a CPU operation between GPU
+    waits (after which OpenMP's idle threads spin): the histograms stay on the device."""
+    from methods.ties import inspect_for_ties
+
+    pretrained, finetuned = make_models(dtype=dtype)
+    spec, thresholds = inspect_for_ties(pretrained, finetuned)
+    on_cpu = thresholds.finish(pretrained, finetuned, spec, 20.0, False, "ties")
+    with EmulatedDevice() as device, merge_device("cuda"):
+        spec, thresholds = inspect_for_ties(pretrained, finetuned)
+        on_gpu = thresholds.finish(pretrained, finetuned, spec, 20.0, False, "ties")
+        selectors = list(thresholds.selectors.values())
+        assert selectors and all(device.on_device(s.high) for s in selectors)
+        assert all(device.on_device(s.low) for s in selectors if s.needs_low)
+    assert any(s.needs_low for s in selectors) == (dtype == torch.float32)
+    assert on_gpu == on_cpu
+
+
 def test_the_default_is_the_cpu():
     pretrained, finetuned = make_models()
     with EmulatedDevice() as device:
