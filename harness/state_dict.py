@@ -285,6 +285,18 @@ def cast_like(value: Tensor, dtype: torch.dtype) -> Tensor:
     return value if value.dtype == dtype else value.to(dtype)
 
 
+def store_rows(value: Tensor, rows, block: Tensor) -> None:
+    """Write the merge-device ``block`` into ``value[rows]`` (an output on the CPU), cast to
+    ``value``'s dtype. From another device the block is cast there (a crossing that casts would
+    cross in float32 and cast on the CPU) and lands in a temporary that the CPU's threads copy
+    into the output: crossing straight into it leaves one thread to fault in all its fresh pages
+    (so, TIES on a 14B layer took 2.5 s on an H200 against 2.2 s; not measured since)."""
+    if block.device == value.device:
+        value[rows].copy_(block)
+    else:
+        value[rows].copy_(cast_like(block, value.dtype).cpu())
+
+
 def _open_checked(path: str):
     """A safetensors handle, or an error naming the file (missing, truncated, not safetensors)."""
     from safetensors import SafetensorError, safe_open
@@ -805,7 +817,7 @@ def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec
             for rows, theta0, inputs in task_vector_blocks(pretrained, finetuned, spec, key,
                                                            weights=weights, checks=checks,
                                                            whole=not elementwise):
-                value[rows] = cast_like(merge_key(key, theta0, inputs), p.dtype)
+                store_rows(value, rows, merge_key(key, theta0, inputs))
             merged[key] = value
         if checks is not None:
             checks.finish()

@@ -21,7 +21,7 @@ from harness.result import MergeResult
 from harness.select import NON_FINITE_HALF_BIN, StreamingKthSmallest
 from harness.sharded import building, finish_output, patch_tensor
 from harness.state_dict import (BlockBuffers, ModelSpec, StateDict, cast_like, inspect_models,
-                                iter_keys, row_blocks, task_vector)
+                                iter_keys, row_blocks, store_rows, task_vector)
 
 
 def trim_rank(d: int, k: float) -> int:
@@ -276,7 +276,7 @@ def _merge_key(pretrained, finetuned, spec, key, cut, lam, merge, buffers):
             candidates.append(_candidates(p_rows.reshape(-1)[open_], columns, lam, merge,
                                           p.dtype).cpu())
         delta = disjoint_aggregate(trimmed, sign, merge, buffers)
-        value[rows].copy_(delta.mul_(lam).add_(p_rows))    # cast to the inputs' dtype
+        store_rows(value, rows, delta.mul_(lam).add_(p_rows))
         offset += p_rows.numel()
     if not positions:
         return value, sign_total, None

@@ -3,7 +3,8 @@
 Tensors moved to "cuda" are tagged; an operation mixing tagged and untagged tensors (0-d scalars
 excepted, as torch allows) raises as a real device mismatch would; tensor factories given a
 tagged tensor's device produce tagged tensors; ``.cpu()`` gives an untagged copy. Code that forgot
-a device somewhere fails here the way it would on a GPU.
+a device somewhere fails here the way it would on a GPU. Copies across devices that also cast
+(which torch does on the CPU, through a temporary) are recorded in ``casting_crossings``.
 """
 
 import weakref
@@ -29,6 +30,7 @@ class EmulatedDevice(TorchFunctionMode):
         super().__init__()
         self._tags: dict[int, weakref.ref] = {}
         self.ops_on_device: set[str] = set()
+        self.casting_crossings: list[tuple[str, torch.dtype, torch.dtype]] = []
 
     def on_device(self, t) -> bool:
         ref = self._tags.get(id(t))
@@ -68,6 +70,10 @@ class EmulatedDevice(TorchFunctionMode):
         if here and there and func not in CROSSING:
             raise RuntimeError(f"{getattr(func, '__name__', func)}: expected all tensors to be "
                                "on the same device, found cuda and cpu")
+        if here and there:                              # a copy across devices: does it cast?
+            source = args[1] if func is Tensor.copy_ else args[2]
+            if isinstance(source, Tensor) and source.dtype != args[0].dtype:
+                self.casting_crossings.append((func.__name__, source.dtype, args[0].dtype))
         out = func(*plain_args, **plain_kwargs)
         if here and func not in CROSSING:
             self.ops_on_device.add(getattr(func, "__name__", str(func)))

@@ -64,6 +64,7 @@ def test_merges_on_a_device_give_the_cpu_bits_and_store_on_the_cpu(method, param
         stored = list(stored_tensors(on_gpu))
         assert stored and not any(device.on_device(t) for t in stored)
     assert device.ops_on_device                        # the arithmetic did run there
+    assert not device.casting_crossings                # results cross in their stored dtype
     if method.startswith(("dts", "svd")):
         assert "linalg_svd" in device.ops_on_device or "svd" in device.ops_on_device
     for task in on_cpu.tasks:
