@@ -787,7 +787,7 @@ def shared_and_masks(pretrained: StateDict, finetuned: Mapping[str, StateDict], 
     packers = [BitPacker(numel(shape), 1) for _ in spec.tasks]
     for rows, _, taus in task_vector_blocks(pretrained, finetuned, spec, key, checks=checks):
         block, masks = rule(taus)
-        shared[rows] = block.cpu()
+        store_rows(shared, rows, block)
         for packer, mask in zip(packers, masks):
             packer.add(mask.cpu())
     return shared, [packer.finish() for packer in packers]
