@@ -4,9 +4,9 @@ The DTS, EMR and Task-Arithmetic authors share ``zeroshot.pt``, ``<Dataset>/fine
 ``head_<Dataset>.pt`` (``notes/official-code.md`` 0.1): ``torch.save`` of whole modules (an
 ``ImageEncoder`` wrapping an open_clip ``CLIP``, a ``ClassificationHead``), whose classes live in
 the authors' ``src`` package. :func:`read_module_state` reads such a file without that package and
-without open_clip: every class outside torch is rebuilt as an inert stand-in module, so the
-pickled module tree still yields its ``state_dict`` and nothing the file names is ever imported or
-called (safer than ``torch.load(weights_only=False)``).
+without open_clip (:mod:`harness.torch_pickle`): every class outside a small table of inert torch
+objects is rebuilt as a stand-in module, so the pickled module tree still yields its
+``state_dict`` and nothing the file names is ever imported or called.
 
 Merging happens on the open_clip keys of the visual tower, exactly the tensors the authors' code
 merges (one ``in_proj_weight`` per attention block, as their SVDs see it). The text-tower
@@ -18,71 +18,16 @@ checks that mapping against open_clip's own forward pass where open_clip is inst
 
 from __future__ import annotations
 
-import _compat_pickle
-import importlib
-import pickle
 import re
-import zipfile
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from harness.torch_pickle import CheckpointFileError, load_untrusted
 from tasks.base import SuiteUnavailableError
 
 VISUAL_PREFIXES = ("model.visual.", "visual.")
-
-_SAFE_GLOBALS = {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-                 ("builtins", "slice"), ("builtins", "complex"), ("torch", "Size"),
-                 ("torch", "device"), ("torch", "dtype"), ("torch", "Tensor")}
-
-
-class StandIn(torch.nn.Module):
-    """Whatever a checkpoint names outside torch (the authors' classes, open_clip's, transforms,
-    functions): accepts any arguments, does nothing, and keeps the pickled attributes, so a
-    module tree of stand-ins still has its parameters and buffers."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__()
-
-    def __setstate__(self, state) -> None:
-        if isinstance(state, tuple) and len(state) == 2:       # (dict, slots)
-            state = {**(state[0] or {}), **(state[1] or {})}
-        if not isinstance(state, dict):
-            return
-        if "_parameters" in state:
-            super().__setstate__(state)
-        else:
-            torch.nn.Module.__init__(self)
-            self.__dict__.update({k: v for k, v in state.items() if k not in self.__dict__})
-
-
-class _StandInUnpickler(pickle.Unpickler):
-    """Resolves torch's tensor and module classes; replaces every other global by a stand-in."""
-
-    def find_class(self, module: str, name: str):
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)     # protocol 2 names
-        if (module, name) in _SAFE_GLOBALS or _torch_allowed(module, name):
-            return super().find_class(module, name)
-        return type(name, (StandIn,), {"__module__": f"stand_in.{module}"})
-
-
-def _torch_allowed(module: str, name: str) -> bool:
-    if module == "torch":
-        return isinstance(getattr(torch, name, None), torch.dtype) or name.endswith("Storage")
-    if module == "torch._utils":
-        return name.startswith("_rebuild_")
-    if module.startswith("torch.nn.") or module.startswith("torch.storage"):
-        return isinstance(getattr(importlib.import_module(module), name, None), type)
-    return False
-
-
-class _StandInPickle:
-    """The ``pickle_module`` that ``torch.load`` uses for these files."""
-
-    Unpickler = _StandInUnpickler
-    load = staticmethod(lambda file, **kw: _StandInUnpickler(file, **kw).load())
-
 
 class Checkpoint(NamedTuple):
     """A pickled module's tensors, and the activation its MLPs use where it names one."""
@@ -94,13 +39,9 @@ class Checkpoint(NamedTuple):
 def read_module_state(path: str) -> Checkpoint:
     """The state dict of a module (or a plain state dict) pickled whole with ``torch.save``."""
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=False,
-                            pickle_module=_StandInPickle)
-    except FileNotFoundError:
-        raise SuiteUnavailableError(f"checkpoint {path} does not exist") from None
-    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile) as error:
-        raise SuiteUnavailableError(f"checkpoint {path} is not a readable torch.save file "
-                                    f"({type(error).__name__}: {error})") from None
+        loaded = load_untrusted(path)
+    except CheckpointFileError as error:
+        raise SuiteUnavailableError(str(error)) from None
     if isinstance(loaded, torch.nn.Module):
         names = {type(m).__name__ for m in loaded.modules()}
         activation = ("quick_gelu" if "QuickGELU" in names else "gelu" if "GELU" in names

@@ -236,7 +236,7 @@ def test_a_hostile_pickle_runs_nothing(tmp_path, foreign_classes):
 
 def test_bad_files_are_named(tmp_path):
     (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(SuiteUnavailableError, match="corrupt.pt is not a readable"):
+    with pytest.raises(SuiteUnavailableError, match="corrupt.pt is not in torch.save.s zip format"):
         read_module_state(str(tmp_path / "corrupt.pt"))
     torch.save({"weight": torch.zeros(2)}, tmp_path / "plain.pt")
     with pytest.raises(SuiteUnavailableError, match="no open_clip visual tower"):
@@ -297,3 +297,26 @@ def test_a_head_that_does_not_fit_the_labels_is_named(layout, foreign_classes):
     suite = VitB32Suite(config=layout.config)
     with pytest.raises(SuiteUnavailableError, match="head has 5 classes, the dataset's labels 3"):
         suite.evaluate("dtd", suite.load_finetuned("dtd"))
+
+
+def test_a_crafted_checkpoint_runs_no_code_end_to_end(layout, tmp_path, capsys):
+    """The reported exploit: a dotted global reaching ``exec``, inside a torch zip, named by a
+    suite config; ``validate`` passes (it reads no weights) and ``run`` refuses the file."""
+    marker = tmp_path / "ran"
+    code = f"open({str(marker)!r}, 'w').close()".encode()
+    pickled = (b"\x80\x04ctorch._utils\n_rebuild_tensor.__builtins__.get\n(X\x04\x00\x00\x00"
+               b"exectR(X" + len(code).to_bytes(4, "little") + code + b"tR.")
+    hostile = layout.folder / "SVHN" / "finetuned.pt"
+    hostile.unlink()
+    import zipfile
+
+    with zipfile.ZipFile(hostile, "w") as archive:
+        archive.writestr("archive/data.pkl", pickled)
+        archive.writestr("archive/version", "3\n")
+    common = ["--method", "ties", "--suite", "vit-b32", "--suite-config", layout.config,
+              "--results", str(tmp_path / "results"), "--cache-dir", str(tmp_path / "cache"),
+              "--quiet"]
+    assert harness(capsys, "validate", *common)[0] == 0
+    status, _, err = harness(capsys, "run", *common)
+    assert status == 2 and "SVHN/finetuned.pt" in err
+    assert not marker.exists()
