@@ -92,21 +92,23 @@ def cmd_ls(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
+    from harness.files import write_text_atomic
     from harness.leaderboard import render_all
 
+    if not os.path.isdir(args.results):
+        raise FileNotFoundError(f"the results folder {args.results} does not exist (pass "
+                                "--results with the folder `harness run` wrote to)")
     rendered, skipped = render_all(args.results, args.out, args.suite)
     for s in skipped:
         print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
     stale = []
     for item in rendered:
-        current = open(item.path, encoding="utf-8").read() if os.path.exists(item.path) else None
+        current = _read_text(item.path)
         if args.check:
             if current != item.text:
                 stale.append(item.path)
         elif current != item.text:
-            os.makedirs(os.path.dirname(item.path) or ".", exist_ok=True)
-            with open(item.path, "w", encoding="utf-8") as f:
-                f.write(item.text)
+            write_text_atomic(item.path, item.text)
             print(f"wrote {item.path}")
         else:
             print(f"unchanged {item.path}")
@@ -116,6 +118,27 @@ def cmd_leaderboard(args) -> int:
     if args.check:
         print(f"ok: {len(rendered)} leaderboard(s) match their results")
     return 0
+
+
+def _read_text(path: str) -> str | None:
+    """A leaderboard file's text, or None where there is none (or it is not UTF-8 text)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+
+
+def _seed(text: str) -> int:
+    from harness.runner import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_SEED}], got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--split", default="seen", choices=["seen", "unseen"])
         p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                        help="a hyperparameter (repeatable)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=_seed, default=0, help="random seed (0 to 2**32-1)")
         p.add_argument("--device", default="cpu", help="cpu or cuda")
         p.add_argument("--results", default=DEFAULT_RESULTS_DIR, help="result files folder")
         cache_option(p)
@@ -183,9 +206,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: results already written are intact", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, ImportError, FileNotFoundError, RuntimeError) as exc:
+    except OSError as exc:           # a full disk, a read-only place, a missing file...
+        print(f"error: {_os_error(exc)}", file=sys.stderr)
+        return 2
+    except (ValueError, KeyError, ImportError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _os_error(exc: OSError) -> str:
+    """One line naming the path and the problem."""
+    if exc.filename is None or exc.strerror is None:
+        return str(exc)
+    where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+    return f"{exc.strerror}: {where}"
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
@@ -43,6 +44,13 @@ class MergeMethod:
     kind: ClassVar[str] = "shared"   # "shared" or "personalized"
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            values = value.values() if isinstance(value, Mapping) else [value]
+            for v in values:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise HyperparameterError(
+                        f"{self.name}: hyperparameter {f.name!r} must be finite, got {v}")
         self.check()
 
     def check(self) -> None:

@@ -16,7 +16,7 @@ import numpy
 import torch
 from torch import Tensor
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2     # of stored results: 2 protects the manifest and binds each file
 
 
 def packed_nbytes(numel: int, bits: int) -> int:
@@ -115,8 +115,52 @@ def _nbytes(tensors: dict[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+class CodecError(ValueError):
+    """A stored codec whose metadata and tensors do not fit together (a damaged or crafted
+    result): refused when the result is loaded, before anything is decoded."""
+
+
+MAX_DIMS = 16
+
+
+def stored_shape(meta: dict, kind: str) -> tuple[int, ...]:
+    """``meta["shape"]`` as a shape, or :class:`CodecError`."""
+    shape = meta.get("shape")
+    if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+            or any(type(s) is not int or s < 0 for s in shape)):
+        raise CodecError(f"{kind} codec: shape {shape!r} is not a list of non-negative integers")
+    return tuple(shape)
+
+
+def expect_meta(meta: dict, kind: str, keys: set[str]) -> None:
+    if not isinstance(meta, dict) or set(meta) != keys:
+        found = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+        raise CodecError(f"{kind} codec: metadata fields {found}, expected {sorted(keys)}")
+
+
+def expect_tensors(tensors: dict[str, Tensor], kind: str, required: set[str],
+                   optional: set[str] = frozenset()) -> None:
+    names = set(tensors)
+    if not required <= names or not names <= required | optional:
+        raise CodecError(f"{kind} codec: stored tensors {sorted(names)}, expected "
+                         f"{sorted(required)}" + (f" and optionally {sorted(optional)}"
+                                                  if optional else ""))
+
+
+def expect_tensor(tensor: Tensor, kind: str, name: str, dtype: torch.dtype,
+                  shape: tuple[int, ...] | None = None) -> None:
+    if tensor.dtype != dtype or (shape is not None and tuple(tensor.shape) != tuple(shape)):
+        want = f"{dtype}" + (f" of shape {tuple(shape)}" if shape is not None else "")
+        raise CodecError(f"{kind} codec: tensor {name!r} is {tensor.dtype} of shape "
+                         f"{tuple(tensor.shape)}, expected {want}")
+
+
+def expect_packed(tensor: Tensor, kind: str, name: str, numel: int, bits: int) -> None:
+    expect_tensor(tensor, kind, name, torch.uint8, (packed_nbytes(numel, bits),))
+
+
 class Codec:
-    """One tensor's stored delta."""
+    """One tensor's stored delta; every codec has a ``shape``, that of the decoded delta."""
 
     kind: ClassVar[str]
 
@@ -146,6 +190,8 @@ class Codec:
 
     @classmethod
     def from_stored(cls, meta: dict, tensors: dict[str, Tensor]) -> Codec:
+        """The codec from its stored metadata and tensors; raises :class:`CodecError` unless
+        they fit together exactly (names, dtypes, sizes, ranges)."""
         raise NotImplementedError
 
 
@@ -162,8 +208,15 @@ class Dense(Codec):
     def tensors(self):
         return {"values": self.values}
 
+    @property
+    def shape(self):
+        return tuple(self.values.shape)
+
     @classmethod
     def from_stored(cls, meta, tensors):
+        expect_meta(meta, cls.kind, set())
+        expect_tensors(tensors, cls.kind, {"values"})
+        expect_tensor(tensors["values"], cls.kind, "values", torch.float32)
         return cls(tensors["values"])
 
 
@@ -217,8 +270,27 @@ class GroupCode(Codec):
 
     @classmethod
     def from_stored(cls, meta, tensors):
-        return cls(tensors["codes"], tensors["scales"], tuple(meta["shape"]),
-                   meta["grouped_dim"], tensors.get("zeros"), meta["zeros_as"])
+        kind = cls.kind
+        expect_meta(meta, kind, {"shape", "grouped_dim", "zeros_as"})
+        shape, dim, zeros_as = stored_shape(meta, kind), meta["grouped_dim"], meta["zeros_as"]
+        if dim is not None and (type(dim) is not int or not 0 <= dim < len(shape)):
+            raise CodecError(f"{kind} codec: grouped_dim {dim!r} is not a dimension of {shape}")
+        if zeros_as not in (None, "mask", "positions"):
+            raise CodecError(f"{kind} codec: zeros_as {zeros_as!r} is not mask or positions")
+        expect_tensors(tensors, kind, {"codes", "scales"} | ({"zeros"} if zeros_as else set()))
+        n = math.prod(shape)
+        expect_packed(tensors["codes"], kind, "codes", n, 2)
+        rows = 1 if dim is None else shape[dim]
+        expect_tensor(tensors["scales"], kind, "scales", torch.float32, (rows, 4))
+        zeros = tensors.get("zeros")
+        if zeros_as == "mask":
+            expect_packed(zeros, kind, "zeros", n, 1)
+        elif zeros_as == "positions":
+            expect_tensor(zeros, kind, "zeros", torch.int32)
+            if zeros.dim() != 1 or (zeros.numel() and not (0 <= int(zeros.min())
+                                                           and int(zeros.max()) < n)):
+                raise CodecError(f"{kind} codec: zero positions outside the {n} entries")
+        return cls(tensors["codes"], tensors["scales"], shape, dim, zeros, zeros_as)
 
 
 def _moved_shape(shape: tuple[int, ...], dim: int) -> tuple[int, ...]:
@@ -259,13 +331,34 @@ class LowRank(Codec):
         return {"u": {"kind": self.u.kind, **self.u.meta()},
                 "v": {"kind": self.v.kind, **self.v.meta()}}
 
+    @property
+    def shape(self):
+        return (self.u.shape[0], self.v.shape[1])
+
     @classmethod
     def from_stored(cls, meta, tensors):
+        kind = cls.kind
+        expect_meta(meta, kind, {"u", "v"})
+        unknown = [k for k in tensors if k != "s" and not k.startswith(("u.", "v."))]
+        if unknown or "s" not in tensors:
+            raise CodecError(f"{kind} codec: stored tensors {sorted(tensors)}, expected s and "
+                             "the u. and v. factors'")
         parts = {}
         for name in ("u", "v"):
+            factor = meta[name]
+            inner = factor.get("kind") if isinstance(factor, dict) else None
+            if inner not in CODECS or CODECS[inner] is LowRank:
+                raise CodecError(f"{kind} codec: factor {name} has kind {inner!r}")
             sub = {k[len(name) + 1:]: t for k, t in tensors.items() if k.startswith(name + ".")}
-            parts[name] = CODECS[meta[name]["kind"]].from_stored(meta[name], sub)
-        return cls(parts["u"], tensors["s"], parts["v"])
+            parts[name] = CODECS[inner].from_stored(
+                {k: v for k, v in factor.items() if k != "kind"}, sub)
+        u_shape, v_shape = parts["u"].shape, parts["v"].shape
+        s = tensors["s"]
+        if len(u_shape) != 2 or len(v_shape) != 2 or not u_shape[1] == s.numel() == v_shape[0]:
+            raise CodecError(f"{kind} codec: factors of shapes {u_shape}, {tuple(s.shape)} and "
+                             f"{v_shape} do not multiply")
+        expect_tensor(s, kind, "s", torch.float32, (u_shape[1],))
+        return cls(parts["u"], s, parts["v"])
 
 
 @dataclass
@@ -290,7 +383,15 @@ class Ternary(Codec):
 
     @classmethod
     def from_stored(cls, meta, tensors):
-        return cls(tensors["codes"], tensors["alpha"], tuple(meta["shape"]))
+        kind = cls.kind
+        expect_meta(meta, kind, {"shape"})
+        shape = stored_shape(meta, kind)
+        expect_tensors(tensors, kind, {"codes", "alpha"})
+        expect_packed(tensors["codes"], kind, "codes", math.prod(shape), 2)
+        expect_tensor(tensors["alpha"], kind, "alpha", torch.float32, ())
+        if _max_code(tensors["codes"], math.prod(shape)) > 2:
+            raise CodecError(f"{kind} codec: a code is 3, which no ternary value has")
+        return cls(tensors["codes"], tensors["alpha"], shape)
 
 
 @dataclass
@@ -315,7 +416,17 @@ class Mask(Codec):
 
     @classmethod
     def from_stored(cls, meta, tensors):
-        return cls(tensors["bits"], tuple(meta["shape"]))
+        kind = cls.kind
+        expect_meta(meta, kind, {"shape"})
+        shape = stored_shape(meta, kind)
+        expect_tensors(tensors, kind, {"bits"})
+        expect_packed(tensors["bits"], kind, "bits", math.prod(shape), 1)
+        return cls(tensors["bits"], shape)
+
+
+def _max_code(packed: Tensor, numel: int) -> int:
+    """The largest of the first ``numel`` 2-bit codes in ``packed``."""
+    return int(unpack_bits(packed, 2, numel).max()) if numel else 0
 
 
 CODECS: dict[str, type[Codec]] = {c.kind: c for c in (Dense, GroupCode, LowRank, Ternary, Mask)}

@@ -3,29 +3,26 @@
 A result is a shared base state dict plus, for personalized methods, one small payload per task
 (codecs from :mod:`harness.payload`) and optional shared tensors the payloads refer to (EMR's
 unified task vector, TALL's multi-task vector). ``weights_for(task)`` decodes one task at a time.
-``save``/``load`` write safetensors files and a JSON manifest (written last, with checksums), so
-the round trip is bit-exact and a damaged directory is detected.
+``save``/``load`` write safetensors files and a protected JSON manifest
+(:mod:`harness.result_storage`), so the round trip is bit-exact and a damaged or altered folder
+is detected.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from harness.accounting import amr_percent
-from harness.files import sha256_file
-from harness.payload import CODECS, FORMAT_VERSION, Codec
+from harness.payload import Codec
+from harness.result_storage import ResultFormatError, load_result, save_result
 from harness.state_dict import StateDict, cast_like, to_float32
 
-
-class ResultFormatError(ValueError):
-    """A stored result that cannot be read: corrupt, truncated, or from a newer version."""
+__all__ = ["MergeResult", "NonFiniteOutputError", "ResultFormatError", "TaskPayload"]
 
 
 @dataclass
@@ -71,7 +68,7 @@ class MergeResult:
     payloads: dict[str, TaskPayload] = field(default_factory=dict)
     shared: dict[str, StateDict] = field(default_factory=dict)
     merged_params: int = 0                      # the AMR denominator, in parameters
-    paper_bits: dict[str, float] | None = None  # DTS: the paper's bit count per task
+    accounting: dict = field(default_factory=dict)  # a method's own counts (DTS: paper_bits)
     unseen: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)    # chosen densities, scales, warnings: JSON only
 
@@ -150,6 +147,11 @@ class MergeResult:
         return out
 
     # ---- accounting ----------------------------------------------------------------------
+    @property
+    def paper_bits(self) -> dict[str, float] | None:
+        """The paper's bit count per task, where the method gives one (DTS), else None."""
+        return self.accounting.get("paper_bits")
+
     def stored_bytes(self, task: str) -> int:
         """Bytes of ``task``'s own payload as stored (0 for shared methods)."""
         self._check_task(task)
@@ -166,124 +168,38 @@ class MergeResult:
             return {t: amr_percent(self.paper_bits[t] / 8, self.merged_params) for t in self.tasks}
         raise ValueError(f"count must be 'stored' or 'paper', not {count!r}")
 
-    # ---- storage -------------------------------------------------------------------------
+    # ---- storage ----------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
-        """Write the result to ``directory`` atomically (a temporary folder, then a rename)."""
-        from safetensors.torch import save_file
-
-        directory = os.fspath(directory)
-        parent = os.path.dirname(os.path.abspath(directory))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-result-", dir=parent)
-        try:
-            files: dict[str, str] = {}
-
-            def write(name: str, tensors: dict[str, Tensor]) -> None:
-                path = os.path.join(tmp, name)
-                save_file({k: t.contiguous() for k, t in tensors.items()}, path)
-                files[name] = sha256_file(path)
-
-            write("base.safetensors", dict(self.base))
-            for name, sd in self.shared.items():
-                write(f"shared-{name}.safetensors", dict(sd))
-            task_entries = []
-            for i, task in enumerate(self.tasks):
-                entry: dict = {"name": task}
-                payload = self.payloads.get(task)
-                if payload is not None:
-                    tensors = {}
-                    records = []
-                    for key, codec in payload.records.items():
-                        for field_name, t in codec.tensors().items():
-                            tensors[f"{key}::{field_name}"] = t
-                        records.append({"key": key, "kind": codec.kind, "meta": codec.meta()})
-                    if payload.scale is not None:
-                        tensors["::scale"] = payload.scale
-                    file_name = f"task-{i:03d}.safetensors"
-                    write(file_name, tensors)
-                    entry.update(file=file_name, records=records, shared=payload.shared)
-                task_entries.append(entry)
-            manifest = {
-                "format_version": FORMAT_VERSION,
-                "method": self.method,
-                "hyperparameters": self.hyperparameters,
-                "kind": self.kind,
-                "tasks": task_entries,
-                "shared": sorted(self.shared),
-                "merged_params": self.merged_params,
-                "paper_bits": self.paper_bits,
-                "unseen": self.unseen,
-                "info": self.info,
-                "checksums": files,
-            }
-            with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
-                json.dump(manifest, f, indent=1, sort_keys=True)
-            if os.path.exists(directory):
-                previous = tmp + ".previous"
-                os.replace(directory, previous)
-                os.replace(tmp, directory)
-                shutil.rmtree(previous)
-            else:
-                os.replace(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        """Write the result to ``directory`` atomically: complete or not at all, replacing only
+        a stored result (:mod:`harness.result_storage`)."""
+        save_result(self, os.fspath(directory))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> MergeResult:
-        """Read a result written by :meth:`save`, verifying its version and checksums."""
-        from safetensors.torch import load_file
+        """Read a result written by :meth:`save`, verifying its manifest, checksums and every
+        payload's fit before anything is decoded."""
+        return load_result(cls, os.fspath(directory))
 
-        directory = os.fspath(directory)
-        manifest_path = os.path.join(directory, "manifest.json")
-        try:
-            with open(manifest_path, encoding="utf-8") as f:
-                manifest = json.load(f)
-        except FileNotFoundError:
-            raise ResultFormatError(
-                f"{directory!r} holds no manifest.json: not a stored result, or an "
-                "interrupted save") from None
-        except json.JSONDecodeError as exc:
-            raise ResultFormatError(f"{manifest_path!r} is corrupt: {exc}") from None
-        version = manifest.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ResultFormatError(
-                f"{directory!r} has format version {version}, newer than this merge-harness "
-                f"reads ({FORMAT_VERSION}): upgrade merge-harness")
-        for name, digest in manifest["checksums"].items():
-            path = os.path.join(directory, name)
-            if not os.path.exists(path):
-                raise ResultFormatError(f"{path!r} is missing from the stored result")
-            if sha256_file(path) != digest:
-                raise ResultFormatError(
-                    f"{path!r} does not match its checksum: the stored result is corrupt "
-                    "or truncated")
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteOutputError` naming the first tensor holding NaN or Inf: the
+        base, the shared tensors, or a task's payload (an overflowing hyperparameter or task
+        vector shows here before a record is written)."""
+        def check(where: str, tensor: Tensor) -> None:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteOutputError(f"{self.method} produced non-finite values in {where}"
+                                           " (a hyperparameter or task vector overflows float32)")
+        for key in self.base.keys():
+            check(f"key {key!r} of the merged model", self.base[key])
+        for name, state in self.shared.items():
+            for key in state.keys():
+                check(f"key {key!r} of its shared tensors {name!r}", state[key])
+        for task, payload in self.payloads.items():
+            for key, codec in payload.records.items():
+                for field_name, tensor in codec.tensors().items():
+                    check(f"the payload of task {task!r}, key {key!r} ({field_name})", tensor)
+            if payload.scale is not None:
+                check(f"the scale of task {task!r}", payload.scale)
 
-        def read(name: str) -> dict[str, Tensor]:
-            return load_file(os.path.join(directory, name))
 
-        payloads = {}
-        for entry in manifest["tasks"]:
-            if "file" not in entry:
-                continue
-            tensors = read(entry["file"])
-            records = {}
-            for rec in entry["records"]:
-                prefix = rec["key"] + "::"
-                mine = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
-                records[rec["key"]] = CODECS[rec["kind"]].from_stored(rec["meta"], mine)
-            payloads[entry["name"]] = TaskPayload(records, tensors.get("::scale"), entry["shared"])
-        return cls(
-            method=manifest["method"],
-            hyperparameters=manifest["hyperparameters"],
-            base=read("base.safetensors"),
-            tasks=[e["name"] for e in manifest["tasks"]],
-            kind=manifest["kind"],
-            payloads=payloads,
-            shared={n: read(f"shared-{n}.safetensors") for n in manifest["shared"]},
-            merged_params=manifest["merged_params"],
-            paper_bits=manifest["paper_bits"],
-            unseen=manifest["unseen"],
-            info=manifest["info"],
-        )
-
+class NonFiniteOutputError(ValueError):
+    """A merge whose outputs hold NaN or Inf; the message names the tensor."""

@@ -22,8 +22,9 @@ from harness.registry import METHODS, SUITES
 from harness.sharded import stream_outputs
 from harness.state_dict import merge_device
 from harness.result import MergeResult
-from harness.results import (DEFAULT_RESULTS_DIR, hyperparameter_tag, read_records, record_path,
-                             write_record)
+from harness.files import check_writable_folder
+from harness.results import (DEFAULT_RESULTS_DIR, hyperparameter_tag, read_record, read_records,
+                             record_path, write_record)
 from harness.unseen import similarity_weights
 from tasks.base import Evaluation, Suite
 
@@ -73,6 +74,7 @@ def validate(config: RunConfig) -> tuple[Suite, MergeMethod]:
     the suite's files. Raises with a message naming the problem."""
     if config.split not in ("seen", "unseen"):
         raise ValueError(f"--split must be 'seen' or 'unseen', not {config.split!r}")
+    check_seed(config.seed)
     if config.unseen_weighting not in ("method", "similarity"):
         raise ValueError("unseen weighting must be 'method' or 'similarity'")
     suite = get_suite(config.suite, config.cache_dir, config=config.suite_config,
@@ -83,13 +85,43 @@ def validate(config: RunConfig) -> tuple[Suite, MergeMethod]:
     if config.split == "unseen" and not suite.split_tasks("unseen"):
         raise ValueError(f"suite {suite.name!r} has no unseen tasks")
     check_device(config.device)
+    check_writable_folder(config.results_dir, "--results")
+    check_writable_folder(suite.cache_dir, "--cache-dir")
+    if config.stream_dir:
+        check_writable_folder(config.stream_dir, "--stream-dir")
     suite.check()
     return suite, method
 
 
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: int) -> None:
+    if type(seed) is not int or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"--seed must be an integer in [0, {MAX_SEED}], got {seed}")
+
+
 def check_device(device: str) -> None:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+    """Raise unless ``device`` names a device torch knows and this machine has, on which merges
+    and evaluation can run: cpu, cuda or cuda:N, mps."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda, cuda:N or mps") \
+            from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device} was asked for but torch sees no CUDA device")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA "
+                             "device(s)")
+        return
+    if parsed.type == "mps" and torch.backends.mps.is_available():
+        return
+    raise ValueError(f"--device {device}: merges and evaluation run on cpu, cuda[:N] or mps, "
+                     "where torch sees one")
 
 
 def _log(config: RunConfig, message: str) -> None:
@@ -242,12 +274,13 @@ def run(config: RunConfig) -> dict:
     path = record_path(config.results_dir, suite.name, config.split, method.name,
                        run_identity(suite, method, config), config.seed)
     if os.path.exists(path) and not config.force:
-        _log(config, f"result exists, skipped (use --force to rerun): {path}")
-        records, _ = read_records(os.path.dirname(path))
-        record = next(r for r in records if r["_path"] == path)
-        if record.get("status") == "not-applicable":
-            raise MethodNotApplicable(f"{record['reason']} (recorded in {path})")
-        return record
+        record, problem = read_record(path)
+        if record is not None:
+            _log(config, f"result exists, skipped (use --force to rerun): {path}")
+            if record.get("status") == "not-applicable":
+                raise MethodNotApplicable(f"{record['reason']} (recorded in {path})")
+            return record
+        _log(config, f"the stored record {path} cannot be used ({problem}): running again")
 
     torch.manual_seed(config.seed)
     suite.prepare(progress=not config.quiet)
@@ -263,9 +296,10 @@ def run(config: RunConfig) -> dict:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     try:
-        with (stream_outputs(config.stream_dir) if config.stream_dir
+        with (stream_outputs(stream_folder(config, suite, path)) if config.stream_dir
               else contextlib.nullcontext()), merge_device(config.device):
             result = method.merge(pretrained, finetuned, progress=not config.quiet)
+        result.check_finite()
     except MethodNotApplicable as reason:
         # recorded, so the leaderboard says why this method has no row here
         write_record(path, {
@@ -304,6 +338,13 @@ def run(config: RunConfig) -> dict:
     write_record(path, record)
     record["_path"] = path
     return record
+
+
+def stream_folder(config: RunConfig, suite: Suite, record: str) -> str:
+    """This run's own folder of streamed outputs, ``<stream-dir>/<suite>/<split>/<record
+    name>``: runs of other methods, hyperparameters or seeds never write over each other."""
+    name = os.path.splitext(os.path.basename(record))[0]
+    return os.path.join(config.stream_dir, suite.name, config.split, name)
 
 
 def evaluate_split(suite: Suite, result: MergeResult, config: RunConfig):

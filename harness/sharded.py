@@ -16,13 +16,10 @@ import collections
 import contextlib
 import contextvars
 import errno
-import itertools
 import json
 import mmap
 import os
-import shutil
 import struct
-import tempfile
 from collections.abc import Iterator, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,10 +29,50 @@ import numpy
 import torch
 from torch import Tensor
 
+from harness.files import ReplaceRefusedError, UntrustedFileError, WorkFolder, read_json_file
+
 INDEX = "model.safetensors.index.json"
-_TARGET: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar(
+SHARDS_FORMAT = "merge-harness-shards"      # in the index's metadata: the harness wrote it
+
+
+@dataclass
+class _StreamTarget:
+    """Where one ``stream_outputs`` block writes: its folder, shard size, names given out."""
+
+    directory: str
+    shard_bytes: int
+    names: collections.Counter = field(default_factory=collections.Counter)
+
+    def folder_for(self, name: str) -> str:
+        """``<directory>/<name>``, then ``<name>-2``, ``<name>-3``... within this block."""
+        self.names[name] += 1
+        count = self.names[name]
+        return os.path.join(self.directory, name if count == 1 else f"{name}-{count}")
+
+
+_TARGET: contextvars.ContextVar[_StreamTarget | None] = contextvars.ContextVar(
     "merge_harness_stream_target", default=None)
-_COUNTER = itertools.count()
+
+
+def check_replaceable_shards(path: str) -> None:
+    """Raise :class:`ReplaceRefusedError` unless ``path`` is a shard folder a ShardWriter
+    finished (its index says so) holding nothing its index does not list."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        raise ReplaceRefusedError(f"{path} exists and is not a folder of merged shards: not "
+                                  "replaced")
+    try:
+        index = read_json_file(os.path.join(path, INDEX), "shard index", 256 << 20)
+        files = set(index["weight_map"].values())
+        ours = index["metadata"]["format"] == SHARDS_FORMAT
+    except (OSError, UntrustedFileError, KeyError, TypeError, AttributeError):
+        ours = False
+    if not ours:
+        raise ReplaceRefusedError(f"{path} exists and is not a folder of shards merge-harness "
+                                  "wrote (no index saying so): not replaced")
+    extra = sorted(set(os.listdir(path)) - {INDEX, *files})
+    if extra:
+        raise ReplaceRefusedError(f"{path} holds {', '.join(extra[:3])}, which its index does "
+                                  "not list: not replaced")
 
 
 # safetensors' names of the dtypes a merge output can hold
@@ -62,10 +99,8 @@ class ShardWriter(MutableMapping):
     def __init__(self, directory: str, shard_bytes: int = 2**30) -> None:
         self.directory = directory
         self.shard_bytes = shard_bytes
-        parent = os.path.dirname(os.path.abspath(directory)) or "."
-        os.makedirs(parent, exist_ok=True)
-        self._work = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial-",
-                                      dir=parent)
+        self._folder = WorkFolder(directory, "partial")
+        self._work = self._folder.path
         # whole pages, so every write of a shard's data and header can bypass the page cache
         self._header_room = max(min(shard_bytes // 1024, 2**20) // _PAGE, 1) * _PAGE
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
@@ -203,13 +238,11 @@ class ShardWriter(MutableMapping):
         self._writer.shutdown()
         total = sum(placed.nbytes for placed in self._place.values())
         with open(os.path.join(self._work, INDEX), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": total},
+            json.dump({"metadata": {"total_size": total, "format": SHARDS_FORMAT},
                        "weight_map": {k: placed.file for k, placed in self._place.items()}},
                       f, indent=1)
         self._handles.clear()
-        if os.path.exists(self.directory):
-            shutil.rmtree(self.directory)
-        os.replace(self._work, self.directory)
+        self._folder.commit(check_replaceable_shards)
         self.finished = True
         return LazyStateDict(os.path.join(self.directory, INDEX))
 
@@ -222,7 +255,7 @@ class ShardWriter(MutableMapping):
         self._open = None
         self._in_flight.clear()
         self._handles.clear()
-        shutil.rmtree(self._work, ignore_errors=True)
+        self._folder.discard()
 
 
 class _Placed(NamedTuple):
@@ -278,6 +311,7 @@ class _ShardFile:
             if not direct or error.errno != errno.EINVAL:
                 raise
             self.fd, direct = os.open(path, flags, 0o644), 0
+        self.path = path
         self.direct = bool(direct)
         self.position = start           # where the staged bytes go: a whole page
         # an anonymous mapping is page-aligned, as direct I/O needs
@@ -321,6 +355,14 @@ class _ShardFile:
 
     def _write(self, offset: int, data: numpy.ndarray) -> None:
         try:
+            self._write_once(offset, data)
+        except OSError as error:        # a full disk: name the file
+            if error.filename is None:
+                raise OSError(error.errno, error.strerror, self.path) from None
+            raise
+
+    def _write_once(self, offset: int, data: numpy.ndarray) -> None:
+        try:
             _write_at(self.fd, offset, data)
         except OSError as error:
             if not self.direct or error.errno != errno.EINVAL:
@@ -349,8 +391,11 @@ def _write_at(fd: int, offset: int, data: numpy.ndarray) -> None:
 @contextlib.contextmanager
 def stream_outputs(directory: str | os.PathLike, shard_bytes: int = 2**30):
     """Within the block, model-sized merge outputs are written as shards under ``directory``
-    (one sub-folder per output), each renamed into place only when complete."""
-    token = _TARGET.set((os.fspath(directory), shard_bytes))
+    (one sub-folder per output: ``merged``, ``tau_uni``..., then ``merged-2`` for a second one),
+    each moved into place only when complete. An existing sub-folder is replaced only when it is
+    a shard folder the harness wrote; anything else there is an error naming it. Give each run
+    its own ``directory`` (the runner uses one per run identity)."""
+    token = _TARGET.set(_StreamTarget(os.fspath(directory), shard_bytes))
     try:
         yield os.fspath(directory)
     finally:
@@ -383,8 +428,7 @@ def new_output(name: str) -> MutableMapping:
     target = _TARGET.get()
     if target is None:
         return CpuOutput()
-    directory, shard_bytes = target
-    return ShardWriter(os.path.join(directory, f"{name}-{next(_COUNTER)}"), shard_bytes)
+    return ShardWriter(target.folder_for(name), target.shard_bytes)
 
 
 def finish_output(output: MutableMapping):

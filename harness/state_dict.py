@@ -184,8 +184,11 @@ class ValueChecks:
             nonfinite = not _surely_finite(delta)
         else:
             nonzero, nonfinite = counted
-        if nonfinite:
+        if nonfinite and (counted is not None or not bool(torch.isfinite(delta).all())):
             _check_finite(source, key, f"task model {task!r}")
+            raise MergeInputError(
+                f"the task vector of key {key!r} for task model {task!r} overflows float32: "
+                "both models are finite there, their difference is not")
         self.spec.changed[task][key] += nonzero
 
     def unchanged(self, key: str) -> bool:
@@ -623,8 +626,7 @@ class LazyStateDict(Mapping[str, Tensor]):
             path = _find_checkpoint(path)
         self.path = path
         if path.endswith(".json"):
-            with open(path, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = read_weight_map(path)
             folder = os.path.dirname(path)
             files = sorted(set(weight_map.values()))
             handles = {f: _open_checked(os.path.join(folder, f)) for f in files}
@@ -658,6 +660,29 @@ class LazyStateDict(Mapping[str, Tensor]):
 
     def __repr__(self) -> str:
         return f"LazyStateDict({self.path!r}, {len(self)} tensors)"
+
+
+def read_weight_map(path: str) -> dict[str, str]:
+    """The ``weight_map`` of a Hugging Face shard index, checked: JSON, an object of tensor
+    names to shard files that lie in the index's own folder; else an error naming the file."""
+    from harness.files import UntrustedFileError, read_json_file
+
+    try:
+        index = read_json_file(path, "shard index", 256 << 20)
+    except FileNotFoundError:
+        raise MergeInputError(f"the shard index {path} does not exist") from None
+    except (OSError, UntrustedFileError) as error:
+        raise MergeInputError(f"cannot read the shard index: {error}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise MergeInputError(f"the shard index {path} has no weight_map of tensor names to "
+                              "shard files")
+    for key, file in weight_map.items():
+        if (not isinstance(file, str) or not file or os.path.basename(file) != file
+                or file in (".", "..")):
+            raise MergeInputError(f"the shard index {path} places {key!r} in {file!r}, not a "
+                                  "file of the index's folder")
+    return weight_map
 
 
 def _find_checkpoint(folder: str) -> str:
@@ -860,12 +885,21 @@ def encode_deltas(reference: StateDict, finetuned: Mapping[str, StateDict], spec
     for key in iter_keys(spec.active_keys, desc, progress):
         ref = reference[key]
         for task in spec.tasks:
-            if blocked is not None and blocked(key):
-                delta = BlockedDelta(ref, finetuned[task][key])
-                codec = encode(key, delta)
-            else:
-                delta = task_vector(ref, finetuned[task][key])
-                codec = encode(key, delta) if delta.any() else None
+            try:
+                if blocked is not None and blocked(key):
+                    delta = BlockedDelta(ref, finetuned[task][key])
+                    codec = encode(key, delta)
+                else:
+                    delta = task_vector(ref, finetuned[task][key])
+                    if not _surely_finite(delta) and not bool(torch.isfinite(delta).all()):
+                        raise MergeInputError(
+                            f"the delta of key {key!r} of task model {task!r} against the "
+                            "method's base is not finite: the base (or the task vector) overflows "
+                            "float32")
+                    codec = encode(key, delta) if delta.any() else None
+            except torch.linalg.LinAlgError as error:
+                raise MergeInputError(f"the decomposition of key {key!r} of task model {task!r} "
+                                      f"failed: {error}") from None
             if codec is not None:
                 records[task][key] = codec.cpu()
             del delta, codec                 # not alive while the next task's delta is built

@@ -320,7 +320,7 @@ def dts_result(method: MergeMethod, spec: ModelSpec, base: StateDict,
     return MergeResult(method.name, method.params(), base, spec.tasks, kind="personalized",
                        payloads={t: TaskPayload(r) for t, r in records.items()},
                        merged_params=spec.merged_params,
-                       paper_bits={t: bits for t in spec.tasks},
+                       accounting={"paper_bits": {t: bits for t in spec.tasks}},
                        unseen={"weighted": True}, info={"density": density, **(info or {})})
 
 

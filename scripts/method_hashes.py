@@ -181,7 +181,7 @@ def case_hashes(method_name: str, hyperparameters: dict, options: tuple[str, ...
                 out[f"payload/{task}/{key}/meta"] = _digest([codec.kind, codec.meta()])
             if payload.scale is not None:
                 out[f"payload/{task}/scale"] = _digest(payload.scale)
-        extras = getattr(result, "accounting", None) or getattr(result, "paper_bits", None)
+        extras = getattr(result, "paper_bits", None)
         out["facts"] = _digest({"kind": result.kind, "tasks": result.tasks,
                                 "merged_params": result.merged_params,
                                 "stored_bytes": {t: result.stored_bytes(t) for t in result.tasks},

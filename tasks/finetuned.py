@@ -7,6 +7,8 @@ Each task model is fine-tuned once (backbone plus the task's own head, from a se
 
 from __future__ import annotations
 
+import functools
+
 import os
 from functools import cached_property
 from typing import ClassVar
@@ -51,8 +53,8 @@ class FinetunedSuite(Suite):
 
         missing = [t.name for t in self.tasks if not self.cache.has(f"task-{t.name}")]
         for task in tqdm(missing, desc=f"{self.name}: fine-tuning", disable=not progress):
-            self.cache.put(f"task-{task}", self._finetune(task, progress),
-                           steps=self.recipe["steps"])
+            self.cache.ensure(f"task-{task}", functools.partial(self._finetune, task, progress),
+                              steps=self.recipe["steps"])
 
     def _entry(self, task: str) -> StateDict:
         self.task(task)

@@ -14,6 +14,7 @@ import os
 import sys
 from functools import cached_property
 
+from harness.files import UntrustedFileError, read_regular_file
 from tasks.base import Suite, SuiteUnavailableError, Task
 from tasks.embeddings import SentenceEncoder, default_minilm_dir
 
@@ -25,30 +26,85 @@ else:                                                  # pragma: no cover
     import tomli as tomllib
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+# the types of the fields every suite reads (a suite may read more); anything else is kept as is
+_STR, _STRS, _INT = "a string", "a list of strings", "a positive integer"
+TOP_FIELDS = {"suite": _STR, "family": _STR, "pretrained": _STR, "unseen": _STRS,
+              "batch_size": _INT, "max_examples": _INT, "max_length": _INT, "encoder": _STR,
+              "checkpoint_format": _STR, "revision": _STR, "dtype": _STR,
+              "task_embedding": _STR, "method_defaults": "a table of tables"}
+TASK_FIELDS = {"checkpoint": _STR, "head": _STR, "dataset": _STR, "subset": _STR, "split": _STR,
+               "revision": _STR, "dataset_revision": _STR, "subfolder": _STR,
+               "description": _STR, "metric": _STR, "format": _STR, "image_column": _STR,
+               "label_column": _STR, "lm_eval_task": _STR, "train_split": _STR,
+               "labels": _STRS, "classnames": _STRS, "templates": _STRS, "text": _STRS,
+               "data_files": "a string or a list of strings",
+               "train_data_files": "a string or a list of strings", "max_examples": _INT}
+
+
+def _fits(value, kind: str) -> bool:
+    if kind == _STR:
+        return isinstance(value, str)
+    if kind == _STRS:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind == _INT:
+        return type(value) is int and value > 0
+    if kind == "a string or a list of strings":
+        return _fits(value, _STR) or _fits(value, _STRS)
+    if kind == "a table of tables":
+        return isinstance(value, dict) and all(isinstance(v, dict) for v in value.values())
+    raise AssertionError(kind)
+
+
+def check_config_types(config: dict, where: str) -> None:
+    """Raise :class:`SuiteUnavailableError` naming the first field of a suite config whose type
+    is wrong (``[tasks] cola = 1``, ``pretrained = 7``, ``unseen = "qqp"``...)."""
+    for name, kind in TOP_FIELDS.items():
+        if name in config and not _fits(config[name], kind):
+            raise SuiteUnavailableError(f"suite config {where}: {name} must be {kind}, got "
+                                        f"{config[name]!r}")
+    tasks = config.get("tasks")
+    if not isinstance(tasks, dict) or not tasks:
+        raise SuiteUnavailableError(f"suite config {where} defines no [tasks.*]")
+    for task, spec in tasks.items():
+        if not isinstance(spec, dict):
+            raise SuiteUnavailableError(f"suite config {where}: tasks.{task} must be a table "
+                                        f"([tasks.{task}] with its fields), got {spec!r}")
+        for name, kind in TASK_FIELDS.items():
+            if name in spec and not _fits(spec[name], kind):
+                raise SuiteUnavailableError(f"suite config {where}: tasks.{task}.{name} must "
+                                            f"be {kind}, got {spec[name]!r}")
+
+
 def load_config(suite: str, path: str | None = None) -> tuple[dict, str]:
-    """(config, sha256 of its bytes) of ``path``, or of the suite's packaged default."""
+    """(config, sha256 of its bytes) of ``path``, or of the suite's packaged default. The file
+    must be a regular UTF-8 file of at most 1 MiB holding TOML of the expected types."""
+    where = path or f"tasks/configs/{suite}.toml"
     if path is None:
         path_here = os.path.join(CONFIG_DIR, f"{suite}.toml")
         if not os.path.exists(path_here):
             raise SuiteUnavailableError(f"suite {suite!r} has no packaged config; pass one with "
                                         "--suite-config FILE")
-        with open(path_here, "rb") as f:
-            blob = f.read()
-    else:
-        try:
-            with open(path, "rb") as f:
-                blob = f.read()
-        except OSError as error:
-            raise SuiteUnavailableError(f"cannot read suite config {path}: {error}") from None
+        path = path_here
     try:
-        config = tomllib.loads(blob.decode())
+        blob = read_regular_file(path, "suite config", MAX_CONFIG_BYTES)
+        text = blob.decode("utf-8")
+    except FileNotFoundError:
+        raise SuiteUnavailableError(f"suite config {path} does not exist") from None
+    except UnicodeDecodeError as error:
+        raise SuiteUnavailableError(f"suite config {path} is not UTF-8 text (byte "
+                                    f"{error.start})") from None
+    except (OSError, UntrustedFileError) as error:
+        raise SuiteUnavailableError(f"cannot read suite config {path}: {error}") from None
+    try:
+        config = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        raise SuiteUnavailableError(f"suite config {path or suite}: {error}") from None
+        raise SuiteUnavailableError(f"suite config {where}: {error}") from None
     if config.get("suite", suite) != suite:
         raise SuiteUnavailableError(
-            f"{path} is a config for suite {config['suite']!r}, not {suite!r}")
-    if not config.get("tasks"):
-        raise SuiteUnavailableError(f"suite config {path or suite} defines no [tasks.*]")
+            f"{where} is a config for suite {config['suite']!r}, not {suite!r}")
+    check_config_types(config, where)
     return config, hashlib.sha256(blob).hexdigest()
 
 

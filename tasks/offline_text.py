@@ -192,14 +192,15 @@ class OfflineTextSuite(FinetunedSuite):
         if self._data is not None:
             return self._data
         path = self._data_path()
-        if self.cache.has_file(path):
-            with open(path, encoding="utf-8") as f:
-                self._data = json.load(f)
-            return self._data
-        fetch_bigbench(self.archive, self.archive_sha256, progress=True)
-        self._data = extract_tasks(self.archive, self.text_tasks)
-        write_json_atomic(path, self._data)
-        self.cache.record_file(path)
+
+        def build() -> None:
+            fetch_bigbench(self.archive, self.archive_sha256, progress=True)
+            write_json_atomic(path, extract_tasks(self.archive, self.text_tasks))
+            self.cache.record_file(path)
+
+        self.cache.ensure_file(path, build)
+        with open(path, encoding="utf-8") as f:
+            self._data = json.load(f)
         return self._data
 
     def labels(self, task: str) -> list[str]:

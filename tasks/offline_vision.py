@@ -235,7 +235,8 @@ class OfflineVisionSuite(FinetunedSuite):
         if self._data is not None:
             return self._data
         path = self._data_path()
-        if not self.cache.has_file(path):
+
+        def build() -> None:
             from safetensors.torch import save_file
 
             sources = self._read_sources(progress=True)
@@ -244,9 +245,11 @@ class OfflineVisionSuite(FinetunedSuite):
                 images, labels = sources[task.name]
                 tensors |= split_images(images, labels, task, self.recipe["splits"])
             os.makedirs(self.folder, exist_ok=True)
-            save_file(tensors, path + ".tmp")
-            os.replace(path + ".tmp", path)
+            save_file(tensors, path + f".tmp-{os.getpid()}")
+            os.replace(path + f".tmp-{os.getpid()}", path)
             self.cache.record_file(path)
+
+        self.cache.ensure_file(path, build)
         from safetensors.torch import load_file
 
         self._data = load_file(path)

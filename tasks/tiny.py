@@ -9,6 +9,8 @@ back. A task's embedding is its normalized token-weight vector, so related tasks
 
 from __future__ import annotations
 
+import functools
+
 import os
 
 import torch
@@ -109,6 +111,16 @@ def _train(model: nn.Module, inputs: Tensor, targets: Tensor, steps: int, loss_f
     model.eval()
 
 
+def _pretrain() -> dict[str, Tensor]:
+    """The pretrained encoder: trained to count tokens, from the recipe's seed."""
+    torch.manual_seed(RECIPE["seed"])
+    model = TinyClassifier(VOCAB)
+    inputs = torch.randint(0, VOCAB, (4000, LENGTH), generator=torch.Generator().manual_seed(7))
+    counts = nn.functional.one_hot(inputs, VOCAB).sum(dim=1).float()
+    _train(model, inputs, counts, RECIPE["pretrain_steps"], nn.functional.mse_loss, 1)
+    return model.encoder.state_dict()
+
+
 class TinySuite(Suite):
     """Synthetic token-counting tasks on a tiny transformer; builds and caches itself."""
 
@@ -129,31 +141,32 @@ class TinySuite(Suite):
         missing = [n for n in names if not self.cache.has(f"task-{n}")]
         if self.cache.has("pretrained") and not missing:
             return
-        torch.manual_seed(RECIPE["seed"])
-        if not self.cache.has("pretrained"):
-            model = TinyClassifier(VOCAB)
-            inputs = torch.randint(0, VOCAB, (4000, LENGTH),
-                                   generator=torch.Generator().manual_seed(7))
-            counts = nn.functional.one_hot(inputs, VOCAB).sum(dim=1).float()
-            _train(model, inputs, counts, RECIPE["pretrain_steps"], nn.functional.mse_loss, 1)
-            self.cache.put("pretrained", model.encoder.state_dict(), steps=RECIPE["pretrain_steps"])
-            missing = names
+        rebuilt = self.cache.ensure("pretrained", _pretrain, steps=RECIPE["pretrain_steps"])
+        if rebuilt:
+            missing = names             # task models fine-tuned from another pretrained model
         pretrained = dict(self.cache.get("pretrained"))
         from tqdm.auto import tqdm
 
         for name in tqdm(missing, desc="tiny: fine-tuning", disable=not progress):
-            index = list(TASK_WEIGHTS).index(name)   # seeds depend on the task, not the order
-            model = TinyClassifier(2)
-            model.encoder.load_state_dict(pretrained)
-            torch.manual_seed(100 + index)
-            nn.init.normal_(model.head.weight, std=0.02)
-            nn.init.zeros_(model.head.bias)
-            inputs, labels = self.data(name, "train")
-            _train(model, inputs, labels, RECIPE["finetune_steps"], nn.functional.cross_entropy,
-                   index + 11)
-            state = {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
-            state.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
-            self.cache.put(f"task-{name}", state, steps=RECIPE["finetune_steps"])
+            build = functools.partial(self._finetune, name, pretrained)
+            if rebuilt:
+                self.cache.put(f"task-{name}", build(), steps=RECIPE["finetune_steps"])
+            else:
+                self.cache.ensure(f"task-{name}", build, steps=RECIPE["finetune_steps"])
+
+    def _finetune(self, name: str, pretrained: dict[str, Tensor]) -> dict[str, Tensor]:
+        index = list(TASK_WEIGHTS).index(name)   # seeds depend on the task, not the order
+        model = TinyClassifier(2)
+        model.encoder.load_state_dict(pretrained)
+        torch.manual_seed(100 + index)
+        nn.init.normal_(model.head.weight, std=0.02)
+        nn.init.zeros_(model.head.bias)
+        inputs, labels = self.data(name, "train")
+        _train(model, inputs, labels, RECIPE["finetune_steps"], nn.functional.cross_entropy,
+               index + 11)
+        state = {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
+        state.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
+        return state
 
     def check(self) -> None:
         """Nothing to download: the suite builds itself on first use."""

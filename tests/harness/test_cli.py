@@ -1,6 +1,7 @@
 """End to end through the ``harness`` command on the ``tiny`` suite."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -287,6 +288,28 @@ def test_stream_dir_writes_shards_and_gives_the_same_scores(tiny_cache, tmp_path
     assert code == 0, err
     a, b = (record_for(str(tmp_path / r), "seen", "ties") for r in ("a", "b"))
     assert a["tasks"] == b["tasks"]
-    folders = os.listdir(tmp_path / "shards")
-    assert folders and all(os.path.exists(tmp_path / "shards" / f /
-                                          "model.safetensors.index.json") for f in folders)
+    run_folder = tmp_path / "shards" / "tiny" / "seen" / os.path.basename(b["_path"])[:-5]
+    assert os.listdir(run_folder) == ["merged"]
+    assert os.path.exists(run_folder / "merged" / "model.safetensors.index.json")
+
+
+def test_streamed_outputs_of_other_runs_are_never_replaced(tiny_cache, tmp_path, capsys):
+    common = ["run", "--cache-dir", tiny_cache, "--quiet", "--results", str(tmp_path / "r"),
+              "--stream-dir", str(tmp_path / "shards")]
+    for method in (["--method", "ties"], ["--method", "ties", "--set", "lam=0.5"],
+                   ["--method", "task-arithmetic"], ["--method", "ties", "--seed", "3"]):
+        assert run_cli(capsys, *common, *method)[0] == 0
+    seen = tmp_path / "shards" / "tiny" / "seen"
+    runs = sorted(os.listdir(seen))
+    assert len(runs) == 4 and all(os.listdir(seen / r) == ["merged"] for r in runs)
+    # a folder where a rerun writes that the harness did not write is refused, not replaced
+    records, _ = read_records(str(tmp_path / "r" / "tiny" / "seen"))
+    first = next(os.path.basename(r["_path"])[:-5] for r in records
+                 if r["label"] == "ties" and r["seed"] == 0)
+    target = seen / first / "merged"
+    shutil.rmtree(target)
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    code, _, err = run_cli(capsys, *common, "--method", "ties", "--force")
+    assert code == 2 and "not a folder of shards merge-harness wrote" in err, err
+    assert (target / "notes.txt").read_text() == "mine"

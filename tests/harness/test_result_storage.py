@@ -82,7 +82,7 @@ def test_failed_save_keeps_previous_result(tmp_path, monkeypatch):
     before = (path / "manifest.json").read_text()
     pre, ft = make_models(seed=9)
     result = get_method("t-switch").merge(pre, ft)
-    import harness.result as result_module
+    import harness.result_storage as result_module
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
