@@ -12,6 +12,9 @@ _BINS = 1 << 16
 NON_FINITE_HALF_BIN = 2 * 0x7F80   # first half-bin of non-finite magnitudes (exponent all ones)
 
 
+BATCH_BELOW = 1 << 14   # smaller blocks are histogrammed in batches (see StreamingKthSmallest)
+
+
 class StreamingKthSmallest:
     """The exact k-th smallest (1-indexed) of non-negative float32 values, seen in one or two
     passes.
@@ -23,8 +26,11 @@ class StreamingKthSmallest:
     whose task vectors carry few mantissa bits. Otherwise pass 2 counts the low 16 bits of the
     values inside the k-th value's bin. Memory: two small histograms, whatever the model, kept
     on the values' device: on a GPU, adding each block's counts to a histogram on the CPU is a
-    CPU operation between GPU waits, after which OpenMP's idle threads spin (about 9 ms each on
-    this project's machine).
+    CPU operation between GPU waits, after which OpenMP's idle threads spin.
+
+    A histogram costs its bins (131,072 in pass 1, 65,536 in pass 2) whatever the block's size,
+    so blocks under ``BATCH_BELOW`` values wait in a queue and are counted together once the
+    queue holds that many: a model of thousands of small keys costs what its entries cost.
     """
 
     def __init__(self) -> None:
@@ -33,27 +39,54 @@ class StreamingKthSmallest:
         self.bin: int | None = None
         self.on_edge = False
         self.rank = 0
+        self._queued: dict[str, list[Tensor]] = {"high": [], "low": []}
+        self._queued_values = {"high": 0, "low": 0}
 
     def add_high(self, values: Tensor, *, overwrite: bool = False,
-                 scratch: Tensor | None = None) -> Tensor:
-        """Pass 1: count ``values``; returns these values' counts per half-bin, on their
-        device. With ``overwrite``, ``values`` is worked in (destroyed); ``scratch``, an int32
+                 scratch: Tensor | None = None) -> tuple[int, int]:
+        """Pass 1: count ``values``; returns how many of them are +0.0 and how many are not
+        finite. With ``overwrite``, ``values`` is worked in (destroyed); ``scratch``, an int32
         tensor of its size, spares one fresh allocation."""
         bits = values.reshape(-1).view(torch.int32)
         high = torch.bitwise_right_shift(bits, 16, out=scratch)
         ceiling = (bits if overwrite else bits.clone()).add_(0xFFFF).bitwise_right_shift_(16)
         half_bin = high.add_(ceiling)    # 2h on the edge h << 16, 2h + 1 inside bin h
+        if half_bin.numel() < BATCH_BELOW:
+            zeros = int(torch.count_nonzero(half_bin == 0))
+            nonfinite = int(torch.count_nonzero(half_bin >= NON_FINITE_HALF_BIN))
+            self._queue("high", half_bin.clone())
+            return zeros, nonfinite
         counts = torch.bincount(half_bin, minlength=2 * _BINS)
-        self.high = self.high.to(counts.device)
-        self.high += counts
-        return counts
+        self._add("high", counts)
+        return int(counts[0]), int(counts[NON_FINITE_HALF_BIN:].sum())
+
+    def _queue(self, name: str, indices: Tensor) -> None:
+        self._queued[name].append(indices)
+        self._queued_values[name] += indices.numel()
+        if self._queued_values[name] >= BATCH_BELOW:
+            self._flush(name)
+
+    def _flush(self, name: str) -> None:
+        queued = self._queued[name]
+        if queued:
+            bins = 2 * _BINS if name == "high" else _BINS
+            self._add(name, torch.bincount(torch.cat(queued), minlength=bins))
+            queued.clear()
+            self._queued_values[name] = 0
+
+    def _add(self, name: str, counts: Tensor) -> None:
+        total = getattr(self, name).to(counts.device)
+        total += counts
+        setattr(self, name, total)
 
     @property
     def zeros(self) -> int:
         """How many of the values counted so far are exactly +0.0."""
+        self._flush("high")
         return int(self.high[0])
 
     def choose_bin(self, k: int) -> None:
+        self._flush("high")
         cum = self.high.cumsum(0)
         half_bin = int(torch.searchsorted(cum, k))
         self.bin, self.on_edge = half_bin // 2, half_bin % 2 == 0
@@ -73,11 +106,13 @@ class StreamingKthSmallest:
         shifted, in_bin = scratch
         torch.eq(torch.bitwise_right_shift(bits, 16, out=shifted), self.bin, out=in_bin)
         inside = bits[in_bin] & 0xFFFF
-        counts = torch.bincount(inside, minlength=_BINS)
-        self.low = self.low.to(counts.device)
-        self.low += counts
+        if bits.numel() < BATCH_BELOW:
+            self._queue("low", inside)
+        else:
+            self._add("low", torch.bincount(inside, minlength=_BINS))
 
     def value(self) -> float:
+        self._flush("low")
         low = 0 if self.on_edge else int(torch.searchsorted(self.low.cumsum(0), self.rank))
         word = torch.tensor([(self.bin << 16) | low], dtype=torch.int32)
         return float(word.view(torch.float32))

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from harness.method import MergeMethod, hp, require
 from harness.result import MergeResult
-from harness.select import NON_FINITE_HALF_BIN, StreamingKthSmallest
+from harness.select import StreamingKthSmallest
 from harness.sharded import building, finish_output, patch_tensor
 from harness.state_dict import (BlockBuffers, ModelSpec, StateDict, cast_like, inspect_models,
                                 iter_keys, row_blocks, store_rows, task_vector)
@@ -80,10 +80,10 @@ class TrimThresholds:
     def observe(self, task: str, key: str, tau: Tensor) -> tuple[int, int]:
         """Count ``tau``'s magnitudes (which overwrites it: inspect_models hands over scratch);
         returns its numbers of non-zero and non-finite entries, read off the counts."""
-        counts = self.selectors[task].add_high(
+        zeros, nonfinite = self.selectors[task].add_high(
             tau.abs_(), overwrite=True,
             scratch=self.buffers.view("high", tau, torch.int32).reshape(-1))
-        return tau.numel() - int(counts[0]), int(counts[NON_FINITE_HALF_BIN:].sum())
+        return tau.numel() - zeros, nonfinite
 
     def finish(self, pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
                k: float, progress: bool, desc: str) -> dict[str, float | None]:

@@ -297,3 +297,33 @@ def test_float32_thresholds_inside_a_bin_with_ties_at_them(merge, seed):
     for key, value in reference.items():
         assert torch.equal(result.base[key], value), key
     assert bool((result.base["c"] < pre["c"]).all())    # +v, -v cancel: the majority, -, merges
+
+
+def test_small_blocks_are_counted_in_batches_with_the_same_results():
+    """Blocks under BATCH_BELOW values wait and are histogrammed together: the same zero and
+    non-finite counts per call, and the same k-th value, as one whole pass."""
+    import harness.select as select
+
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(50_000, generator=g).abs()
+    values[::7] = 0.0
+    values[5] = float("inf")
+    pieces = list(values.split(37))
+    for k in (1, 1000, 25_000, 49_999):
+        whole = StreamingKthSmallest()
+        assert whole.add_high(values) == (int((values == 0).sum()), 1)
+        whole.choose_bin(k)
+        if whole.needs_low:
+            whole.add_low(values)
+        batched = StreamingKthSmallest()
+        for piece in pieces:
+            assert piece.numel() < select.BATCH_BELOW
+            assert batched.add_high(piece) == (int((piece == 0).sum()),
+                                               int((~torch.isfinite(piece)).sum()))
+        assert batched.zeros == whole.zeros
+        batched.choose_bin(k)
+        assert (batched.bin, batched.on_edge) == (whole.bin, whole.on_edge)
+        if batched.needs_low:
+            for piece in pieces:
+                batched.add_low(piece)
+        assert batched.value() == whole.value() == values.sort().values[k - 1].item()
