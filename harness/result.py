@@ -199,6 +199,11 @@ class MergeResult:
                     check(f"the payload of task {task!r}, key {key!r} ({field_name})", tensor)
             if payload.scale is not None:
                 check(f"the scale of task {task!r}", payload.scale)
+        name, scale = self.unseen.get("shared"), self.unseen.get("scale", 1.0)
+        if name and scale != 1.0:
+            for key in self.shared[name].keys():
+                check(f"key {key!r} served to unseen tasks ({scale} * {name})",
+                      to_float32(self.shared[name][key]) * scale)
 
 
 class NonFiniteOutputError(ValueError):

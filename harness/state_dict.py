@@ -175,10 +175,12 @@ class ValueChecks:
             _check_finite(theta0, key, "the pretrained model")
 
     def task(self, task: str, key: str, delta: Tensor, source: Tensor,
-             counted: tuple[int, bool] | None = None) -> None:
+             counted: tuple[int, bool] | None = None, overflow_ok: bool = False) -> None:
         """Check a task's float32 task-vector block ``delta`` (of the block ``source`` of its
         model) and count its non-zero entries; ``counted`` gives the counts of non-zero and of
-        non-finite entries when the caller has them already."""
+        non-finite entries when the caller has them already. A delta that overflows float32
+        where both models are finite is an error, unless ``overflow_ok`` (a rule that merges
+        the weights themselves, never their difference)."""
         if counted is None:
             nonzero = count_nonzero(delta, self.buffers.view("bits", delta, torch.int32))
             nonfinite = not _surely_finite(delta)
@@ -186,9 +188,10 @@ class ValueChecks:
             nonzero, nonfinite = counted
         if nonfinite and (counted is not None or not bool(torch.isfinite(delta).all())):
             _check_finite(source, key, f"task model {task!r}")
-            raise MergeInputError(
-                f"the task vector of key {key!r} for task model {task!r} overflows float32: "
-                "both models are finite there, their difference is not")
+            if not overflow_ok:
+                raise MergeInputError(
+                    f"the task vector of key {key!r} for task model {task!r} overflows float32: "
+                    "both models are finite there, their difference is not")
         self.spec.changed[task][key] += nonzero
 
     def unchanged(self, key: str) -> bool:
@@ -789,7 +792,8 @@ def task_vector_blocks(pretrained: StateDict, finetuned: Mapping[str, StateDict]
             if checks is not None:
                 delta = buffers.view("delta", theta0)
                 for task, weight, block in zip(spec.tasks, inputs, blocks):
-                    checks.task(task, key, torch.sub(weight, theta0, out=delta), block)
+                    checks.task(task, key, torch.sub(weight, theta0, out=delta), block,
+                                overflow_ok=True)
             yield rows, theta0, inputs
             continue
         taus = list(buffers.view("taus", theta0, count=len(sources)))

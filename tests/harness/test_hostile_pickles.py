@@ -6,7 +6,6 @@ import os
 import pickle
 import random
 import struct
-import sys
 import zipfile
 
 import pytest
