@@ -65,10 +65,12 @@ def cmd_validate(args) -> int:
 
 
 def cmd_finetune(args) -> int:
+    from harness.files import check_writable_folder
     from harness.runner import check_device, get_suite
 
     check_device(args.device)
     suite = get_suite(args.suite, args.cache_dir, config=args.suite_config)
+    check_writable_folder(suite.cache_dir, "--cache-dir")
     print(f"ok: {suite.finetune(progress=not args.quiet, device=args.device)}")
     return 0
 
