@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from harness.method import MergeMethod, hp, require
-from harness.result import MergeResult
-from harness.state_dict import BlockBuffers, inspect_models, merge_shared
-from methods.task_arithmetic import task_arithmetic
+from harness.core.tensors import BlockBuffers
+from harness.engine.method import hp, require
+from harness.engine.templates import SharedMerge
+from harness.methods.task_arithmetic import task_arithmetic
 
 
 def key_generator(seed: int, task: str, key: str) -> torch.Generator:
@@ -37,7 +37,7 @@ def drop_and_rescale(tau: Tensor, p: float, generator: torch.Generator,
 
 
 @dataclass(frozen=True)
-class Dare(MergeMethod):
+class Dare(SharedMerge):
     """DARE with rescaling, then Task Arithmetic: ``theta_0 + lam * sum_t DARE_p(tau_t)``.
 
     Random drops are seeded per (seed, task, key), so a seed fixes the result bit for bit,
@@ -48,6 +48,9 @@ class Dare(MergeMethod):
     """
 
     name = "dare"
+    display_name = "DARE"
+    family = "task vectors"
+    year = 2024
     p: float = hp(0.5, "drop probability of each task-vector entry")
     lam: float = hp(0.3, "Task Arithmetic scaling coefficient")
     seed: int = hp(0, "random seed of the drop masks")
@@ -56,20 +59,15 @@ class Dare(MergeMethod):
         require(0 <= self.p < 1, self.name, "p", f"must be in [0, 1), got {self.p}")
         require(self.lam >= 0, self.name, "lam", f"must be >= 0, got {self.lam}")
 
-    def merge(self, pretrained, finetuned, *, progress=False):
-        spec = inspect_models(pretrained, finetuned, values=False)  # values: checked merging
+    def rule(self, spec):
+        buffers = BlockBuffers()
 
         @functools.lru_cache(maxsize=1)           # one key's generators, for all its blocks
         def generators(key):
             return [key_generator(self.seed, t, key) for t in spec.tasks]
 
-        buffers = BlockBuffers()
-
-        def merge_key(key, theta0, taus):
+        def merge_block(key, theta0, taus, out):
             dropped = [drop_and_rescale(tau, self.p, generator, buffers, f"dropped{row}")
                        for row, (generator, tau) in enumerate(zip(generators(key), taus))]
-            return task_arithmetic(theta0, dropped, self.lam, buffers.view("merged", theta0))
-        base = merge_shared(pretrained, finetuned, spec, merge_key, self.name, progress,
-                            elementwise=True)
-        return MergeResult(self.name, self.params(), base, spec.tasks,
-                           merged_params=spec.merged_params)
+            return task_arithmetic(theta0, dropped, self.lam, out)
+        return merge_block

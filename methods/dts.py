@@ -8,24 +8,146 @@ DTS-D the difference to a TIES-merged model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy
 import torch
 from torch import Tensor
 
-from harness.accounting import dts_paper_bits, dts_rank
-from harness.method import MergeMethod, hp, require
-from harness.payload import (Codec, Dense, GroupCode, LowRank, pack_bits, packed_nbytes,
-                             store_zeros, zero_storage_nbytes)
-from harness.result import MergeResult, TaskPayload
-from harness.state_dict import (BlockedDelta, ModelSpec, StateDict, encode_deltas,
-                                inspect_models, iter_keys, numel, task_vector)
-from methods.ties import inspect_for_ties, ties_merge
+from harness.core.accounting import amr_percent
+from harness.core.bits import (pack_bits, packed_nbytes, store_zeros, unpack_bits,
+                               zero_storage_nbytes)
+from harness.core.spec import ModelSpec
+from harness.core.tensors import StateDict, numel, task_vector
+from harness.engine.codecs import (Codec, CodecError, Dense, LowRank, TaskPayload, expect_meta,
+                                   expect_packed, expect_tensor, expect_tensors, stored_shape)
+from harness.engine.method import MergeMethod, hp, require
+from harness.engine.passes import BlockedDelta, encode_deltas
+from harness.engine.result import MergeResult
+from harness.engine.templates import PayloadMerge
+from harness.io.pages import iter_keys
+from harness.methods.ties import inspect_for_ties, ties_merge
 
 _GROUP_SCALE_BYTES = 4 * 4  # four float32 scales per grouped vector
+
+
+@dataclass
+class GroupCode(Codec):
+    """DTS's 4-group code: each entry is ``sign * scale`` of its group, at 2 bits per entry.
+
+    Group ids: 0 positive-high, 1 positive-low, 2 negative-high, 3 negative-low. ``scales`` has
+    one row of 4 per grouped vector (a single row when the whole tensor is one group set).
+    Exact zeros are stored apart, as a packed 1-bit mask or int32 positions.
+    """
+
+    codes: Tensor            # packed 2-bit group ids
+    scales: Tensor           # float32 (rows, 4)
+    shape: tuple[int, ...]
+    grouped_dim: int | None  # None: groups over the whole tensor; else one group set per slice
+    zeros: Tensor | None = None
+    zeros_as: str | None = None  # "mask" | "positions"
+    kind: ClassVar[str] = "groups"
+
+    def decode(self, shared=None):
+        n = math.prod(self.shape)
+        ids = unpack_bits(self.codes, 2, n).to(torch.int64)
+        signs = torch.tensor([1.0, 1.0, -1.0, -1.0], device=self.scales.device)
+        table = self.scales * signs
+        rows = table.shape[0]
+        if self.grouped_dim is None:
+            flat = table[0][ids]
+            out = flat.reshape(self.shape)
+        else:
+            moved = _moved_shape(self.shape, self.grouped_dim)
+            flat = torch.gather(table, 1, ids.view(rows, -1))
+            out = flat.reshape(moved).movedim(0, self.grouped_dim)
+        out = out.contiguous().reshape(-1)
+        if self.zeros is not None:
+            if self.zeros_as == "mask":
+                out[unpack_bits(self.zeros, 1, n).bool()] = 0.0
+            else:
+                out[self.zeros.to(torch.int64)] = 0.0
+        return out.reshape(self.shape)
+
+    def tensors(self):
+        out = {"codes": self.codes, "scales": self.scales}
+        if self.zeros is not None:
+            out["zeros"] = self.zeros
+        return out
+
+    def meta(self):
+        return {"shape": list(self.shape), "grouped_dim": self.grouped_dim,
+                "zeros_as": self.zeros_as}
+
+    @classmethod
+    def from_stored(cls, meta, tensors):
+        kind = cls.kind
+        expect_meta(meta, kind, {"shape", "grouped_dim", "zeros_as"})
+        shape, dim, zeros_as = stored_shape(meta, kind), meta["grouped_dim"], meta["zeros_as"]
+        if dim is not None and (type(dim) is not int or not 0 <= dim < len(shape)):
+            raise CodecError(f"{kind} codec: grouped_dim {dim!r} is not a dimension of {shape}")
+        if zeros_as not in (None, "mask", "positions"):
+            raise CodecError(f"{kind} codec: zeros_as {zeros_as!r} is not mask or positions")
+        expect_tensors(tensors, kind, {"codes", "scales"} | ({"zeros"} if zeros_as else set()))
+        n = math.prod(shape)
+        expect_packed(tensors["codes"], kind, "codes", n, 2)
+        rows = 1 if dim is None else shape[dim]
+        expect_tensor(tensors["scales"], kind, "scales", torch.float32, (rows, 4))
+        zeros = tensors.get("zeros")
+        if zeros_as == "mask":
+            expect_packed(zeros, kind, "zeros", n, 1)
+        elif zeros_as == "positions":
+            expect_tensor(zeros, kind, "zeros", torch.int32)
+            if zeros.dim() != 1 or (zeros.numel() and not (0 <= int(zeros.min())
+                                                           and int(zeros.max()) < n)):
+                raise CodecError(f"{kind} codec: zero positions outside the {n} entries")
+        return cls(tensors["codes"], tensors["scales"], shape, dim, zeros, zeros_as)
+
+
+def _moved_shape(shape: tuple[int, ...], dim: int) -> tuple[int, ...]:
+    rest = [s for i, s in enumerate(shape) if i != dim]
+    return (shape[dim], *rest)
+
+
+# ---- the rank rule and the paper's bit count ------------------------------------------------
+def dts_rank(density: float, shape: Sequence[int]) -> int:
+    """DTS's per-matrix rank: ``int(density * min(m, n))``, a floored proportion."""
+    return int(density * min(shape))
+
+
+def dts_paper_bits(shape: Sequence[int], density: float) -> float:
+    """Bits the DTS paper's code charges for one tensor's payload.
+
+    3 bits per U/V element and per 1-D or >2-D element, 32 bits per singular value and per 0-d
+    value; group scales are not counted (official code, notes section 1.8).
+    """
+    if len(shape) == 0:
+        return 32.0
+    if len(shape) == 2:
+        m, n = shape
+        r = dts_rank(density, shape)
+        return 3.0 * m * r + 32.0 * r + 3.0 * r * n
+    numel = 1
+    for s in shape:
+        numel *= s
+    return 3.0 * numel
+
+
+def dts_paper_amr(shapes: Iterable[Sequence[int]], density: float) -> float:
+    """The paper's AMR (percent) of one DTS task over a parameter set given by its shapes."""
+    shapes = list(shapes)
+    params = 0
+    for shape in shapes:
+        n = 1
+        for s in shape:
+            n *= s
+        params += n
+    bits = sum(dts_paper_bits(shape, density) for shape in shapes)
+    return amr_percent(bits / 8, params)
+
 
 
 def _cut(x: Tensor, member: Tensor, k: int, negate: bool) -> float:
@@ -309,19 +431,25 @@ def delta_zero_counts(reference: StateDict, finetuned: Mapping[str, StateDict],
     return out
 
 
+def dts_facts(spec: ModelSpec, density: float, info: dict | None = None) -> dict:
+    """A DTS result's accounting (the paper's bit count per task), unseen rule (eq. 8's
+    similarity weights) and info."""
+    bits = paper_bits(spec, density)
+    return {"accounting": {"paper_bits": {t: bits for t in spec.tasks}},
+            "unseen": {"weighted": True}, "info": {"density": density, **(info or {})}}
+
+
 def dts_result(method: MergeMethod, spec: ModelSpec, base: StateDict,
                finetuned: Mapping[str, StateDict], density: float, signs: str, grouping: str,
                progress: bool, info: dict | None = None) -> MergeResult:
-    """Encode every task's delta against ``base`` and wrap it as a personalized result."""
+    """Encode every task's delta against ``base`` at ``density`` and wrap it as a personalized
+    result (the starred variants try several densities)."""
     records = encode_deltas(base, finetuned, spec,
                             lambda key, delta: dts_encode(delta, density, signs, grouping),
                             method.name, progress, blocked=blocked_key(spec, signs))
-    bits = paper_bits(spec, density)
     return MergeResult(method.name, method.params(), base, spec.tasks, kind="personalized",
                        payloads={t: TaskPayload(r) for t, r in records.items()},
-                       merged_params=spec.merged_params,
-                       accounting={"paper_bits": {t: bits for t in spec.tasks}},
-                       unseen={"weighted": True}, info={"density": density, **(info or {})})
+                       merged_params=spec.merged_params, **dts_facts(spec, density, info))
 
 
 def ties_base(pretrained: StateDict, finetuned: Mapping[str, StateDict], merge_function: str,
@@ -360,12 +488,14 @@ _DECISIONS = """
 
 
 @dataclass(frozen=True)
-class DtsT(MergeMethod):
+class DtsT(PayloadMerge):
     __doc__ = """DTS-T: compress each task vector ``theta_t - theta_0``; serve ``theta_0 + D_hat``.
     """ + _DECISIONS
 
     name = "dts-t"
-    kind = "personalized"
+    display_name = "DTS-T"
+    family = "low rank"
+    year = 2025
     density: float = hp(0.3, "rank as a proportion of each matrix's full rank")
     svd_signs: Literal["canonical", "lapack"] = hp("canonical", "singular-vector sign rule")
     grouping: Literal["matrix", "vector"] = hp("matrix", "threshold groups per matrix or vector")
@@ -378,16 +508,22 @@ class DtsT(MergeMethod):
         require(self.grouping in ("matrix", "vector"), self.name, "grouping",
                 "must be 'matrix' or 'vector'")
 
-    def merge(self, pretrained, finetuned, *, progress=False):
-        spec = inspect_models(pretrained, finetuned)
-        return dts_result(self, spec, pretrained, finetuned, self.density, self.svd_signs,
-                          self.grouping, progress)
+    def encoder(self, spec, plan):
+        return lambda key, delta: dts_encode(delta, self.density, self.svd_signs, self.grouping)
+
+    def blocked(self, spec):
+        return blocked_key(spec, self.svd_signs)
+
+    def facts(self, spec, plan):
+        return dts_facts(spec, self.density)
 
 
 @dataclass(frozen=True)
 class TiesBaseOptions(MergeMethod):
-    """The hyperparameters of DTS-D's TIES base theta_m (mixed into DTS-D and DTS-D*)."""
+    """The hyperparameters of DTS-D's TIES base theta_m (mixed into DTS-D and DTS-D*): TIES's
+    own, under the prefix ``ties_``, so a suite's TIES setting applies here too."""
 
+    composes: ClassVar[dict[str, str]] = {"ties_": "ties"}
     ties_merge_function: Literal["sum", "mean"] = hp("sum", "TIES merge function of theta_m")
     ties_lam: float = hp(0.3, "TIES scaling coefficient of theta_m")
     ties_k: float = hp(20.0, "TIES percent kept of theta_m")
@@ -414,8 +550,7 @@ class DtsD(TiesBaseOptions, DtsT):
     """ + _DECISIONS
 
     name = "dts-d"
+    display_name = "DTS-D"
 
-    def merge(self, pretrained, finetuned, *, progress=False):
-        spec, base = self.ties_base(pretrained, finetuned, progress)
-        return dts_result(self, spec, base, finetuned, self.density, self.svd_signs,
-                          self.grouping, progress)
+    def base(self, pretrained, finetuned, progress):
+        return self.ties_base(pretrained, finetuned, progress)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from harness.accounting import amr_percent
-from harness.method import MergeMethod, MethodNotApplicable, hp, require
-from harness.state_dict import inspect_models
-from methods.dts import (_DECISIONS, TiesBaseOptions, delta_zero_counts, dts_result, paper_bits,
-                         predicted_amr)
+from harness.core.accounting import amr_percent
+from harness.core.errors import MethodNotApplicable
+from harness.engine.method import MergeMethod, hp, require
+from harness.engine.passes import inspect_models
+from harness.methods.dts import (_DECISIONS, TiesBaseOptions, delta_zero_counts, dts_result,
+                                 paper_bits, predicted_amr)
 
 GRID = 1000  # densities are searched on a 0.001 grid
 
@@ -39,7 +40,10 @@ class DtsTStar(MergeMethod):
     """ + _DECISIONS
 
     name = "dts-t-star"
+    display_name = "DTS-T*"
     kind = "personalized"
+    family = "low rank"
+    year = 2025
     budget: float = hp(1.0, "AMR budget in percent (strictly below)")
     budget_count: Literal["stored", "paper"] = hp("stored", "which AMR the budget applies to")
     svd_signs: Literal["canonical", "lapack"] = hp("canonical", "singular-vector sign rule")
@@ -84,6 +88,7 @@ class DtsDStar(TiesBaseOptions, DtsTStar):
     """ + _DECISIONS
 
     name = "dts-d-star"
+    display_name = "DTS-D*"
 
     def _base(self, pretrained, finetuned, progress):
         spec, base = self.ties_base(pretrained, finetuned, progress)

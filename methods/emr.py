@@ -3,7 +3,6 @@ merging"): a unified task vector plus a per-task sign mask and rescaler."""
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,12 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from harness.method import MergeMethod
-from harness.payload import Mask
-from harness.result import MergeResult, TaskPayload
-from harness.sharded import building, finish_output
-from harness.state_dict import (BlockBuffers, ValueChecks, inspect_models, iter_keys,
-                                shared_and_masks)
+from harness.core.tensors import BlockBuffers
+from harness.engine.masked import MaskedSharedMerge, MaskRule
 
 
 def emr_elect(taus: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -58,8 +53,30 @@ def _elect_and_sum(sums: Tensor, buffers: BlockBuffers, taus: Sequence[Tensor]
     return magnitude.mul_(flag), masks
 
 
+class _EmrRule(MaskRule):
+    """Elects tau_uni and the masks, and sums each task's per-key means for its lambda."""
+
+    def __init__(self, tasks: list[str]) -> None:
+        self.tasks = tasks
+        self.buffers = BlockBuffers()
+        self.sums = torch.zeros(2, len(tasks), dtype=torch.float64)   # sum|tau_t|, |uni*M_t|
+        self.numerator = dict.fromkeys(tasks, 0.0)
+        self.denominator = dict.fromkeys(tasks, 0.0)
+
+    def block(self, taus):
+        return _elect_and_sum(self.sums, self.buffers, taus)
+
+    def key_done(self, stored, numel):
+        if stored:
+            count = max(1, numel)
+            for row, task in enumerate(self.tasks):
+                self.numerator[task] += float(self.sums[0, row]) / count
+                self.denominator[task] += float(self.sums[1, row]) / count
+        self.sums.zero_()
+
+
 @dataclass(frozen=True)
-class Emr(MergeMethod):
+class Emr(MaskedSharedMerge):
     """EMR-Merging; task weights ``theta_0 + lambda_t * (M_t * tau_uni)``, no hyperparameters.
 
     - [decision: code over paper] ``lambda_t = sum_n mean|tau_t[n]| / sum_n mean|tau_uni[n] *
@@ -74,44 +91,21 @@ class Emr(MergeMethod):
     """
 
     name = "emr"
-    kind = "personalized"
+    display_name = "EMR-Merging"
+    family = "masks"
+    year = 2024
+    shared_name = "tau_uni"
 
-    def merge(self, pretrained, finetuned, *, progress=False):
-        spec = inspect_models(pretrained, finetuned, values=False)  # values: checked merging
-        checks = ValueChecks(spec)
-        tasks = spec.tasks
-        records: dict[str, dict] = {t: {} for t in tasks}
-        numerator = {t: 0.0 for t in tasks}
-        denominator = {t: 0.0 for t in tasks}
-        buffers = BlockBuffers()
-        with building("tau_uni") as tau_uni:
-            for key in iter_keys(spec.float_keys, self.name, progress):
-                sums = torch.zeros(2, len(tasks), dtype=torch.float64)  # sum|tau_t|, |uni*M_t|
-                uni, bits = shared_and_masks(pretrained, finetuned, spec, key,
-                                             functools.partial(_elect_and_sum, sums, buffers),
-                                             checks)
-                if checks.unchanged(key):
-                    continue
-                tau_uni[key] = uni
-                count = max(1, uni.numel())
-                for row, (t, packed) in enumerate(zip(tasks, bits)):
-                    numerator[t] += float(sums[0, row]) / count
-                    denominator[t] += float(sums[1, row]) / count
-                    records[t][key] = Mask(packed, tuple(uni.shape))
-            checks.finish()
-            tau_uni = finish_output(tau_uni)
-        payloads, scales = {}, {}
-        for t in tasks:
-            if denominator[t] == 0:
-                warnings.warn(f"emr: task {t!r} has empty masks everywhere: nothing to rescale, "
-                              "lambda set to 0", stacklevel=2)
-                scales[t] = 0.0
+    def mask_rule(self, spec):
+        return _EmrRule(spec.tasks)
+
+    def finish(self, rule, spec):
+        scales = {}
+        for task in spec.tasks:
+            if rule.denominator[task] == 0:
+                warnings.warn(f"emr: task {task!r} has empty masks everywhere: nothing to "
+                              "rescale, lambda set to 0", stacklevel=3)
+                scales[task] = 0.0
             else:
-                scales[t] = numerator[t] / denominator[t]
-            payloads[t] = TaskPayload(records[t], torch.tensor(scales[t], dtype=torch.float32),
-                                      shared="tau_uni")
-        return MergeResult(self.name, self.params(), pretrained, tasks, kind=self.kind,
-                           payloads=payloads, shared={"tau_uni": tau_uni},
-                           merged_params=spec.merged_params,
-                           unseen={"shared": "tau_uni", "scale": 1.0},
-                           info={"lambda": scales})
+                scales[task] = rule.numerator[task] / rule.denominator[task]
+        return scales, {"shared": "tau_uni", "scale": 1.0}, {"lambda": scales}

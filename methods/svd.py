@@ -7,14 +7,17 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from harness.accounting import amr_percent, dts_rank
-from harness.method import MergeMethod, MethodNotApplicable, hp, require
-from harness.payload import Codec, Dense, LowRank
-from harness.result import MergeResult, TaskPayload
-from harness.state_dict import BlockedDelta, ModelSpec, encode_deltas, inspect_models, numel
-from methods.dts import (blocked_key, blocked_truncated_svd, delta_zero_counts, predicted_amr,
-                         truncated_svd)
-from methods.dts_star import GRID, largest_density
+from harness.core.accounting import amr_percent
+from harness.core.errors import MethodNotApplicable
+from harness.core.spec import ModelSpec
+from harness.core.tensors import numel
+from harness.engine.codecs import Codec, Dense, LowRank
+from harness.engine.method import hp, require
+from harness.engine.passes import BlockedDelta
+from harness.engine.templates import PayloadMerge
+from harness.methods.dts import (blocked_key, blocked_truncated_svd, delta_zero_counts, dts_rank,
+                                 predicted_amr, truncated_svd)
+from harness.methods.dts_star import GRID, largest_density
 
 DTS_REFERENCE_DENSITY = 0.3
 
@@ -65,12 +68,12 @@ def matched_density(spec: ModelSpec) -> float:
             f"svd: at DTS-T's AMR ({target:.3f}%) the tensors stored as they are (1-D and >2-D, "
             f"float32) take {amr_at(0.0):.3f}%, leaving rank 0 for every matrix: this baseline "
             "keeps no low-rank information; pass density to compare at another budget",
-            stacklevel=3)
+            stacklevel=5)
     return density
 
 
 @dataclass(frozen=True)
-class SvdBaseline(MergeMethod):
+class SvdBaseline(PayloadMerge):
     """Truncated SVD of each 2-D task vector, ``r = int(density * min(m, n))``, U, S, V in
     float32; 1-D and other tensors stored as they are. With no density given, the largest
     density (0.001 grid) whose stored-bytes AMR does not exceed DTS-T's at r = 0.3, as the
@@ -83,7 +86,9 @@ class SvdBaseline(MergeMethod):
     """
 
     name = "svd"
-    kind = "personalized"
+    display_name = "SVD"
+    family = "low rank"
+    year = 2025
     density: float | None = hp(None, "rank proportion; None matches DTS-T's AMR at 0.3")
 
     def check(self):
@@ -91,12 +96,15 @@ class SvdBaseline(MergeMethod):
             require(0 <= self.density <= 1, self.name, "density",
                     f"must be in [0, 1], got {self.density}")
 
-    def merge(self, pretrained, finetuned, *, progress=False):
-        spec = inspect_models(pretrained, finetuned)
-        density = self.density if self.density is not None else matched_density(spec)
-        records = encode_deltas(pretrained, finetuned, spec,
-                                lambda key, tau: svd_encode(tau, density), self.name, progress,
-                                blocked=blocked_key(spec, "canonical"))
-        return MergeResult(self.name, self.params(), pretrained, spec.tasks, kind=self.kind,
-                           payloads={t: TaskPayload(r) for t, r in records.items()},
-                           merged_params=spec.merged_params, info={"density": density})
+    def plan(self, spec):
+        """The density: the one given, or DTS-T's matched one."""
+        return self.density if self.density is not None else matched_density(spec)
+
+    def encoder(self, spec, density):
+        return lambda key, tau: svd_encode(tau, density)
+
+    def blocked(self, spec):
+        return blocked_key(spec, "canonical")
+
+    def facts(self, spec, density):
+        return {"info": {"density": density}}

@@ -3,16 +3,57 @@ switch"): per tensor, keep the largest entries of each sign and store them as ``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from harness.method import MergeMethod, hp, require
-from harness.payload import Dense, Ternary, pack_bits
-from harness.result import MergeResult, TaskPayload
-from harness.select import StreamingKthSmallest
-from harness.state_dict import encode_deltas, inspect_models
+from harness.core.bits import pack_bits, unpack_bits
+from harness.core.select import StreamingKthSmallest
+from harness.engine.codecs import (Codec, CodecError, Dense, expect_meta, expect_packed,
+                                   expect_tensor, expect_tensors, stored_shape)
+from harness.engine.method import hp, require
+from harness.engine.templates import PayloadMerge
+
+
+@dataclass
+class Ternary(Codec):
+    """T-Switch's ``alpha * b`` with ``b`` in {-1, 0, +1}: 2 bits per entry and one float32."""
+
+    codes: Tensor  # packed: 0 absent, 1 positive, 2 negative
+    alpha: Tensor  # float32 scalar
+    shape: tuple[int, ...]
+    kind: ClassVar[str] = "ternary"
+
+    def decode(self, shared=None):
+        ids = unpack_bits(self.codes, 2, math.prod(self.shape)).to(torch.int64)
+        table = torch.stack([torch.zeros_like(self.alpha), self.alpha, -self.alpha])
+        return table[ids].reshape(self.shape)
+
+    def tensors(self):
+        return {"codes": self.codes, "alpha": self.alpha}
+
+    def meta(self):
+        return {"shape": list(self.shape)}
+
+    @classmethod
+    def from_stored(cls, meta, tensors):
+        kind = cls.kind
+        expect_meta(meta, kind, {"shape"})
+        shape = stored_shape(meta, kind)
+        expect_tensors(tensors, kind, {"codes", "alpha"})
+        expect_packed(tensors["codes"], kind, "codes", math.prod(shape), 2)
+        expect_tensor(tensors["alpha"], kind, "alpha", torch.float32, ())
+        if _max_code(tensors["codes"], math.prod(shape)) > 2:
+            raise CodecError(f"{kind} codec: a code is 3, which no ternary value has")
+        return cls(tensors["codes"], tensors["alpha"], shape)
+
+
+def _max_code(packed: Tensor, numel: int) -> int:
+    """The largest of the first ``numel`` 2-bit codes in ``packed``."""
+    return int(unpack_bits(packed, 2, numel).max()) if numel else 0
 
 
 SELECT_BY_HISTOGRAM = 2**16     # entries from which a radix select beats kthvalue
@@ -24,7 +65,7 @@ def largest_of_sign(tau: Tensor, sign: int, k: float) -> Tensor:
 
     Their magnitudes, with +0.0 elsewhere, have the kept ones from the ``(numel - keep + 1)``-th
     smallest up: ``kthvalue`` on small tensors, on large ones an exact radix select whose first
-    histogram also counts the zeros (:class:`harness.select.StreamingKthSmallest`), several
+    histogram also counts the zeros (:class:`harness.core.select.StreamingKthSmallest`), several
     times faster there.
     """
     magnitude = torch.clamp(tau * sign, min=0).abs_().reshape(-1)     # abs_: -0.0 -> +0.0
@@ -70,7 +111,7 @@ def t_switch_encode(tau: Tensor, k: float) -> Dense | Ternary:
 
 
 @dataclass(frozen=True)
-class TSwitch(MergeMethod):
+class TSwitch(PayloadMerge):
     """T-Switch, the authors' per-tensor, per-sign rule with one scale per tensor.
 
     ``k`` is the fraction dropped (0.6 vision, 0.7 language). Per sign the largest
@@ -81,16 +122,13 @@ class TSwitch(MergeMethod):
     """
 
     name = "t-switch"
-    kind = "personalized"
+    display_name = "T-Switch"
+    family = "binary"
+    year = 2025
     k: float = hp(0.6, "fraction of each sign's entries dropped per tensor")
 
     def check(self):
         require(0 <= self.k < 1, self.name, "k", f"must be in [0, 1), got {self.k}")
 
-    def merge(self, pretrained, finetuned, *, progress=False):
-        spec = inspect_models(pretrained, finetuned)
-        records = encode_deltas(pretrained, finetuned, spec,
-                                lambda key, tau: t_switch_encode(tau, self.k), self.name, progress)
-        return MergeResult(self.name, self.params(), pretrained, spec.tasks, kind=self.kind,
-                           payloads={t: TaskPayload(r) for t, r in records.items()},
-                           merged_params=spec.merged_params)
+    def encoder(self, spec, plan):
+        return lambda key, tau: t_switch_encode(tau, self.k)

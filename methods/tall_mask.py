@@ -5,18 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from harness.method import MergeMethod, hp, require
-from harness.payload import Mask
-from harness.result import MergeResult, TaskPayload
-from harness.sharded import building, finish_output
-from harness.state_dict import (BlockBuffers, MergeInputError, ValueChecks, inspect_models,
-                                iter_keys, shared_and_masks)
-from methods.task_arithmetic import sum_task_vectors
+from harness.core.errors import MergeInputError
+from harness.core.tensors import BlockBuffers
+from harness.engine.masked import MaskedSharedMerge, MaskRule
+from harness.engine.method import TunedPerTask, hp, require
+from harness.methods.task_arithmetic import sum_task_vectors
 
 
 def tall_masks(taus: Sequence[Tensor], lams: Sequence[float],
@@ -36,22 +33,33 @@ def tall_masks(taus: Sequence[Tensor], lams: Sequence[float],
     return mtl, list(masks)
 
 
+class _TallRule(MaskRule):
+    def __init__(self, lams: list[float]) -> None:
+        self.lams, self.buffers = lams, BlockBuffers()
+
+    def block(self, taus):
+        return tall_masks(taus, self.lams, self.buffers)
+
+
 @dataclass(frozen=True)
-class TallMask(MergeMethod):
+class TallMask(MaskedSharedMerge):
     """TALL-Mask: task weights ``theta_0 + m_t * tau_MTL``; payload a 1-bit mask per task.
 
     - [decision] masks are computed on task vectors, ``|tau_t| > lam * |tau_MTL - tau_t|``; the
       authors compute it on weights, which is algebraically equal but can differ in the last bit.
-    - [decision] ``lam`` is one number or a mapping task -> lam; choosing it per task by
-      validation accuracy (from {0.2, ..., 0.6}) is the runner's job, which has the data.
+    - [decision] ``lam`` is one number or a mapping task -> lam; the runner chooses it per task
+      by validation accuracy from {0.2, ..., 0.6} (``tuned_per_task``), which has the data.
       With no validation split, the fixed default 0.4.
     - Unseen tasks get the Task-Arithmetic model ``theta_0 + unseen_lam * tau_MTL`` (paper,
       Table 4 gives TALL-Mask exactly Task Arithmetic's unseen scores).
     """
 
     name = "tall-mask"
-    kind = "personalized"
-    per_task_grid: ClassVar[tuple[str, tuple[float, ...]]] = ("lam", (0.2, 0.3, 0.4, 0.5, 0.6))
+    display_name = "TALL-Mask"
+    family = "masks"
+    year = 2024
+    shared_name = "tau_mtl"
+    tuned_per_task = TunedPerTask("lam", (0.2, 0.3, 0.4, 0.5, 0.6))
     lam: float | dict[str, float] = hp(0.4, "mask threshold, one value or task -> value")
     unseen_lam: float = hp(0.3, "Task Arithmetic coefficient served to unseen tasks")
 
@@ -67,26 +75,9 @@ class TallMask(MergeMethod):
             raise MergeInputError(f"tall-mask: no lam given for task {task!r}")
         return self.lam[task]
 
-    def merge(self, pretrained, finetuned, *, progress=False):
-        spec = inspect_models(pretrained, finetuned, values=False)  # values: checked merging
-        checks = ValueChecks(spec)
-        tasks = spec.tasks
-        lams = [self.lam_for(t) for t in tasks]
-        records: dict[str, dict] = {t: {} for t in tasks}
-        buffers = BlockBuffers()
-        with building("tau_mtl") as tau_mtl:
-            for key in iter_keys(spec.float_keys, self.name, progress):
-                mtl, masks = shared_and_masks(pretrained, finetuned, spec, key,
-                                              lambda taus: tall_masks(taus, lams, buffers), checks)
-                if checks.unchanged(key):
-                    continue
-                tau_mtl[key] = mtl
-                for t, bits in zip(tasks, masks):
-                    records[t][key] = Mask(bits, tuple(mtl.shape))
-            checks.finish()
-            tau_mtl = finish_output(tau_mtl)
-        return MergeResult(self.name, self.params(), pretrained, tasks, kind=self.kind,
-                           payloads={t: TaskPayload(r, shared="tau_mtl") for t, r in records.items()},
-                           shared={"tau_mtl": tau_mtl}, merged_params=spec.merged_params,
-                           unseen={"shared": "tau_mtl", "scale": self.unseen_lam},
-                           info={"lam": dict(zip(tasks, lams))})
+    def mask_rule(self, spec):
+        return _TallRule([self.lam_for(t) for t in spec.tasks])
+
+    def finish(self, rule, spec):
+        return (None, {"shared": "tau_mtl", "scale": self.unseen_lam},
+                {"lam": dict(zip(spec.tasks, rule.lams))})

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from harness.method import MergeMethod, hp, require
-from harness.result import MergeResult
-from harness.state_dict import BlockBuffers, inspect_models, merge_shared
+from harness.engine.method import hp, require
+from harness.engine.templates import SharedMerge
 
 
 def sum_task_vectors(taus: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
@@ -28,21 +27,17 @@ def task_arithmetic(theta0: Tensor, taus: Sequence[Tensor], lam: float,
 
 
 @dataclass(frozen=True)
-class TaskArithmetic(MergeMethod):
+class TaskArithmetic(SharedMerge):
     """``theta = theta_0 + lam * sum_t tau_t`` with the benchmark's lam = 0.3."""
 
     name = "task-arithmetic"
+    display_name = "Task Arithmetic"
+    family = "task vectors"
+    year = 2023
     lam: float = hp(0.3, "scaling coefficient of the summed task vectors")
 
     def check(self):
         require(self.lam >= 0, self.name, "lam", f"must be >= 0, got {self.lam}")
 
-    def merge(self, pretrained, finetuned, *, progress=False):
-        spec = inspect_models(pretrained, finetuned, values=False)  # values: checked merging
-        buffers = BlockBuffers()        # each block's result is stored before the next is made
-        base = merge_shared(pretrained, finetuned, spec,
-                            lambda key, theta0, taus: task_arithmetic(
-                                theta0, taus, self.lam, buffers.view("merged", theta0)),
-                            self.name, progress, elementwise=True)
-        return MergeResult(self.name, self.params(), base, spec.tasks,
-                           merged_params=spec.merged_params)
+    def rule(self, spec):
+        return lambda key, theta0, taus, out: task_arithmetic(theta0, taus, self.lam, out)

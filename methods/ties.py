@@ -4,10 +4,7 @@ models"), as the authors' code and the 8-task benchmark run it."""
 from __future__ import annotations
 
 import collections
-import itertools
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -16,12 +13,15 @@ import numpy
 import torch
 from torch import Tensor
 
-from harness.method import MergeMethod, hp, require
-from harness.result import MergeResult
-from harness.select import StreamingKthSmallest
-from harness.sharded import building, finish_output, patch_tensor
-from harness.state_dict import (BlockBuffers, ModelSpec, StateDict, cast_like, inspect_models,
-                                iter_keys, row_blocks, store_rows, task_vector)
+from harness.core.select import StreamingKthSmallest
+from harness.core.spec import ModelSpec
+from harness.core.tensors import BlockBuffers, StateDict, cast_like, store_rows, task_vector
+from harness.engine.deferred import DeferredEntries
+from harness.engine.method import MergeMethod, hp, require
+from harness.engine.outputs import building, finish_output
+from harness.engine.passes import inspect_models
+from harness.engine.result import MergeResult
+from harness.io.pages import iter_keys, row_blocks
 
 
 def trim_rank(d: int, k: float) -> int:
@@ -137,74 +137,23 @@ def ties_merge(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: 
         return _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progress)
 
 
-HELD_BYTES = 2**29    # undecided entries kept in memory until the majority sign is known
-
-
-class HeldEntries:
-    """Undecided entries waiting for the majority sign, key by key: in memory up to
-    ``HELD_BYTES``, then spilled to safetensors files in ``folder`` (a temporary folder)."""
-
-    def __init__(self, folder: str) -> None:
-        self.folder = folder
-        self.held: dict[str, tuple[Tensor, Tensor]] = {}
-        self.spilled: dict[str, str] = {}
-        self.held_bytes = 0
-        self._files = itertools.count()
-
-    def add(self, key: str, positions: Tensor, candidates: Tensor) -> None:
-        size = positions.numel() * positions.element_size() + \
-            candidates.numel() * candidates.element_size()
-        if self.held_bytes + size <= HELD_BYTES:
-            self.held[key] = positions, candidates
-            self.held_bytes += size
-        else:
-            self._spill(key, positions, candidates)
-
-    def _spill(self, key: str, positions: Tensor, candidates: Tensor) -> None:
-        from safetensors.torch import save_file
-
-        path = os.path.join(self.folder, f"{next(self._files):06d}.safetensors")
-        save_file({"positions": positions, "candidates": candidates}, path)
-        self.spilled[key] = path
-
-    def keys(self) -> list[str]:
-        return [*self.held, *self.spilled]
-
-    def take(self, key: str) -> tuple[Tensor, Tensor]:
-        """A key's ``(positions, candidates)``, given up once taken."""
-        from safetensors.torch import load_file
-
-        if key in self.held:
-            return self.held.pop(key)
-        path = self.spilled.pop(key)
-        loaded = load_file(path)
-        os.remove(path)
-        return loaded["positions"], loaded["candidates"]
-
-
 def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progress):
     """Trim, elect and merge key by key into ``merged``.
 
     Entries whose elected sign is 0 while some task kept a value take the model-wide majority
     sign, known only once every key is seen. Each key is written at once with those entries
     merged under the majority sign of the keys so far (this key included; at theta_0 while
-    that is 0), usually the final one (for all but a few keys of the synthesized bf16 0.5B
-    set in ``scripts/bench_scale.py``). Its undecided entries wait as their
-    positions and their two possible merged values (one per majority sign, in the output
-    dtype): in memory up to ``HELD_BYTES``, then in a temporary folder (beside the output when
-    it is streamed), so memory stays bounded whatever the model size (bf16 task vectors cancel
-    exactly often enough that nearly every key of a large model holds some). The keys written
-    under another sign than the final majority are then patched in place (in a shard file
-    already written, when streaming): touching nearly every page of a key, so worth avoiding.
+    that is 0), usually the final one. Its undecided entries wait as their positions and their
+    two possible merged values (one per majority sign, in the output dtype) in the engine's
+    :class:`~harness.engine.deferred.DeferredEntries` (held in memory, then spilled), and the
+    keys written under another sign than the final majority are patched at the end (in a
+    shard file already written, when streaming): touching nearly every page of a key, so worth
+    avoiding.
     """
     running = 0
-    guesses: dict[str, int] = {}
     buffers = BlockBuffers()
     float_keys = set(spec.float_keys)
-    streamed_to = getattr(merged, "directory", None)       # a ShardWriter's output folder
-    beside = os.path.dirname(os.path.abspath(streamed_to)) if streamed_to else None
-    with tempfile.TemporaryDirectory(prefix=".ties-undecided-", dir=beside) as folder:
-        waiting = HeldEntries(folder)
+    with DeferredEntries(merged) as deferred:
         for key in iter_keys(list(pretrained.keys()), f"{desc}: merge", progress):
             if key not in float_keys:
                 merged[key] = pretrained[key]
@@ -212,27 +161,20 @@ def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progr
             value, signs, undecided = _merge_key(pretrained, finetuned, spec, key, cut, lam,
                                                  merge, buffers)
             running += signs
-            if undecided is not None:
-                guess = guesses[key] = _sign(running)
-                if guess:
-                    positions, candidates = undecided
-                    patch_tensor(value, positions, candidates[(guess + 1) // 2])
-                waiting.add(key, *undecided)
-            merged[key] = value
+            deferred.write(key, value, undecided, _outcome(running))
             del value, undecided    # a key already written to a shard must not outlive its turn
-        majority = _sign(running)
-        wrong = [key for key in waiting.keys() if guesses[key] != majority]
-        for key in iter_keys(wrong, f"{desc}: undecided entries", progress):
-            positions, candidates = waiting.take(key)
-            merged.patch(key, positions, candidates[(majority + 1) // 2] if majority else
-                         _at_theta0(pretrained[key], positions))
+        deferred.resolve(_outcome(running),
+                         lambda key, positions: _at_theta0(pretrained[key], positions),
+                         f"{desc}: undecided entries", progress)
     if not isinstance(merged, dict):
         return finish_output(merged)
     return {key: merged[key] for key in pretrained.keys()}    # the inputs' key order
 
 
-def _sign(total: int) -> int:
-    return (total > 0) - (total < 0)
+def _outcome(total: int) -> int | None:
+    """The candidate row of a majority sign: 0 negative, 1 positive, None when there is none
+    (undecided entries then merge to theta_0)."""
+    return None if total == 0 else int(total > 0)
 
 
 def _at_theta0(theta0: Tensor, positions: Tensor) -> Tensor:
@@ -312,6 +254,9 @@ class Ties(MergeMethod):
     """
 
     name = "ties"
+    display_name = "Ties-Merging"
+    family = "task vectors"
+    year = 2023
     k: float = hp(20.0, "percent of each task vector's entries kept (whole model)")
     merge_function: Literal["sum", "mean"] = hp("sum", "disjoint merge: 'sum' or 'mean'")
     lam: float = hp(0.3, "scaling coefficient of the merged task vector")

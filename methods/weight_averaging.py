@@ -8,9 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from harness.method import MergeMethod
-from harness.result import MergeResult
-from harness.state_dict import inspect_models, merge_shared
+from harness.engine.templates import SharedMerge
 
 
 def weight_average(weights: Sequence[Tensor]) -> Tensor:
@@ -22,7 +20,7 @@ def weight_average(weights: Sequence[Tensor]) -> Tensor:
 
 
 @dataclass(frozen=True)
-class WeightAveraging(MergeMethod):
+class WeightAveraging(SharedMerge):
     """``theta = mean_t theta_t``: one shared model, no hyperparameters.
 
     [decision] The mean is accumulated in float64 before the cast back, so that averaging N
@@ -31,11 +29,10 @@ class WeightAveraging(MergeMethod):
     """
 
     name = "weight-averaging"
+    display_name = "Weight Averaging"
+    family = "averaging"
+    year = 2022
+    merges_weights = True
 
-    def merge(self, pretrained, finetuned, *, progress=False):
-        spec = inspect_models(pretrained, finetuned, values=False)  # values: checked merging
-        base = merge_shared(pretrained, finetuned, spec,
-                            lambda key, theta0, weights: weight_average(weights),
-                            self.name, progress, elementwise=True, weights=True)
-        return MergeResult(self.name, self.params(), base, spec.tasks,
-                           merged_params=spec.merged_params)
+    def rule(self, spec):
+        return lambda key, theta0, weights, out: weight_average(weights)

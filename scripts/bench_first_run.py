@@ -19,12 +19,12 @@ import sys
 import tempfile
 import time
 
-from tasks.base import default_cache_dir
+from harness.tasks.base import default_cache_dir
 
 
 def timed_run(argv: list[str], env: dict) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "harness.cli", *argv], env=env, check=True)
+    subprocess.run([sys.executable, "-m", "harness.bench.cli", *argv], env=env, check=True)
     return time.perf_counter() - start
 
 

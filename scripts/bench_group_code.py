@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from harness.runner import peak_rss_bytes
-from methods.dts import group_encode
+from harness.bench.runner import peak_rss_bytes
+from harness.methods.dts import group_encode
 
 
 def main() -> int:

@@ -141,7 +141,7 @@ def synthesize(root: str, shape_of: dict, tasks: int, dtype: torch.dtype, shard_
 
 
 def peak_gib() -> float:
-    from harness.runner import peak_rss_bytes
+    from harness.bench.runner import peak_rss_bytes
 
     return peak_rss_bytes() / 2**30
 
@@ -220,8 +220,9 @@ def svd_floor(pretrained, finetuned, device: str) -> None:
     thin and whole (a wide matrix through its transpose) up to ``IN_MEMORY_SVD_BYTES`` in
     float32, larger ones block by block at DTS-D's default rank. DTS's floor."""
     from harness import get_method, merge_device
-    from harness.state_dict import BlockedDelta
-    from methods.dts import IN_MEMORY_SVD_BYTES, blocked_truncated_svd, dts_rank, truncated_svd
+    from harness.engine.passes import BlockedDelta
+    from harness.methods.dts import (IN_MEMORY_SVD_BYTES, blocked_truncated_svd, dts_rank,
+                                     truncated_svd)
 
     density = get_method("dts-d").density
     with merge_device(device):
@@ -245,7 +246,8 @@ def read_as_float32(pretrained, finetuned) -> None:
     """Every input once, copied (cast, unless it is float32) into reused float32 row-block
     scratch, as merges cast their inputs: the least any float32 arithmetic on bfloat16 inputs
     costs."""
-    from harness.state_dict import BlockBuffers, row_blocks
+    from harness.core.tensors import BlockBuffers
+    from harness.io.pages import row_blocks
 
     buffers = BlockBuffers()
     for sd in (pretrained, *finetuned.values()):
@@ -260,7 +262,7 @@ def evict_inputs(root: str) -> None:
     """Drop the input files' pages from the page cache (``posix_fadvise(DONTNEED)``; they were
     synced when written), so the next run reads them from the disk, as a merge of models larger
     than memory does; the libraries a run loads stay cached. Exits if a page stays cached."""
-    from harness.state_dict import page_cached
+    from harness.io.pages import page_cached
 
     for folder, _, files in os.walk(root):
         for name in files:
@@ -284,7 +286,7 @@ class MemoryCgroup:
 
     def __init__(self, limit: int, proc: str = "/proc/self/cgroup",
                  root: str = "/sys/fs/cgroup") -> None:
-        from harness.state_dict import memory_cgroup_paths
+        from harness.io.pages import memory_cgroup_paths
 
         v1, v2 = memory_cgroup_paths(proc)
         name = f"bench-scale-{os.getpid()}"
@@ -321,13 +323,13 @@ class MemoryCgroup:
 
 def worker(method: str, root: str, tasks: int, device: str, ties_held_mib: int | None) -> dict:
     from harness import LazyStateDict, get_method, merge_device, stream_outputs
-    from harness.sharded import finish_output, new_output
-    from harness.state_dict import READ_AHEAD
+    from harness.engine.outputs import finish_output, new_output
+    from harness.io.pages import READ_AHEAD
 
     if ties_held_mib is not None:
-        import methods.ties
+        import harness.engine.deferred
 
-        methods.ties.HELD_BYTES = ties_held_mib * 2**20
+        harness.engine.deferred.HELD_BYTES = ties_held_mib * 2**20
 
     pretrained = LazyStateDict(os.path.join(root, "pretrained"))
     finetuned = {f"task{t}": LazyStateDict(os.path.join(root, f"task{t}")) for t in range(tasks)}

@@ -68,7 +68,7 @@ def served_errors(on_cpu, on_device, pretrained, finetuned) -> tuple[float, floa
 
 def codec_summary(codec) -> str:
     """What one stored record holds: its kind, bytes, and for factors their exact zeros and NaNs."""
-    from harness.payload import LowRank
+    from harness.engine.codecs import LowRank
 
     text = f"{type(codec).__name__} {codec.nbytes:,} B"
     if isinstance(codec, LowRank):

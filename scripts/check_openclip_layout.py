@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tasks.openclip_layout import (read_module_state, to_transformers,  # noqa: E402
-                                   vision_config, visual_state)
+from harness.tasks.openclip_layout import (read_module_state, to_transformers, vision_config,
+                                           visual_state)
 
 
 def image_encoder_class():

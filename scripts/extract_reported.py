@@ -14,7 +14,7 @@ import os
 import re
 import sys
 
-from harness.files import write_json_atomic
+from harness.io.files import write_json_atomic
 
 SOURCE = "DTS: Decomposition, Thresholding, Scaling (arXiv 2512.01461)"
 # table number -> (suite, what was merged and evaluated)

@@ -16,8 +16,8 @@ import sys
 import time
 
 from harness import list_methods
-from harness.cli import main as harness
-from harness.results import DEFAULT_RESULTS_DIR
+from harness.bench.cli import main as harness
+from harness.bench.records import DEFAULT_RESULTS_DIR
 
 
 def main() -> int:
@@ -36,7 +36,7 @@ def main() -> int:
                 argv = ["run", "--method", method, "--suite", suite, "--split", split,
                         "--results", args.results, "--quiet"] + (["--force"] if args.force
                                                                   else [])
-                code = subprocess.run([sys.executable, "-m", "harness.cli", *argv]).returncode
+                code = subprocess.run([sys.executable, "-m", "harness.bench.cli", *argv]).returncode
                 print(f"{suite} {method} {split}: exit {code} "
                       f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)
                 if code:

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from harness.state_dict import StateDict
+from harness.core.tensors import StateDict
 
 
 class SuiteUnavailableError(RuntimeError):

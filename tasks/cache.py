@@ -20,9 +20,10 @@ import warnings
 
 from torch import Tensor
 
-from harness.files import (UntrustedFileError, exclusive_lock, read_json_file, sha256_file,
-                           write_json_atomic)
-from harness.state_dict import LazyStateDict, StateDict
+from harness.io.files import (UntrustedFileError, exclusive_lock, read_json_file, sha256_file,
+                              write_json_atomic)
+from harness.io.lazy import LazyStateDict
+from harness.core.tensors import StateDict
 
 
 class CheckpointCache:

@@ -25,11 +25,11 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from harness.state_dict import StateDict
-from tasks.base import Evaluation, SuiteUnavailableError, unit
-from tasks.hub import ConfiguredSuite, check_dataset, check_model
-from tasks.openclip_layout import (read_head, read_module_state, to_transformers, vision_config,
-                                   visual_state)
+from harness.core.tensors import StateDict
+from harness.tasks.base import Evaluation, SuiteUnavailableError, unit
+from harness.tasks.hub import ConfiguredSuite, check_dataset, check_model
+from harness.tasks.openclip_layout import (read_head, read_module_state, to_transformers,
+                                           vision_config, visual_state)
 
 FORMATS = ("transformers", "open_clip")
 

@@ -14,7 +14,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from tasks.base import SuiteUnavailableError, unit
+from harness.tasks.base import SuiteUnavailableError, unit
 
 
 def default_minilm_dir() -> str:

@@ -17,7 +17,7 @@ import sys
 import tarfile
 import zipfile
 
-from tasks.base import SuiteUnavailableError
+from harness.tasks.base import SuiteUnavailableError
 
 
 def pip_download(requirement: str, folder: str, *, source: bool = False) -> str:

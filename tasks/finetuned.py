@@ -15,10 +15,10 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from harness.state_dict import StateDict
-from tasks.base import Suite, SuiteUnavailableError
-from tasks.cache import CheckpointCache
-from tasks.embeddings import SentenceEncoder, default_minilm_dir
+from harness.core.tensors import StateDict
+from harness.tasks.base import Suite, SuiteUnavailableError
+from harness.tasks.cache import CheckpointCache
+from harness.tasks.embeddings import SentenceEncoder, default_minilm_dir
 
 
 class FinetunedSuite(Suite):

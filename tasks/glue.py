@@ -19,10 +19,10 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from harness.state_dict import StateDict
-from tasks.base import Evaluation, SuiteUnavailableError, restrict, unit
-from tasks.hub import ConfiguredSuite, check_dataset, check_model, dump_config, load_split
-from tasks.metrics import glue_score
+from harness.core.tensors import StateDict
+from harness.tasks.base import Evaluation, SuiteUnavailableError, restrict, unit
+from harness.tasks.hub import ConfiguredSuite, check_dataset, check_model, dump_config, load_split
+from harness.tasks.metrics import glue_score
 
 
 class GlueSuite(ConfiguredSuite):

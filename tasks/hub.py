@@ -14,9 +14,9 @@ import os
 import sys
 from functools import cached_property
 
-from harness.files import UntrustedFileError, read_regular_file
-from tasks.base import Suite, SuiteUnavailableError, Task
-from tasks.embeddings import SentenceEncoder, default_minilm_dir
+from harness.io.files import UntrustedFileError, read_regular_file
+from harness.tasks.base import Suite, SuiteUnavailableError, Task
+from harness.tasks.embeddings import SentenceEncoder, default_minilm_dir
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 

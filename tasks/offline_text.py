@@ -24,12 +24,12 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from harness.files import sha256_file, write_json_atomic
-from harness.state_dict import StateDict
-from tasks.base import Evaluation, SuiteUnavailableError, Task, restrict
-from tasks.embeddings import default_minilm_dir
-from tasks.fetch import pip_download
-from tasks.finetuned import FinetunedSuite
+from harness.io.files import sha256_file, write_json_atomic
+from harness.core.tensors import StateDict
+from harness.tasks.base import Evaluation, SuiteUnavailableError, Task, restrict
+from harness.tasks.embeddings import default_minilm_dir
+from harness.tasks.fetch import pip_download
+from harness.tasks.finetuned import FinetunedSuite
 
 BIGBENCH_VERSION = "1.0.0"
 BIGBENCH_FILE = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
@@ -258,7 +258,7 @@ class OfflineTextSuite(FinetunedSuite):
     def load_pretrained(self) -> StateDict:
         """The backbone's tensors, limited to the keys the model itself has (the packaged file
         also holds a ``position_ids`` buffer that transformers no longer saves)."""
-        from harness.state_dict import LazyStateDict
+        from harness.io.lazy import LazyStateDict
 
         stored = LazyStateDict(os.path.join(self.backbone_dir, "model.safetensors"))
         return restrict(stored, self._backbone_keys,

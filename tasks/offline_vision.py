@@ -33,11 +33,11 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from harness.state_dict import StateDict
-from tasks.base import Evaluation, SuiteUnavailableError, Task, restrict
-from tasks.fetch import apt_download, deb_members, pip_download, zip_member
-from tasks.finetuned import FinetunedSuite
-from tasks.offline_text import BIGBENCH_FILE, BIGBENCH_SHA256, MEMBER_ROOT, fetch_bigbench
+from harness.core.tensors import StateDict
+from harness.tasks.base import Evaluation, SuiteUnavailableError, Task, restrict
+from harness.tasks.fetch import apt_download, deb_members, pip_download, zip_member
+from harness.tasks.finetuned import FinetunedSuite
+from harness.tasks.offline_text import BIGBENCH_FILE, BIGBENCH_SHA256, MEMBER_ROOT, fetch_bigbench
 
 CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
            "truck")

@@ -24,8 +24,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from harness.torch_pickle import CheckpointFileError, load_untrusted
-from tasks.base import SuiteUnavailableError
+from harness.io.torch_pickle import CheckpointFileError, load_untrusted
+from harness.tasks.base import SuiteUnavailableError
 
 VISUAL_PREFIXES = ("model.visual.", "visual.")
 

@@ -18,9 +18,10 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from harness.state_dict import LazyStateDict, StateDict
-from tasks.base import Evaluation, SuiteUnavailableError
-from tasks.hub import ConfiguredSuite, check_model
+from harness.io.lazy import LazyStateDict
+from harness.core.tensors import StateDict
+from harness.tasks.base import Evaluation, SuiteUnavailableError
+from harness.tasks.hub import ConfiguredSuite, check_model
 
 
 def model_folder(name: str, revision: str | None = None) -> str:

@@ -16,9 +16,9 @@ import os
 import torch
 from torch import Tensor, nn
 
-from harness.state_dict import StateDict
-from tasks.base import Evaluation, Suite, SuiteUnavailableError, Task, unit
-from tasks.cache import CheckpointCache
+from harness.core.tensors import StateDict
+from harness.tasks.base import Evaluation, Suite, SuiteUnavailableError, Task, unit
+from harness.tasks.cache import CheckpointCache
 
 VOCAB = 16
 LENGTH = 12

@@ -119,7 +119,7 @@ def install_plugin(tmp_path, module: str, source: str, entry_points: dict[str, d
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
     """A cache folder holding the built ``tiny`` suite (built once per test session)."""
-    from tasks.tiny import TinySuite
+    from harness.tasks.tiny import TinySuite
 
     folder = tmp_path_factory.mktemp("cache")
     TinySuite(str(folder)).prepare(progress=False)

@@ -34,7 +34,7 @@ def test_bench_scale_times_its_floors_and_a_merge_and_leaves_only_its_inputs(tmp
 
 def test_bench_scale_svd_floor_decomposes_large_matrices_in_blocks_as_dts_does(tmp_path,
                                                                             monkeypatch):
-    import methods.dts as dts
+    import harness.methods.dts as dts
     from harness import LazyStateDict
 
     bench = load_script("bench_scale")
@@ -78,7 +78,7 @@ def test_bench_methods_worker_reports_time_memory_and_stored_bytes(tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise")
 def test_bench_scale_cold_runs_find_their_inputs_out_of_the_page_cache(tmp_path):
-    from harness.state_dict import page_cached
+    from harness.io.pages import page_cached
 
     bench = load_script("bench_scale")
     (tmp_path / "task0").mkdir()

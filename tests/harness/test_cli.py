@@ -8,10 +8,10 @@ import sys
 import pytest
 
 from harness import list_methods
-from harness.cli import main
-from harness.results import read_records
-from harness.unseen import similarity_weights
-from tasks.tiny import TinySuite
+from harness.bench.cli import main
+from harness.bench.records import read_records
+from harness.bench.unseen import similarity_weights
+from harness.tasks.tiny import TinySuite
 from tests.conftest import install_plugin
 
 METHODS = sorted(list_methods())
@@ -185,7 +185,7 @@ def test_validate_and_ls(capsys, tmp_path):
 
 
 SUITE_PLUGIN = '''
-from tasks.tiny import TinySuite
+from harness.tasks.tiny import TinySuite
 
 
 class PluginSuite(TinySuite):
@@ -199,7 +199,7 @@ def test_plugin_suite_through_entry_point(tmp_path, tiny_cache):
     site = install_plugin(tmp_path, "mh_suite_plugin", SUITE_PLUGIN, {
         "merge_harness.suites": {"tiny-plugin": "mh_suite_plugin:PluginSuite"}})
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.getcwd()]))
-    cmd = [sys.executable, "-m", "harness.cli", "run", "--method", "ties", "--suite",
+    cmd = [sys.executable, "-m", "harness.bench.cli", "run", "--method", "ties", "--suite",
            "tiny-plugin", "--results", str(tmp_path / "results"), "--cache-dir", tiny_cache,
            "--quiet"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -211,7 +211,7 @@ def test_plugin_suite_through_entry_point(tmp_path, tiny_cache):
 UNDESCRIBED_PLUGIN = '''
 import dataclasses
 
-from tasks.tiny import TinySuite
+from harness.tasks.tiny import TinySuite
 
 
 class UndescribedSuite(TinySuite):
@@ -227,7 +227,7 @@ def test_unseen_task_without_description_is_an_error(tmp_path, tiny_cache):
     site = install_plugin(tmp_path, "mh_undescribed", UNDESCRIBED_PLUGIN, {
         "merge_harness.suites": {"tiny-undescribed": "mh_undescribed:UndescribedSuite"}})
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.getcwd()]))
-    cmd = [sys.executable, "-m", "harness.cli", "run", "--method", "dts-t", "--suite",
+    cmd = [sys.executable, "-m", "harness.bench.cli", "run", "--method", "dts-t", "--suite",
            "tiny-undescribed", "--split", "unseen", "--results", str(tmp_path / "results"),
            "--cache-dir", tiny_cache, "--quiet"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -240,8 +240,9 @@ def test_method_that_cannot_apply_is_recorded_and_listed(tiny_cache, tmp_path, c
     message, writes a not-applicable record, and the leaderboard lists it under the table."""
     from dataclasses import dataclass
 
-    from harness.method import MergeMethod, MethodNotApplicable
-    from harness.registry import METHODS as REGISTRY
+    from harness.engine.method import MergeMethod
+    from harness.core.errors import MethodNotApplicable
+    from harness.core.registry import METHODS as REGISTRY
 
     @dataclass(frozen=True)
     class NeverFits(MergeMethod):

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from harness import HyperparameterError, MergeInputError, MergeResult, ResultFormatError, get_method
-from harness.cli import main
-from harness.files import ReplaceRefusedError, WorkFolder, clean_leftovers, exchange
-from harness.result_storage import canonical_sha256
-from harness.results import read_records, record_path
-from harness.state_dict import LazyStateDict
+from harness.bench.cli import main
+from harness.io.files import ReplaceRefusedError, WorkFolder, clean_leftovers, exchange
+from harness.engine.storage import canonical_sha256
+from harness.bench.records import read_records, record_path
+from harness.io.lazy import LazyStateDict
 from tests.conftest import make_models
 
 
@@ -94,12 +94,12 @@ def _killed_save(target: str, stage: str) -> None:
     script = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {os.getcwd()!r})
-        import harness.files as files
+        import harness.io.files as files
         from harness import get_method
         from tests.conftest import make_models
         stage = {stage!r}
         if stage == "writing":
-            import harness.result_storage as storage
+            import harness.engine.storage as storage
             storage.sha256_file = lambda path: os._exit(9)
         else:
             files.exchange = lambda a, b: False        # the fallback: two renames
@@ -200,7 +200,7 @@ def _rewrite(folder, change) -> None:
     (lambda m: m.update(merged_params="12"), "merged_params"),
     (lambda m: m.update(merged_params=0), "merged_params"),
     (lambda m: m.update(kind="other"), "kind"),
-    (lambda m: m["tasks"][0]["records"][0].update(kind="pickle"), "registered codec kind"),
+    (lambda m: m["tasks"][0]["records"][0].update(kind="pickle"), "no codec of kind .pickle."),
     (lambda m: m["tasks"][0]["records"][0]["meta"]["u"].update(shape=[99, 99]),
      "codec|does not|shape"),
     (lambda m: m.update(unseen={"shared": "../x"}), "unseen rule"),
@@ -359,7 +359,7 @@ def test_a_damaged_record_of_the_cell_being_run_is_run_again(tiny_cache, tmp_pat
 
 
 def test_a_non_utf8_cache_manifest_is_rebuilt(tmp_path):
-    from tasks.cache import CheckpointCache
+    from harness.tasks.cache import CheckpointCache
 
     cache = CheckpointCache(str(tmp_path), {"r": 1})
     cache.put("a", {"w": torch.ones(2)})
@@ -386,7 +386,7 @@ def test_unwritable_places_are_refused_before_any_work(tiny_cache, tmp_path, cap
 
 
 def test_unwritable_folders_are_named(tmp_path, monkeypatch):
-    from harness.files import UnwritablePlaceError, check_writable_folder
+    from harness.io.files import UnwritablePlaceError, check_writable_folder
 
     def refuse(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
@@ -472,7 +472,7 @@ def test_broken_shard_indexes_are_named(tmp_path, index, message):
 
 def test_a_full_disk_while_streaming_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys,
                                                                 tiny_cache):
-    import harness.sharded as sharded
+    import harness.io.shards as sharded
 
     def full(fd, offset, data):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -489,7 +489,7 @@ def test_a_full_disk_while_streaming_is_one_line_naming_the_file(tmp_path, monke
 def _build_entry(folder: str, log: str, name: str) -> None:
     import time
 
-    from tasks.cache import CheckpointCache
+    from harness.tasks.cache import CheckpointCache
 
     def build():
         with open(log, "a") as f:
@@ -510,7 +510,7 @@ def test_concurrent_first_builds_build_each_entry_once(tmp_path):
         worker.join(60)
         assert worker.exitcode == 0
     assert sorted(log.read_text().split()) == ["a", "bb"]
-    from tasks.cache import CheckpointCache
+    from harness.tasks.cache import CheckpointCache
 
     cache = CheckpointCache(str(tmp_path / "c"), {"recipe": 1})
     assert cache.has("a") and cache.has("bb")          # both entries in the merged manifest

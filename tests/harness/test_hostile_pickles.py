@@ -11,8 +11,8 @@ import zipfile
 import pytest
 import torch
 
-from harness.torch_pickle import (CheckpointFileError, StandIn, StandInUnpickler, allowed_globals,
-                                  load_untrusted)
+from harness.io.torch_pickle import (CheckpointFileError, StandIn, StandInUnpickler,
+                                     allowed_globals, load_untrusted)
 
 MARKER = "merge_harness_hostile_marker"
 CODE = f"import builtins; builtins.{MARKER} = True"

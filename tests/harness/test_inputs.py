@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import save_file
 
 from harness import LazyStateDict, MergeInputError, get_method, list_methods
-from harness.sharded import stream_outputs
-from harness.state_dict import inspect_models
+from harness.engine.outputs import stream_outputs
+from harness.engine.passes import inspect_models
 from tests.conftest import make_models
 
 OPTIONS = {"svd": {"density": 0.3}, "dts-t-star": {"budget": 60}, "dts-d-star": {"budget": 60}}
@@ -157,8 +157,8 @@ def test_unchecked_values_are_not_described():
 def test_validation_in_row_blocks_sees_the_same(monkeypatch):
     """Validation reads large keys in row blocks; with blocks of one row it describes the models
     exactly as whole keys do, and a NaN in the last row is still found and named."""
-    import harness.state_dict as state_dict
-    from harness.state_dict import inspect_models
+    import harness.core.tensors as state_dict
+    from harness.engine.passes import inspect_models
 
     pre, ft = make_models()
     whole = inspect_models(pre, ft)
@@ -173,7 +173,7 @@ def test_validation_in_row_blocks_sees_the_same(monkeypatch):
 def test_nonzero_count_on_bit_patterns():
     """Validation counts non-zero task-vector entries on bit patterns: both zeros count as zero,
     everything else (subnormals, NaN, Inf) as non-zero, as ``torch.count_nonzero`` does."""
-    from harness.state_dict import count_nonzero
+    from harness.core.tensors import count_nonzero
 
     values = torch.tensor([0.0, -0.0, 1.0, -1e-45, float("nan"), float("-inf"), 0.0, 3.5])
     scratch = torch.empty(values.shape, dtype=torch.int32)
@@ -184,8 +184,8 @@ def test_a_counting_hook_describes_the_models_as_validation_does():
     """TIES's threshold hook reports each block's non-zero and non-finite counts off its
     histogram, and validation takes them instead of counting: the same description, exact
     zeros of either sign included."""
-    from harness.state_dict import inspect_models
-    from methods.ties import inspect_for_ties
+    from harness.engine.passes import inspect_models
+    from harness.methods.ties import inspect_for_ties
 
     pre, ft = make_models()
     ft["task0"]["layer.weight"][:3] = pre["layer.weight"][:3]        # exact zeros
@@ -199,11 +199,11 @@ def test_a_counting_hook_describes_the_models_as_validation_does():
 def test_merge_shared_checks_values_on_whole_keys_or_blocks(elementwise):
     """A plugin's rule gets whole keys or row blocks (``elementwise``); either way a layout-only
     spec gets its values checked in the merge pass: the same description, NaN named."""
-    from harness.state_dict import merge_shared
+    from harness.engine.passes import merge_shared
 
     pre, ft = make_models()
 
-    def rule(key, theta0, taus):
+    def rule(key, theta0, taus, out):
         return theta0 + 0.3 * sum(taus)
     spec = inspect_models(pre, ft, values=False)
     merged = merge_shared(pre, ft, spec, rule, "test", False, elementwise=elementwise)

@@ -3,9 +3,9 @@ import os
 
 import pytest
 
-from harness.files import write_json_atomic
-from harness.leaderboard import render_all
-from harness.results import SCHEMA_VERSION, read_records, write_record
+from harness.io.files import write_json_atomic
+from harness.bench.leaderboard import render_all
+from harness.bench.records import SCHEMA_VERSION, read_records, write_record
 
 EXPECTED = os.path.join(os.path.dirname(__file__), "..", "data", "expected_leaderboard.md")
 

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from harness import get_method, merge_device
-from harness.payload import Codec
-from harness.result import MergeResult
-from harness.state_dict import inspect_models
+from harness.engine.codecs import Codec
+from harness.engine.result import MergeResult
+from harness.engine.passes import inspect_models
 from tests.conftest import make_models
 from tests.emulated_device import CUDA, EmulatedDevice
 
@@ -73,7 +73,7 @@ def test_merges_on_a_device_give_the_cpu_bits_and_store_on_the_cpu(method, param
 
 
 def test_blocked_svd_runs_on_the_device_and_gives_the_cpu_bits(monkeypatch):
-    import methods.dts as dts
+    import harness.methods.dts as dts
 
     monkeypatch.setattr(dts, "IN_MEMORY_SVD_BYTES", 0)           # every matrix in blocks
     pretrained, finetuned = make_models()
@@ -99,7 +99,7 @@ def test_validation_runs_on_the_device_and_reports_the_same():
 def test_ties_counts_its_thresholds_on_the_device(dtype):
     """Adding each block's counts to a histogram on the CPU would be a CPU operation between GPU
     waits (after which OpenMP's idle threads spin): the histograms stay on the device."""
-    from methods.ties import inspect_for_ties
+    from harness.methods.ties import inspect_for_ties
 
     pretrained, finetuned = make_models(dtype=dtype)
     spec, thresholds = inspect_for_ties(pretrained, finetuned)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from harness.payload import (BitPacker, pack_bits, packed_nbytes, store_zeros, unpack_bits,
-                             zero_storage_nbytes)
+from harness.core.bits import (BitPacker, pack_bits, packed_nbytes, store_zeros, unpack_bits,
+                               zero_storage_nbytes)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4])

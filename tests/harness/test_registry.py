@@ -6,7 +6,7 @@ import textwrap
 import pytest
 
 from harness import HyperparameterError, UnknownNameError, get_method, list_methods, method_class
-from harness.registry import Registry
+from harness.core.registry import Registry
 from tests.conftest import install_plugin
 
 EXPECTED = ["dare", "dts-d", "dts-d-star", "dts-t", "dts-t-star", "emr", "svd", "t-switch",
@@ -66,8 +66,8 @@ def test_every_method_documents_itself():
 PLUGIN = '''
 from dataclasses import dataclass
 
-from harness.method import hp
-from methods.task_arithmetic import TaskArithmetic
+from harness.engine.method import hp
+from harness.methods.task_arithmetic import TaskArithmetic
 
 
 @dataclass(frozen=True)

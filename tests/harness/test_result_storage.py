@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from harness import MergeResult, ResultFormatError, get_method, list_methods
-from harness.payload import FORMAT_VERSION
+from harness.engine.storage import FORMAT_VERSION
 from tests.conftest import make_models
 
 OPTIONS = {"svd": {"density": 0.3}, "dts-t-star": {"budget": 60}, "dts-d-star": {"budget": 60}}
@@ -82,7 +82,7 @@ def test_failed_save_keeps_previous_result(tmp_path, monkeypatch):
     before = (path / "manifest.json").read_text()
     pre, ft = make_models(seed=9)
     result = get_method("t-switch").merge(pre, ft)
-    import harness.result_storage as result_module
+    import harness.engine.storage as result_module
 
     def broken(*args, **kwargs):
         raise OSError("disk full")

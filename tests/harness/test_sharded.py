@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from harness import LazyStateDict, get_method
-from harness.sharded import INDEX, stream_outputs
-from harness.state_dict import MergeInputError, inspect_models, merge_shared
+from harness.io.shards import INDEX
+from harness.engine.outputs import stream_outputs
+from harness.core.errors import MergeInputError
+from harness.engine.passes import inspect_models, merge_shared
 from tests.conftest import make_models
 
 SMALL = 600       # bytes per shard: several shards even for the test models
@@ -40,7 +42,7 @@ def test_an_interrupted_merge_leaves_nothing_that_looks_complete(tmp_path):
     spec = inspect_models(pretrained, finetuned)
     seen = []
 
-    def failing(key, theta0, taus):
+    def failing(key, theta0, taus, out):
         seen.append(key)
         if len(seen) == 4:
             raise KeyboardInterrupt
@@ -77,7 +79,7 @@ def test_mapped_input_pages_are_handed_back_after_each_key(tmp_path):
     that is not a mapping of the input file is never released."""
     from safetensors.torch import save_file
 
-    from harness.state_dict import MAPPED_PAGES, iter_keys
+    from harness.io.pages import MAPPED_PAGES, iter_keys
 
     original = {"big": torch.randn(1024, 1024), "small": torch.randn(4)}
     save_file(original, tmp_path / "model.safetensors")
@@ -108,8 +110,8 @@ def test_mapped_input_pages_are_handed_back_after_each_key(tmp_path):
 def test_row_blocks_keep_only_a_block_of_a_mapped_tensor_resident(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    import harness.state_dict as state_dict
-    from harness.state_dict import iter_keys, row_blocks
+    import harness.core.tensors as state_dict
+    from harness.io.pages import iter_keys, row_blocks
 
     save_file({"big": torch.randn(4096, 1024)}, tmp_path / "model.safetensors")   # 16 MiB
     lazy = LazyStateDict(tmp_path)
@@ -130,7 +132,7 @@ def test_row_blocks_keep_only_a_block_of_a_mapped_tensor_resident(tmp_path, monk
 
 
 def test_row_blocks_are_cache_sized_on_the_cpu_and_larger_on_another_device():
-    from harness.state_dict import CHUNK_BYTES, DEVICE_CHUNK_BYTES, merge_device, row_chunks
+    from harness.core.tensors import CHUNK_BYTES, DEVICE_CHUNK_BYTES, merge_device, row_chunks
 
     shape = (DEVICE_CHUNK_BYTES // 8 // 1024, 1024)     # 2 tasks' float32: one device block
     assert len(row_chunks(shape, 2)) == DEVICE_CHUNK_BYTES // CHUNK_BYTES > 1
@@ -141,7 +143,7 @@ def test_row_blocks_are_cache_sized_on_the_cpu_and_larger_on_another_device():
 def test_tensor_byte_ranges_point_at_each_tensors_bytes(tmp_path):
     from safetensors.torch import save_file
 
-    from harness.state_dict import tensor_byte_ranges
+    from harness.io.pages import tensor_byte_ranges
 
     tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64),
                "c": torch.randn(2, 4).bfloat16(), "scalar": torch.tensor(2.5)}
@@ -160,7 +162,7 @@ def test_merge_loops_ask_for_the_next_keys_bytes_ahead_of_reading_them(tmp_path,
     queued are not."""
     from safetensors.torch import save_file
 
-    from harness.state_dict import READ_AHEAD, iter_keys, tensor_byte_ranges
+    from harness.io.pages import READ_AHEAD, iter_keys, tensor_byte_ranges
 
     keys = [f"k{i}" for i in range(5)]
     for name in ("base", "task"):
@@ -202,7 +204,7 @@ def evicted_file(path, size: int):
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise")
 def test_page_cached_tells_pages_in_memory_from_evicted_ones(tmp_path):
-    from harness.state_dict import page_cached
+    from harness.io.pages import page_cached
 
     with evicted_file(tmp_path / "bytes.bin", 3 * 2**20) as descriptor:
         assert not page_cached(descriptor, 2**20 + 5)
@@ -215,7 +217,7 @@ def test_a_file_read_from_the_disk_is_told_by_pages_spread_over_it(tmp_path):
     """A file counts as on the disk while some of the pages sampled across it is evicted, even
     where the pages a merge reads first, or any one page, are cached; fully cached, it does
     not."""
-    from harness.state_dict import page_cached, read_from_disk
+    from harness.io.pages import page_cached, read_from_disk
 
     with evicted_file(tmp_path / "bytes.bin", 9 * 2**20) as descriptor:
         assert read_from_disk(descriptor)
@@ -227,7 +229,7 @@ def test_a_file_read_from_the_disk_is_told_by_pages_spread_over_it(tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise")
 def test_ranges_of_a_file_on_the_disk_are_hinted_and_counted_and_of_a_cached_one_not(tmp_path):
-    from harness.state_dict import _ReadAhead
+    from harness.io.pages import _ReadAhead
 
     path = str(tmp_path / "bytes.bin")
     with evicted_file(tmp_path / "bytes.bin", 4 * 2**20) as descriptor:
@@ -243,7 +245,7 @@ def test_ranges_of_a_file_on_the_disk_are_hinted_and_counted_and_of_a_cached_one
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_patches_reach_pending_and_written_shards_bit_for_bit(dtype, tmp_path):
-    from harness.sharded import ShardWriter
+    from harness.io.shards import ShardWriter
 
     g = torch.Generator().manual_seed(0)
     tensors = {name: torch.randn(6, 5, generator=g).to(dtype) for name in ("a", "b", "c")}
@@ -265,10 +267,10 @@ def test_patches_reach_pending_and_written_shards_bit_for_bit(dtype, tmp_path):
 @pytest.mark.parametrize("held_bytes", [None, 0])
 def test_streamed_ties_patches_undecided_entries_into_written_shards(held_bytes, tmp_path,
                                                                      monkeypatch):
-    import methods.ties as ties
+    import harness.engine.deferred as deferred
 
     if held_bytes is not None:
-        monkeypatch.setattr(ties, "HELD_BYTES", held_bytes)
+        monkeypatch.setattr(deferred, "HELD_BYTES", held_bytes)
     pre, ft = make_models(n_tasks=4, seed=3)
     pre = {"tie": torch.zeros(3, 2), **pre}         # first: its shard is written before the end
     for t, task in enumerate(ft):                   # elected sign 0: waits for the majority
@@ -295,8 +297,8 @@ def test_shards_written_as_tensors_arrive_load_with_safetensors(staging_pages, t
     staging buffer of two pages, tensors also straddle and overflow it."""
     from safetensors import safe_open
 
-    import harness.sharded as sharded
-    from harness.sharded import ShardWriter
+    import harness.io.shards as sharded
+    from harness.io.shards import ShardWriter
 
     if staging_pages:
         monkeypatch.setattr(sharded._ShardFile, "STAGING", staging_pages * sharded._PAGE)
@@ -330,7 +332,7 @@ def test_a_failed_write_surfaces_and_leaves_nothing_behind(tmp_path, monkeypatch
     error, and the partial output is removed with its files closed."""
     import errno
 
-    import harness.sharded as sharded
+    import harness.io.shards as sharded
 
     def full_disk(fd, offset, data):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -351,7 +353,7 @@ def test_the_write_queue_stays_bounded(tmp_path, monkeypatch):
     larger than that), however slow the disk."""
     import threading
 
-    import harness.sharded as sharded
+    import harness.io.shards as sharded
 
     release = threading.Event()
     write = sharded._write_at
@@ -406,7 +408,7 @@ def test_a_file_system_without_direct_io_gets_buffered_writes(refused, tmp_path,
     import errno
     import fcntl
 
-    import harness.sharded as sharded
+    import harness.io.shards as sharded
 
     if not hasattr(os, "O_DIRECT"):
         pytest.skip("no O_DIRECT on this platform")
@@ -452,7 +454,7 @@ def test_shards_are_written_without_pwrite(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("layout", ["v1", "v2", "none"])
 def test_memory_size_takes_the_cgroup_limit_where_it_is_lower(layout, tmp_path):
-    from harness.state_dict import memory_size
+    from harness.io.pages import memory_size
 
     machine = memory_size(str(tmp_path / "missing"))      # no cgroup file: the machine's memory
     proc = tmp_path / "cgroup"

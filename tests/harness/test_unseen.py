@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from harness.unseen import similarity_weights
+from harness.bench.unseen import similarity_weights
 
 
 def test_hand_computed_gamma():

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from harness import HyperparameterError, get_method
-from harness.accounting import dts_paper_amr
-from methods.dts import (dts_encode, group_encode, predicted_stored_bytes, threshold_and_scale,
-                         truncated_svd)
-from methods.ties import inspect_for_ties, ties_merge
-from harness.state_dict import inspect_models
+from harness.methods.dts import dts_paper_amr
+from harness.methods.dts import (dts_encode, group_encode, predicted_stored_bytes,
+                                 threshold_and_scale, truncated_svd)
+from harness.methods.ties import inspect_for_ties, ties_merge
+from harness.engine.passes import inspect_models
 from tests.conftest import make_models
 
 
@@ -23,7 +23,7 @@ def test_golden_vector():
 def test_equal_values_split_by_position():
     # four equal positives: the first two (by position) form the high group
     code = group_encode(torch.tensor([0.5, 0.5, 0.5, 0.5, -1.0]))
-    from harness.payload import unpack_bits
+    from harness.core.bits import unpack_bits
     assert unpack_bits(code.codes, 2, 5).tolist()[:4] == [0, 0, 1, 1]
 
 
@@ -51,7 +51,7 @@ def test_group_code_in_chunks_equals_whole(grouped_dim, monkeypatch):
     """The cut's member copy and the sums of squares go chunk by chunk (bounded temporaries):
     with chunks of 7 entries the code is the same. Quarter-integer values keep every sum of
     squares exact, whatever its order; they tie often, and a tenth are zeros."""
-    import methods.dts as dts
+    import harness.methods.dts as dts
 
     g = torch.Generator().manual_seed(4)
     x = (torch.randn(40, 30, generator=g) * 4).round() / 4
@@ -233,7 +233,7 @@ def test_density_out_of_range_is_rejected():
 
 
 def test_selection_matches_stable_sort_definition_with_many_ties():
-    from harness.payload import unpack_bits
+    from harness.core.bits import unpack_bits
 
     g = torch.Generator().manual_seed(4)
     x = torch.randint(-3, 4, (500,), generator=g).float() / 2   # many exact ties and zeros
@@ -260,9 +260,9 @@ def test_wide_matrices_decompose_like_tall_ones():
 
 @pytest.mark.parametrize("shape", [(300, 40), (40, 300)])
 def test_blocked_svd_matches_lapack(shape, monkeypatch):
-    import harness.state_dict as state_dict
-    from harness.state_dict import BlockedDelta
-    from methods.dts import blocked_truncated_svd
+    import harness.core.tensors as state_dict
+    from harness.engine.passes import BlockedDelta
+    from harness.methods.dts import blocked_truncated_svd
 
     monkeypatch.setattr(state_dict, "CHUNK_BYTES", 4000)          # a few rows per block
     g = torch.Generator().manual_seed(0)
@@ -283,9 +283,9 @@ def test_blocked_svd_matches_lapack(shape, monkeypatch):
 def test_large_matrices_are_decomposed_in_blocks(method, params, monkeypatch):
     """Over IN_MEMORY_SVD_BYTES a matrix goes through the blocked SVD, never LAPACK's whole
     SVD, and serves the same task weights up to rounding (near DTS's median cuts)."""
-    import harness.state_dict as state_dict
-    import methods.dts as dts
-    import methods.svd as svd
+    import harness.core.tensors as state_dict
+    import harness.methods.dts as dts
+    import harness.methods.svd as svd
 
     pre, ft = make_models(n_tasks=2)
     whole = get_method(method, **params).merge(pre, ft)
@@ -304,7 +304,7 @@ def test_large_matrices_are_decomposed_in_blocks(method, params, monkeypatch):
 
 
 def test_lapack_signs_keep_the_whole_svd(monkeypatch):
-    import methods.dts as dts
+    import harness.methods.dts as dts
 
     monkeypatch.setattr(dts, "IN_MEMORY_SVD_BYTES", 0)
     spec = inspect_models(*make_models(n_tasks=2))
@@ -315,7 +315,7 @@ def test_lapack_signs_keep_the_whole_svd(monkeypatch):
 
 @pytest.mark.parametrize("negate", [False, True])
 def test_median_cut_is_the_same_on_numpy_and_torch(negate):
-    from methods.dts import _cut_numpy, _cut_torch
+    from harness.methods.dts import _cut_numpy, _cut_torch
 
     g = torch.Generator().manual_seed(3)
     for x in (torch.randn(1001, generator=g), torch.round(torch.randn(500, generator=g) * 2)):

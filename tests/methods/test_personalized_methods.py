@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from harness import get_method
-from methods.emr import emr_elect
-from methods.t_switch import t_switch_codes
-from methods.tall_mask import tall_masks
+from harness.methods.emr import emr_elect
+from harness.methods.t_switch import t_switch_codes
+from harness.methods.tall_mask import tall_masks
 from tests.conftest import make_models
 
 
@@ -50,8 +50,8 @@ def _signed_zero_taus(n_tasks: int, n: int = 4001) -> list[torch.Tensor]:
 def test_emr_block_rule_matches_the_reference_bit_for_bit(n_tasks):
     """The merge's fused rule gives emr_elect's tau_uni (zero signs included), its masks, and
     the float64 sums for lambda."""
-    from harness.state_dict import BlockBuffers
-    from methods.emr import _elect_and_sum
+    from harness.core.tensors import BlockBuffers
+    from harness.methods.emr import _elect_and_sum
 
     buffers = BlockBuffers()
     for taus in (_signed_zero_taus(n_tasks, 9001), _signed_zero_taus(n_tasks)):  # reused
@@ -69,7 +69,7 @@ def test_emr_block_rule_matches_the_reference_bit_for_bit(n_tasks):
 
 @pytest.mark.parametrize("with_buffers", [False, True])
 def test_tall_masks_match_the_formula_bit_for_bit(with_buffers):
-    from harness.state_dict import BlockBuffers
+    from harness.core.tensors import BlockBuffers
 
     buffers = BlockBuffers() if with_buffers else None
     lams = [0.4, 0.2, 0.6]
@@ -200,7 +200,7 @@ def test_svd_warns_when_matched_density_keeps_no_matrix():
 @pytest.mark.parametrize("method,shared", [("tall-mask", "tau_mtl"), ("emr", "tau_uni")])
 def test_masks_in_row_blocks_keep_their_bits(method, shared, monkeypatch):
     """Shared tensor and masks keep their bits; EMR's lambda moves only by float64 rounding."""
-    import harness.state_dict as state_dict
+    import harness.core.tensors as state_dict
 
     pre, ft = make_models(n_tasks=3)
     whole = get_method(method).merge(pre, ft)

@@ -52,7 +52,7 @@ def test_dare_survivors_are_scaled_by_inverse_keep_rate():
 
 @pytest.mark.parametrize("with_out", [False, True])
 def test_task_arithmetic_gives_the_bits_of_the_formula(with_out):
-    from methods.task_arithmetic import task_arithmetic
+    from harness.methods.task_arithmetic import task_arithmetic
 
     g = torch.Generator().manual_seed(5)
     theta0 = torch.randn(3001, generator=g)
@@ -68,8 +68,8 @@ def test_task_arithmetic_gives_the_bits_of_the_formula(with_out):
 @pytest.mark.parametrize("with_buffers", [False, True])
 def test_dare_drops_give_the_bits_of_the_formula(with_buffers):
     """``tau * (rand >= p) / (1 - p)``, in scratch or not, with zeros of both signs."""
-    from harness.state_dict import BlockBuffers
-    from methods.dare import drop_and_rescale
+    from harness.core.tensors import BlockBuffers
+    from harness.methods.dare import drop_and_rescale
 
     buffers = BlockBuffers() if with_buffers else None
     for n in (5001, 2000):                             # scratch reused by a smaller block
@@ -94,7 +94,7 @@ def test_dare_seed_zero_golden_bits():
 @pytest.mark.parametrize("method", ["task-arithmetic", "weight-averaging", "dare"])
 def test_row_blocks_give_the_same_bits(models, method, monkeypatch):
     """DARE's blocks draw their masks in row order from one generator per (task, key)."""
-    import harness.state_dict as state_dict
+    import harness.core.tensors as state_dict
 
     pre, ft = models
     whole = get_method(method).merge(pre, ft).base

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from harness import get_method
-from harness.select import StreamingKthSmallest
-from methods.ties import trim_below, trim_rank
+from harness.core.select import StreamingKthSmallest
+from harness.methods.ties import trim_below, trim_rank
 from tests.conftest import make_models
 
 
@@ -86,10 +86,11 @@ def test_zero_elected_sign_uses_majority_or_merges_to_zero():
 def test_keys_written_under_a_passing_majority_are_patched(streamed, tmp_path, monkeypatch):
     """Each key is written with its undecided entries under the majority sign of the keys so
     far; only the keys written under another sign than the final majority are patched."""
-    import harness.sharded as sharded
+    import harness.engine.outputs as outputs
+    from harness.io.shards import ShardWriter
 
     patched = []
-    for cls in (sharded.ShardWriter, sharded.CpuOutput):
+    for cls in (ShardWriter, outputs.CpuOutput):
         original = cls.patch
 
         def patch(self, key, positions, values, original=original):
@@ -101,7 +102,7 @@ def test_keys_written_under_a_passing_majority_are_patched(streamed, tmp_path, m
     def merge(pre, ft):
         with contextlib.ExitStack() as stack:
             if streamed:
-                stack.enter_context(sharded.stream_outputs(tmp_path / f"out{len(patched)}"))
+                stack.enter_context(outputs.stream_outputs(tmp_path / f"out{len(patched)}"))
             result = get_method("ties", k=99, lam=1.0).merge(pre, ft)    # keeps every |tau| >= 1
             return {key: value.clone() for key, value in result.base.items()}
 
@@ -224,20 +225,20 @@ def test_row_blocks_give_the_same_bits(merge, held_bytes, monkeypatch):
     """Large keys are merged in row blocks (bounded memory); every step is elementwise across
     tasks, so blocks of one row, undecided entries included, match the official algorithm.
     With no memory for entries awaiting the majority sign, they wait in files: same bits."""
-    import harness.state_dict as state_dict
-    import methods.ties as ties
+    import harness.core.tensors as state_dict
+    import harness.engine.deferred as deferred
 
     if held_bytes is not None:
-        monkeypatch.setattr(ties, "HELD_BYTES", held_bytes)
+        monkeypatch.setattr(deferred, "HELD_BYTES", held_bytes)
     spilled, folders = [], []
-    original = ties.HeldEntries._spill
+    original = deferred.HeldEntries._spill
 
     def spill(self, key, *entries):
         spilled.append(key)
         folders.append(self.folder)
         original(self, key, *entries)
 
-    monkeypatch.setattr(ties.HeldEntries, "_spill", spill)
+    monkeypatch.setattr(deferred.HeldEntries, "_spill", spill)
 
     pre, ft = make_models(n_tasks=4, seed=3)
     pre["tie"] = torch.zeros(3, 2)
@@ -256,8 +257,9 @@ def test_row_blocks_give_the_same_bits(merge, held_bytes, monkeypatch):
 def test_undecided_entries_wait_as_two_candidate_values():
     """An undecided entry waits as its position (int32) and its merged value under each
     majority sign in the key's dtype: 8 bytes for bfloat16, whatever the number of tasks."""
-    import methods.ties as ties
-    from harness.state_dict import BlockBuffers, inspect_models
+    import harness.methods.ties as ties
+    from harness.core.tensors import BlockBuffers
+    from harness.engine.passes import inspect_models
 
     pre = {"w": torch.zeros(2, 2, dtype=torch.bfloat16)}
     ft = {t: {"w": torch.tensor([[s, 2.0], [0.0, -s]], dtype=torch.bfloat16)}
@@ -279,7 +281,7 @@ def test_float32_thresholds_inside_a_bin_with_ties_at_them(merge, seed):
     their bins (more mantissa bits than the high 16 bits hold), where the low-bits pass finds
     them; key "c" holds +v, -v and 0 right at the thresholds, so entries there are kept, cancel
     and wait for the majority sign: the official algorithm's bits."""
-    import methods.ties as ties
+    import harness.methods.ties as ties
 
     g = torch.Generator().manual_seed(seed)
     pre = {k: torch.randint(-1000, 1001, shape, generator=g) * 2.0**-10
@@ -302,7 +304,7 @@ def test_float32_thresholds_inside_a_bin_with_ties_at_them(merge, seed):
 def test_small_blocks_are_counted_in_batches_with_the_same_results():
     """Blocks under BATCH_BELOW values wait and are histogrammed together: the same zero and
     non-finite counts per call, and the same k-th value, as one whole pass."""
-    import harness.select as select
+    import harness.core.select as select
 
     g = torch.Generator().manual_seed(3)
     values = torch.randn(50_000, generator=g).abs()

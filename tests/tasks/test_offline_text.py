@@ -10,12 +10,12 @@ import torch
 
 pytest.importorskip("transformers")
 
-from harness.files import sha256_file  # noqa: E402
-from harness.registry import SUITES  # noqa: E402
-from harness.runner import RunConfig, run  # noqa: E402
-from tasks.base import SuiteUnavailableError  # noqa: E402
-from tasks.offline_text import (MEMBER_ROOT, RECIPE, TEXT_TASKS, OfflineTextSuite,  # noqa: E402
-                                extract_tasks, split_of)
+from harness.io.files import sha256_file
+from harness.core.registry import SUITES
+from harness.bench.runner import RunConfig, run
+from harness.tasks.base import SuiteUnavailableError
+from harness.tasks.offline_text import (MEMBER_ROOT, RECIPE, TEXT_TASKS, OfflineTextSuite,
+                                        extract_tasks, split_of)
 
 WORDS = ["good", "bad", "fine", "awful", "yes", "no", "same", "other", "valid", "wrong",
          "the", "a", "room", "pill", "box", "claim", "order", "talk"]
@@ -169,7 +169,7 @@ def test_runs_end_to_end(method, assets, tmp_path):
 
 
 def test_capped_splits_sample_the_whole_file_not_its_start(tmp_path):
-    from tasks.offline_text import TextTask
+    from harness.tasks.offline_text import TextTask
 
     # BIG-bench files are often sorted by label: all "valid" first, then all "invalid"
     examples = [{"input": f"argument number {i}", "target_scores": {"valid": int(i < 500),

@@ -18,12 +18,11 @@ pytest.importorskip("efficientnet_lite_pytorch")
 pytest.importorskip("PIL")
 pytest.importorskip("transformers")
 
-from harness.files import sha256_file  # noqa: E402
-from harness.registry import SUITES  # noqa: E402
-from harness.runner import RunConfig, run  # noqa: E402
-from tasks.base import SuiteUnavailableError  # noqa: E402
-from tasks.offline_vision import (CIFAR10, CIFAR_MEMBER, RECIPE, OfflineVisionSuite,  # noqa: E402
-                                  split_of)
+from harness.io.files import sha256_file
+from harness.core.registry import SUITES
+from harness.bench.runner import RunConfig, run
+from harness.tasks.base import SuiteUnavailableError
+from harness.tasks.offline_vision import CIFAR10, CIFAR_MEMBER, RECIPE, OfflineVisionSuite, split_of
 from tests.tasks.test_offline_text import write_backbone  # noqa: E402
 
 N = 60                                          # images per task
@@ -167,7 +166,7 @@ def test_corrupt_source_is_named(assets, tmp_path):
 
 
 def test_missing_fashion_mnist_says_how_to_provide_it(assets, tmp_path, monkeypatch):
-    import tasks.offline_vision as module
+    import harness.tasks.offline_vision as module
 
     def no_apt(package, folder):
         raise SuiteUnavailableError("no apt-get here")

@@ -16,9 +16,9 @@ pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("PIL")
 
-from tasks.base import SuiteUnavailableError  # noqa: E402
-from tasks.clip import VitB32Suite  # noqa: E402
-from tasks.openclip_layout import read_module_state, to_transformers, visual_state  # noqa: E402
+from harness.tasks.base import SuiteUnavailableError  # noqa: E402
+from harness.tasks.clip import VitB32Suite  # noqa: E402
+from harness.tasks.openclip_layout import read_module_state, to_transformers, visual_state  # noqa: E402
 from tests.tasks.test_paper_suites import harness, run_both_splits  # noqa: E402
 
 WIDTH, HEADS, LAYERS, PATCH, SIZE, EMBED = 16, 2, 2, 8, 16, 8
@@ -282,7 +282,7 @@ def vit_b32_visual_shapes(width=768, layers=12, grid=7, patch=32, embed=512):
 def test_paper_amr_on_open_clip_keys_matches_the_notes():
     """notes/official-code.md 1.8: 3.92% at r=0.3 over the visual tower (87.85 M parameters);
     3.68% with the text leftovers the authors' loop also counts (Table 1's DTS AMR)."""
-    from harness.accounting import dts_paper_amr
+    from harness.methods.dts import dts_paper_amr
 
     visual = vit_b32_visual_shapes()
     assert sum(np.prod(s) for s in visual) == 87_849_216

@@ -13,10 +13,10 @@ pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("PIL")
 
-from harness.cli import main  # noqa: E402
-from harness.results import read_records  # noqa: E402
-from tasks.base import SuiteUnavailableError  # noqa: E402
-from tasks.hub import load_config  # noqa: E402
+from harness.bench.cli import main  # noqa: E402
+from harness.bench.records import read_records  # noqa: E402
+from harness.tasks.base import SuiteUnavailableError  # noqa: E402
+from harness.tasks.hub import load_config  # noqa: E402
 
 WORDS = ["<pad>", "<unk>", "<s>", "</s>", "a", "the", "of", "photo", "number", "texture",
          "good", "bad", "yes", "no", "is", "it", "cat", "dog", "sign", "car"]
@@ -232,7 +232,7 @@ def test_runs_end_to_end(suite, method, configs, tmp_path, capsys):
 
 
 def test_glue_metrics_follow_the_spec(configs, tmp_path):
-    from tasks.glue import RobertaGlueSuite
+    from harness.tasks.glue import RobertaGlueSuite
 
     suite = RobertaGlueSuite(str(tmp_path), config=configs["roberta-glue"])
     backbone = suite.load_finetuned("stsb")
@@ -247,7 +247,7 @@ def test_glue_metrics_follow_the_spec(configs, tmp_path):
 
 def test_classifier_head_embeddings(configs, tmp_path):
     """The authors' RoBERTa option: cosine of the fine-tuned classifier.dense weights."""
-    from tasks.glue import RobertaGlueSuite
+    from harness.tasks.glue import RobertaGlueSuite
 
     suite = RobertaGlueSuite(str(tmp_path), config=configs["roberta-glue"])
     suite.embedding = "classifier-head"
@@ -259,7 +259,7 @@ def test_classifier_head_embeddings(configs, tmp_path):
 
 
 def test_clip_heads_are_the_zero_shot_recipe(configs, tmp_path):
-    from tasks.clip import VitB32Suite, pooled
+    from harness.tasks.clip import VitB32Suite, pooled
 
     suite = VitB32Suite(str(tmp_path), config=configs["vit-b32"])
     head = suite.head("mnist")
@@ -292,7 +292,7 @@ def test_validate_names_what_is_missing(configs, tmp_path, capsys):
 
 def test_hub_names_offline_say_how_to_provide_them(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    from tasks.clip import VitB32Suite
+    from harness.tasks.clip import VitB32Suite
 
     with pytest.raises(SuiteUnavailableError, match="not in the local Hugging Face cache"):
         VitB32Suite(str(tmp_path)).check()
@@ -323,7 +323,7 @@ def test_finetune_produces_task_models_and_a_config_that_runs(configs, tmp_path,
     assert produced["unseen"] == original["unseen"] and produced["finetune"] == original[
         "finetune"]
     assert produced["tasks"]["stsb"]["metric"] == original["tasks"]["stsb"]["metric"]
-    from tasks.glue import RobertaGlueSuite
+    from harness.tasks.glue import RobertaGlueSuite
 
     suite = RobertaGlueSuite(str(cache), config=str(written))
     pretrained, tuned = suite.load_pretrained(), suite.load_finetuned("stsb")
@@ -337,7 +337,7 @@ def test_finetune_produces_task_models_and_a_config_that_runs(configs, tmp_path,
 
 @pytest.mark.parametrize("suite", ["vit-b32", "vit-l14", "roberta-glue", "gpt2-glue", "qwen"])
 def test_packaged_configs_round_trip_through_the_writer(suite, tmp_path):
-    from tasks.hub import dump_config
+    from harness.tasks.hub import dump_config
 
     config, _ = load_config(suite)
     path = tmp_path / f"{suite}.toml"

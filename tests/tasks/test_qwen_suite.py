@@ -10,8 +10,8 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("lm_eval")
 
-from harness.cli import main  # noqa: E402
-from harness.results import read_records  # noqa: E402
+from harness.bench.cli import main
+from harness.bench.records import read_records
 from tests.tasks.test_paper_suites import perturbed, save_tokenizer  # noqa: E402
 
 TASKS = {"mmlu": "which word is an animal", "truthfulqa": "which word is true",

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tasks.tiny import TinySuite, make_split
+from harness.tasks.tiny import TinySuite, make_split
 
 
 def test_splits_are_deterministic_sized_and_balanced_enough():
@@ -55,7 +55,7 @@ def test_corrupt_cache_entry_is_detected_and_rebuilt(tiny_cache, tmp_path):
 
 
 def test_unprepared_suite_says_what_to_do(tmp_path):
-    from tasks.base import SuiteUnavailableError
+    from harness.tasks.base import SuiteUnavailableError
 
     with pytest.raises(SuiteUnavailableError, match="prepare"):
         TinySuite(str(tmp_path)).load_pretrained()

@@ -20,7 +20,7 @@ def _parse_sets(pairs: list[str]) -> dict[str, str]:
 
 
 def _run_config(args):
-    from harness.runner import RunConfig
+    from harness.bench.runner import RunConfig
 
     return RunConfig(method=args.method, suite=args.suite, split=args.split,
                      overrides=_parse_sets(args.set), seed=args.seed, device=args.device,
@@ -49,14 +49,14 @@ def _print_record(record: dict) -> None:
 
 
 def cmd_run(args) -> int:
-    from harness.runner import run
+    from harness.bench.runner import run
 
     _print_record(run(_run_config(args)))
     return 0
 
 
 def cmd_validate(args) -> int:
-    from harness.runner import validate
+    from harness.bench.runner import validate
 
     suite, method = validate(_run_config(args))
     print(f"ok: {method.name} {method.params()} on {suite.name} "
@@ -65,8 +65,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from harness.files import check_writable_folder
-    from harness.runner import check_device, get_suite
+    from harness.io.files import check_writable_folder
+    from harness.bench.runner import check_device, get_suite
 
     check_device(args.device)
     suite = get_suite(args.suite, args.cache_dir, config=args.suite_config)
@@ -76,7 +76,7 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_ls(args) -> int:
-    from harness.registry import METHODS, SUITES
+    from harness.core.registry import METHODS, SUITES
 
     if args.what == "methods":
         for name in METHODS.names():
@@ -94,8 +94,8 @@ def cmd_ls(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from harness.files import write_text_atomic
-    from harness.leaderboard import render_all
+    from harness.io.files import write_text_atomic
+    from harness.bench.leaderboard import render_all
 
     if not os.path.isdir(args.results):
         raise FileNotFoundError(f"the results folder {args.results} does not exist (pass "
@@ -132,7 +132,7 @@ def _read_text(path: str) -> str | None:
 
 
 def _seed(text: str) -> int:
-    from harness.runner import MAX_SEED
+    from harness.bench.runner import MAX_SEED
 
     try:
         value = int(text)
@@ -144,8 +144,8 @@ def _seed(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from harness.results import DEFAULT_RESULTS_DIR
-    from harness.runner import DEFAULT_SUITE
+    from harness.bench.records import DEFAULT_RESULTS_DIR
+    from harness.bench.runner import DEFAULT_SUITE
 
     parser = argparse.ArgumentParser(prog="harness", description="Benchmark model merging.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,10 +1,10 @@
 """``MergeResult``: what every method returns, and the only thing suites consume.
 
 A result is a shared base state dict plus, for personalized methods, one small payload per task
-(codecs from :mod:`harness.payload`) and optional shared tensors the payloads refer to (EMR's
+(codecs from :mod:`harness.engine.codecs`) and optional shared tensors the payloads refer to (EMR's
 unified task vector, TALL's multi-task vector). ``weights_for(task)`` decodes one task at a time.
 ``save``/``load`` write safetensors files and a protected JSON manifest
-(:mod:`harness.result_storage`), so the round trip is bit-exact and a damaged or altered folder
+(:mod:`harness.engine.storage`), so the round trip is bit-exact and a damaged or altered folder
 is detected.
 """
 
@@ -17,38 +17,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from harness.accounting import amr_percent
-from harness.payload import Codec
-from harness.result_storage import ResultFormatError, load_result, save_result
-from harness.state_dict import StateDict, cast_like, to_float32
+from harness.core.accounting import amr_percent
+from harness.core.errors import NonFiniteOutputError
+from harness.core.tensors import StateDict, cast_like, to_float32
+from harness.engine.codecs import TaskPayload
+from harness.engine.storage import ResultFormatError, load_result, save_result
 
 __all__ = ["MergeResult", "NonFiniteOutputError", "ResultFormatError", "TaskPayload"]
-
-
-@dataclass
-class TaskPayload:
-    """One task's stored information: a codec per changed key and an optional task scale."""
-
-    records: dict[str, Codec] = field(default_factory=dict)
-    scale: Tensor | None = None      # float32 scalar applied to every decoded delta (EMR)
-    shared: str | None = None        # name of the shared state dict that Mask codecs refer to
-
-    def nbytes(self) -> int:
-        total = sum(codec.nbytes for codec in self.records.values())
-        if self.scale is not None:
-            total += self.scale.numel() * self.scale.element_size()
-        return total
-
-    def delta(self, key: str, shared: Mapping[str, StateDict]) -> Tensor | None:
-        """The float32 delta of ``key`` for this task, or None when nothing is stored."""
-        codec = self.records.get(key)
-        if codec is None:
-            return None
-        ref = shared[self.shared][key] if self.shared else None
-        out = codec.decode(ref)
-        if self.scale is not None:
-            out = out * self.scale
-        return out
 
 
 @dataclass
@@ -123,7 +98,7 @@ class MergeResult:
         """Switch ``model`` (a module holding this result's base) to ``task`` in place, key by
         key; returns a handle whose ``undo()`` (or ``with`` exit) restores the base exactly.
         ``prefix`` is prepended to this result's keys to find the model's tensors."""
-        from harness.serving import apply
+        from harness.engine.serving import apply
 
         return apply(self, model, task, prefix=prefix)
 
@@ -134,7 +109,7 @@ class MergeResult:
         ``keep="codes"`` keeps only the stored codes there and decodes them at every forward
         (a resident task costs about its stored bytes). The handle's ``held_bytes`` says which
         it cost."""
-        from harness.serving import attach_low_rank
+        from harness.engine.serving import attach_low_rank
 
         return attach_low_rank(self, model, task, prefix=prefix, keep=keep)
 
@@ -171,7 +146,7 @@ class MergeResult:
     # ---- storage ----------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
         """Write the result to ``directory`` atomically: complete or not at all, replacing only
-        a stored result (:mod:`harness.result_storage`)."""
+        a stored result (:mod:`harness.engine.storage`)."""
         save_result(self, os.fspath(directory))
 
     @classmethod
@@ -204,7 +179,3 @@ class MergeResult:
             for key in self.shared[name].keys():
                 check(f"key {key!r} served to unseen tasks ({scale} * {name})",
                       to_float32(self.shared[name][key]) * scale)
-
-
-class NonFiniteOutputError(ValueError):
-    """A merge whose outputs hold NaN or Inf; the message names the tensor."""

@@ -19,8 +19,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from harness.payload import LowRank
-from harness.state_dict import cast_like, to_float32
+from harness.core.tensors import cast_like, to_float32
+from harness.engine.codecs import LowRank
 
 
 def _parameters(model: nn.Module, keys, prefix: str) -> dict[str, Tensor]:

@@ -1,4 +1,4 @@
-"""A :class:`~harness.result.MergeResult` on disk: safetensors files and a protected manifest.
+"""A :class:`~harness.engine.result.MergeResult` on disk: safetensors files and a protected manifest.
 
 Layout of a stored result (a folder):
 
@@ -15,7 +15,7 @@ listed with its checksum, each file's checksum and binding, and that every store
 its key's shape. Every failure is a :class:`ResultFormatError` naming the file.
 
 A save writes a work folder beside the target and moves it into place whole
-(:class:`harness.files.WorkFolder`); it replaces only a folder that is itself a stored result
+(:class:`harness.io.files.WorkFolder`); it replaces only a folder that is itself a stored result
 holding nothing the manifest does not list, and refuses anything else naming it.
 """
 
@@ -30,11 +30,12 @@ import stat
 
 from torch import Tensor
 
-from harness.files import (ReplaceRefusedError, UntrustedFileError, WorkFolder, clean_leftovers,
-                           read_json_file, sha256_file)
-from harness.payload import CODECS, FORMAT_VERSION, CodecError
+from harness.engine.codecs import CodecError, TaskPayload, codec_class
+from harness.io.files import (ReplaceRefusedError, UntrustedFileError, WorkFolder, clean_leftovers,
+                              read_json_file, sha256_file)
 
 FORMAT = "merge-harness-result"
+FORMAT_VERSION = 2      # 2: the manifest carries its own checksum and each file is bound
 MANIFEST = "manifest.json"
 WORK_KIND = "tmp-result"
 MAX_MANIFEST_BYTES = 256 << 20
@@ -181,8 +182,6 @@ def load_result(cls, directory: str):
     base = read("base.safetensors", "base")
     shared = {n: read(f"shared-{n}.safetensors", "shared", n) for n in manifest["shared"]}
     payloads = {}
-    from harness.result import TaskPayload
-
     for entry in manifest["tasks"]:
         if "file" not in entry:
             continue
@@ -194,7 +193,8 @@ def load_result(cls, directory: str):
             mine = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
             claimed.update(prefix + k for k in mine)
             try:
-                codec = CODECS[record["kind"]].from_stored(record["meta"], mine)
+                codec = codec_class(record["kind"], manifest["method"]).from_stored(
+                    record["meta"], mine)
             except CodecError as error:
                 raise ResultFormatError(f"{where!r}, key {key!r}: {error}") from None
             if key not in base or tuple(base[key].shape) != tuple(codec.shape):
@@ -327,10 +327,10 @@ class _Checker:
         for record in records:
             if not isinstance(record, dict) or set(record) != {"key", "kind", "meta"} \
                     or not isinstance(record["key"], str) or record["key"] in keys \
-                    or "::" in record["key"] or record["kind"] not in CODECS \
+                    or "::" in record["key"] or not isinstance(record["kind"], str) \
                     or not isinstance(record["meta"], dict):
                 self.fail(f"task {entry['name']!r}: a record is not a distinct key with a "
-                          "registered codec kind and its metadata")
+                          "codec kind and its metadata")
             keys.add(record["key"])
 
     def unseen(self, unseen: dict, shared: list) -> None:

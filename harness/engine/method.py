@@ -1,8 +1,22 @@
-"""The method contract: a frozen dataclass of typed hyperparameters and one ``merge`` call.
+"""The method contract: a frozen dataclass of typed hyperparameters, one ``merge`` call, and
+the hooks a method declares instead of being special-cased by the runner or the leaderboard.
 
 Subclasses declare their hyperparameters as dataclass fields with the spec's defaults and check
-their ranges in ``check()``. :meth:`MergeMethod.create` builds one from keyword values, accepting
-strings (as the command line gives them) and naming any unknown or invalid hyperparameter.
+their ranges in ``check()``; every float hyperparameter must be finite. :meth:`MergeMethod.create`
+builds one from keyword values, accepting strings (as the command line gives them) and naming
+any unknown or invalid hyperparameter. Most methods take one of the shapes in
+:mod:`harness.engine.templates` or :mod:`harness.engine.masked` and only write their rule.
+
+Declared facts and hooks (class attributes):
+
+- ``kind``: ``"shared"`` (one merged model) or ``"personalized"`` (a payload per task);
+- ``family`` and ``year``: where the method sits among others (leaderboards order their rows by
+  kind, family, year, then name);
+- ``display_name``: the name as the literature writes it (``DTS-D*``, ``Ties-Merging``);
+- ``tuned_per_task``: a hyperparameter the runner chooses per task on validation data, with its
+  grid (TALL-Mask's ``lam``), when the user gives no value and the suite has a validation split;
+- ``composes``: hyperparameter prefixes that configure another registered method inside this
+  one (DTS-D's ``ties_`` options are TIES's), so a suite states that method's setting once.
 """
 
 from __future__ import annotations
@@ -15,17 +29,12 @@ import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
-from harness.result import MergeResult
-from harness.state_dict import StateDict
+from harness.core.errors import HyperparameterError, MethodNotApplicable
+from harness.core.tensors import StateDict
+from harness.engine.result import MergeResult
 
-
-class HyperparameterError(ValueError):
-    """An unknown hyperparameter, or a value of the wrong type or out of range."""
-
-
-class MethodNotApplicable(ValueError):
-    """The method's own rule cannot be met on these models (e.g. no rank keeps AMR under the
-    budget when the tensors it stores as they are already exceed it)."""
+__all__ = ["Hyperparameter", "HyperparameterError", "MergeMethod", "MethodNotApplicable",
+           "TunedPerTask", "hp", "require"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,11 +46,24 @@ class Hyperparameter:
 
 
 @dataclasses.dataclass(frozen=True)
+class TunedPerTask:
+    """A hyperparameter the runner chooses per task by validation metric, from ``grid``."""
+
+    name: str
+    grid: tuple
+
+
+@dataclasses.dataclass(frozen=True)
 class MergeMethod:
     """Base class of every merge method; see the module docstring."""
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = "shared"   # "shared" or "personalized"
+    family: ClassVar[str] = ""
+    year: ClassVar[int] = 0
+    display_name: ClassVar[str] = ""
+    tuned_per_task: ClassVar[TunedPerTask | None] = None
+    composes: ClassVar[dict[str, str]] = {}   # hyperparameter prefix -> registered method name
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -89,6 +111,25 @@ class MergeMethod:
     def params(self) -> dict[str, Any]:
         """The hyperparameters as plain JSON-able values."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def label(cls) -> str:
+        """The name to show a reader: ``display_name``, else the registry name."""
+        return cls.display_name or cls.name
+
+    @classmethod
+    def defaults_from(cls, defaults_for) -> dict[str, Any]:
+        """The hyperparameter values a suite sets for this method: ``defaults_for(name)`` gives
+        a suite's settings of a registered method; those of each composed method are applied
+        under their prefix (a suite's TIES ``merge_function`` becomes DTS-D's
+        ``ties_merge_function``), then this method's own, which win."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for prefix, component in cls.composes.items():
+            for name, value in defaults_for(component).items():
+                if prefix + name in names:
+                    values[prefix + name] = value
+        return {**values, **defaults_for(cls.name)}
 
 
 def hp(default: Any, help: str) -> Any:

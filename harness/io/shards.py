@@ -1,20 +1,17 @@
-"""Streaming merge outputs: model-sized results written shard by shard as they are made.
+"""A state dict written to safetensors shards as its tensors arrive (:class:`ShardWriter`).
 
-Inside ``with stream_outputs(directory):`` every model-sized state dict a method builds (a
-shared merged model, EMR's tau_uni, TALL's tau_MTL) is a :class:`ShardWriter`: each tensor is
-written to the current safetensors shard as it arrives, by a background thread that overlaps
-the merge (with direct I/O where the file system takes it: no page-cache copy), and is read back
+Each tensor is written to the current shard by a background thread that overlaps the merge
+(with direct I/O where the file system takes it: no page-cache copy), and is read back
 memory-mapped once its shard is done. Resident memory therefore stays near the tensors of the
 key being merged plus a bounded write queue, whatever the model size. Each writer works in a
-temporary folder and is renamed into place with its Hugging Face index written last, so an
-interrupted merge never leaves a folder that looks complete.
+folder of its own beside its target and moves it into place with its Hugging Face index written
+last, so an interrupted merge never leaves a folder that looks complete; it replaces only a
+shard folder the harness wrote (:func:`check_replaceable_shards`).
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
-import contextvars
 import errno
 import json
 import mmap
@@ -29,29 +26,13 @@ import numpy
 import torch
 from torch import Tensor
 
-from harness.files import ReplaceRefusedError, UntrustedFileError, WorkFolder, read_json_file
+from harness.io.files import ReplaceRefusedError, UntrustedFileError, WorkFolder, read_json_file
+from harness.io.lazy import LazyStateDict
 
 INDEX = "model.safetensors.index.json"
+
+
 SHARDS_FORMAT = "merge-harness-shards"      # in the index's metadata: the harness wrote it
-
-
-@dataclass
-class _StreamTarget:
-    """Where one ``stream_outputs`` block writes: its folder, shard size, names given out."""
-
-    directory: str
-    shard_bytes: int
-    names: collections.Counter = field(default_factory=collections.Counter)
-
-    def folder_for(self, name: str) -> str:
-        """``<directory>/<name>``, then ``<name>-2``, ``<name>-3``... within this block."""
-        self.names[name] += 1
-        count = self.names[name]
-        return os.path.join(self.directory, name if count == 1 else f"{name}-{count}")
-
-
-_TARGET: contextvars.ContextVar[_StreamTarget | None] = contextvars.ContextVar(
-    "merge_harness_stream_target", default=None)
 
 
 def check_replaceable_shards(path: str) -> None:
@@ -79,6 +60,8 @@ def check_replaceable_shards(path: str) -> None:
 _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
                        torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
                        torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
 IN_FLIGHT_BYTES = 2**28     # tensor bytes handed to the writer thread and not yet written
 
 
@@ -230,8 +213,6 @@ class ShardWriter(MutableMapping):
     def finish(self):
         """Close the last shard, wait for the writes, write the index last, move the folder
         into place; return it lazily read."""
-        from harness.state_dict import LazyStateDict
-
         if self._open is not None:
             self._close_shard()
         self._drain()
@@ -388,62 +369,5 @@ def _write_at(fd: int, offset: int, data: numpy.ndarray) -> None:
         view, offset = view[written:], offset + written
 
 
-@contextlib.contextmanager
-def stream_outputs(directory: str | os.PathLike, shard_bytes: int = 2**30):
-    """Within the block, model-sized merge outputs are written as shards under ``directory``
-    (one sub-folder per output: ``merged``, ``tau_uni``..., then ``merged-2`` for a second one),
-    each moved into place only when complete. An existing sub-folder is replaced only when it is
-    a shard folder the harness wrote; anything else there is an error naming it. Give each run
-    its own ``directory`` (the runner uses one per run identity)."""
-    token = _TARGET.set(_StreamTarget(os.fspath(directory), shard_bytes))
-    try:
-        yield os.fspath(directory)
-    finally:
-        _TARGET.reset(token)
-
-
-class CpuOutput(dict):
-    """An in-memory output: tensors computed on a merge device are stored on the CPU."""
-
-    def __setitem__(self, key: str, tensor: Tensor) -> None:
-        super().__setitem__(key, tensor.cpu())
-
-    def patch(self, key: str, positions: Tensor, values: Tensor) -> None:
-        """Overwrite entries (flat ``positions``) of a key already set."""
-        patch_tensor(self[key], positions, values)
-
-
-def patch_tensor(tensor: Tensor, positions: Tensor, values: Tensor) -> None:
-    """``tensor.flatten()[positions] = values`` in place (cast to the tensor's dtype)."""
-    tensor.view(-1)[positions] = values.to(tensor.dtype)
-
-
 _SAME_SIZE_INTEGER = {1: (torch.uint8, "u1"), 2: (torch.int16, "<i2"), 4: (torch.int32, "<i4"),
                       8: (torch.int64, "<i8")}
-
-
-def new_output(name: str) -> MutableMapping:
-    """A fresh container for a model-sized output: a dict on the CPU, or a ShardWriter when
-    streaming."""
-    target = _TARGET.get()
-    if target is None:
-        return CpuOutput()
-    return ShardWriter(target.folder_for(name), target.shard_bytes)
-
-
-def finish_output(output: MutableMapping):
-    """The finished output: the dict itself, or a writer's shards read back lazily."""
-    return output.finish() if isinstance(output, ShardWriter) else output
-
-
-@contextlib.contextmanager
-def building(name: str):
-    """``with building("merged") as out:`` gives a new output and discards its partial shards
-    if the block fails (an interrupted merge leaves nothing that looks complete)."""
-    output = new_output(name)
-    try:
-        yield output
-    except BaseException:
-        if isinstance(output, ShardWriter):
-            output.discard()
-        raise

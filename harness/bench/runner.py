@@ -16,17 +16,18 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
-from harness.accounting import adr
-from harness.method import MergeMethod, MethodNotApplicable
-from harness.registry import METHODS, SUITES
-from harness.sharded import stream_outputs
-from harness.state_dict import merge_device
-from harness.result import MergeResult
-from harness.files import check_writable_folder
-from harness.results import (DEFAULT_RESULTS_DIR, hyperparameter_tag, read_record, read_records,
-                             record_path, write_record)
-from harness.unseen import similarity_weights
-from tasks.base import Evaluation, Suite
+from harness.bench.records import (DEFAULT_RESULTS_DIR, hyperparameter_tag, read_record,
+                                   read_records, record_path, write_record)
+from harness.bench.unseen import similarity_weights
+from harness.core.accounting import adr
+from harness.core.errors import MethodNotApplicable
+from harness.core.registry import METHODS, SUITES
+from harness.core.tensors import merge_device
+from harness.engine.method import MergeMethod
+from harness.engine.outputs import stream_outputs
+from harness.engine.result import MergeResult
+from harness.io.files import check_writable_folder
+from harness.tasks.base import Evaluation, Suite
 
 REFERENCE_ROWS = ("pretrained", "individual")
 DEFAULT_SUITE = "offline-text"
@@ -64,9 +65,10 @@ def get_suite(name: str, cache_dir: str | None = None, *, config: str | None = N
 
 
 def build_method(suite: Suite, name: str, overrides: dict) -> MergeMethod:
-    """The method with the suite's defaults, then the user's overrides (validated)."""
+    """The method with the suite's defaults (those of the methods it composes included), then
+    the user's overrides (validated)."""
     cls = METHODS.get(name)
-    return cls.create(**{**suite.defaults_for(cls.name), **overrides})
+    return cls.create(**{**cls.defaults_from(suite.defaults_for), **overrides})
 
 
 def validate(config: RunConfig) -> tuple[Suite, MergeMethod]:
@@ -223,13 +225,13 @@ def peak_rss_bytes() -> int:
 
 def selected_by_validation(suite: Suite, method: MergeMethod, config: RunConfig) -> str | None:
     """The hyperparameter the runner picks per task on validation data (TALL-Mask's lam, as
-    the spec asks), when the method declares a grid, the user gave no value and the suite has a
-    validation split; else None."""
-    grid = getattr(method, "per_task_grid", None)
-    if (not grid or config.split != "seen" or grid[0] in config.overrides
+    the spec asks), when the method declares one (``tuned_per_task``), the user gave no value
+    and the suite has a validation split; else None."""
+    tuned = type(method).tuned_per_task
+    if (tuned is None or config.split != "seen" or tuned.name in config.overrides
             or not suite.has_validation()):
         return None
-    return grid[0]
+    return tuned.name
 
 
 def run_identity(suite: Suite, method: MergeMethod, config: RunConfig) -> dict:
@@ -250,7 +252,7 @@ def select_per_task(suite: Suite, method: MergeMethod, pretrained, finetuned,
     name = selected_by_validation(suite, method, config)
     if name is None:
         return method
-    values = method.per_task_grid[1]
+    values = type(method).tuned_per_task.grid
     best: dict[str, tuple[float, float]] = {}
     for value in values:
         trial = dataclasses.replace(method, **{name: value})
@@ -382,7 +384,7 @@ def row_label(method: MergeMethod, suite: Suite) -> str:
     """The method's name plus any hyperparameter that differs from its class default."""
     defaults = {h.name: h.default for h in type(method).hyperparameters()}
     changed = {k: v for k, v in method.params().items() if v != defaults.get(k)}
-    suite_defaults = suite.defaults_for(method.name)
+    suite_defaults = type(method).defaults_from(suite.defaults_for)
     shown = {k: v for k, v in changed.items() if suite_defaults.get(k) != v}
     if not shown:
         return method.name

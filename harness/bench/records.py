@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from harness.files import UntrustedFileError, read_json_file, write_json_atomic
+from harness.io.files import UntrustedFileError, read_json_file, write_json_atomic
 
 SCHEMA_VERSION = 1
 DEFAULT_RESULTS_DIR = os.path.join("leaderboards", "results")

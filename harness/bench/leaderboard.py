@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from tabulate import tabulate
 
-from harness.results import Skipped, read_records
+from harness.bench.records import Skipped, read_records
 
 # the paper's row order; methods it does not know follow alphabetically
 ROW_ORDER = ("pretrained", "individual", "weight-averaging", "task-arithmetic", "ties", "dare",
