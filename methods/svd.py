@@ -88,7 +88,7 @@ class SvdBaseline(PayloadMerge):
     name = "svd"
     display_name = "SVD"
     family = "low rank"
-    year = 2025
+    year = 2024
     density: float | None = hp(None, "rank proportion; None matches DTS-T's AMR at 0.3")
 
     def check(self):

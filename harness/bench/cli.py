@@ -30,22 +30,22 @@ def _run_config(args):
                      stream_dir=args.stream_dir)
 
 
-def _print_record(record: dict) -> None:
-    rows = [[task, score["metric"], f"{100 * score['value']:.2f}"]
-            for task, score in record["tasks"].items()]
+def _print_record(record) -> None:
+    """A run record as a table and a few summary lines."""
+    rows = [[task, score.metric, f"{100 * score.value:.2f}"]
+            for task, score in record.tasks.items()]
     print(tabulate(rows, ["task", "metric", "value %"], tablefmt="github", disable_numparse=True))
-    amr = record["amr"]
-    paper = f" (paper count {amr['paper_mean']:.3f}%)" if amr.get("paper_mean") is not None else ""
-    print(f"\n{record['label']} on {record['suite']} ({record['split']} split): "
-          f"Avg {100 * record['average']:.2f}  ADR {record['adr']:.2f}%  "
-          f"AMR {amr['mean']:.3f}%{paper}")
-    print(f"merge {record['merge_seconds']:.1f} s, evaluation {record['eval_seconds']:.1f} s, "
-          f"peak RSS {record['peak_rss_bytes'] / 2**30:.2f} GiB"
-          + (f", peak GPU {record['peak_gpu_bytes'] / 2**30:.2f} GiB"
-             if record.get("peak_gpu_bytes") is not None else ""))
-    for task, gamma in (record.get("gamma") or {}).items():
+    amr = record.amr
+    paper = f" (paper count {amr.paper_mean:.3f}%)" if amr.paper_mean is not None else ""
+    print(f"\n{record.label} on {record.suite} ({record.split} split): "
+          f"Avg {100 * record.average:.2f}  ADR {record.adr:.2f}%  AMR {amr.mean:.3f}%{paper}")
+    print(f"merge {record.merge_seconds:.1f} s, evaluation {record.eval_seconds:.1f} s, "
+          f"peak RSS {record.peak_rss_bytes / 2**30:.2f} GiB"
+          + (f", peak GPU {record.peak_gpu_bytes / 2**30:.2f} GiB"
+             if record.peak_gpu_bytes is not None else ""))
+    for task, gamma in (record.gamma or {}).items():
         print(f"gamma for {task}: " + ", ".join(f"{t} {g:.3f}" for t, g in gamma.items()))
-    print(f"result: {record['_path']}")
+    print(f"result: {record.path}")
 
 
 def cmd_run(args) -> int:

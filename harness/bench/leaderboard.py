@@ -1,13 +1,15 @@
 """Markdown leaderboards rendered from result records, one file per suite.
 
-Reads only result records (``harness.results``): rows are methods (one per hyperparameter set
-and seed), columns the split's tasks, then Avg, ADR and AMR. As in the DTS paper, among merging
+Reads only result records (:mod:`harness.bench.records`): rows are methods (one per
+hyperparameter set and seed), ordered by what each method declares (kind, year, family), columns
+the split's tasks, then Avg, ADR and AMR. As in the DTS paper, among merging
 methods the best value of each task column, Avg and ADR is bold and the second underlined;
 the reference rows (pretrained, individual) are not ranked.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections import defaultdict
@@ -15,11 +17,9 @@ from dataclasses import dataclass
 
 from tabulate import tabulate
 
-from harness.bench.records import Skipped, read_records
+from harness.bench.records import RunRecord, Skipped, read_records
+from harness.core.registry import METHODS, UnknownNameError
 
-# the paper's row order; methods it does not know follow alphabetically
-ROW_ORDER = ("pretrained", "individual", "weight-averaging", "task-arithmetic", "ties", "dare",
-             "svd", "emr", "tall-mask", "t-switch", "dts-t", "dts-d", "dts-t-star", "dts-d-star")
 REFERENCE = ("pretrained", "individual")
 
 
@@ -38,10 +38,26 @@ def _num(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
-def _row_key(record: dict) -> tuple:
-    method = record["method"]
-    rank = ROW_ORDER.index(method) if method in ROW_ORDER else len(ROW_ORDER)
-    return (rank, method, record["label"], record["seed"])
+def _row_key(record: RunRecord) -> tuple:
+    """Reference rows first; then shared methods before personalized ones, each by what the
+    method declares (year, then family), then name; methods not installed here last."""
+    method = record.method
+    tail = (method, record.label, record.seed)
+    if method in REFERENCE:
+        return (0, REFERENCE.index(method), "", *tail)
+    cls = _method_class(method)
+    if cls is None:
+        return (3, 0, "", *tail)
+    return (1 if cls.kind == "shared" else 2, cls.year, cls.family, *tail)
+
+
+@functools.cache
+def _method_class(name: str):
+    """The registered class of ``name``, or None where it is not installed."""
+    try:
+        return METHODS.get(name)
+    except (UnknownNameError, ImportError):
+        return None
 
 
 def _mark(cells: list[list[str]], column: int, rows: list[int], lower_is_better: bool) -> None:
@@ -59,43 +75,43 @@ def _mark(cells: list[list[str]], column: int, rows: list[int], lower_is_better:
             cells[r][column] = marks[float(text)].format(text)
 
 
-def _base_label(record: dict) -> str:
+def _base_label(record: RunRecord) -> str:
     """The record's label, marked when an unseen split used similarity weights (Table 6)."""
-    if record.get("unseen_weighting") == "similarity":
-        return f"{record['label']} + similarity weights"
-    return record["label"]
+    if record.unseen_weighting == "similarity":
+        return f"{record.label} + similarity weights"
+    return record.label
 
 
-def _label(record: dict, labels_seen: dict[str, int]) -> str:
+def _label(record: RunRecord, labels_seen: dict[str, int]) -> str:
     label = _base_label(record)
     if labels_seen[label] > 1:
-        label += f" (seed {record['seed']})"
+        label += f" (seed {record.seed})"
     return label
 
 
-def render_table(records: list[dict]) -> str:
+def render_table(records: list[RunRecord]) -> str:
     """One split's table: reference rows first, then methods in the paper's order."""
     records = sorted(records, key=_row_key)
     tasks: list[str] = []
     for record in records:
-        tasks += [t for t in record.get("task_order", record["tasks"]) if t not in tasks]
+        tasks += [t for t in record.task_order if t not in tasks]
     counts: dict[str, int] = defaultdict(int)
     for record in records:
         counts[_base_label(record)] += 1
     cells = []
     for record in records:
-        amr = record.get("amr")
+        amr = record.amr
         if amr is None:
             amr_text = "–"
         else:
-            amr_text = _num(amr["mean"])
-            if amr.get("paper_mean") is not None:
-                amr_text += f" ({amr['paper_mean']:.2f})"
+            amr_text = _num(amr.mean)
+            if amr.paper_mean is not None:
+                amr_text += f" ({amr.paper_mean:.2f})"
         row = [_label(record, counts)]
-        row += [_pct(record["tasks"][t]["value"]) if t in record["tasks"] else "–" for t in tasks]
-        row += [_pct(record["average"]), _num(record.get("adr")), amr_text]
+        row += [_pct(record.tasks[t].value) if t in record.tasks else "–" for t in tasks]
+        row += [_pct(record.average), _num(record.adr), amr_text]
         cells.append(row)
-    ranked = [i for i, r in enumerate(records) if r["method"] not in REFERENCE]
+    ranked = [i for i, r in enumerate(records) if r.method not in REFERENCE]
     for column in range(1, len(tasks) + 2):
         _mark(cells, column, ranked, lower_is_better=False)
     _mark(cells, len(tasks) + 2, ranked, lower_is_better=True)
@@ -104,20 +120,20 @@ def render_table(records: list[dict]) -> str:
                     colalign=("left", *["right"] * (len(headers) - 1)))
 
 
-def _runs_table(records: list[dict]) -> str:
+def _runs_table(records: list[RunRecord]) -> str:
     rows = []
-    for r in sorted(records, key=lambda r: (r["split"], _row_key(r))):
-        prov = r.get("provenance", {})
-        hps = ", ".join(f"{k}={v}" for k, v in sorted(r.get("hyperparameters", {}).items()))
-        chosen = ", ".join(f"{k}={_compact(v)}" for k, v in sorted(r.get("merge_info", {}).items())
+    for r in sorted(records, key=lambda r: (r.split, _row_key(r))):
+        prov = r.provenance
+        hps = ", ".join(f"{k}={v}" for k, v in sorted(r.hyperparameters.items()))
+        chosen = ", ".join(f"{k}={_compact(v)}" for k, v in sorted((r.merge_info or {}).items())
                            if k == "density")
-        merge = r.get("merge_seconds")
-        peak = r.get("peak_rss_bytes")
-        rows.append([r["split"], _base_label(r), hps or "–", chosen or "–", str(r["seed"]),
+        merge = r.merge_seconds
+        peak = r.peak_rss_bytes
+        rows.append([r.split, _base_label(r), hps or "–", chosen or "–", str(r.seed),
                      "–" if merge is None else f"{merge:.1f}",
                      "–" if peak is None else f"{peak / 2**30:.2f}",
                      prov.get("device", "–"), (prov.get("git_commit") or "–")[:12],
-                     prov.get("created", "–")[:10], os.path.basename(r["_path"])])
+                     prov.get("created", "–")[:10], os.path.basename(r.path or "–")])
     headers = ["Split", "Row", "Hyperparameters", "Chosen at run time", "Seed", "Merge s",
                "Peak RSS GiB", "Device",
                "Commit", "Date", "Result file"]
@@ -132,12 +148,12 @@ def _compact(value) -> str:
     return str(value)
 
 
-def render_suite(suite: str, records: list[dict], results_dir: str,
+def render_suite(suite: str, records: list[RunRecord], results_dir: str,
                  reported: dict | None = None) -> str:
     by_split = defaultdict(list)
     for record in records:
-        by_split[record["split"]].append(record)
-    metrics = sorted({t["metric"] for r in records for t in r["tasks"].values()})
+        by_split[record.split].append(record)
+    metrics = sorted({t.metric for r in records for t in r.tasks.values()})
     lines = [
         f"# Leaderboard: `{suite}`", "",
         f"Generated by `harness leaderboard` from the result files in "
@@ -153,7 +169,7 @@ def render_suite(suite: str, records: list[dict], results_dir: str,
               "unseen": "Unseen tasks (not merged; served from the seen tasks' result)"}
     for split in ("seen", "unseen"):
         lines += [f"## {titles[split]}", ""]
-        measured = [r for r in by_split[split] if r.get("status") != "not-applicable"]
+        measured = [r for r in by_split[split] if r.measured]
         if measured:
             lines += [render_table(measured), ""]
         else:
@@ -162,7 +178,7 @@ def render_suite(suite: str, records: list[dict], results_dir: str,
         if inapplicable:
             lines += ["Not applicable on this suite (the run stopped before merging, as the "
                       "spec asks):", ""]
-            lines += [f"- `{r['label']}`: {r['reason']}" for r in inapplicable] + [""]
+            lines += [f"- `{r.label}`: {r.reason}" for r in inapplicable] + [""]
     if reported:
         lines += render_reported(reported, by_split)
     if records:
@@ -174,7 +190,7 @@ def _reported_label(row: dict) -> str:
     return f"{row['paper_name']} (reported)"
 
 
-def render_reported(reported: dict, measured: dict[str, list[dict]]) -> list[str]:
+def render_reported(reported: dict, measured: dict[str, list[RunRecord]]) -> list[str]:
     """The paper's own tables, rows marked reported, and measured minus reported per task where
     a measured split has exactly a reported table's tasks."""
     lines = ["## Reported by the paper (not measured here)", "",
@@ -193,20 +209,19 @@ def render_reported(reported: dict, measured: dict[str, list[dict]]) -> list[str
                                                  "amr": "AMR"}[k] for k in extras]]
         lines += [tabulate(cells, headers, tablefmt="github", disable_numparse=True), ""]
     for split, records in measured.items():
-        tasks = [t for r in records for t in r.get("task_order", r["tasks"])]
+        tasks = [t for r in records for t in r.task_order]
         for table in reported["tables"]:
             if table["split"] != split or set(table["tasks"]) != set(tasks):
                 continue
             by_method = {r["method"]: r for r in table["rows"]}
             rows = []
             for record in sorted(records, key=_row_key):
-                row = by_method.get(record["method"])
-                if row is None or record.get("status") == "not-applicable":
+                row = by_method.get(record.method)
+                if row is None or not record.measured:
                     continue
-                deltas = [_delta(record["tasks"].get(t), row["tasks"].get(t))
+                deltas = [_delta(_value(record.tasks.get(t)), row["tasks"].get(t))
                           for t in table["tasks"]]
-                rows.append([record["label"], *deltas,
-                             _delta({"value": record.get("average")}, row.get("average"))])
+                rows.append([record.label, *deltas, _delta(record.average, row.get("average"))])
             if rows:
                 lines += [f"### Measured minus reported: {split} split against "
                           f"{table['table']}", "",
@@ -217,10 +232,14 @@ def render_reported(reported: dict, measured: dict[str, list[dict]]) -> list[str
     return lines
 
 
-def _delta(measured: dict | None, reported: float | None) -> str:
-    if not measured or measured.get("value") is None or reported is None:
+def _value(score) -> float | None:
+    return None if score is None else score.value
+
+
+def _delta(measured: float | None, reported: float | None) -> str:
+    if measured is None or reported is None:
         return "–"
-    return f"{100 * measured['value'] - reported:+.2f}"
+    return f"{100 * measured - reported:+.2f}"
 
 
 def read_reported(folder: str) -> dict[str, dict]:
@@ -245,7 +264,7 @@ def render_all(results_dir: str, out_dir: str, suite: str | None = None,
     reported = read_reported(reported_dir)
     by_suite = defaultdict(list)
     for record in records:
-        by_suite[record["suite"]].append(record)
+        by_suite[record.suite].append(record)
     names = [suite] if suite else sorted(set(by_suite) | set(reported))
     rendered = [Rendered(name, os.path.join(out_dir, f"{name}.md"),
                          render_suite(name, by_suite[name], results_dir, reported.get(name)))

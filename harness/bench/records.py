@@ -1,16 +1,20 @@
-"""Result records: one JSON file per (suite, split, method, hyperparameters, seed).
+"""Run records: one typed record per (suite, split, method, hyperparameters, seed), stored as
+one JSON file.
 
-Plain JSON with a schema version; written atomically (a temporary file, then a rename), so an
-interrupted run never leaves half a file and never damages earlier results. The leaderboard reads
-these records and nothing else.
+:class:`RunRecord` is the only form the runner writes and the leaderboard and CLI read; its JSON
+carries a schema version and follows the JSON Schema in ``run_record.schema.json`` beside this
+module. Files are written atomically (a temporary file, then a rename), so an interrupted run
+never leaves half a file and never damages earlier results. Reading never stops at a bad file:
+each unusable one is skipped with its reason. Records of schema version 1 load as they are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from harness.io.files import UntrustedFileError, read_json_file, write_json_atomic
 
@@ -30,8 +34,115 @@ def record_path(results_dir: str, suite: str, split: str, method: str, hyperpara
     return os.path.join(results_dir, suite, split, name)
 
 
-def write_record(path: str, record: dict) -> None:
-    write_json_atomic(path, {"schema_version": SCHEMA_VERSION, **record})
+SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_record.schema.json")
+MAX_RECORD_BYTES = 64 << 20
+STATUSES = ("measured", "reference", "not-applicable")
+
+
+class RecordError(ValueError):
+    """A record file that is not a usable run record; the message says why."""
+
+
+@dataclass
+class TaskScore:
+    """One task's score: the headline metric (a fraction in [0, 1], or a correlation) and
+    extras, over ``examples`` test examples."""
+
+    metric: str
+    value: float
+    extras: dict[str, float] = field(default_factory=dict)
+    examples: int = 0
+
+
+@dataclass
+class AmrFigures:
+    """AMR in percent: per task, their mean, and the paper's count where a method has one."""
+
+    per_task: dict[str, float]
+    mean: float
+    paper_mean: float | None = None
+
+
+@dataclass
+class RunRecord:
+    """The outcome of one benchmark cell.
+
+    ``status``: ``measured`` (a merge evaluated), ``reference`` (the pretrained or individual
+    models, measured once per suite; ``suite_fingerprint`` says for which models and data) or
+    ``not-applicable`` (the method's rule could not be met; ``reason`` says why, no scores).
+    Scores are fractions; ``adr`` and AMR are in percent.
+    """
+
+    suite: str
+    split: str
+    method: str
+    label: str
+    seed: int = 0
+    hyperparameters: dict = field(default_factory=dict)
+    status: str = "measured"
+    reason: str | None = None
+    task_order: list[str] = field(default_factory=list)
+    tasks: dict[str, TaskScore] = field(default_factory=dict)
+    average: float | None = None
+    individual_average: float | None = None
+    adr: float | None = None
+    amr: AmrFigures | None = None
+    stored_bytes_per_task: dict[str, int] | None = None
+    merged_params: int | None = None
+    merge_info: dict | None = None
+    unseen_weighting: str | None = None
+    gamma: dict[str, dict[str, float]] | None = None
+    merge_seconds: float | None = None
+    eval_seconds: float | None = None
+    peak_rss_bytes: int | None = None
+    peak_gpu_bytes: int | None = None
+    suite_fingerprint: str | None = None
+    provenance: dict = field(default_factory=dict)
+    path: str | None = field(default=None, compare=False)   # the file read or written
+
+    @property
+    def measured(self) -> bool:
+        return self.status != "not-applicable"
+
+    def to_json(self) -> dict:
+        """The JSON object of the record (``path`` excluded; fields that are None left out)."""
+        out = {"schema_version": SCHEMA_VERSION}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "path" or value is None:
+                continue
+            if f.name == "tasks":
+                value = {t: dataclasses.asdict(score) for t, score in value.items()}
+            elif f.name == "amr":
+                value = dataclasses.asdict(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_json(cls, data, path: str | None = None) -> RunRecord:
+        """The record of a parsed JSON object; :class:`RecordError` says what is wrong."""
+        problem = record_problem(data)
+        if problem is not None:
+            raise RecordError(problem)
+        names = {f.name for f in dataclasses.fields(cls)} - {"path"}
+        values = {k: v for k, v in data.items() if k in names}
+        values["tasks"] = {t: TaskScore(s["metric"], s["value"], dict(s.get("extras") or {}),
+                                        s.get("examples", 0))
+                           for t, s in data["tasks"].items()}
+        amr = data.get("amr")
+        values["amr"] = None if amr is None else AmrFigures(
+            dict(amr.get("per_task") or {}), amr["mean"], amr.get("paper_mean"))
+        values.setdefault("task_order", list(data["tasks"]))
+        if "status" not in data and data["method"] in ("pretrained", "individual"):
+            values["status"] = "reference"            # schema version 1 had no status there
+        return cls(**values, path=path)
+
+
+def write_record(path: str, record: RunRecord) -> RunRecord:
+    """Write ``record`` to ``path`` atomically; returns it with its path set."""
+    write_json_atomic(path, record.to_json())
+    record.path = path
+    return record
 
 
 @dataclass
@@ -40,11 +151,8 @@ class Skipped:
     reason: str
 
 
-MAX_RECORD_BYTES = 64 << 20
-
-
 def record_problem(record) -> str | None:
-    """Why ``record`` (parsed JSON) is not a usable result record, or None when it is."""
+    """Why ``record`` (parsed JSON) is not a usable run record, or None when it is."""
     if not isinstance(record, dict):
         return f"holds a JSON {type(record).__name__}, not a record"
     version = record.get("schema_version")
@@ -56,9 +164,13 @@ def record_problem(record) -> str | None:
             return f"field {name!r} is missing or not a {kinds.__name__}"
     if record["split"] not in ("seen", "unseen"):
         return f"split {record['split']!r} is neither seen nor unseen"
+    if record.get("status", "measured") not in STATUSES:
+        return f"status {record['status']!r} is not one of {', '.join(STATUSES)}"
     seed = record.get("seed", 0)
     if type(seed) is not int:
         return f"seed {seed!r} is not an integer"
+    if not isinstance(record.get("hyperparameters", {}), dict):
+        return "hyperparameters is not an object"
     if record.get("status") == "not-applicable":
         return None if isinstance(record.get("reason"), str) else "no reason is given"
     for task, score in record["tasks"].items():
@@ -67,7 +179,7 @@ def record_problem(record) -> str | None:
             return f"task {task!r} has no metric name and numeric value"
     if not _number(record.get("average")):
         return "average is not a number"
-    for name in ("adr",):
+    for name in ("adr", "individual_average"):
         if record.get(name) is not None and not _number(record[name]):
             return f"{name} is not a number"
     amr = record.get("amr")
@@ -83,20 +195,19 @@ def _number(value) -> bool:
     return type(value) in (int, float)
 
 
-def read_record(path: str) -> tuple[dict | None, str | None]:
+def read_record(path: str) -> tuple[RunRecord | None, str | None]:
     """(record, None) for a usable record file, else (None, why not)."""
     try:
-        record = read_json_file(path, "result record", MAX_RECORD_BYTES)
+        data = read_json_file(path, "result record", MAX_RECORD_BYTES)
     except (OSError, UntrustedFileError) as error:
         return None, f"does not parse: {error}"
-    problem = record_problem(record)
-    if problem is not None:
-        return None, problem
-    record["_path"] = path
-    return record, None
+    try:
+        return RunRecord.from_json(data, path), None
+    except RecordError as error:
+        return None, str(error)
 
 
-def read_records(results_dir: str) -> tuple[list[dict], list[Skipped]]:
+def read_records(results_dir: str) -> tuple[list[RunRecord], list[Skipped]]:
     """Every usable record under ``results_dir`` (sorted by path), and the files skipped, each
     with its reason: one bad file never stops a leaderboard or a run."""
     records, skipped = [], []

@@ -16,8 +16,9 @@ from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
-from harness.bench.records import (DEFAULT_RESULTS_DIR, hyperparameter_tag, read_record,
-                                   read_records, record_path, write_record)
+from harness.bench.records import (DEFAULT_RESULTS_DIR, AmrFigures, RunRecord, TaskScore,
+                                   hyperparameter_tag, read_record, read_records, record_path,
+                                   write_record)
 from harness.bench.unseen import similarity_weights
 from harness.core.accounting import adr
 from harness.core.errors import MethodNotApplicable
@@ -162,23 +163,23 @@ def provenance(suite: Suite, device: str) -> dict:
             "suite": suite.provenance()}
 
 
-def _evaluation_dict(e: Evaluation) -> dict:
-    return {"metric": e.metric, "value": e.value, "extras": e.extras, "examples": e.examples}
+def _score(e: Evaluation) -> TaskScore:
+    return TaskScore(e.metric, e.value, dict(e.extras), e.examples)
 
 
-def reference_scores(suite: Suite, config: RunConfig) -> dict[str, dict[str, dict]]:
+def reference_scores(suite: Suite, config: RunConfig) -> dict[str, dict[str, TaskScore]]:
     """Individual (fine-tuned) and pretrained metrics of every task, measured once per suite
     and kept as result records (with provenance) that ADR and the leaderboard read."""
-    scores: dict[str, dict[str, dict]] = {}
-    existing = {(r["method"], r["split"]): r for r in read_records(
-        os.path.join(config.results_dir, suite.name))[0] if r["method"] in REFERENCE_ROWS}
+    scores: dict[str, dict[str, TaskScore]] = {}
+    existing = {(r.method, r.split): r for r in read_records(
+        os.path.join(config.results_dir, suite.name))[0] if r.method in REFERENCE_ROWS}
     fingerprint = hyperparameter_tag(suite.provenance())
     for row in REFERENCE_ROWS:
-        per_task: dict[str, dict] = {}
+        per_task: dict[str, TaskScore] = {}
         for split in ("seen", "unseen"):
             record = existing.get((row, split))
-            if record and record.get("suite_fingerprint") == fingerprint and not config.force:
-                per_task.update(record["tasks"])
+            if record and record.suite_fingerprint == fingerprint and not config.force:
+                per_task.update(record.tasks)
         missing = [t.name for t in suite.tasks if t.name not in per_task]
         if missing:
             start = time.perf_counter()
@@ -186,7 +187,7 @@ def reference_scores(suite: Suite, config: RunConfig) -> dict[str, dict[str, dic
             pretrained = suite.load_pretrained() if row == "pretrained" else None
             for task in missing:
                 backbone = pretrained if row == "pretrained" else suite.load_finetuned(task)
-                per_task[task] = _evaluation_dict(
+                per_task[task] = _score(
                     suite.evaluate(task, backbone, device=config.device, progress=not config.quiet))
             seconds = time.perf_counter() - start
             for split in ("seen", "unseen"):
@@ -194,18 +195,17 @@ def reference_scores(suite: Suite, config: RunConfig) -> dict[str, dict[str, dic
                 if not names:
                     continue
                 tasks = {t: per_task[t] for t in names}
-                write_record(record_path(config.results_dir, suite.name, split, row, {}, 0), {
-                    "suite": suite.name, "split": split, "method": row, "label": row.title(),
-                    "hyperparameters": {}, "seed": 0, "suite_fingerprint": fingerprint,
-                    "task_order": names, "tasks": tasks, "average": _mean(tasks),
-                    "adr": None, "amr": None, "eval_seconds": seconds,
-                    "provenance": provenance(suite, config.device)})
+                write_record(record_path(config.results_dir, suite.name, split, row, {}, 0),
+                             RunRecord(suite.name, split, row, row.title(), status="reference",
+                                       suite_fingerprint=fingerprint, task_order=names,
+                                       tasks=tasks, average=_mean(tasks), eval_seconds=seconds,
+                                       provenance=provenance(suite, config.device)))
         scores[row] = per_task
     return scores
 
 
-def _mean(tasks: dict[str, dict]) -> float:
-    return sum(t["value"] for t in tasks.values()) / len(tasks)
+def _mean(tasks: dict[str, TaskScore]) -> float:
+    return sum(t.value for t in tasks.values()) / len(tasks)
 
 
 def peak_rss_bytes() -> int:
@@ -268,7 +268,7 @@ def select_per_task(suite: Suite, method: MergeMethod, pretrained, finetuned,
     return dataclasses.replace(method, **{name: {t: v for t, (_, v) in best.items()}})
 
 
-def run(config: RunConfig) -> dict:
+def run(config: RunConfig) -> RunRecord:
     """Run one benchmark cell and return its record (read back when it exists already)."""
     suite, method = validate(config)
     if "seed" in method.params() and "seed" not in config.overrides:
@@ -279,8 +279,8 @@ def run(config: RunConfig) -> dict:
         record, problem = read_record(path)
         if record is not None:
             _log(config, f"result exists, skipped (use --force to rerun): {path}")
-            if record.get("status") == "not-applicable":
-                raise MethodNotApplicable(f"{record['reason']} (recorded in {path})")
+            if record.status == "not-applicable":
+                raise MethodNotApplicable(f"{record.reason} (recorded in {path})")
             return record
         _log(config, f"the stored record {path} cannot be used ({problem}): running again")
 
@@ -304,11 +304,10 @@ def run(config: RunConfig) -> dict:
         result.check_finite()
     except MethodNotApplicable as reason:
         # recorded, so the leaderboard says why this method has no row here
-        write_record(path, {
-            "suite": suite.name, "split": config.split, "method": method.name,
-            "label": row_label(method, suite), "hyperparameters": json_safe(method.params()),
-            "seed": config.seed, "status": "not-applicable", "reason": str(reason),
-            "tasks": {}, "provenance": provenance(suite, config.device)})
+        write_record(path, RunRecord(
+            suite.name, config.split, method.name, row_label(method, suite), config.seed,
+            json_safe(method.params()), status="not-applicable", reason=str(reason),
+            provenance=provenance(suite, config.device)))
         raise
     merge_seconds = time.perf_counter() - start
     peak = peak_rss_bytes()
@@ -322,24 +321,20 @@ def run(config: RunConfig) -> dict:
     average = _mean(tasks)
     individual_average = _mean(individual)
     amr = result.amr()
-    record = {
-        "suite": suite.name, "split": config.split, "method": method.name,
-        "label": row_label(method, suite), "hyperparameters": json_safe(method.params()),
-        "seed": config.seed, "task_order": list(tasks), "tasks": tasks, "average": average,
-        "individual_average": individual_average, "adr": adr(individual_average, average),
-        "amr": {"per_task": amr, "mean": sum(amr.values()) / len(amr),
-                "paper_mean": (sum(result.amr("paper").values()) / len(amr)
-                               if result.paper_bits is not None else None)},
-        "stored_bytes_per_task": {t: result.stored_bytes(t) for t in result.tasks},
-        "merged_params": result.merged_params, "merge_info": json_safe(result.info),
-        "unseen_weighting": config.unseen_weighting if config.split == "unseen" else None,
-        "gamma": gammas, "merge_seconds": merge_seconds, "eval_seconds": eval_seconds,
-        "peak_rss_bytes": peak, "peak_gpu_bytes": peak_gpu,
-        "provenance": provenance(suite, config.device),
-    }
-    write_record(path, record)
-    record["_path"] = path
-    return record
+    record = RunRecord(
+        suite.name, config.split, method.name, row_label(method, suite), config.seed,
+        json_safe(method.params()), task_order=list(tasks), tasks=tasks, average=average,
+        individual_average=individual_average, adr=adr(individual_average, average),
+        amr=AmrFigures(amr, sum(amr.values()) / len(amr),
+                       sum(result.amr("paper").values()) / len(amr)
+                       if result.paper_bits is not None else None),
+        stored_bytes_per_task={t: result.stored_bytes(t) for t in result.tasks},
+        merged_params=result.merged_params, merge_info=json_safe(result.info),
+        unseen_weighting=config.unseen_weighting if config.split == "unseen" else None,
+        gamma=gammas, merge_seconds=merge_seconds, eval_seconds=eval_seconds,
+        peak_rss_bytes=peak, peak_gpu_bytes=peak_gpu,
+        provenance=provenance(suite, config.device))
+    return write_record(path, record)
 
 
 def stream_folder(config: RunConfig, suite: Suite, record: str) -> str:
@@ -351,7 +346,7 @@ def stream_folder(config: RunConfig, suite: Suite, record: str) -> str:
 
 def evaluate_split(suite: Suite, result: MergeResult, config: RunConfig):
     """Metrics of every task of the split, and the similarity weights used on unseen tasks."""
-    tasks: dict[str, dict] = {}
+    tasks: dict[str, TaskScore] = {}
     gammas: dict[str, dict[str, float]] = {}
     seen_embeddings: dict[str, object] = {}     # computed once, on the first weighted task
     for task in suite.split_tasks(config.split):
@@ -374,9 +369,9 @@ def evaluate_split(suite: Suite, result: MergeResult, config: RunConfig):
                 weights = result.weights_for_unseen(gammas[task])
             else:
                 weights = result.weights_for_unseen()
-        tasks[task] = _evaluation_dict(
+        tasks[task] = _score(
             suite.evaluate(task, weights, device=config.device, progress=not config.quiet))
-        _log(config, f"  {task}: {tasks[task]['metric']} {tasks[task]['value']:.4f}")
+        _log(config, f"  {task}: {tasks[task].metric} {tasks[task].value:.4f}")
     return tasks, gammas
 
 

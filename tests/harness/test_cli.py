@@ -35,10 +35,10 @@ def record_for(results, split, method):
     """The record of ``method`` at its default hyperparameters (the only one, or the one
     labelled by the bare name)."""
     records, _ = read_records(os.path.join(results, "tiny", split))
-    found = [r for r in records if r["method"] == method]
+    found = [r for r in records if r.method == method]
     if len(found) > 1:
-        found = [r for r in found if r["label"] == method]
-    assert len(found) == 1, [r["_path"] for r in found]
+        found = [r for r in found if r.label == method]
+    assert len(found) == 1, [r.path for r in found]
     return found[0]
 
 
@@ -54,19 +54,19 @@ def test_run_every_method(method, results, tiny_cache, capsys):
     assert "ADR" in out and "AMR" in out
     record = record_for(results, "seen", method)
     suite = TinySuite(tiny_cache)
-    assert record["schema_version"] == 1
-    assert record["method"] == method and record["split"] == "seen"
-    assert record["task_order"] == suite.split_tasks("seen")
+    assert record.to_json()["schema_version"] == 1
+    assert record.method == method and record.split == "seen"
+    assert record.task_order == suite.split_tasks("seen")
     individual = record_for(results, "seen", "individual")
-    ind_avg = sum(t["value"] for t in individual["tasks"].values()) / 6
-    avg = sum(t["value"] for t in record["tasks"].values()) / 6
-    assert record["average"] == pytest.approx(avg)
-    assert record["adr"] == pytest.approx(100 * (ind_avg - avg) / ind_avg)
-    assert set(record["amr"]["per_task"]) == set(record["task_order"])
+    ind_avg = sum(t.value for t in individual.tasks.values()) / 6
+    avg = sum(t.value for t in record.tasks.values()) / 6
+    assert record.average == pytest.approx(avg)
+    assert record.adr == pytest.approx(100 * (ind_avg - avg) / ind_avg)
+    assert set(record.amr.per_task) == set(record.task_order)
     for key in ("merge_seconds", "eval_seconds", "peak_rss_bytes", "provenance"):
-        assert key in record
-    assert record["provenance"]["versions"]["torch"]
-    assert record["provenance"]["suite"]["recipe"]["tasks"]
+        assert getattr(record, key) is not None
+    assert record.provenance["versions"]["torch"]
+    assert record.provenance["suite"]["recipe"]["tasks"]
 
 
 def test_reference_rows_and_gap(results, tiny_cache, capsys):
@@ -74,16 +74,16 @@ def test_reference_rows_and_gap(results, tiny_cache, capsys):
             "--cache-dir", tiny_cache, "--quiet")
     pretrained = record_for(results, "seen", "pretrained")
     individual = record_for(results, "seen", "individual")
-    for task, score in individual["tasks"].items():
-        assert score["value"] > pretrained["tasks"][task]["value"] + 0.05
-    assert record_for(results, "seen", "task-arithmetic")["adr"] > 5
+    for task, score in individual.tasks.items():
+        assert score.value > pretrained.tasks[task].value + 0.05
+    assert record_for(results, "seen", "task-arithmetic").adr > 5
 
 
 def test_personalized_methods_beat_shared_ones(results, tiny_cache, capsys):
     for method in ("ties", "dts-d"):
         run_cli(capsys, "run", "--method", method, "--results", results, "--cache-dir",
                 tiny_cache, "--quiet")
-    assert record_for(results, "seen", "dts-d")["adr"] < record_for(results, "seen", "ties")["adr"]
+    assert record_for(results, "seen", "dts-d").adr < record_for(results, "seen", "ties").adr
 
 
 def test_unseen_split_weights_by_similarity(results, tiny_cache, capsys):
@@ -96,9 +96,9 @@ def test_unseen_split_weights_by_similarity(results, tiny_cache, capsys):
     seen = suite.split_tasks("seen")
     expected = similarity_weights(suite.task_embedding("e-vs-g"),
                                   {t: suite.task_embedding(t) for t in seen})
-    assert record["gamma"]["e-vs-g"] == pytest.approx(expected)
-    assert record["gamma"]["e-vs-g"]["e-vs-f"] == pytest.approx(0.5)
-    assert list(record["tasks"]) == ["a-vs-c", "e-vs-g"]
+    assert record.gamma["e-vs-g"] == pytest.approx(expected)
+    assert record.gamma["e-vs-g"]["e-vs-f"] == pytest.approx(0.5)
+    assert list(record.tasks) == ["a-vs-c", "e-vs-g"]
 
 
 @pytest.mark.parametrize("method", ["weight-averaging", "emr", "t-switch", "tall-mask"])
@@ -107,10 +107,10 @@ def test_unseen_split_for_other_methods(method, results, tiny_cache, capsys):
                            "--results", results, "--cache-dir", tiny_cache, "--quiet")
     assert code == 0, err
     record = record_for(results, "unseen", method)
-    assert record["gamma"] == {}
+    assert record.gamma == {}
     if method == "t-switch":   # the pretrained model
         pretrained = record_for(results, "unseen", "pretrained")
-        assert record["tasks"] == pretrained["tasks"]
+        assert record.tasks == pretrained.tasks
 
 
 def test_existing_result_is_skipped_unless_forced(results, tiny_cache, capsys):
@@ -264,8 +264,8 @@ def check_not_applicable(tiny_cache, tmp_path, capsys):
             "--quiet")
     code, _, err = run_cli(capsys, *args)
     assert code == 2 and "budget is below" in err
-    (record,) = [r for r in read_records(results)[0] if r["method"] == "never-fits"]
-    assert record["status"] == "not-applicable" and record["tasks"] == {}
+    (record,) = [r for r in read_records(results)[0] if r.method == "never-fits"]
+    assert record.status == "not-applicable" and record.tasks == {}
     code, _, err = run_cli(capsys, *args)             # asked again: same answer, no rerun
     assert code == 2 and "recorded in" in err
     out = tmp_path / "boards"
@@ -288,8 +288,8 @@ def test_stream_dir_writes_shards_and_gives_the_same_scores(tiny_cache, tmp_path
                            "--stream-dir", str(tmp_path / "shards"))
     assert code == 0, err
     a, b = (record_for(str(tmp_path / r), "seen", "ties") for r in ("a", "b"))
-    assert a["tasks"] == b["tasks"]
-    run_folder = tmp_path / "shards" / "tiny" / "seen" / os.path.basename(b["_path"])[:-5]
+    assert a.tasks == b.tasks
+    run_folder = tmp_path / "shards" / "tiny" / "seen" / os.path.basename(b.path)[:-5]
     assert os.listdir(run_folder) == ["merged"]
     assert os.path.exists(run_folder / "merged" / "model.safetensors.index.json")
 
@@ -305,8 +305,8 @@ def test_streamed_outputs_of_other_runs_are_never_replaced(tiny_cache, tmp_path,
     assert len(runs) == 4 and all(os.listdir(seen / r) == ["merged"] for r in runs)
     # a folder where a rerun writes that the harness did not write is refused, not replaced
     records, _ = read_records(str(tmp_path / "r" / "tiny" / "seen"))
-    first = next(os.path.basename(r["_path"])[:-5] for r in records
-                 if r["label"] == "ties" and r["seed"] == 0)
+    first = next(os.path.basename(r.path)[:-5] for r in records
+                 if r.label == "ties" and r.seed == 0)
     target = seen / first / "merged"
     shutil.rmtree(target)
     target.mkdir()

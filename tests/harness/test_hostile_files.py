@@ -309,7 +309,7 @@ def test_run_with_an_overflowing_lam_writes_no_record(tiny_cache, tmp_path, caps
                            str(tmp_path), "--quiet")
     assert code == 2 and "non-finite values in key" in err
     records, _ = read_records(str(tmp_path))
-    assert not [r for r in records if r["method"] == "task-arithmetic"]
+    assert not [r for r in records if r.method == "task-arithmetic"]
     code, _, err = run_cli(capsys, "run", "--method", "ties", "--suite", "tiny", "--set",
                            "lam=inf", "--cache-dir", tiny_cache, "--results", str(tmp_path))
     assert code == 2 and "must be finite" in err
@@ -334,7 +334,7 @@ def test_bad_records_are_skipped_naming_each_file(tmp_path, capsys):
     (folder / "list.json").write_text("[1, 2]")
     (folder / "badtask.json").write_text(json.dumps(_good_record(tasks={"a": 3})))
     records, skipped = read_records(str(tmp_path / "results"))
-    assert [os.path.basename(r["_path"]) for r in records] == ["good.json"]
+    assert [os.path.basename(r.path) for r in records] == ["good.json"]
     reasons = {os.path.basename(s.path): s.reason for s in skipped}
     assert set(reasons) == {"latin1.json", "digits.json", "missing.json", "deep.json",
                             "list.json", "badtask.json"}
@@ -350,7 +350,7 @@ def test_a_damaged_record_of_the_cell_being_run_is_run_again(tiny_cache, tmp_pat
               tiny_cache, "--results", str(tmp_path)]
     assert run_cli(capsys, *common, "--quiet")[0] == 0
     records, _ = read_records(str(tmp_path))
-    path = next(r["_path"] for r in records if r["method"] == "task-arithmetic")
+    path = next(r.path for r in records if r.method == "task-arithmetic")
     text = open(path).read()
     open(path, "w").write(text[: len(text) // 2])
     code, out, err = run_cli(capsys, *common)

@@ -5,7 +5,7 @@ import pytest
 
 from harness.io.files import write_json_atomic
 from harness.bench.leaderboard import render_all
-from harness.bench.records import SCHEMA_VERSION, read_records, write_record
+from harness.bench.records import SCHEMA_VERSION, RunRecord, read_records, write_record
 
 EXPECTED = os.path.join(os.path.dirname(__file__), "..", "data", "expected_leaderboard.md")
 
@@ -40,9 +40,14 @@ FIXTURE = [
 ]
 
 
+def typed(data: dict) -> RunRecord:
+    return RunRecord.from_json({"schema_version": SCHEMA_VERSION, **data})
+
+
 def write_fixture(folder):
     for i, r in enumerate(FIXTURE):
-        write_record(os.path.join(folder, "demo", r["split"], f"{i:02d}-{r['method']}.json"), r)
+        write_record(os.path.join(folder, "demo", r["split"], f"{i:02d}-{r['method']}.json"),
+                     typed(r))
 
 
 def test_rendering_matches_checked_in_file(tmp_path):
@@ -148,7 +153,7 @@ def test_similarity_weighted_unseen_rows_are_labelled(tmp_path):
     weighted["unseen_weighting"] = "similarity"
     own = record("emr", "emr", "unseen", {"t3": 0.3}, adr=62.5, amr=3.1)
     for i, r in enumerate([weighted, own]):
-        write_record(str(tmp_path / "results" / "demo" / "unseen" / f"{i}.json"), r)
+        write_record(str(tmp_path / "results" / "demo" / "unseen" / f"{i}.json"), typed(r))
     text = render_all(str(tmp_path / "results"), str(tmp_path))[0][0].text
     assert "| emr + similarity weights " in text and "| emr " in text
     assert "(seed 0)" not in text                 # two different rows, not two seeds

@@ -95,3 +95,21 @@ def test_plugin_method_through_entry_point(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[1.0, 1.0]"
+
+
+def test_dts_d_takes_the_suites_ties_setting_once():
+    """A suite states TIES's merge function once; DTS-D and DTS-D*, which compose a TIES
+    configuration under the prefix ``ties_``, build their base with it, and their own setting
+    or the user's wins."""
+    from harness.bench.runner import build_method
+    from harness.tasks.offline_text import OfflineTextSuite
+
+    suite = OfflineTextSuite.__new__(OfflineTextSuite)        # its defaults only, no cache
+    for name in ("dts-d", "dts-d-star"):
+        assert build_method(suite, name, {}).ties_merge_function == "mean"
+        assert build_method(suite, name, {"ties_merge_function": "sum"}).ties_merge_function \
+            == "sum"
+    assert build_method(suite, "ties", {}).merge_function == "mean"
+    assert method_class("dts-d").defaults_from(lambda name: {"ties": {"k": 5.0, "lam": 1.0},
+                                                             "dts-d": {"ties_k": 9.0}}
+                                               .get(name, {})) == {"ties_k": 9.0, "ties_lam": 1.0}

@@ -159,13 +159,13 @@ def test_runs_end_to_end(method, assets, tmp_path):
         record = run(RunConfig(method=method, suite=SmallTextSuite.name, split=split,
                                results_dir=str(tmp_path / "results"), cache_dir=str(cache),
                                quiet=True))
-        assert set(record["tasks"]) == set(suite.split_tasks(split))
-        assert all(0 <= t["value"] <= 1 for t in record["tasks"].values())
-    assert record["method"] == method
+        assert set(record.tasks) == set(suite.split_tasks(split))
+        assert all(0 <= t.value <= 1 for t in record.tasks.values())
+    assert record.method == method
     if method == "ties":
-        assert record["hyperparameters"]["merge_function"] == "mean"
+        assert record.hyperparameters["merge_function"] == "mean"
     else:
-        assert set(record["gamma"]) == set(suite.split_tasks("unseen"))
+        assert set(record.gamma) == set(suite.split_tasks("unseen"))
 
 
 def test_capped_splits_sample_the_whole_file_not_its_start(tmp_path):

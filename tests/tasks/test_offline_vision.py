@@ -214,9 +214,9 @@ def test_runs_end_to_end(method, prepared, assets, tmp_path):
         record = run(RunConfig(method=method, suite=prepared.name, split=split,
                                results_dir=str(tmp_path / "results"), cache_dir=prepared.cache_dir,
                                quiet=True))
-        assert set(record["tasks"]) == set(prepared.split_tasks(split))
-        assert all(0 <= t["value"] <= 1 for t in record["tasks"].values())
+        assert set(record.tasks) == set(prepared.split_tasks(split))
+        assert all(0 <= t.value <= 1 for t in record.tasks.values())
     if method == "dts-d":
-        gamma = record["gamma"]["digits"]
+        gamma = record.gamma["digits"]
         assert set(gamma) == {"cifar10", "fashion-mnist", "mnist"}
         assert abs(sum(gamma.values()) - 1) < 1e-6

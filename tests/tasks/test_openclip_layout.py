@@ -258,12 +258,12 @@ def test_validate_names_a_missing_head_or_file(layout, tmp_path, capsys):
 @pytest.mark.parametrize("method", ["ties", "dts-d"])
 def test_runs_end_to_end_on_the_open_clip_layout(layout, tmp_path, method, capsys):
     records = run_both_splits(capsys, method, "vit-b32", layout.config, tmp_path)
-    merged = {r["split"]: r for r in records}
-    assert merged["seen"]["task_order"] == ["mnist", "dtd"]
-    assert merged["unseen"]["task_order"] == ["svhn"]
+    merged = {r.split: r for r in records}
+    assert merged["seen"].task_order == ["mnist", "dtd"]
+    assert merged["unseen"].task_order == ["svhn"]
     for record in merged.values():
-        assert all(0 <= score["value"] <= 1 for score in record["tasks"].values())
-    suite = merged["seen"]["provenance"]["suite"]
+        assert all(0 <= score.value <= 1 for score in record.tasks.values())
+    suite = merged["seen"].provenance["suite"]
     assert suite["checkpoints"]["dtd"][0].endswith("DTD/finetuned.pt")
     assert suite["heads"]["dtd"].endswith("head_DTD.pt")
 

@@ -206,7 +206,7 @@ def run_both_splits(capsys, method, suite, config, tmp_path) -> list[dict]:
         code, out, err = harness(capsys, "run", *common, "--split", split)
         assert code == 0, err
     records, _ = read_records(results)
-    return [r for r in records if r["method"] == method]
+    return [r for r in records if r.method == method]
 
 
 @pytest.mark.parametrize("suite", sorted(BUILDERS))
@@ -214,20 +214,20 @@ def run_both_splits(capsys, method, suite, config, tmp_path) -> list[dict]:
 def test_runs_end_to_end(suite, method, configs, tmp_path, capsys):
     merged = run_both_splits(capsys, method, suite, configs[suite], tmp_path)
     config, _ = load_config(suite, configs[suite])
-    assert {r["split"] for r in merged} == {"seen", "unseen"}
+    assert {r.split for r in merged} == {"seen", "unseen"}
     for record in merged:
-        names = (config["unseen"] if record["split"] == "unseen" else
+        names = (config["unseen"] if record.split == "unseen" else
                  [t for t in config["tasks"] if t not in config["unseen"]])
-        assert record["task_order"] == names
-        for task, score in record["tasks"].items():
+        assert record.task_order == names
+        for task, score in record.tasks.items():
             metric = config["tasks"][task].get("metric", "accuracy")
-            assert score["metric"] == metric
+            assert score.metric == metric
             low = -1.0 if metric in ("mcc", "pearson_spearman") else 0.0
-            assert low <= score["value"] <= 1.0
-        assert record["provenance"]["suite"]["config"] == configs[suite]
+            assert low <= score.value <= 1.0
+        assert record.provenance["suite"]["config"] == configs[suite]
     if method == "dts-d":
-        unseen = next(r for r in merged if r["split"] == "unseen")
-        for weights in unseen["gamma"].values():
+        unseen = next(r for r in merged if r.split == "unseen")
+        for weights in unseen.gamma.values():
             assert abs(sum(weights.values()) - 1) < 1e-6
 
 

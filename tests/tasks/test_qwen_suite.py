@@ -75,15 +75,15 @@ def test_runs_end_to_end_through_lm_eval(method, config, tmp_path, capsys):
     for split in ("seen", "unseen"):
         assert main(["run", *common, "--split", split]) == 0, capsys.readouterr().err
     records, _ = read_records(results)
-    merged = {r["split"]: r for r in records if r["method"] == method}
-    assert list(merged["seen"]["tasks"]) == ["mmlu", "truthfulqa"]
-    assert list(merged["unseen"]["tasks"]) == ["bbq"]
+    merged = {r.split: r for r in records if r.method == method}
+    assert list(merged["seen"].tasks) == ["mmlu", "truthfulqa"]
+    assert list(merged["unseen"].tasks) == ["bbq"]
     for record in merged.values():
-        for score in record["tasks"].values():
-            assert score["metric"] == "acc" and score["examples"] == 6
-            assert score["value"] in {k / 6 for k in range(7)}
+        for score in record.tasks.values():
+            assert score.metric == "acc" and score.examples == 6
+            assert score.value in {k / 6 for k in range(7)}
     if method == "dts-d":
-        gamma = merged["unseen"]["gamma"]["bbq"]
+        gamma = merged["unseen"].gamma["bbq"]
         assert set(gamma) == {"mmlu", "truthfulqa"} and abs(sum(gamma.values()) - 1) < 1e-6
 
 
