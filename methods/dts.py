@@ -290,7 +290,7 @@ def _canonical_signs(u: Tensor, vh: Tensor) -> None:
 # Float32 matrices larger than this are decomposed block by block: LAPACK's thin SVD of a whole
 # matrix needs several times its bytes of working memory on top of it, while the blocked SVD
 # needs the Gram matrix (shorter side squared, float64) and the longer factor; on the tall
-# matrices of LLMs it is faster too (README, "Out of core at LLM scale").
+# matrices of LLMs it is faster too (docs/performance.md, "Out of core").
 IN_MEMORY_SVD_BYTES = 2**28
 
 

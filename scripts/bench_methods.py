@@ -4,7 +4,7 @@ Synthesizes a pretrained model and N task models with the exact tensor names and
 transformers' ``CLIPVisionModel`` (patch 32; no weights are downloaded: the config is built in
 code), saves them as safetensors, then merges them with each method in a fresh process reading
 the inputs memory-mapped. Task vectors are rank-4 products plus 10% dense noise at 1e-3 of each
-tensor's RMS, as in ``shared/notes/performance.md``.
+tensor's RMS, the recipe of the peer measurements in ``docs/performance.md``.
 
     python scripts/bench_methods.py                 # all methods, 8 tasks
     python scripts/bench_methods.py --methods ties dts-d --tasks 4

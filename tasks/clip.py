@@ -1,6 +1,6 @@
 """``vit-b32`` and ``vit-l14``: CLIP vision encoders on the paper's 8 image tasks.
 
-Checkpoints and data are the public ones FusionBench uses (``notes/official-code.md`` 0.1): the
+Checkpoints and data are the public ones FusionBench uses: the
 pretrained ``openai/clip-vit-*`` CLIPModel and one fine-tuned ``CLIPVisionModel`` per task,
 loaded with transformers; the test split of each dataset, top-1 accuracy. Only the vision tower
 is merged. Each task's head is zero-shot, built once from the pretrained CLIP text encoder: for

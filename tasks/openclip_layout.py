@@ -1,7 +1,7 @@
 """The paper's own CLIP checkpoints: open_clip image encoders pickled whole by the task_vectors code.
 
 The DTS, EMR and Task-Arithmetic authors share ``zeroshot.pt``, ``<Dataset>/finetuned.pt`` and
-``head_<Dataset>.pt`` (``notes/official-code.md`` 0.1): ``torch.save`` of whole modules (an
+``head_<Dataset>.pt``: ``torch.save`` of whole modules (an
 ``ImageEncoder`` wrapping an open_clip ``CLIP``, a ``ClassificationHead``), whose classes live in
 the authors' ``src`` package. :func:`read_module_state` reads such a file without that package and
 without open_clip (:mod:`harness.torch_pickle`): every class outside a small table of inert torch

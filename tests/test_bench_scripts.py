@@ -1,4 +1,4 @@
-"""The measuring scripts' workers on tiny checkpoints: the README's figures come from them, so a
+"""The measuring scripts' workers on tiny checkpoints: docs/performance.md's figures come from them, so a
 change that breaks one fails here rather than on the next benchmark run."""
 
 import importlib.util

@@ -81,9 +81,8 @@ def store_rows(value: Tensor, rows, block: Tensor) -> None:
     """Write the merge-device ``block`` into ``value[rows]`` (an output on the CPU), cast to
     ``value``'s dtype. From another device the block is cast there (a crossing that casts would
     cross in float32 and cast on the CPU) and lands in a temporary that the CPU's threads copy
-    into the output: crossing straight into it leaves one thread to fault in all its fresh pages
-    (that way TIES on a 14B layer took 2.5 s on an H200, against 2.2 s with torch's crossing;
-    this way is not measured on a GPU yet)."""
+    into the output: crossing straight into it would leave one thread to fault in all of the
+    output's fresh pages."""
     if block.device == value.device:
         value[rows].copy_(block)
     else:
@@ -98,8 +97,8 @@ def check_finite(t: Tensor, key: str, model: str) -> None:
 
 def count_nonzero(t: Tensor, scratch: Tensor) -> int:
     """The exact number of non-zero entries of a float32 tensor, counted on its bit patterns
-    shifted left by one into the int32 ``scratch`` (so -0.0 counts as zero). Counting the floats
-    themselves took about a quarter of the validation pass on the CPU."""
+    shifted left by one into the int32 ``scratch`` (so -0.0 counts as zero), which is cheaper on
+    the CPU than counting the floats themselves."""
     shifted = torch.bitwise_left_shift(t.view(torch.int32), 1, out=scratch)
     return int(torch.count_nonzero(shifted))
 
@@ -149,12 +148,9 @@ def row_chunks(shape: tuple[int, ...], tasks: int) -> list:
     same bits as whole keys); a 0-d tensor is one block.
 
     On the CPU, 8 MiB blocks keep a block's temporaries (its task vectors, theta_0, scratch) in
-    the last-level cache from one operation to the next: against 32 MiB blocks, Task Arithmetic,
-    TIES, EMR and Weight Averaging ran 20-35% faster on a cached 14B layer in throwaway runs (2
-    cores, 32 MiB L3; DARE and TALL-Mask about the same). Blocks of 4 MiB were as fast from the
-    page cache but less steady from the disk, and blocks of 1 MiB lost it all to per-operation
-    overhead. A GPU keeps 32 MiB blocks: fewer transfers and kernel launches (not measured at
-    other sizes).
+    the last-level cache from one operation to the next, while larger blocks spill it and much
+    smaller ones pay per-operation overhead. A GPU takes 32 MiB blocks: fewer transfers and
+    kernel launches.
     """
     if not shape:
         return [...]

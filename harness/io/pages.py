@@ -206,7 +206,7 @@ class _ReadAhead:
     queued until ``AHEAD_BYTES`` of them are (the next key at least). Queued bytes go to the
     page cache, never to this process's memory. The window is 1 GiB, at most an eighth of the
     memory this process may fill (:func:`memory_size`), so queued bytes are not evicted before
-    their turn; 64 MiB gained less (the README's performance section has the measurements).
+    their turn, and wide enough to keep a disk busy across several keys.
     Where ``posix_fadvise`` is missing (not Linux), nothing is queued. ``hinted_bytes`` counts
     the bytes passed to the kernel in this process, so a benchmark can tell that hints went out.
     """
@@ -250,9 +250,8 @@ class _ReadAhead:
     def _advise(self, jobs) -> None:
         """Pass the queued ranges to the kernel; ``None`` ends a loop. Whether a file is read
         from the disk is decided once per loop (:func:`read_from_disk`): asking the kernel to
-        read ahead pages it holds is not free, it looks up every one (plain hints made warm
-        merges of 8 ViT-B/32 models about 0.2 s slower, as did a residency check of every
-        range)."""
+        read ahead pages it holds is not free, it looks up every one (so would a residency
+        check of every range)."""
         from_disk: dict[str, bool] = {}
         while True:
             job = jobs.get()
@@ -325,8 +324,8 @@ def iter_keys(keys: list[str], desc: str, progress: bool) -> Iterator[str]:
 
     After each key, the pages of memory-mapped inputs read for it and freed heap memory are
     handed back to the OS (glibc): per-key temporaries interleaved with long-lived results
-    otherwise fragment the heap, and resident memory grew by up to 2 GiB over the inputs on 8
-    ViT-B/32 models. Before each key, the disk is asked for the next keys' input bytes
+    otherwise fragment the heap until resident memory grows well past the inputs. Before each
+    key, the disk is asked for the next keys' input bytes
     (:class:`_ReadAhead`).
     """
     keys = list(keys)

@@ -272,10 +272,8 @@ class _ShardFile:
     it (the writer thread's object).
 
     Buffered writes copy every byte into the page cache, and the kernel's work for that (and
-    for writing it back) is CPU time that two busy cores cannot hide: streamed Task Arithmetic
-    on a 14B layer took 2.6-2.8 s from the page cache with them (1.0 s with its output kept in
-    memory) and 1.5-1.7 s with direct writes; from the disk, 2.9-3.2 s and 2.0-2.5 s (2 cores,
-    throwaway runs noted on issue 7). A staged partial page is written whole (:meth:`flush`)
+    for writing it back) is CPU time that busy cores cannot hide, so streamed merges write past
+    the page cache. A staged partial page is written whole (:meth:`flush`)
     and again once more bytes complete it, and :meth:`finish` cuts the file to its length.
     Where a direct write is refused (``EINVAL``: a file system without direct I/O, or larger
     sectors), the file falls back to buffered writes of the same bytes.

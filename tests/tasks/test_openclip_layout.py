@@ -280,7 +280,7 @@ def vit_b32_visual_shapes(width=768, layers=12, grid=7, patch=32, embed=512):
 
 
 def test_paper_amr_on_open_clip_keys_matches_the_notes():
-    """notes/official-code.md 1.8: 3.92% at r=0.3 over the visual tower (87.85 M parameters);
+    """The authors' count: 3.92% at r=0.3 over the visual tower (87.85 M parameters);
     3.68% with the text leftovers the authors' loop also counts (Table 1's DTS AMR)."""
     from harness.methods.dts import dts_paper_amr
 
