@@ -3,9 +3,12 @@
     python scripts/run_suite.py --suite tiny            # results in leaderboards/results/tiny/
     python scripts/run_suite.py --suite tiny --force    # rerun what already has a result
     python scripts/run_suite.py --suite tiny offline-text offline-vision   # every checked-in one
+    python scripts/run_suite.py --suite tiny --reproducible --force   # tiny's checked-in records
 
 Each run is a plain ``harness run`` in its own process (so each record's peak memory is that
-run's alone); results already present are kept unless --force.
+run's alone); results already present are kept unless --force. ``--reproducible`` runs every
+cell in the pinned environment, as CI's check of tiny's records does
+(``scripts/reproduce_records.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ def main() -> int:
     parser.add_argument("--methods", nargs="*", default=None, help="default: every method")
     parser.add_argument("--splits", nargs="*", default=["seen", "unseen"])
     parser.add_argument("--results", default=DEFAULT_RESULTS_DIR)
+    parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--force", action="store_true")
+    parser.add_argument("--reproducible", action="store_true")
     args = parser.parse_args()
     failed = []
     for suite in args.suite:
@@ -34,8 +39,10 @@ def main() -> int:
             for split in args.splits:
                 start = time.perf_counter()
                 argv = ["run", "--method", method, "--suite", suite, "--split", split,
-                        "--results", args.results, "--quiet"] + (["--force"] if args.force
-                                                                  else [])
+                        "--results", args.results, "--quiet"]
+                argv += ["--force"] if args.force else []
+                argv += ["--reproducible"] if args.reproducible else []
+                argv += ["--cache-dir", args.cache_dir] if args.cache_dir else []
                 code = subprocess.run([sys.executable, "-m", "harness.bench.cli", *argv]).returncode
                 print(f"{suite} {method} {split}: exit {code} "
                       f"({time.perf_counter() - start:.1f} s)", file=sys.stderr)

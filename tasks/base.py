@@ -32,12 +32,19 @@ class Task:
 
 @dataclass
 class Evaluation:
-    """A task's score: the headline metric (a fraction in [0, 1], or a correlation) and extras."""
+    """A task's score: the headline metric (a fraction in [0, 1], or a correlation) and extras.
+
+    ``outcomes`` holds the per-example results the metric comes from, in the test set's order
+    (the same order for every model), so the metric can be recomputed on resamples for
+    intervals and paired comparisons: ``{"score": ...}`` when the metric is the mean of
+    per-example scores (accuracy: 1 per correct example), else ``{"prediction": ...,
+    "reference": ...}`` (see :func:`harness.core.metrics.metric_from_outcomes`)."""
 
     metric: str
     value: float
     extras: dict[str, float] = field(default_factory=dict)
     examples: int = 0
+    outcomes: dict[str, Tensor] | None = None
 
 
 class Suite:
@@ -48,6 +55,7 @@ class Suite:
     tasks: ClassVar[tuple[Task, ...]] = ()
     unseen: ClassVar[tuple[str, ...]] = ()         # evaluated on the unseen split only
     method_defaults: ClassVar[dict[str, dict]] = {}
+    builds: ClassVar[bool] = False                 # trains its own models (pinned builds)
 
     def __init__(self, cache_dir: str | None = None) -> None:
         self.cache_dir = cache_dir or default_cache_dir()
@@ -74,6 +82,12 @@ class Suite:
     # ---- to be provided by each suite -----------------------------------------------------
     def check(self) -> None:
         """Raise :class:`SuiteUnavailableError` naming anything missing, before any long work."""
+
+    def built(self) -> bool:
+        """Whether every model the suite trains itself is in its cache from a pinned build
+        (:mod:`harness.core.reproducible`); suites that train nothing (``builds`` False) are
+        always built. The runner builds the rest in a pinned child process first."""
+        return True
 
     def prepare(self, progress: bool = True) -> None:
         """Build or fetch whatever the suite needs (cached); called before loading."""

@@ -8,6 +8,11 @@ and treated as absent, so it is rebuilt rather than used; so is a manifest that 
 Processes share a cache safely: :meth:`CheckpointCache.ensure` builds an entry under a lock of
 its own (``.locks/<entry>.lock``), so two first runs build it once, the second waiting and then
 using the first's; the manifest is re-read and merged under its own lock before each write.
+
+Every entry records the machine and environment that built it (``build``), and whether that was
+the pinned environment of :mod:`harness.core.reproducible`. A pinned build treats an entry an
+unpinned process built as missing, and replaces it: only pinned entries are the same bytes on
+every machine.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import warnings
 
 from torch import Tensor
 
+from harness.core.reproducible import is_pinned, machine_details
 from harness.io.files import (UntrustedFileError, exclusive_lock, read_json_file, sha256_file,
                               write_json_atomic)
 from harness.io.lazy import LazyStateDict
@@ -29,8 +35,9 @@ from harness.core.tensors import StateDict
 class CheckpointCache:
     """State dicts by name in ``folder``, each verified against its recorded checksum."""
 
-    def __init__(self, folder: str, recipe: dict) -> None:
+    def __init__(self, folder: str, recipe: dict, *, pinned_only: bool | None = None) -> None:
         self.folder = folder
+        self.pinned_only = is_pinned() if pinned_only is None else pinned_only
         self.recipe = json.loads(json.dumps(recipe, sort_keys=True))  # as it reads back
         self._manifest_path = os.path.join(folder, "manifest.json")
         self._entries: dict[str, dict] = self._read_entries()
@@ -69,12 +76,20 @@ class CheckpointCache:
         entry = self._entries.get(key)
         if entry is None or not os.path.isfile(path):
             return False
+        if self.pinned_only and not self.pinned(path):
+            return False
         if sha256_file(path) != entry["sha256"]:
             warnings.warn(f"cache entry {path} does not match its checksum: it will be rebuilt")
             del self._entries[key]
             return False
         self._verified.add(key)
         return True
+
+    def pinned(self, path: str) -> bool:
+        """Whether the entry of ``path`` (an entry name's path, or a file) was built pinned."""
+        entry = self._entries.get(os.path.basename(path)) or {}
+        build = entry.get("build")
+        return isinstance(build, dict) and build.get("pinned") is True
 
     def _lock(self, name: str):
         return exclusive_lock(os.path.join(self.folder, ".locks", f"{name}.lock"))
@@ -83,7 +98,7 @@ class CheckpointCache:
         """Record a file written into the cache folder (atomically, by the caller), merging
         with entries other processes recorded meanwhile."""
         key = os.path.basename(path)
-        entry = {"sha256": sha256_file(path), **info}
+        entry = {"sha256": sha256_file(path), "build": machine_details(), **info}
         with self._lock("manifest"):
             self._entries = {**self._read_entries(), key: entry}
             write_json_atomic(self._manifest_path, {"recipe": self.recipe,

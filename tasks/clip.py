@@ -246,7 +246,7 @@ class ClipSuite(ConfiguredSuite):
                 f"{self.name} task {task!r}: the head has {head.shape[0]} classes, the dataset's "
                 f"labels {classes}")
         size = int(self.config.get("batch_size", 64))
-        correct = 0
+        correct = []
         for start in tqdm(range(0, len(data), size), desc=task, leave=False,
                           disable=not progress):
             batch = data[start:start + size]
@@ -257,8 +257,10 @@ class ClipSuite(ConfiguredSuite):
             if bias is not None:
                 logits = logits + bias.to(device)
             labels = torch.tensor(batch[label_column])
-            correct += int((logits.argmax(dim=1).cpu() == labels).sum())
-        return Evaluation("accuracy", correct / len(data), examples=len(data))
+            correct.append((logits.argmax(dim=1).cpu() == labels).to(torch.uint8))
+        scores = torch.cat(correct)
+        return Evaluation("accuracy", int(scores.sum()) / len(data), examples=len(data),
+                          outcomes={"score": scores})
 
 
 

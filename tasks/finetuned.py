@@ -47,6 +47,12 @@ class FinetunedSuite(Suite):
         raise NotImplementedError
 
     # ---- shared --------------------------------------------------------------------------
+    builds = True
+
+    def built(self) -> bool:
+        return all(self.cache.has(f"task-{t.name}")
+                   and self.cache.pinned(self.cache.path(f"task-{t.name}")) for t in self.tasks)
+
     def prepare(self, progress: bool = True) -> None:
         """Fetch the data and fine-tune every task model that is not cached yet."""
         from tqdm.auto import tqdm

@@ -22,7 +22,7 @@ from torch import Tensor
 from harness.core.tensors import StateDict
 from harness.tasks.base import Evaluation, SuiteUnavailableError, restrict, unit
 from harness.tasks.hub import ConfiguredSuite, check_dataset, check_model, dump_config, load_split
-from harness.tasks.metrics import glue_score
+from harness.core.metrics import glue_score
 
 
 class GlueSuite(ConfiguredSuite):
@@ -193,9 +193,11 @@ class GlueSuite(ConfiguredSuite):
         finally:
             model.to("cpu")
             model.base_model.load_state_dict(original)
-        value, extras = glue_score(spec.get("metric", "accuracy"), torch.cat(predictions),
-                                   torch.cat(labels))
-        return Evaluation(spec.get("metric", "accuracy"), value, extras, examples=len(data))
+        predicted, reference = torch.cat(predictions), torch.cat(labels)
+        metric = spec.get("metric", "accuracy")
+        value, extras = glue_score(metric, predicted, reference)
+        return Evaluation(metric, value, extras, examples=len(data),
+                          outcomes={"prediction": predicted, "reference": reference})
 
     # ---- unseen tasks --------------------------------------------------------------------
     def task_embedding(self, task: str) -> Tensor:

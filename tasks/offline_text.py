@@ -281,11 +281,13 @@ class OfflineTextSuite(FinetunedSuite):
         model.to(device).eval()
         pairs = sorted(data["validation" if split == "validation" else "test"],
                        key=lambda p: len(p[0]))
-        correct = 0
+        correct = []
         for encoded, labels in self._batches(pairs, 64):
             logits = model(**{k: v.to(device) for k, v in encoded.items()}).logits
-            correct += int((logits.argmax(dim=1).cpu() == labels).sum())
-        return Evaluation("accuracy", correct / len(pairs), examples=len(pairs))
+            correct.append((logits.argmax(dim=1).cpu() == labels).to(torch.uint8))
+        scores = torch.cat(correct)
+        return Evaluation("accuracy", int(scores.sum()) / len(pairs), examples=len(pairs),
+                          outcomes={"score": scores})
 
     def provenance(self) -> dict:
         return {**super().provenance(), "bigbench_sha256": self.archive_sha256,

@@ -342,11 +342,14 @@ class OfflineVisionSuite(FinetunedSuite):
                                **{f"_fc.{k}": v for k, v in self.head(task).items()}})
         model.to(device).eval()
         images, labels = self.examples(task, "validation" if split == "validation" else "test")
-        correct = 0
+        correct = []
         for start in range(0, len(images), 250):
             x = self.pixels(images[start:start + 250]).to(device)
-            correct += int((model(x).argmax(dim=1).cpu() == labels[start:start + 250]).sum())
-        return Evaluation("accuracy", correct / len(images), examples=len(images))
+            correct.append((model(x).argmax(dim=1).cpu() == labels[start:start + 250])
+                           .to(torch.uint8))
+        scores = torch.cat(correct)
+        return Evaluation("accuracy", int(scores.sum()) / len(images), examples=len(images),
+                          outcomes={"score": scores})
 
     def provenance(self) -> dict:
         return {**super().provenance(), "bigbench_sha256": self.bigbench_sha256,

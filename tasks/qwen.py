@@ -140,7 +140,7 @@ class QwenSuite(ConfiguredSuite):
         out = simple_evaluate(model=lm, tasks=[name], num_fewshot=spec.get("num_fewshot"),
                               limit=spec.get("limit", self.config.get("limit")),
                               task_manager=self.task_manager, verbosity="ERROR",
-                              bootstrap_iters=0)
+                              bootstrap_iters=0, log_samples=True)
         metric = spec.get("metric", "acc")
         scores = out["results"].get(name, {})
         key = f"{metric},{spec.get('filter', 'none')}"
@@ -150,8 +150,25 @@ class QwenSuite(ConfiguredSuite):
                 f"{key}; set metric (and filter) in the suite config")
         samples = out.get("n-samples", {}).get(name, {})
         return Evaluation(metric, float(scores[key]),
-                          examples=int(samples.get("effective", 0)) if samples else 0)
+                          examples=int(samples.get("effective", 0)) if samples else 0,
+                          outcomes=_per_document(out.get("samples", {}).get(name), metric,
+                                                 float(scores[key])))
 
     # ---- unseen tasks --------------------------------------------------------------------
     def task_embedding(self, task: str) -> Tensor:
         return self.encoder.task_embedding([self.task(task).description])
+
+
+def _per_document(samples, metric: str, value: float) -> dict[str, Tensor] | None:
+    """Each document's ``metric`` from lm-eval's logged samples, when the task's figure is
+    their mean (acc, mc2); None otherwise, so no interval is invented."""
+    if not samples:
+        return None
+    try:
+        scores = torch.tensor([float(sample[metric]) for sample in samples],
+                              dtype=torch.float64)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if abs(float(scores.mean()) - value) > 1e-9:
+        return None
+    return {"score": scores}

@@ -129,6 +129,7 @@ class TinySuite(Suite):
     tasks = tuple(Task(name, ("no", "yes"), _describe(w)) for name, w in TASK_WEIGHTS.items())
     unseen = ("a-vs-c", "e-vs-g")
     method_defaults = {"t-switch": {"k": 0.6}}
+    builds = True
 
     def __init__(self, cache_dir: str | None = None) -> None:
         super().__init__(cache_dir)
@@ -168,6 +169,10 @@ class TinySuite(Suite):
         state.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
         return state
 
+    def built(self) -> bool:
+        return all(self.cache.has(n) and self.cache.pinned(self.cache.path(n))
+                   for n in ["pretrained", *(f"task-{t.name}" for t in self.tasks)])
+
     def check(self) -> None:
         """Nothing to download: the suite builds itself on first use."""
 
@@ -206,8 +211,9 @@ class TinySuite(Suite):
         model.to(device).eval()
         inputs, labels = self.data(task, "validation" if split == "validation" else "test")
         predictions = model(inputs.to(device)).argmax(dim=1).cpu()
-        return Evaluation("accuracy", float((predictions == labels).float().mean()),
-                          examples=len(labels))
+        correct = (predictions == labels).to(torch.uint8)
+        return Evaluation("accuracy", float(correct.float().mean()), examples=len(labels),
+                          outcomes={"score": correct})
 
     def task_embedding(self, task: str) -> Tensor:
         weights = torch.zeros(VOCAB)

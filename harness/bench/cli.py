@@ -49,6 +49,15 @@ def _print_record(record) -> None:
 
 
 def cmd_run(args) -> int:
+    from harness.core.reproducible import is_pinned, pin_torch, pinned_command
+
+    if args.reproducible and not is_pinned():      # again, in the pinned environment
+        import subprocess
+
+        argv, env = pinned_command("harness.bench.cli", *args.argv)
+        return subprocess.run(argv, env=env).returncode
+    if args.reproducible:
+        pin_torch()
     from harness.bench.runner import run
 
     _print_record(run(_run_config(args)))
@@ -65,12 +74,18 @@ def cmd_validate(args) -> int:
 
 
 def cmd_finetune(args) -> int:
+    from harness.bench.build import build_pinned
+    from harness.bench.runner import UNPINNED_BUILDS, check_device, get_suite
+    from harness.core.reproducible import is_pinned
     from harness.io.files import check_writable_folder
-    from harness.bench.runner import check_device, get_suite
 
     check_device(args.device)
     suite = get_suite(args.suite, args.cache_dir, config=args.suite_config)
     check_writable_folder(suite.cache_dir, "--cache-dir")
+    if (suite.builds and not suite.built() and not is_pinned()
+            and os.environ.get(UNPINNED_BUILDS) != "1"):
+        build_pinned(suite.name, suite.cache_dir, args.suite_config, args.quiet)
+        suite = get_suite(args.suite, args.cache_dir, config=args.suite_config)
     print(f"ok: {suite.finetune(progress=not args.quiet, device=args.device)}")
     return 0
 
@@ -143,6 +158,26 @@ def _seed(text: str) -> int:
     return value
 
 
+def cmd_compare(args) -> int:
+    from harness.bench.analysis import compare, find_row, individual_row
+
+    a, b = (find_row(spec, args.suite, args.split, args.results) for spec in (args.a, args.b))
+    comparison = compare(a, b, individual_row(a, args.results))
+    rows = []
+    for name, d in comparison.rows.items():
+        scale = 1 if name == "ADR" else 100
+        p = "< 0.001" if d.p_value == 0 else f"{d.p_value:.3f}"
+        rows.append([name, f"{scale * d.a:.2f}", f"{scale * d.b:.2f}",
+                     f"{scale * d.difference:+.2f}",
+                     f"[{scale * d.low:+.2f}, {scale * d.high:+.2f}]", p,
+                     "yes" if d.significant else "no"])
+    print(f"{a.label} minus {b.label} on {a.suite} ({a.split} split): paired bootstrap over the "
+          "same test examples, 1,000 resamples")
+    print(tabulate(rows, ["task", a.label, b.label, "difference", "95% interval", "p",
+                          "significant"], tablefmt="github", disable_numparse=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from harness.bench.records import DEFAULT_RESULTS_DIR
     from harness.bench.runner import DEFAULT_SUITE
@@ -175,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write model-sized merge outputs as safetensors shards under DIR "
                             "(models larger than memory)")
         p.add_argument("--force", action="store_true", help="rerun when the result exists")
+        p.add_argument("--reproducible", action="store_true",
+                       help="merge and evaluate in the pinned environment (one thread, portable "
+                            "kernels): the same record on any x86-64 machine, slower")
         p.add_argument("--quiet", action="store_true", help="no progress output")
 
     p = sub.add_parser("run", help="merge a suite with a method, evaluate, record")
@@ -192,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ls", help="list methods (with hyperparameters) or suites")
     p.add_argument("what", choices=["methods", "suites"])
     p.set_defaults(func=cmd_ls)
+    p = sub.add_parser("compare", help="paired comparison of two rows: differences, intervals, "
+                                       "p-values")
+    p.add_argument("--suite", required=True)
+    p.add_argument("--split", default="seen", choices=["seen", "unseen"])
+    p.add_argument("--results", default=DEFAULT_RESULTS_DIR, help="result files folder")
+    p.add_argument("a", help="a row label (as the leaderboard shows it) or a record file")
+    p.add_argument("b", help="the row to compare it with")
+    p.set_defaults(func=cmd_compare)
     p = sub.add_parser("leaderboard", help="render leaderboards/<suite>.md from result files")
     p.add_argument("--suite", default=None)
     p.add_argument("--results", default=DEFAULT_RESULTS_DIR)
@@ -202,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from tabulate import tabulate
 
-from harness.bench.records import RunRecord, Skipped, read_records
+from harness.bench.records import RunRecord, Skipped, read_outcomes, read_records
+from harness.bench.uncertainty import paired, row_replicates
 from harness.core.registry import METHODS, UnknownNameError
 
 REFERENCE = ("pretrained", "individual")
@@ -60,19 +61,21 @@ def _method_class(name: str):
         return None
 
 
-def _mark(cells: list[list[str]], column: int, rows: list[int], lower_is_better: bool) -> None:
+def _mark(cells: list[list[str]], column: int, rows: list[int], values: list[float | None],
+          lower_is_better: bool) -> None:
     """Bold the best and underline the second-best distinct value among ``rows``."""
-    values = sorted({float(cells[r][column]) for r in rows if cells[r][column] != "–"},
-                    reverse=not lower_is_better)
+    distinct = sorted({values[r] for r in rows if values[r] is not None},
+                      reverse=not lower_is_better)
     marks = {}
-    if values:
-        marks[values[0]] = "**{}**"
-    if len(values) > 1:
-        marks[values[1]] = "<u>{}</u>"
+    if distinct:
+        marks[distinct[0]] = "**{}**"
+    if len(distinct) > 1:
+        marks[distinct[1]] = "<u>{}</u>"
     for r in rows:
-        text = cells[r][column]
-        if text != "–" and float(text) in marks:
-            cells[r][column] = marks[float(text)].format(text)
+        if values[r] is not None and values[r] in marks:
+            text = cells[r][column]
+            number, dagger = (text[:-1], "†") if text.endswith("†") else (text, "")
+            cells[r][column] = marks[values[r]].format(number) + dagger
 
 
 def _base_label(record: RunRecord) -> str:
@@ -90,7 +93,12 @@ def _label(record: RunRecord, labels_seen: dict[str, int]) -> str:
 
 
 def render_table(records: list[RunRecord]) -> str:
-    """One split's table: reference rows first, then methods in the paper's order."""
+    """One split's table: reference rows first, then the methods (see :func:`_row_key`).
+
+    Each figure shows half its 95% bootstrap interval (``70.53 ± 2.10``) where the record has
+    one; among merging methods the best of each column is bold, the second underlined, and
+    every row whose paired difference from the best is not significant (p >= 0.05) is marked
+    ``†`` (:mod:`harness.bench.uncertainty`)."""
     records = sorted(records, key=_row_key)
     tasks: list[str] = []
     for record in records:
@@ -98,26 +106,88 @@ def render_table(records: list[RunRecord]) -> str:
     counts: dict[str, int] = defaultdict(int)
     for record in records:
         counts[_base_label(record)] += 1
-    cells = []
-    for record in records:
-        amr = record.amr
-        if amr is None:
-            amr_text = "–"
-        else:
-            amr_text = _num(amr.mean)
-            if amr.paper_mean is not None:
-                amr_text += f" ({amr.paper_mean:.2f})"
-        row = [_label(record, counts)]
-        row += [_pct(record.tasks[t].value) if t in record.tasks else "–" for t in tasks]
-        row += [_pct(record.average), _num(record.adr), amr_text]
-        cells.append(row)
+    columns = [*tasks, "Avg", "ADR"]
+    values = [[_figure(record, column) for column in columns] for record in records]
     ranked = [i for i, r in enumerate(records) if r.method not in REFERENCE]
-    for column in range(1, len(tasks) + 2):
-        _mark(cells, column, ranked, lower_is_better=False)
-    _mark(cells, len(tasks) + 2, ranked, lower_is_better=True)
-    headers = ["Method", *tasks, "Avg", "ADR", "AMR"]
+    ties = _close_to_best(records, columns, values, ranked)
+    cells = []
+    for i, record in enumerate(records):
+        row = [_label(record, counts)]
+        for c, column in enumerate(columns):
+            value, half = values[i][c]
+            scale = 1 if column == "ADR" else 100
+            text = "–" if value is None else f"{scale * value:.2f}"
+            if value is not None and half is not None:
+                text += f" ± {scale * half:.2f}"
+            row.append(text + ("†" if (i, c) in ties else ""))
+        amr = record.amr
+        amr_text = "–" if amr is None else _num(amr.mean) + (
+            f" ({amr.paper_mean:.2f})" if amr.paper_mean is not None else "")
+        cells.append(row + [amr_text])
+    for c, column in enumerate(columns):
+        _mark(cells, c + 1, ranked, [values[i][c][0] for i in range(len(records))],
+              lower_is_better=column == "ADR")
+    headers = ["Method", *columns, "AMR"]
     return tabulate(cells, headers, tablefmt="github", disable_numparse=True,
                     colalign=("left", *["right"] * (len(headers) - 1)))
+
+
+def _figure(record: RunRecord, column: str) -> tuple[float | None, float | None]:
+    """(value, half its interval) of one column of a record (None where it has none)."""
+    if column == "Avg":
+        value, bounds = record.average, record.average_interval
+    elif column == "ADR":
+        value, bounds = record.adr, record.adr_interval
+    else:
+        score = record.tasks.get(column)
+        value, bounds = (None, None) if score is None else (score.value, score.interval)
+    return value, None if not bounds else (bounds[1] - bounds[0]) / 2
+
+
+def _close_to_best(records, columns, values, ranked) -> set[tuple[int, int]]:
+    """(row, column) cells of ranked rows not significantly different from their column's
+    best ranked row, by a paired bootstrap over the same test examples."""
+    if not ranked:
+        return set()
+    loaded = {i: read_outcomes(records[i])[0] for i in ranked}
+    individual = next((read_outcomes(r)[0] for r in records if r.method == "individual"), None)
+    replicates: dict[int, object] = {}
+
+    def of(i):
+        if i not in replicates:
+            record, outcomes = records[i], loaded[i]
+            replicates[i] = None if outcomes is None else row_replicates(
+                {t: record.tasks[t].metric for t in record.task_order}, outcomes, individual)
+        return replicates[i]
+
+    close = set()
+    for c, column in enumerate(columns):
+        present = [i for i in ranked if values[i][c][0] is not None]
+        if len(present) < 2:
+            continue
+        pick = min if column == "ADR" else max
+        best = pick(present, key=lambda i: values[i][c][0])
+        best_replicates = _column(of(best), column)
+        if best_replicates is None:
+            continue
+        for i in present:
+            other = _column(of(i), column)
+            if i == best or other is None or values[i][c][0] == values[best][c][0]:
+                continue
+            if not paired(values[best][c][0], values[i][c][0], best_replicates,
+                          other).significant:
+                close.add((i, c))
+    return close
+
+
+def _column(replicates, column: str):
+    if replicates is None:
+        return None
+    if column == "Avg":
+        return replicates.average
+    if column == "ADR":
+        return replicates.adr
+    return replicates.tasks.get(column)
 
 
 def _runs_table(records: list[RunRecord]) -> str:
@@ -163,7 +233,10 @@ def render_suite(suite: str, records: list[RunRecord], results_dir: str,
         "individually fine-tuned models (percent, lower is better). AMR: bytes stored per task "
         "over the float32 bytes of the merged parameters (percent, mean over tasks); DTS rows "
         "give the paper's bit count in parentheses. Among merging methods the best value of a "
-        "column is **bold** and the second <u>underlined</u>.", "",
+        "column is **bold** and the second <u>underlined</u>. ± is half the 95% bootstrap "
+        "interval over test examples (1,000 resamples); † marks a row not significantly "
+        "different from the column's best (paired bootstrap, p ≥ 0.05). A row without "
+        "per-example outcomes (an older record) shows no interval.", "",
     ]
     titles = {"seen": "Seen tasks (merged)",
               "unseen": "Unseen tasks (not merged; served from the seen tasks' result)"}

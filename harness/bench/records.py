@@ -14,9 +14,14 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from harness.io.files import UntrustedFileError, read_json_file, write_json_atomic
+import torch
+from torch import Tensor
+
+from harness.io.files import UntrustedFileError, read_json_file, sha256_file, write_json_atomic
 
 SCHEMA_VERSION = 1
 DEFAULT_RESULTS_DIR = os.path.join("leaderboards", "results")
@@ -52,6 +57,7 @@ class TaskScore:
     value: float
     extras: dict[str, float] = field(default_factory=dict)
     examples: int = 0
+    interval: list[float] | None = None      # 95% bootstrap interval [low, high]
 
 
 @dataclass
@@ -84,8 +90,10 @@ class RunRecord:
     task_order: list[str] = field(default_factory=list)
     tasks: dict[str, TaskScore] = field(default_factory=dict)
     average: float | None = None
+    average_interval: list[float] | None = None
     individual_average: float | None = None
     adr: float | None = None
+    adr_interval: list[float] | None = None
     amr: AmrFigures | None = None
     stored_bytes_per_task: dict[str, int] | None = None
     merged_params: int | None = None
@@ -97,6 +105,7 @@ class RunRecord:
     peak_rss_bytes: int | None = None
     peak_gpu_bytes: int | None = None
     suite_fingerprint: str | None = None
+    outcomes: dict | None = None          # {"file": name beside the record, "sha256": ...}
     provenance: dict = field(default_factory=dict)
     path: str | None = field(default=None, compare=False)   # the file read or written
 
@@ -112,7 +121,8 @@ class RunRecord:
             if f.name == "path" or value is None:
                 continue
             if f.name == "tasks":
-                value = {t: dataclasses.asdict(score) for t, score in value.items()}
+                value = {t: {k: v for k, v in dataclasses.asdict(score).items()
+                             if v is not None} for t, score in value.items()}
             elif f.name == "amr":
                 value = dataclasses.asdict(value)
             out[f.name] = value
@@ -127,7 +137,7 @@ class RunRecord:
         names = {f.name for f in dataclasses.fields(cls)} - {"path"}
         values = {k: v for k, v in data.items() if k in names}
         values["tasks"] = {t: TaskScore(s["metric"], s["value"], dict(s.get("extras") or {}),
-                                        s.get("examples", 0))
+                                        s.get("examples", 0), s.get("interval"))
                            for t, s in data["tasks"].items()}
         amr = data.get("amr")
         values["amr"] = None if amr is None else AmrFigures(
@@ -138,11 +148,64 @@ class RunRecord:
         return cls(**values, path=path)
 
 
-def write_record(path: str, record: RunRecord) -> RunRecord:
-    """Write ``record`` to ``path`` atomically; returns it with its path set."""
+def write_record(path: str, record: RunRecord,
+                 outcomes: Mapping[str, Mapping[str, Tensor]] | None = None) -> RunRecord:
+    """Write ``record`` to ``path`` atomically, and first its per-example ``outcomes`` (task ->
+    arrays) beside it (``<name>.outcomes.safetensors``, named in the record with its sha256);
+    returns the record with its path set."""
+    if outcomes:
+        from safetensors.torch import save_file
+
+        name = os.path.basename(path)[:-len(".json")] + OUTCOMES_SUFFIX
+        target = os.path.join(os.path.dirname(path), name)
+        tensors = {f"{task}::{kind}": torch.as_tensor(array).contiguous()
+                   for task, arrays in outcomes.items() for kind, array in arrays.items()}
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+        descriptor, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors",
+                                           dir=os.path.dirname(os.path.abspath(target)))
+        os.close(descriptor)
+        try:
+            save_file(tensors, tmp, metadata={"format": "merge-harness-outcomes"})
+            os.replace(tmp, target)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        record.outcomes = {"file": name, "sha256": sha256_file(target)}
     write_json_atomic(path, record.to_json())
     record.path = path
     return record
+
+
+OUTCOMES_SUFFIX = ".outcomes.safetensors"
+
+
+def read_outcomes(record: RunRecord) -> tuple[dict[str, dict[str, Tensor]] | None, str]:
+    """(task -> per-example arrays, "") of a record, or (None, why they are unavailable): an
+    older record has none; a file that is missing or does not match its checksum is not used."""
+    if not record.outcomes or not record.path:
+        return None, "the record stores no per-example outcomes"
+    name = record.outcomes.get("file")
+    if not isinstance(name, str) or os.path.basename(name) != name:
+        return None, f"{record.path}: its outcomes file name {name!r} is not a plain name"
+    path = os.path.join(os.path.dirname(record.path), name)
+    try:
+        if sha256_file(path) != record.outcomes.get("sha256"):
+            return None, f"{path} does not match its checksum"
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+    except Exception as error:          # missing, unreadable, not safetensors
+        return None, f"{path} cannot be read ({type(error).__name__}: {error})"
+    out: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        task, _, kind = key.rpartition("::")
+        out.setdefault(task, {})[kind] = tensor
+    if set(out) != set(record.tasks) or any(
+            len(t) != record.tasks[task].examples and record.tasks[task].examples
+            for task, arrays in out.items() for t in arrays.values()):
+        return None, f"{path} does not hold one outcome per test example of every task"
+    return out, ""
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import inspect
 import os
 import platform
 import resource
@@ -14,15 +13,19 @@ import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 
+import numpy
 import torch
 
 from harness.bench.records import (DEFAULT_RESULTS_DIR, AmrFigures, RunRecord, TaskScore,
-                                   hyperparameter_tag, read_record, read_records, record_path,
-                                   write_record)
+                                   hyperparameter_tag, read_outcomes, read_record, read_records,
+                                   record_path, write_record)
+from harness.bench.build import build_pinned
+from harness.bench.lookup import build_method, get_suite
+from harness.bench.uncertainty import interval, row_replicates
 from harness.bench.unseen import similarity_weights
 from harness.core.accounting import adr
 from harness.core.errors import MethodNotApplicable
-from harness.core.registry import METHODS, SUITES
+from harness.core.reproducible import is_pinned, machine_details
 from harness.core.tensors import merge_device
 from harness.engine.method import MergeMethod
 from harness.engine.outputs import stream_outputs
@@ -52,26 +55,6 @@ class RunConfig:
     stream_dir: str | None = None      # write model-sized merge outputs as shards here
 
 
-def get_suite(name: str, cache_dir: str | None = None, *, config: str | None = None,
-              encoder: str | None = None) -> Suite:
-    """The suite ``name``; ``config`` and ``encoder`` go to suites that take them."""
-    cls = SUITES.get(name)
-    options = {k: v for k, v in (("config", config), ("encoder", encoder)) if v is not None}
-    params = inspect.signature(cls).parameters
-    refused = [k for k in options if k not in params]
-    if refused:
-        flag = {"config": "--suite-config", "encoder": "--encoder"}[refused[0]]
-        raise ValueError(f"suite {name!r} takes no {flag}")
-    return cls(cache_dir, **options)
-
-
-def build_method(suite: Suite, name: str, overrides: dict) -> MergeMethod:
-    """The method with the suite's defaults (those of the methods it composes included), then
-    the user's overrides (validated)."""
-    cls = METHODS.get(name)
-    return cls.create(**{**cls.defaults_from(suite.defaults_for), **overrides})
-
-
 def validate(config: RunConfig) -> tuple[Suite, MergeMethod]:
     """Everything that can be checked without reading a weight: names, hyperparameters, split,
     the suite's files. Raises with a message naming the problem."""
@@ -97,6 +80,25 @@ def validate(config: RunConfig) -> tuple[Suite, MergeMethod]:
 
 
 MAX_SEED = 2**32 - 1
+
+
+UNPINNED_BUILDS = "MERGE_HARNESS_UNPINNED_BUILDS"
+
+
+def ensure_built(suite: Suite, config: RunConfig) -> Suite:
+    """The suite, its trained models built reproducibly first: when a suite that trains its
+    models (``builds``) lacks some, or has some an unpinned process built, they are built in a
+    pinned child process (:mod:`harness.bench.build`) and the suite is opened again. Setting
+    ``MERGE_HARNESS_UNPINNED_BUILDS=1`` accepts unpinned builds (faster, not reproducible
+    across machines; the tests use it)."""
+    if (not suite.builds or suite.built() or is_pinned()
+            or os.environ.get(UNPINNED_BUILDS) == "1"):
+        return suite
+    _log(config, f"{suite.name}: building its models reproducibly (one thread, portable "
+                 "kernels: see docs/performance.md for the time it takes)")
+    build_pinned(suite.name, suite.cache_dir, config.suite_config, quiet=config.quiet)
+    return get_suite(config.suite, config.cache_dir, config=config.suite_config,
+                     encoder=config.encoder)
 
 
 def check_seed(seed: int) -> None:
@@ -160,6 +162,7 @@ def provenance(suite: Suite, device: str) -> dict:
     return {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "git_commit": _git_commit(), "versions": _versions(), "device": device,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "reproducible": is_pinned(), "host": machine_details(),
             "suite": suite.provenance()}
 
 
@@ -167,19 +170,32 @@ def _score(e: Evaluation) -> TaskScore:
     return TaskScore(e.metric, e.value, dict(e.extras), e.examples)
 
 
-def reference_scores(suite: Suite, config: RunConfig) -> dict[str, dict[str, TaskScore]]:
+@dataclasses.dataclass
+class References:
+    """The pretrained and individual models' scores of every task, and their per-example
+    outcomes where known (task -> arrays), for ADR and its interval."""
+
+    scores: dict[str, dict[str, TaskScore]]
+    outcomes: dict[str, dict[str, dict]]
+
+
+def reference_scores(suite: Suite, config: RunConfig) -> References:
     """Individual (fine-tuned) and pretrained metrics of every task, measured once per suite
-    and kept as result records (with provenance) that ADR and the leaderboard read."""
+    and kept as result records (with provenance and per-example outcomes) that ADR and the
+    leaderboard read."""
     scores: dict[str, dict[str, TaskScore]] = {}
+    outcomes: dict[str, dict[str, dict]] = {}
     existing = {(r.method, r.split): r for r in read_records(
         os.path.join(config.results_dir, suite.name))[0] if r.method in REFERENCE_ROWS}
     fingerprint = hyperparameter_tag(suite.provenance())
     for row in REFERENCE_ROWS:
         per_task: dict[str, TaskScore] = {}
+        per_example: dict[str, dict] = {}
         for split in ("seen", "unseen"):
             record = existing.get((row, split))
             if record and record.suite_fingerprint == fingerprint and not config.force:
                 per_task.update(record.tasks)
+                per_example.update(read_outcomes(record)[0] or {})
         missing = [t.name for t in suite.tasks if t.name not in per_task]
         if missing:
             start = time.perf_counter()
@@ -187,21 +203,45 @@ def reference_scores(suite: Suite, config: RunConfig) -> dict[str, dict[str, Tas
             pretrained = suite.load_pretrained() if row == "pretrained" else None
             for task in missing:
                 backbone = pretrained if row == "pretrained" else suite.load_finetuned(task)
-                per_task[task] = _score(
-                    suite.evaluate(task, backbone, device=config.device, progress=not config.quiet))
+                evaluation = suite.evaluate(task, backbone, device=config.device,
+                                            progress=not config.quiet)
+                per_task[task] = _score(evaluation)
+                if evaluation.outcomes is not None:
+                    per_example[task] = evaluation.outcomes
             seconds = time.perf_counter() - start
             for split in ("seen", "unseen"):
                 names = suite.split_tasks(split)
                 if not names:
                     continue
                 tasks = {t: per_task[t] for t in names}
+                record = RunRecord(suite.name, split, row, row.title(), status="reference",
+                                   suite_fingerprint=fingerprint, task_order=names, tasks=tasks,
+                                   average=_mean(tasks), eval_seconds=seconds,
+                                   provenance=provenance(suite, config.device))
+                known = {t: per_example[t] for t in names if t in per_example}
+                with_intervals(record, known if len(known) == len(names) else None)
                 write_record(record_path(config.results_dir, suite.name, split, row, {}, 0),
-                             RunRecord(suite.name, split, row, row.title(), status="reference",
-                                       suite_fingerprint=fingerprint, task_order=names,
-                                       tasks=tasks, average=_mean(tasks), eval_seconds=seconds,
-                                       provenance=provenance(suite, config.device)))
+                             record, known if len(known) == len(names) else None)
         scores[row] = per_task
-    return scores
+        outcomes[row] = per_example
+    return References(scores, outcomes)
+
+
+def with_intervals(record: RunRecord, outcomes: dict | None,
+                   individual: dict | None = None) -> RunRecord:
+    """Fill ``record``'s bootstrap intervals (per task, average, ADR) from its per-example
+    ``outcomes``; with none, the record keeps no interval (never an invented one)."""
+    if not outcomes or any(t not in outcomes for t in record.task_order):
+        return record
+    metrics = {t: record.tasks[t].metric for t in record.task_order}
+    replicates = row_replicates(metrics, outcomes, individual)
+    for task, values in replicates.tasks.items():
+        record.tasks[task].interval = list(interval(values))
+    record.average_interval = list(interval(replicates.average))
+    if (replicates.adr is not None and record.adr is not None
+            and bool(numpy.isfinite(replicates.adr).all())):    # ADR is undefined at 0
+        record.adr_interval = list(interval(replicates.adr))
+    return record
 
 
 def _mean(tasks: dict[str, TaskScore]) -> float:
@@ -285,6 +325,7 @@ def run(config: RunConfig) -> RunRecord:
         _log(config, f"the stored record {path} cannot be used ({problem}): running again")
 
     torch.manual_seed(config.seed)
+    suite = ensure_built(suite, config)
     suite.prepare(progress=not config.quiet)
     references = reference_scores(suite, config)
 
@@ -314,10 +355,10 @@ def run(config: RunConfig) -> RunRecord:
     peak_gpu = torch.cuda.max_memory_allocated() if gpu else None
 
     start = time.perf_counter()
-    tasks, gammas = evaluate_split(suite, result, config)
+    tasks, gammas, outcomes = evaluate_split(suite, result, config)
     eval_seconds = time.perf_counter() - start
 
-    individual = {t: references["individual"][t] for t in tasks}
+    individual = {t: references.scores["individual"][t] for t in tasks}
     average = _mean(tasks)
     individual_average = _mean(individual)
     amr = result.amr()
@@ -334,7 +375,9 @@ def run(config: RunConfig) -> RunRecord:
         gamma=gammas, merge_seconds=merge_seconds, eval_seconds=eval_seconds,
         peak_rss_bytes=peak, peak_gpu_bytes=peak_gpu,
         provenance=provenance(suite, config.device))
-    return write_record(path, record)
+    known = outcomes if len(outcomes) == len(tasks) else None
+    with_intervals(record, known, references.outcomes["individual"])
+    return write_record(path, record, known)
 
 
 def stream_folder(config: RunConfig, suite: Suite, record: str) -> str:
@@ -345,7 +388,9 @@ def stream_folder(config: RunConfig, suite: Suite, record: str) -> str:
 
 
 def evaluate_split(suite: Suite, result: MergeResult, config: RunConfig):
-    """Metrics of every task of the split, and the similarity weights used on unseen tasks."""
+    """Metrics of every task of the split, the similarity weights used on unseen tasks, and the
+    per-example outcomes the suite gave (task -> arrays)."""
+    outcomes: dict[str, dict] = {}
     tasks: dict[str, TaskScore] = {}
     gammas: dict[str, dict[str, float]] = {}
     seen_embeddings: dict[str, object] = {}     # computed once, on the first weighted task
@@ -369,10 +414,13 @@ def evaluate_split(suite: Suite, result: MergeResult, config: RunConfig):
                 weights = result.weights_for_unseen(gammas[task])
             else:
                 weights = result.weights_for_unseen()
-        tasks[task] = _score(
-            suite.evaluate(task, weights, device=config.device, progress=not config.quiet))
+        evaluation = suite.evaluate(task, weights, device=config.device,
+                                    progress=not config.quiet)
+        tasks[task] = _score(evaluation)
+        if evaluation.outcomes is not None:
+            outcomes[task] = evaluation.outcomes
         _log(config, f"  {task}: {tasks[task].metric} {tasks[task].value:.4f}")
-    return tasks, gammas
+    return tasks, gammas, outcomes
 
 
 def row_label(method: MergeMethod, suite: Suite) -> str:

@@ -133,7 +133,7 @@ def test_hyperparameters_make_separate_labelled_rows(results, tiny_cache, capsys
     run_cli(capsys, "run", "--method", "dts-t", "--results", results, "--cache-dir",
             tiny_cache, "--quiet")
     files = [f for f in os.listdir(os.path.join(results, "tiny", "seen")) if f.startswith("dts-t-")
-             and "star" not in f]
+             and "star" not in f and f.endswith(".json")]
     assert len(files) == 2
     out_dir = os.path.join(results, "md")
     code, _, _ = run_cli(capsys, "leaderboard", "--results", results, "--out", out_dir)

@@ -1,4 +1,5 @@
-"""Task metrics (spec, Accounting): accuracy, Matthews correlation, F1, Pearson and Spearman.
+"""Task metrics (spec, Accounting): accuracy, Matthews correlation, F1, Pearson and Spearman,
+and a metric recomputed from per-example outcomes.
 
 Small exact implementations on tensors, so the light install needs no scipy or scikit-learn.
 """
@@ -62,3 +63,13 @@ def glue_score(metric: str, predictions: Tensor, labels: Tensor) -> tuple[float,
         p, s = pearson(predictions, labels), spearman(predictions, labels)
         return (p + s) / 2, {"pearson": p, "spearman": s}
     raise ValueError(f"unknown metric {metric!r}: accuracy, mcc, accuracy_f1, pearson_spearman")
+
+
+def metric_from_outcomes(metric: str, outcomes) -> float:
+    """The metric of per-example ``outcomes``: the mean of ``outcomes["score"]`` (accuracy as
+    1 per correct example, or any metric that is a mean over examples), else
+    :func:`glue_score` of ``outcomes["prediction"]`` against ``outcomes["reference"]``."""
+    if "score" in outcomes:
+        return float(torch.as_tensor(outcomes["score"]).double().mean())
+    return glue_score(metric, torch.as_tensor(outcomes["prediction"]),
+                      torch.as_tensor(outcomes["reference"]))[0]
