@@ -156,3 +156,23 @@ def test_bench_methods_rows_give_medians_and_name_a_failure():
             == "| ties | 3.00 | 0.50 | -0.50 | 0 | 0.000 |  |")
     assert bench.method_row("svd", runs + [{"error": "ValueError: bad"}], 1.0).startswith(
         "| svd | failed: ValueError: bad |")
+
+
+def test_reproduce_records_names_every_difference(tmp_path):
+    from harness.bench.records import AmrFigures, RunRecord, TaskScore, write_record
+
+    script = load_script("reproduce_records")
+
+    def record(folder, value, checkpoint="abc"):
+        r = RunRecord("tiny", "seen", "ties", "ties", tasks={"t": TaskScore("accuracy", value)},
+                      task_order=["t"], average=value, adr=1.0, amr=AmrFigures({"t": 0.0}, 0.0),
+                      provenance={"suite": {"checkpoints": {"pretrained": checkpoint}},
+                                  "created": str(folder)})
+        return write_record(str(tmp_path / folder / "ties.json"), r).path
+
+    same = script.compare(record("a", 0.5), record("b", 0.5))
+    assert same == []                           # provenance dates are not compared
+    moved = script.compare(record("c", 0.5, "def"), record("d", 0.4))
+    assert any("tasks is" in line for line in moved) and any("sha256" in line for line in moved)
+    assert script.compare(record("e", 0.5), str(tmp_path / "missing.json"))[0].endswith(
+        "(the produced record has no checked-in counterpart)")
