@@ -12,8 +12,8 @@ from torch import Tensor
 
 from harness.core.bits import pack_bits, unpack_bits
 from harness.core.select import StreamingKthSmallest
-from harness.engine.codecs import (Codec, CodecError, Dense, expect_meta, expect_packed,
-                                   expect_tensor, expect_tensors, stored_shape)
+from harness.engine.codecs import (Codec, CodecError, Dense, expect_packed, expect_tensor,
+                                   expect_tensors, shape_only)
 from harness.engine.method import hp, require
 from harness.engine.templates import PayloadMerge
 
@@ -41,8 +41,7 @@ class Ternary(Codec):
     @classmethod
     def from_stored(cls, meta, tensors):
         kind = cls.kind
-        expect_meta(meta, kind, {"shape"})
-        shape = stored_shape(meta, kind)
+        shape = shape_only(meta, kind)
         expect_tensors(tensors, kind, {"codes", "alpha"})
         expect_packed(tensors["codes"], kind, "codes", math.prod(shape), 2)
         expect_tensor(tensors["alpha"], kind, "alpha", torch.float32, ())

@@ -3,6 +3,7 @@
     python scripts/check_reproducible.py --suite tiny                  # pinned builds
     python scripts/check_reproducible.py --suite tiny --unpinned       # the same, unpinned
     python scripts/check_reproducible.py --threads 1 2 4 --capabilities default avx2 avx512
+    python scripts/check_reproducible.py --runs ties dts-d        # evaluation, not builds
 
 Each setting builds the suite from scratch in a fresh cache, in a child process whose
 environment imitates another machine: its thread count (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``
@@ -12,6 +13,11 @@ and a CPU affinity of that many cores where there are), the vector width ATen pi
 imitated environment as it is, to show what pinning removes. Prints, per setting, the build
 time and a digest of every cache entry's sha256, then whether all settings agree; exits 1 if
 pinned builds differ.
+
+With ``--runs METHOD ...`` the suite is built once (pinned) and each method is run on it in
+every setting (``harness run``, both splits; ``--reproducible`` unless ``--unpinned``): the
+digest is then of every record's figures (each task's value and interval, average, ADR) and the
+per-example outcomes.
 """
 
 from __future__ import annotations
@@ -55,6 +61,32 @@ def build(suite: str, cache: str, threads: int, capability: str, mkl: str,
     return seconds, entries
 
 
+def run_cells(suite: str, cache: str, results: str, methods: list[str], threads: int,
+              capability: str, mkl: str, pinned: bool) -> tuple[float, dict[str, str]]:
+    """Run ``methods`` on both splits in an imitated environment; (seconds, record figures)."""
+    from harness.bench.records import read_records
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "ATEN_CPU_CAPABILITY": capability, "MERGE_HARNESS_UNPINNED_BUILDS": "0"}
+    env.pop("MERGE_HARNESS_PINNED", None)
+    if mkl != "native":
+        env["MKL_ENABLE_INSTRUCTIONS"] = mkl
+    start = time.perf_counter()
+    for method in methods:
+        for split in ("seen", "unseen"):
+            argv = ["run", "--quiet", "--suite", suite, "--method", method, "--split", split,
+                    "--cache-dir", cache, "--results", results, "--force"]
+            argv += [] if not pinned else ["--reproducible"]
+            subprocess.run([sys.executable, "-m", "harness.bench.cli", *argv], env=env,
+                           check=True, capture_output=True)
+    figures = {}
+    for r in read_records(results)[0]:
+        figures[os.path.relpath(r.path, results)] = json.dumps(
+            [{t: [s.value, s.interval] for t, s in r.tasks.items()}, r.average, r.adr,
+             (r.outcomes or {}).get("sha256")], sort_keys=True)
+    return time.perf_counter() - start, figures
+
+
 def _has(command: str) -> bool:
     return any(os.access(os.path.join(p, command), os.X_OK)
                for p in os.environ.get("PATH", "").split(os.pathsep))
@@ -72,18 +104,29 @@ def main() -> int:
     parser.add_argument("--mkl", nargs="+", default=["native", "AVX2"],
                         help="MKL code paths (MKL_ENABLE_INSTRUCTIONS; native = unset)")
     parser.add_argument("--unpinned", action="store_true")
+    parser.add_argument("--runs", nargs="*", default=None, metavar="METHOD")
     args = parser.parse_args()
     pinned = not args.unpinned
-    print(f"{args.suite}, {'pinned' if pinned else 'unpinned'} builds, {os.cpu_count()} cores")
-    print("| threads | ATEN_CPU_CAPABILITY | MKL path | build s | entries | digest |")
+    what = f"runs of {', '.join(args.runs)}" if args.runs else "builds"
+    print(f"{args.suite}, {'pinned' if pinned else 'unpinned'} {what}, {os.cpu_count()} cores")
+    print("| threads | ATEN_CPU_CAPABILITY | MKL path | seconds | entries | digest |")
     print("|---:|---|---|---:|---:|---|")
     digests = {}
+    shared = tempfile.TemporaryDirectory(prefix="reproducible-cache-") if args.runs else None
+    if shared is not None:
+        build(args.suite, shared.name, 1, "default", "native", True)
     for threads, capability, mkl in itertools.product(args.threads, args.capabilities, args.mkl):
-        with tempfile.TemporaryDirectory(prefix="reproducible-") as cache:
-            seconds, entries = build(args.suite, cache, threads, capability, mkl, pinned)
+        with tempfile.TemporaryDirectory(prefix="reproducible-") as folder:
+            if args.runs:
+                seconds, entries = run_cells(args.suite, shared.name, folder, args.runs,
+                                             threads, capability, mkl, pinned)
+            else:
+                seconds, entries = build(args.suite, folder, threads, capability, mkl, pinned)
         digests[(threads, capability, mkl)] = digest(entries)
         print(f"| {threads} | {capability} | {mkl} | {seconds:.1f} | {len(entries)} | "
               f"{digests[(threads, capability, mkl)]} |", flush=True)
+    if shared is not None:
+        shared.cleanup()
     distinct = len(set(digests.values()))
     print(f"{distinct} distinct result(s) over {len(digests)} settings")
     return 1 if pinned and distinct > 1 else 0

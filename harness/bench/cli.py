@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -25,6 +26,7 @@ def _run_config(args):
     return RunConfig(method=args.method, suite=args.suite, split=args.split,
                      overrides=_parse_sets(args.set), seed=args.seed, device=args.device,
                      results_dir=args.results, cache_dir=args.cache_dir, force=args.force,
+                     force_references=args.force_references,
                      quiet=args.quiet, unseen_weighting=args.unseen_weighting,
                      suite_config=args.suite_config, encoder=args.encoder,
                      stream_dir=args.stream_dir)
@@ -58,10 +60,27 @@ def cmd_run(args) -> int:
         return subprocess.run(argv, env=env).returncode
     if args.reproducible:
         pin_torch()
-    from harness.bench.runner import run
+    from harness.bench.runner import run, seeds_to_run
 
-    _print_record(run(_run_config(args)))
+    config = _run_config(args)
+    records = []
+    for seed in seeds_to_run(config, args.seeds):
+        records.append(run(dataclasses.replace(config, seed=seed)))
+        _print_record(records[-1])
+    if len(records) > 1:
+        _print_seed_summary(records)
     return 0
+
+
+def _print_seed_summary(records) -> None:
+    """Mean and standard deviation over seeds of the average and ADR."""
+    import statistics
+
+    averages = [100 * r.average for r in records]
+    adrs = [r.adr for r in records]
+    print(f"\n{records[0].label} over seeds {', '.join(str(r.seed) for r in records)}: "
+          f"Avg {statistics.mean(averages):.2f} ± {statistics.stdev(averages):.2f}  "
+          f"ADR {statistics.mean(adrs):.2f} ± {statistics.stdev(adrs):.2f} (mean ± sd)")
 
 
 def cmd_validate(args) -> int:
@@ -146,6 +165,13 @@ def _read_text(path: str) -> str | None:
         return None
 
 
+def _seeds(text: str) -> list[int]:
+    values = [_seed(part.strip()) for part in text.split(",") if part.strip()]
+    if not values or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"a comma-separated list of distinct seeds, got {text!r}")
+    return values
+
+
 def _seed(text: str) -> int:
     from harness.bench.runner import MAX_SEED
 
@@ -198,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                        help="a hyperparameter (repeatable)")
         p.add_argument("--seed", type=_seed, default=0, help="random seed (0 to 2**32-1)")
+        p.add_argument("--seeds", type=_seeds, default=None, metavar="N,N,...",
+                       help="run once per seed (methods with a random seed, such as DARE) and "
+                            "print the mean and standard deviation")
         p.add_argument("--device", default="cpu", help="cpu or cuda")
         p.add_argument("--results", default=DEFAULT_RESULTS_DIR, help="result files folder")
         cache_option(p)
@@ -209,7 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--stream-dir", default=None, metavar="DIR",
                        help="write model-sized merge outputs as safetensors shards under DIR "
                             "(models larger than memory)")
-        p.add_argument("--force", action="store_true", help="rerun when the result exists")
+        p.add_argument("--force", action="store_true",
+                       help="rerun when the result exists (the reference models' scores are "
+                            "kept: see --force-references)")
+        p.add_argument("--force-references", action="store_true",
+                       help="also measure the pretrained and individual models again")
         p.add_argument("--reproducible", action="store_true",
                        help="merge and evaluate in the pinned environment (one thread, portable "
                             "kernels): the same record on any x86-64 machine, slower")

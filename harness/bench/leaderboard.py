@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -85,34 +86,33 @@ def _base_label(record: RunRecord) -> str:
     return record.label
 
 
-def _label(record: RunRecord, labels_seen: dict[str, int]) -> str:
-    label = _base_label(record)
-    if labels_seen[label] > 1:
-        label += f" (seed {record.seed})"
-    return label
-
-
 def render_table(records: list[RunRecord]) -> str:
     """One split's table: reference rows first, then the methods (see :func:`_row_key`).
 
     Each figure shows half its 95% bootstrap interval (``70.53 ± 2.10``) where the record has
-    one; among merging methods the best of each column is bold, the second underlined, and
-    every row whose paired difference from the best is not significant (p >= 0.05) is marked
-    ``†`` (:mod:`harness.bench.uncertainty`)."""
+    one; records that differ only by seed (DARE's) make one row of their mean ± standard
+    deviation over seeds. Among merging methods the best of each column is bold, the second
+    underlined, and every single-seed row whose paired difference from the best is not
+    significant (p >= 0.05) is marked ``†`` (:mod:`harness.bench.uncertainty`)."""
     records = sorted(records, key=_row_key)
+    groups: dict[str, list[RunRecord]] = defaultdict(list)
+    for record in records:
+        groups[_base_label(record)].append(record)
+    rows = list(groups.values())
     tasks: list[str] = []
     for record in records:
         tasks += [t for t in record.task_order if t not in tasks]
-    counts: dict[str, int] = defaultdict(int)
-    for record in records:
-        counts[_base_label(record)] += 1
     columns = [*tasks, "Avg", "ADR"]
-    values = [[_figure(record, column) for column in columns] for record in records]
-    ranked = [i for i, r in enumerate(records) if r.method not in REFERENCE]
-    ties = _close_to_best(records, columns, values, ranked)
+    values = [[_group_figure(group, column) for column in columns] for group in rows]
+    ranked = [i for i, group in enumerate(rows) if group[0].method not in REFERENCE]
+    single = [i for i in ranked if len(rows[i]) == 1]
+    ties = _close_to_best([group[0] for group in rows], columns, values, single)
     cells = []
-    for i, record in enumerate(records):
-        row = [_label(record, counts)]
+    for i, group in enumerate(rows):
+        label = _base_label(group[0])
+        if len(group) > 1:
+            label += f" (mean ± sd, {len(group)} seeds)"
+        row = [label]
         for c, column in enumerate(columns):
             value, half = values[i][c]
             scale = 1 if column == "ADR" else 100
@@ -120,16 +120,27 @@ def render_table(records: list[RunRecord]) -> str:
             if value is not None and half is not None:
                 text += f" ± {scale * half:.2f}"
             row.append(text + ("†" if (i, c) in ties else ""))
-        amr = record.amr
+        amr = group[0].amr
         amr_text = "–" if amr is None else _num(amr.mean) + (
             f" ({amr.paper_mean:.2f})" if amr.paper_mean is not None else "")
         cells.append(row + [amr_text])
     for c, column in enumerate(columns):
-        _mark(cells, c + 1, ranked, [values[i][c][0] for i in range(len(records))],
+        _mark(cells, c + 1, ranked, [values[i][c][0] for i in range(len(rows))],
               lower_is_better=column == "ADR")
     headers = ["Method", *columns, "AMR"]
     return tabulate(cells, headers, tablefmt="github", disable_numparse=True,
                     colalign=("left", *["right"] * (len(headers) - 1)))
+
+
+def _group_figure(group: list[RunRecord], column: str) -> tuple[float | None, float | None]:
+    """A row's (value, ±): one record's value and half its interval, or over several seeds
+    their mean and standard deviation."""
+    if len(group) == 1:
+        return _figure(group[0], column)
+    found = [v for v, _ in (_figure(r, column) for r in group) if v is not None]
+    if not found:
+        return None, None
+    return statistics.mean(found), statistics.stdev(found) if len(found) > 1 else None
 
 
 def _figure(record: RunRecord, column: str) -> tuple[float | None, float | None]:
@@ -146,7 +157,8 @@ def _figure(record: RunRecord, column: str) -> tuple[float | None, float | None]
 
 def _close_to_best(records, columns, values, ranked) -> set[tuple[int, int]]:
     """(row, column) cells of ranked rows not significantly different from their column's
-    best ranked row, by a paired bootstrap over the same test examples."""
+    best ranked row, by a paired bootstrap over the same test examples (``records``: one per
+    row; ``ranked``: the rows that may be compared)."""
     if not ranked:
         return set()
     loaded = {i: read_outcomes(records[i])[0] for i in ranked}

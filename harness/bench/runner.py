@@ -25,6 +25,7 @@ from harness.bench.uncertainty import interval, row_replicates
 from harness.bench.unseen import similarity_weights
 from harness.core.accounting import adr
 from harness.core.errors import MethodNotApplicable
+from harness.core.registry import METHODS
 from harness.core.reproducible import is_pinned, machine_details
 from harness.core.tensors import merge_device
 from harness.engine.method import MergeMethod
@@ -47,7 +48,8 @@ class RunConfig:
     device: str = "cpu"
     results_dir: str = DEFAULT_RESULTS_DIR
     cache_dir: str | None = None
-    force: bool = False
+    force: bool = False                # rerun the cell even when its record exists
+    force_references: bool = False     # also measure the reference models again
     quiet: bool = False
     unseen_weighting: str = "method"   # "method": each method's own rule; "similarity": eq. 8
     suite_config: str | None = None    # a copy of the suite's TOML config (paper suites)
@@ -80,6 +82,18 @@ def validate(config: RunConfig) -> tuple[Suite, MergeMethod]:
 
 
 MAX_SEED = 2**32 - 1
+
+
+def seeds_to_run(config: RunConfig, seeds: list[int] | None) -> list[int]:
+    """The seeds of a ``--seeds`` run: all of them for a method with a random seed, else just
+    the first (its merge does not depend on one: said, not silently repeated)."""
+    if not seeds:
+        return [config.seed]
+    cls = METHODS.get(config.method)
+    if "seed" in {h.name for h in cls.hyperparameters()}:
+        return seeds
+    _log(config, f"{cls.name} has no random seed: one run, seed {seeds[0]}")
+    return seeds[:1]
 
 
 UNPINNED_BUILDS = "MERGE_HARNESS_UNPINNED_BUILDS"
@@ -193,13 +207,16 @@ def reference_scores(suite: Suite, config: RunConfig) -> References:
         per_example: dict[str, dict] = {}
         for split in ("seen", "unseen"):
             record = existing.get((row, split))
-            if record and record.suite_fingerprint == fingerprint and not config.force:
+            if (record and record.suite_fingerprint == fingerprint
+                    and not config.force_references):
                 per_task.update(record.tasks)
                 per_example.update(read_outcomes(record)[0] or {})
         missing = [t.name for t in suite.tasks if t.name not in per_task]
         if missing:
             start = time.perf_counter()
-            _log(config, f"{suite.name}: measuring the {row} model on {len(missing)} tasks")
+            _log(config, f"{suite.name}: measuring the {row} model on {len(missing)} tasks"
+                         + (" again (--force-references)" if config.force_references else
+                            " (once per suite and set of models)"))
             pretrained = suite.load_pretrained() if row == "pretrained" else None
             for task in missing:
                 backbone = pretrained if row == "pretrained" else suite.load_finetuned(task)
@@ -424,9 +441,11 @@ def evaluate_split(suite: Suite, result: MergeResult, config: RunConfig):
 
 
 def row_label(method: MergeMethod, suite: Suite) -> str:
-    """The method's name plus any hyperparameter that differs from its class default."""
+    """The method's name plus any hyperparameter that differs from its class default (not the
+    seed: records of several seeds make one leaderboard row)."""
     defaults = {h.name: h.default for h in type(method).hyperparameters()}
-    changed = {k: v for k, v in method.params().items() if v != defaults.get(k)}
+    changed = {k: v for k, v in method.params().items()
+               if v != defaults.get(k) and k != "seed"}
     suite_defaults = type(method).defaults_from(suite.defaults_for)
     shown = {k: v for k, v in changed.items() if suite_defaults.get(k) != v}
     if not shown:

@@ -76,6 +76,12 @@ def stored_shape(meta: dict, kind: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def shape_only(meta: dict, kind: str) -> tuple[int, ...]:
+    """The shape of a codec whose metadata is its shape alone."""
+    expect_meta(meta, kind, {"shape"})
+    return stored_shape(meta, kind)
+
+
 def expect_meta(meta: dict, kind: str, keys: set[str]) -> None:
     if not isinstance(meta, dict) or set(meta) != keys:
         found = sorted(meta) if isinstance(meta, dict) else type(meta).__name__

@@ -20,8 +20,7 @@ from torch import Tensor
 
 from harness.core.bits import unpack_bits
 from harness.core.spec import ModelSpec, ValueChecks
-from harness.engine.codecs import (Codec, TaskPayload, expect_meta, expect_packed, expect_tensors,
-                                   stored_shape)
+from harness.engine.codecs import Codec, TaskPayload, expect_packed, expect_tensors, shape_only
 from harness.engine.method import MergeMethod
 from harness.engine.outputs import building, finish_output
 from harness.engine.passes import inspect_models, shared_and_masks
@@ -52,8 +51,7 @@ class Mask(Codec):
     @classmethod
     def from_stored(cls, meta, tensors):
         kind = cls.kind
-        expect_meta(meta, kind, {"shape"})
-        shape = stored_shape(meta, kind)
+        shape = shape_only(meta, kind)
         expect_tensors(tensors, kind, {"bits"})
         expect_packed(tensors["bits"], kind, "bits", math.prod(shape), 1)
         return cls(tensors["bits"], shape)

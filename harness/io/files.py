@@ -38,9 +38,10 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def _fsync_folder(folder: str) -> None:
+def _fsync(path: str) -> None:
+    """Flush a file's or a folder's entries to disk (a no-op where the OS refuses)."""
     with contextlib.suppress(OSError):
-        descriptor = os.open(folder, os.O_RDONLY)
+        descriptor = os.open(path, os.O_RDONLY)
         try:
             os.fsync(descriptor)
         finally:
@@ -66,7 +67,7 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
         if isinstance(error, OSError) and error.filename is None:     # ENOSPC from a write
             raise OSError(error.errno, error.strerror or str(error), path) from None
         raise
-    _fsync_folder(folder)
+    _fsync(folder)
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -191,7 +192,7 @@ class WorkFolder:
         removed."""
         for name in os.listdir(self.path):
             _fsync_file(os.path.join(self.path, name))
-        _fsync_folder(self.path)
+        _fsync(self.path)
         try:
             while True:
                 if os.path.lexists(self.target):
@@ -210,7 +211,7 @@ class WorkFolder:
                 except OSError as error:        # another process put a folder there first
                     if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                         raise
-            _fsync_folder(self.parent)
+            _fsync(self.parent)
             self.done = True
         finally:
             self._release()
@@ -230,12 +231,7 @@ class WorkFolder:
 
 def _fsync_file(path: str) -> None:
     if os.path.isfile(path) and not os.path.islink(path):
-        with contextlib.suppress(OSError):
-            descriptor = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
+        _fsync(path)
 
 
 def clean_leftovers(parent: str, kind: str) -> list[str]:

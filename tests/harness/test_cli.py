@@ -124,7 +124,12 @@ def test_existing_result_is_skipped_unless_forced(results, tiny_cache, capsys):
     assert before == after
     code, _, _ = run_cli(capsys, *args, "--force", "--quiet")
     ties = [f for f in os.listdir(path) if f.startswith("ties-")][0]
+    individual = [f for f in os.listdir(path) if f.startswith("individual-")][0]
     assert os.path.getmtime(os.path.join(path, ties)) > before[ties]
+    assert os.path.getmtime(os.path.join(path, individual)) == before[individual]   # kept
+    code, _, err = run_cli(capsys, *args, "--force", "--force-references")
+    assert code == 0 and "again (--force-references)" in err
+    assert os.path.getmtime(os.path.join(path, individual)) > before[individual]
 
 
 def test_hyperparameters_make_separate_labelled_rows(results, tiny_cache, capsys):
@@ -314,3 +319,16 @@ def test_streamed_outputs_of_other_runs_are_never_replaced(tiny_cache, tmp_path,
     code, _, err = run_cli(capsys, *common, "--method", "ties", "--force")
     assert code == 2 and "not a folder of shards merge-harness wrote" in err, err
     assert (target / "notes.txt").read_text() == "mine"
+
+
+def test_seeds_run_a_random_method_once_per_seed_and_others_once(tiny_cache, tmp_path, capsys):
+    common = ["run", "--cache-dir", tiny_cache, "--results", str(tmp_path), "--quiet"]
+    code, out, err = run_cli(capsys, *common, "--method", "dare", "--seeds", "0,1,2")
+    assert code == 0 and "dare over seeds 0, 1, 2: Avg" in out and "(mean ± sd)" in out
+    seeds = sorted(r.seed for r in read_records(str(tmp_path))[0] if r.method == "dare")
+    assert seeds == [0, 1, 2]
+    code, out, err = run_cli(capsys, *common, "--method", "ties", "--seeds", "3,4")
+    assert code == 0 and "over seeds" not in out
+    assert [r.seed for r in read_records(str(tmp_path))[0] if r.method == "ties"] == [3]
+    with pytest.raises(SystemExit):
+        run_cli(capsys, *common, "--method", "dare", "--seeds", "1,1")

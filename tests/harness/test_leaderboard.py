@@ -66,7 +66,9 @@ def test_best_is_bold_second_underlined_and_references_unranked(tmp_path):
     assert "**100.00**" not in text          # the individual row is not ranked
     assert "<u>97.00</u>" in text
     assert "**2.63**" in text                # lowest ADR bold
-    assert "ties (seed 1)" in text and "ties (seed 0)" in text
+    # rows that differ only by seed: one row, mean ± standard deviation over the seeds
+    assert "| ties (mean ± sd, 2 seeds) | 71.00 ± 1.41 | 79.50 ± 0.71 | 75.25 ± 0.35 |" in text
+    assert "(seed 0)" not in text
 
 
 def test_bad_files_are_reported_by_name_and_skipped(tmp_path):

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from harness.bench.records import (SCHEMA_PATH, AmrFigures, RecordError, RunRecord, TaskScore,
-                                   read_record, write_record)
+                                   read_outcomes, read_record, write_record)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHECKED_IN = sorted(glob.glob(os.path.join(ROOT, "leaderboards", "results", "*", "*", "*.json")))
@@ -31,6 +31,9 @@ def test_every_checked_in_record_follows_the_schema_and_loads(validator):
         assert not errors, (path, errors[:3])
         record, problem = read_record(path)
         assert problem is None and record.path == path
+        if record.outcomes:                   # its per-example outcomes are there and intact
+            outcomes, why = read_outcomes(record)
+            assert outcomes is not None, why
 
 
 def measured() -> RunRecord:
