@@ -1,4 +1,4 @@
-"""Write leaderboards/reported/<suite>.json from the DTS paper's own tables (1-5, 7-10).
+"""Write tasks/reported/<suite>.json from the DTS paper's own tables (1-5, 7-10).
 
     python scripts/extract_reported.py [--paper ../shared/paper/dts-paper.txt]
 
@@ -102,7 +102,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--paper", default=os.path.join("..", "shared", "paper",
                                                        "dts-paper.txt"))
-    parser.add_argument("--out", default=os.path.join("leaderboards", "reported"))
+    parser.add_argument("--out", default=os.path.join("tasks", "reported"))
     args = parser.parse_args()
     with open(args.paper, encoding="utf-8") as f:
         reported = extract(f.read())

@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from harness.core.defaults import default_cache_dir
 from harness.core.tensors import StateDict
 
 
@@ -56,9 +57,31 @@ class Suite:
     unseen: ClassVar[tuple[str, ...]] = ()         # evaluated on the unseen split only
     method_defaults: ClassVar[dict[str, dict]] = {}
     builds: ClassVar[bool] = False                 # trains its own models (pinned builds)
+    finetune_seed: int = 0          # which fine-tuning of the suite's task models (builders)
 
     def __init__(self, cache_dir: str | None = None) -> None:
         self.cache_dir = cache_dir or default_cache_dir()
+
+    # ---- fine-tuning seeds (suites that build their task models) -------------------------
+    def _set_finetune_seed(self, seed: int) -> None:
+        """Select fine-tuning ``seed`` (0: the suite's recipe as published). Another seed gives
+        another set of task models from the same backbone and data, kept in its own cache
+        folder and told apart in result files, to show the spread between fine-tunings."""
+        check_finetune_seed(seed)
+        self.finetune_seed = seed
+
+    def training_seed(self, seed: int) -> int:
+        """The seed a task's fine-tuning uses where the recipe says ``seed``: unchanged under
+        fine-tuning seed 0 (so default builds keep their bytes), shifted by a large prime
+        stride under any other, so no two (task, fine-tuning seed) pairs share a stream."""
+        return seed + FINETUNE_SEED_STRIDE * self.finetune_seed
+
+    def cache_folder(self) -> str:
+        """The folder of this suite's built models: ``<cache>/<suite>``, or
+        ``<cache>/<suite>-finetune-seed-<n>`` under another fine-tuning seed."""
+        name = self.name if not self.finetune_seed else \
+            f"{self.name}-finetune-seed-{self.finetune_seed}"
+        return os.path.join(self.cache_dir, name)
 
     # ---- the split -----------------------------------------------------------------------
     def task(self, name: str) -> Task:
@@ -89,6 +112,12 @@ class Suite:
         always built. The runner builds the rest in a pinned child process first."""
         return True
 
+    def first_run_plan(self) -> list[str]:
+        """What the next run must still download and build before it can merge, one line each
+        with its size and a time estimate ([] when everything is in place). ``harness
+        validate`` prints it, so a cold start is never a surprise."""
+        return []
+
     def prepare(self, progress: bool = True) -> None:
         """Build or fetch whatever the suite needs (cached); called before loading."""
 
@@ -115,19 +144,39 @@ class Suite:
         """A unit vector describing the task, for similarity weights on unseen tasks."""
         raise NotImplementedError(f"suite {self.name!r} has no task embeddings")
 
+    # ---- exporting a merged model (harness export, MergeResult.export) ----------------------
+    exports: ClassVar[bool] = False        # whether export_state/export_files are implemented
+
+    def export_state(self, task: str | None, backbone: StateDict) -> StateDict:
+        """The state dict of the transformers model of ``task`` (the merged ``backbone`` and the
+        task's head, under the model's own key names), or of the backbone alone (task None)."""
+        raise SuiteUnavailableError(f"suite {self.name!r} has no transformers model format to "
+                                    "export to")
+
+    def export_files(self, task: str | None, folder: str) -> None:
+        """Write what ``from_pretrained`` needs beside the weights into ``folder``: the config
+        (with the task's labels) and the tokenizer or processor."""
+        raise SuiteUnavailableError(f"suite {self.name!r} has no transformers model format to "
+                                    "export to")
+
     def identity(self) -> dict:
-        """What, besides the method, tells this suite's result files apart (a user config)."""
-        return {}
+        """What, besides the method, tells this suite's result files apart (a user config, a
+        fine-tuning seed other than 0); {} for the suite as published."""
+        return {"finetune_seed": self.finetune_seed} if self.finetune_seed else {}
 
     def provenance(self) -> dict:
         """What produced the suite's models and data (recorded in every result)."""
         return {"suite": self.name}
 
 
-def default_cache_dir() -> str:
-    """``$MERGE_HARNESS_CACHE``, else ``~/.cache/merge-harness``."""
-    return os.environ.get("MERGE_HARNESS_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "merge-harness")
+FINETUNE_SEED_STRIDE = 1_000_003
+MAX_FINETUNE_SEED = 1000
+
+
+def check_finetune_seed(seed) -> None:
+    if type(seed) is not int or not 0 <= seed <= MAX_FINETUNE_SEED:
+        raise ValueError(f"--finetune-seed must be an integer in [0, {MAX_FINETUNE_SEED}], "
+                         f"got {seed!r}")
 
 
 def restrict(stored: StateDict, keys: list[str], problem: str) -> StateDict:

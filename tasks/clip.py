@@ -27,7 +27,7 @@ from torch import Tensor
 
 from harness.core.tensors import StateDict
 from harness.tasks.base import Evaluation, SuiteUnavailableError, unit
-from harness.tasks.hub import ConfiguredSuite, check_dataset, check_model
+from harness.tasks.hub import ConfiguredSuite, Problems, check_dataset, check_model
 from harness.tasks.openclip_layout import (read_head, read_module_state, to_transformers,
                                            vision_config, visual_state)
 
@@ -68,13 +68,18 @@ class ClipSuite(ConfiguredSuite):
         from transformers import AutoConfig
 
         base = self.config["pretrained"]
-        check_model(base, f"{self.name} pretrained model", revision=self.config.get("revision"))
-        vision = AutoConfig.from_pretrained(base, revision=self.config.get("revision"))
-        vision = getattr(vision, "vision_config", vision)
+        problems = Problems(self.name)
+        vision = None
+        if problems.check(check_model, base, f"{self.name} pretrained model",
+                          revision=self.config.get("revision")):
+            vision = AutoConfig.from_pretrained(base, revision=self.config.get("revision"))
+            vision = getattr(vision, "vision_config", vision)
         for task, spec in self.specs.items():
-            check_model(spec["checkpoint"], f"{self.name} task {task!r}",
-                        revision=spec.get("revision"))
-            check_dataset(spec, f"{self.name} task {task!r}")
+            found = problems.check(check_model, spec["checkpoint"], f"{self.name} task {task!r}",
+                                   revision=spec.get("revision"))
+            problems.check(check_dataset, spec, f"{self.name} task {task!r}")
+            if not found or vision is None:
+                continue
             theirs = AutoConfig.from_pretrained(spec["checkpoint"], revision=spec.get("revision"))
             theirs = getattr(theirs, "vision_config", theirs)
             for field in ("hidden_size", "num_hidden_layers", "patch_size", "image_size"):
@@ -83,6 +88,7 @@ class ClipSuite(ConfiguredSuite):
                         f"{self.name} task {task!r}: {spec['checkpoint']} has {field} = "
                         f"{getattr(theirs, field, None)}, the pretrained {base} has "
                         f"{getattr(vision, field, None)}: not fine-tuned from it")
+        problems.raise_any()
 
     def provenance(self) -> dict:
         out = super().provenance()

@@ -27,9 +27,12 @@ class FinetunedSuite(Suite):
     recipe: ClassVar[dict] = {}
 
     def __init__(self, cache_dir: str | None = None, *, encoder: str | None = None,
-                 data_key: str = "") -> None:
+                 data_key: str = "", finetune_seed: int = 0) -> None:
         super().__init__(cache_dir)
-        self.folder = os.path.join(self.cache_dir, self.name)
+        self._set_finetune_seed(finetune_seed)
+        if finetune_seed:       # the published recipe (seed 0) keeps its key and its cache
+            self.recipe = {**self.recipe, "finetune_seed": finetune_seed}
+        self.folder = self.cache_folder()
         self.cache = CheckpointCache(self.folder, {**self.recipe, "data": data_key})
         self._encoder_name = encoder
         self._heads: dict[str, dict[str, Tensor]] = {}
@@ -53,12 +56,31 @@ class FinetunedSuite(Suite):
         return all(self.cache.has(f"task-{t.name}")
                    and self.cache.pinned(self.cache.path(f"task-{t.name}")) for t in self.tasks)
 
+    minutes_per_task_model: ClassVar[float] = 1.0    # a pinned build on a 2-core machine
+    downloads: ClassVar[tuple] = ()
+
+    def first_run_plan(self) -> list[str]:
+        """Missing downloads (``missing_downloads``), then the task models to fine-tune."""
+        plan = self.missing_downloads()
+        missing = [t.name for t in self.tasks if not self.cache.has(f"task-{t.name}")]
+        if missing:
+            plan.append(f"fine-tune {len(missing)} task model(s) reproducibly into "
+                        f"{self.folder} (one thread: about "
+                        f"{self.minutes_per_task_model * len(missing):.0f} min on a 2-core "
+                        "machine, see docs/performance.md)")
+        return plan
+
+    def missing_downloads(self) -> list[str]:
+        """The downloads the first run makes, one line each with its size ([] when cached)."""
+        return []
+
     def prepare(self, progress: bool = True) -> None:
         """Fetch the data and fine-tune every task model that is not cached yet."""
         from tqdm.auto import tqdm
 
         missing = [t.name for t in self.tasks if not self.cache.has(f"task-{t.name}")]
-        for task in tqdm(missing, desc=f"{self.name}: fine-tuning", disable=not progress):
+        for task in tqdm(missing, desc=f"{self.name}: fine-tuning",
+                         disable=not progress or not missing):
             self.cache.ensure(f"task-{task}", functools.partial(self._finetune, task, progress),
                               steps=self.recipe["steps"])
 

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from harness.core.tensors import StateDict
 from harness.tasks.base import Evaluation, SuiteUnavailableError, restrict, unit
-from harness.tasks.hub import ConfiguredSuite, check_dataset, check_model, dump_config, load_split
+from harness.tasks.hub import (ConfiguredSuite, Problems, check_dataset, check_model, dump_config,
+                               load_split)
 from harness.core.metrics import glue_score
 
 
@@ -54,13 +55,19 @@ class GlueSuite(ConfiguredSuite):
         from transformers import AutoConfig
 
         base, kwargs = self._source(None)
-        check_model(base, f"{self.name} pretrained model", revision=kwargs["revision"])
-        reference = AutoConfig.from_pretrained(base, **kwargs)
+        problems = Problems(self.name)
+        reference = None
+        if problems.check(check_model, base, f"{self.name} pretrained model",
+                          revision=kwargs["revision"]):
+            reference = AutoConfig.from_pretrained(base, **kwargs)
         for task in self.specs:
             name, kwargs = self._source(task)
-            check_model(name, f"{self.name} task {task!r}", revision=kwargs["revision"],
-                        subfolder=kwargs.get("subfolder", ""))
-            check_dataset(self.specs[task], f"{self.name} task {task!r}")
+            found = problems.check(check_model, name, f"{self.name} task {task!r}",
+                                   revision=kwargs["revision"],
+                                   subfolder=kwargs.get("subfolder", ""))
+            problems.check(check_dataset, self.specs[task], f"{self.name} task {task!r}")
+            if not found or reference is None:
+                continue
             theirs = AutoConfig.from_pretrained(name, **kwargs)
             for field in ("model_type", "hidden_size", "num_hidden_layers", "n_embd", "n_layer"):
                 if getattr(theirs, field, None) != getattr(reference, field, None):
@@ -68,6 +75,7 @@ class GlueSuite(ConfiguredSuite):
                         f"{self.name} task {task!r}: {name} has {field} = "
                         f"{getattr(theirs, field, None)}, the pretrained {base} has "
                         f"{getattr(reference, field, None)}: not fine-tuned from it")
+        problems.raise_any()
 
     # ---- models --------------------------------------------------------------------------
     def task_model(self, task: str):

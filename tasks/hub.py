@@ -112,6 +112,31 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+class Problems:
+    """The problems a suite's checks find, gathered so that one error lists them all (every
+    missing checkpoint and dataset at once, not the first)."""
+
+    def __init__(self, suite: str) -> None:
+        self.suite = suite
+        self.found: list[str] = []
+
+    def check(self, check, *args, **kwargs) -> bool:
+        """Run one check; False (and the problem kept) where it fails."""
+        try:
+            check(*args, **kwargs)
+        except SuiteUnavailableError as error:
+            self.found.append(str(error))
+            return False
+        return True
+
+    def raise_any(self) -> None:
+        if len(self.found) == 1:
+            raise SuiteUnavailableError(self.found[0])
+        if self.found:
+            raise SuiteUnavailableError(f"suite {self.suite!r}: {len(self.found)} problems:\n  - "
+                                        + "\n  - ".join(self.found))
+
+
 def check_model(name: str, what: str, *, revision: str | None = None,
                 subfolder: str = "") -> None:
     """Raise unless ``name`` (a folder or a hub name) can be loaded: a folder must hold a
@@ -131,7 +156,7 @@ def check_model(name: str, what: str, *, revision: str | None = None,
     if offline():
         raise SuiteUnavailableError(
             f"{what}: {name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. "
-            f"Download it on a connected machine (huggingface-cli download {name}) and copy the "
+            f"Download it on a connected machine (`hf download {name}`; older huggingface_hub: `huggingface-cli download`) and copy the "
             "cache, or save it with save_pretrained and put the folder's path in the suite "
             "config (--suite-config)")
     from huggingface_hub import file_exists

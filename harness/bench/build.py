@@ -17,13 +17,15 @@ from harness.core.reproducible import is_pinned, pin_torch, pinned_command
 
 
 def build_pinned(suite: str, cache_dir: str | None, suite_config: str | None = None,
-                 quiet: bool = False) -> None:
+                 quiet: bool = False, finetune_seed: int | None = None) -> None:
     """Build ``suite``'s models in a pinned child process; raises naming the suite on failure."""
     args = ["--suite", suite]
     if cache_dir:
         args += ["--cache-dir", cache_dir]
     if suite_config:
         args += ["--suite-config", suite_config]
+    if finetune_seed:
+        args += ["--finetune-seed", str(finetune_seed)]
     if quiet:
         args.append("--quiet")
     argv, env = pinned_command("harness.bench.build", *args)
@@ -39,11 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", required=True)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--suite-config", default=None)
+    parser.add_argument("--finetune-seed", type=int, default=None)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     if not is_pinned():
         try:
-            build_pinned(args.suite, args.cache_dir, args.suite_config, args.quiet)
+            build_pinned(args.suite, args.cache_dir, args.suite_config, args.quiet,
+                         args.finetune_seed)
         except RuntimeError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
@@ -51,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     pin_torch()
     from harness.bench.lookup import get_suite
 
-    suite = get_suite(args.suite, args.cache_dir, config=args.suite_config)
+    suite = get_suite(args.suite, args.cache_dir, config=args.suite_config,
+                      finetune_seed=args.finetune_seed)
     suite.prepare(progress=not args.quiet)
     return 0
 

@@ -22,14 +22,16 @@ def _parse_sets(pairs: list[str]) -> dict[str, str]:
 
 def _run_config(args):
     from harness.bench.runner import RunConfig
+    from harness.core.defaults import default_results_dir
 
     return RunConfig(method=args.method, suite=args.suite, split=args.split,
                      overrides=_parse_sets(args.set), seed=args.seed, device=args.device,
-                     results_dir=args.results, cache_dir=args.cache_dir, force=args.force,
+                     results_dir=args.results or default_results_dir(),
+                     cache_dir=args.cache_dir, force=args.force,
                      force_references=args.force_references,
                      quiet=args.quiet, unseen_weighting=args.unseen_weighting,
                      suite_config=args.suite_config, encoder=args.encoder,
-                     stream_dir=args.stream_dir)
+                     stream_dir=args.stream_dir, finetune_seed=args.finetune_seed)
 
 
 def _print_record(record) -> None:
@@ -83,12 +85,32 @@ def _print_seed_summary(records) -> None:
           f"ADR {statistics.mean(adrs):.2f} ± {statistics.stdev(adrs):.2f} (mean ± sd)")
 
 
+def cmd_export(args) -> int:
+    from harness.bench.export import export
+
+    if args.task is None and not args.all_tasks:
+        raise ValueError("say which model to export: --task T, or --all-tasks")
+    written = export(_run_config(args), args.out, args.task)
+    for item in written:
+        what = "the merged backbone" if item.task is None else f"task {item.task}"
+        print(f"exported {what}: {item.folder}")
+    print("load with transformers: AutoModelForSequenceClassification.from_pretrained(folder)"
+          if any(item.task for item in written) else
+          "load with transformers: AutoModel.from_pretrained(folder)")
+    return 0
+
+
 def cmd_validate(args) -> int:
     from harness.bench.runner import validate
 
     suite, method = validate(_run_config(args))
     print(f"ok: {method.name} {method.params()} on {suite.name} "
           f"({len(suite.split_tasks(args.split))} {args.split} tasks)")
+    plan = suite.first_run_plan()
+    if plan:
+        print("before merging, the first run will:")
+        for line in plan:
+            print(f"  - {line}")
     return 0
 
 
@@ -99,26 +121,50 @@ def cmd_finetune(args) -> int:
     from harness.io.files import check_writable_folder
 
     check_device(args.device)
-    suite = get_suite(args.suite, args.cache_dir, config=args.suite_config)
+    suite = get_suite(args.suite, args.cache_dir, config=args.suite_config,
+                      finetune_seed=args.finetune_seed)
     check_writable_folder(suite.cache_dir, "--cache-dir")
     if (suite.builds and not suite.built() and not is_pinned()
             and os.environ.get(UNPINNED_BUILDS) != "1"):
-        build_pinned(suite.name, suite.cache_dir, args.suite_config, args.quiet)
-        suite = get_suite(args.suite, args.cache_dir, config=args.suite_config)
+        build_pinned(suite.name, suite.cache_dir, args.suite_config, args.quiet,
+                     args.finetune_seed)
+        suite = get_suite(args.suite, args.cache_dir, config=args.suite_config,
+                          finetune_seed=args.finetune_seed)
     print(f"ok: {suite.finetune(progress=not args.quiet, device=args.device)}")
     return 0
+
+
+def summary(docstring: str | None) -> str:
+    """The first paragraph of a docstring as one line of plain text (reST ``literals`` and
+    :role:`targets` unwrapped)."""
+    import re
+
+    paragraph = re.split(r"\n\s*\n", (docstring or "").strip())[0]
+    text = " ".join(line.strip() for line in paragraph.splitlines())
+    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", text)
+    return text.replace("``", "")
 
 
 def cmd_ls(args) -> int:
     from harness.core.registry import METHODS, SUITES
 
     if args.what == "methods":
+        suite = None
+        if args.suite:
+            from harness.bench.lookup import get_suite
+
+            suite = get_suite(args.suite)
+            print(f"defaults as suite {suite.name!r} applies them (marked *)\n")
         for name in METHODS.names():
             cls = METHODS.get(name)
-            summary = (cls.__doc__ or "").strip().splitlines()[0]
-            print(f"{name}  [{cls.kind}]  {summary}")
+            title, text = cls.display_name or name, summary(cls.__doc__)
+            text = text[len(title) + 1:].lstrip() if text.startswith(title + ":") else text
+            print(f"{name}  [{cls.kind}]  {title}: {text}")
+            applied = cls.defaults_from(suite.defaults_for) if suite is not None else {}
             for hp in cls.hyperparameters():
-                print(f"    {hp.name}: {hp.type} = {hp.default!r}  {hp.help}")
+                value, mark = (applied[hp.name], " *") if hp.name in applied else \
+                    (hp.default, "")
+                print(f"    {hp.name}: {hp.type} = {value!r}{mark}  {hp.help}")
     else:
         for name in SUITES.names():
             suite = SUITES.get(name)()
@@ -128,13 +174,17 @@ def cmd_ls(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from harness.io.files import write_text_atomic
     from harness.bench.leaderboard import render_all
+    from harness.core.defaults import default_leaderboard_dir, default_results_dir
+    from harness.io.files import write_text_atomic
 
-    if not os.path.isdir(args.results):
-        raise FileNotFoundError(f"the results folder {args.results} does not exist (pass "
-                                "--results with the folder `harness run` wrote to)")
-    rendered, skipped = render_all(args.results, args.out, args.suite)
+    folders = args.results or [default_results_dir()]
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"the results folder {folder} does not exist (pass "
+                                    "--results with the folder `harness run` wrote to)")
+    out = args.out or default_leaderboard_dir(folders[0])
+    rendered, skipped = render_all(folders, out, args.suite)
     for s in skipped:
         print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
     stale = []
@@ -152,7 +202,9 @@ def cmd_leaderboard(args) -> int:
         print("out of date (run `harness leaderboard`): " + ", ".join(stale), file=sys.stderr)
         return 1
     if args.check:
-        print(f"ok: {len(rendered)} leaderboard(s) match their results")
+        print(f"ok: {len(rendered)} leaderboard(s) in {out} match their results")
+    elif not rendered:
+        print(f"no results in {', '.join(folders)}: nothing to render")
     return 0
 
 
@@ -184,10 +236,24 @@ def _seed(text: str) -> int:
     return value
 
 
+def _finetune_seed(text: str) -> int:
+    from harness.tasks.base import check_finetune_seed
+
+    try:
+        value = int(text)
+        check_finetune_seed(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an integer from 0 to 1000, got {text!r}") from None
+    return value
+
+
 def cmd_compare(args) -> int:
     from harness.bench.analysis import compare, find_row, individual_row
 
-    a, b = (find_row(spec, args.suite, args.split, args.results) for spec in (args.a, args.b))
+    a, b = (find_row(spec, args.suite, args.split, args.results, seed)
+            for spec, seed in ((args.a, args.finetune_seed),
+                               (args.b, args.finetune_seed if args.b_finetune_seed is None
+                                else args.b_finetune_seed)))
     comparison = compare(a, b, individual_row(a, args.results))
     rows = []
     for name, d in comparison.rows.items():
@@ -204,9 +270,12 @@ def cmd_compare(args) -> int:
     return 0
 
 
+RESULTS_HELP = ("result files folder (default: $MERGE_HARNESS_RESULTS, else "
+                "~/.cache/merge-harness/leaderboards/results)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from harness.bench.records import DEFAULT_RESULTS_DIR
-    from harness.bench.runner import DEFAULT_SUITE
+    from harness.core.defaults import DEFAULT_SUITE
 
     parser = argparse.ArgumentParser(prog="harness", description="Benchmark model merging.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -216,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="suite cache (default $MERGE_HARNESS_CACHE or ~/.cache/merge-harness)")
         p.add_argument("--suite-config", default=None, metavar="FILE",
                        help="an edited copy of a paper suite's tasks/configs/<suite>.toml")
+        p.add_argument("--finetune-seed", type=_finetune_seed, default=0, metavar="N",
+                       help="another fine-tuning of a suite that builds its task models "
+                            "(tiny, offline-text, offline-vision): its own models and results, "
+                            "to measure the spread between fine-tunings (default 0: the "
+                            "published models)")
 
     def run_options(p):
         p.add_argument("--method", required=True, help="a registered method (harness ls methods)")
@@ -228,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run once per seed (methods with a random seed, such as DARE) and "
                             "print the mean and standard deviation")
         p.add_argument("--device", default="cpu", help="cpu or cuda")
-        p.add_argument("--results", default=DEFAULT_RESULTS_DIR, help="result files folder")
+        p.add_argument("--results", default=None, help=RESULTS_HELP)
         cache_option(p)
         p.add_argument("--encoder", default=None, metavar="NAME_OR_DIR",
                        help="text encoder of unseen-task embeddings (a sentence-transformers "
@@ -254,6 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a run's names, hyperparameters and files, fast")
     run_options(p)
     p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("export", help="merge and write models transformers loads "
+                                      "(from_pretrained)")
+    run_options(p)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--task", default=None, help="the seen task whose model to export")
+    which.add_argument("--all-tasks", action="store_true",
+                       help="every seen task's model (a shared method: its one backbone)")
+    p.add_argument("out", help="the folder to write (replaced only when the harness wrote it)")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("finetune", help="build a suite's task models (cached; run on first use)")
     p.add_argument("--suite", default=DEFAULT_SUITE, help=f"default: {DEFAULT_SUITE}")
     cache_option(p)
@@ -262,19 +345,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
     p = sub.add_parser("ls", help="list methods (with hyperparameters) or suites")
     p.add_argument("what", choices=["methods", "suites"])
+    p.add_argument("--suite", default=None,
+                   help="with `methods`: show the hyperparameter values this suite applies")
     p.set_defaults(func=cmd_ls)
     p = sub.add_parser("compare", help="paired comparison of two rows: differences, intervals, "
                                        "p-values")
     p.add_argument("--suite", required=True)
     p.add_argument("--split", default="seen", choices=["seen", "unseen"])
-    p.add_argument("--results", default=DEFAULT_RESULTS_DIR, help="result files folder")
+    p.add_argument("--results", default=None, help=RESULTS_HELP)
+    p.add_argument("--finetune-seed", type=_finetune_seed, default=0, metavar="N",
+                   help="the fine-tuning seed of the rows named by label (default 0)")
+    p.add_argument("--b-finetune-seed", type=_finetune_seed, default=None, metavar="N",
+                   help="row b's fine-tuning seed, when it differs from row a's (the spread "
+                        "between fine-tunings: the same method on two sets of task models)")
     p.add_argument("a", help="a row label (as the leaderboard shows it) or a record file")
     p.add_argument("b", help="the row to compare it with")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("leaderboard", help="render leaderboards/<suite>.md from result files")
-    p.add_argument("--suite", default=None)
-    p.add_argument("--results", default=DEFAULT_RESULTS_DIR)
-    p.add_argument("--out", default="leaderboards")
+    p.add_argument("--suite", default=None, help="one suite (default: every suite with results "
+                                                  "or the paper's reported figures)")
+    p.add_argument("--results", action="append", default=None, metavar="DIR",
+                   help="a results folder (repeatable: yours beside the checked-in "
+                        "leaderboards/results; where two hold the same cell, the first wins). "
+                        "Default: $MERGE_HARNESS_RESULTS, else "
+                        "~/.cache/merge-harness/leaderboards/results")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where the markdown goes (default: beside the first results folder, "
+                        "i.e. its parent)")
     p.add_argument("--check", action="store_true", help="fail when a file is out of date")
     p.set_defaults(func=cmd_leaderboard)
     return parser
@@ -289,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: results already written are intact", file=sys.stderr)
         return 130
+    except BrokenPipeError:          # `harness ls methods | head`: the reader stopped
+        sys.stderr.close()
+        return 0
     except OSError as exc:           # a full disk, a read-only place, a missing file...
         print(f"error: {_os_error(exc)}", file=sys.stderr)
         return 2

@@ -24,7 +24,6 @@ from torch import Tensor
 from harness.io.files import UntrustedFileError, read_json_file, sha256_file, write_json_atomic
 
 SCHEMA_VERSION = 1
-DEFAULT_RESULTS_DIR = os.path.join("leaderboards", "results")
 
 
 def hyperparameter_tag(hyperparameters: dict) -> str:
@@ -85,6 +84,7 @@ class RunRecord:
     label: str
     seed: int = 0
     hyperparameters: dict = field(default_factory=dict)
+    suite_options: dict | None = None     # the suite's identity: fine-tuning seed, user config
     status: str = "measured"
     reason: str | None = None
     task_order: list[str] = field(default_factory=list)
@@ -112,6 +112,20 @@ class RunRecord:
     @property
     def measured(self) -> bool:
         return self.status != "not-applicable"
+
+    @property
+    def models_fingerprint(self) -> str | None:
+        """A tag of the models and data the record was measured on (the suite's provenance:
+        checkpoint hashes, recipe, data), or None where the record does not say."""
+        if self.suite_fingerprint:
+            return self.suite_fingerprint
+        suite = self.provenance.get("suite") if isinstance(self.provenance, dict) else None
+        return hyperparameter_tag(suite) if isinstance(suite, dict) else None
+
+    @property
+    def finetune_seed(self) -> int:
+        """Which fine-tuning of the suite's task models the record used (0: the published)."""
+        return (self.suite_options or {}).get("finetune_seed", 0)
 
     def to_json(self) -> dict:
         """The JSON object of the record (``path`` excluded; fields that are None left out)."""
@@ -234,6 +248,10 @@ def record_problem(record) -> str | None:
         return f"seed {seed!r} is not an integer"
     if not isinstance(record.get("hyperparameters", {}), dict):
         return "hyperparameters is not an object"
+    if not isinstance(record.get("suite_options") or {}, dict):
+        return "suite_options is not an object"
+    if type((record.get("suite_options") or {}).get("finetune_seed", 0)) is not int:
+        return "suite_options.finetune_seed is not an integer"
     if record.get("status") == "not-applicable":
         return None if isinstance(record.get("reason"), str) else "no reason is given"
     for task, score in record["tasks"].items():

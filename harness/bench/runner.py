@@ -16,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 import numpy
 import torch
 
-from harness.bench.records import (DEFAULT_RESULTS_DIR, AmrFigures, RunRecord, TaskScore,
+from harness.bench.records import (AmrFigures, RunRecord, TaskScore,
                                    hyperparameter_tag, read_outcomes, read_record, read_records,
                                    record_path, write_record)
 from harness.bench.build import build_pinned
@@ -25,6 +25,7 @@ from harness.bench.uncertainty import interval, row_replicates
 from harness.bench.unseen import similarity_weights
 from harness.core.accounting import adr
 from harness.core.errors import MethodNotApplicable
+from harness.core.defaults import DEFAULT_SUITE, default_results_dir
 from harness.core.registry import METHODS
 from harness.core.reproducible import is_pinned, machine_details
 from harness.core.tensors import merge_device
@@ -35,7 +36,6 @@ from harness.io.files import check_writable_folder
 from harness.tasks.base import Evaluation, Suite
 
 REFERENCE_ROWS = ("pretrained", "individual")
-DEFAULT_SUITE = "offline-text"
 
 
 @dataclasses.dataclass
@@ -46,7 +46,7 @@ class RunConfig:
     overrides: dict = dataclasses.field(default_factory=dict)
     seed: int = 0
     device: str = "cpu"
-    results_dir: str = DEFAULT_RESULTS_DIR
+    results_dir: str = dataclasses.field(default_factory=default_results_dir)   # per user
     cache_dir: str | None = None
     force: bool = False                # rerun the cell even when its record exists
     force_references: bool = False     # also measure the reference models again
@@ -55,6 +55,7 @@ class RunConfig:
     suite_config: str | None = None    # a copy of the suite's TOML config (paper suites)
     encoder: str | None = None         # the text encoder of unseen-task embeddings
     stream_dir: str | None = None      # write model-sized merge outputs as shards here
+    finetune_seed: int = 0             # which fine-tuning of a building suite's task models
 
 
 def validate(config: RunConfig) -> tuple[Suite, MergeMethod]:
@@ -65,8 +66,7 @@ def validate(config: RunConfig) -> tuple[Suite, MergeMethod]:
     check_seed(config.seed)
     if config.unseen_weighting not in ("method", "similarity"):
         raise ValueError("unseen weighting must be 'method' or 'similarity'")
-    suite = get_suite(config.suite, config.cache_dir, config=config.suite_config,
-                      encoder=config.encoder)
+    suite = open_suite(config)
     method = build_method(suite, config.method, config.overrides)
     if not suite.split_tasks("seen"):
         raise ValueError(f"suite {suite.name!r} has no seen tasks to merge")
@@ -110,9 +110,14 @@ def ensure_built(suite: Suite, config: RunConfig) -> Suite:
         return suite
     _log(config, f"{suite.name}: building its models reproducibly (one thread, portable "
                  "kernels: see docs/performance.md for the time it takes)")
-    build_pinned(suite.name, suite.cache_dir, config.suite_config, quiet=config.quiet)
+    build_pinned(suite.name, suite.cache_dir, config.suite_config, quiet=config.quiet,
+                 finetune_seed=config.finetune_seed)
+    return open_suite(config)
+
+
+def open_suite(config: RunConfig) -> Suite:
     return get_suite(config.suite, config.cache_dir, config=config.suite_config,
-                     encoder=config.encoder)
+                     encoder=config.encoder, finetune_seed=config.finetune_seed)
 
 
 def check_seed(seed: int) -> None:
@@ -199,9 +204,11 @@ def reference_scores(suite: Suite, config: RunConfig) -> References:
     leaderboard read."""
     scores: dict[str, dict[str, TaskScore]] = {}
     outcomes: dict[str, dict[str, dict]] = {}
-    existing = {(r.method, r.split): r for r in read_records(
-        os.path.join(config.results_dir, suite.name))[0] if r.method in REFERENCE_ROWS}
     fingerprint = hyperparameter_tag(suite.provenance())
+    options = suite.identity()
+    existing = {(r.method, r.split): r for r in read_records(
+        os.path.join(config.results_dir, suite.name))[0]
+        if r.method in REFERENCE_ROWS and (r.suite_options or {}) == options}
     for row in REFERENCE_ROWS:
         per_task: dict[str, TaskScore] = {}
         per_example: dict[str, dict] = {}
@@ -218,7 +225,9 @@ def reference_scores(suite: Suite, config: RunConfig) -> References:
                          + (" again (--force-references)" if config.force_references else
                             " (once per suite and set of models)"))
             pretrained = suite.load_pretrained() if row == "pretrained" else None
-            for task in missing:
+            from tqdm.auto import tqdm
+
+            for task in tqdm(missing, desc=f"{row} model", disable=config.quiet, leave=False):
                 backbone = pretrained if row == "pretrained" else suite.load_finetuned(task)
                 evaluation = suite.evaluate(task, backbone, device=config.device,
                                             progress=not config.quiet)
@@ -232,12 +241,15 @@ def reference_scores(suite: Suite, config: RunConfig) -> References:
                     continue
                 tasks = {t: per_task[t] for t in names}
                 record = RunRecord(suite.name, split, row, row.title(), status="reference",
-                                   suite_fingerprint=fingerprint, task_order=names, tasks=tasks,
+                                   suite_fingerprint=fingerprint,
+                                   suite_options=json_safe(options) or None,
+                                   task_order=names, tasks=tasks,
                                    average=_mean(tasks), eval_seconds=seconds,
                                    provenance=provenance(suite, config.device))
                 known = {t: per_example[t] for t in names if t in per_example}
                 with_intervals(record, known if len(known) == len(names) else None)
-                write_record(record_path(config.results_dir, suite.name, split, row, {}, 0),
+                write_record(record_path(config.results_dir, suite.name, split, row,
+                                         json_safe(options), 0),
                              record, known if len(known) == len(names) else None)
         scores[row] = per_task
         outcomes[row] = per_example
@@ -334,13 +346,25 @@ def run(config: RunConfig) -> RunRecord:
                        run_identity(suite, method, config), config.seed)
     if os.path.exists(path) and not config.force:
         record, problem = read_record(path)
-        if record is not None:
+        fingerprint = hyperparameter_tag(suite.provenance())
+        if record is not None and record.models_fingerprint == fingerprint:
             _log(config, f"result exists, skipped (use --force to rerun): {path}")
             if record.status == "not-applicable":
                 raise MethodNotApplicable(f"{record.reason} (recorded in {path})")
             return record
+        if record is not None:
+            problem = (f"it was measured on other models or data (fingerprint "
+                       f"{record.models_fingerprint}; this cache's is {fingerprint}"
+                       + ("" if suite.built() else ", whose models are not all built yet")
+                       + ")")
         _log(config, f"the stored record {path} cannot be used ({problem}): running again")
 
+    if config.force and os.path.exists(path):
+        _log(config, f"--force: measuring {method.name} again over {path}"
+                     + ("; the reference models too (--force-references)"
+                        if config.force_references else
+                        "; the reference models' stored scores are kept (--force-references "
+                        "measures them again)"))
     torch.manual_seed(config.seed)
     suite = ensure_built(suite, config)
     suite.prepare(progress=not config.quiet)
@@ -365,6 +389,7 @@ def run(config: RunConfig) -> RunRecord:
         write_record(path, RunRecord(
             suite.name, config.split, method.name, row_label(method, suite), config.seed,
             json_safe(method.params()), status="not-applicable", reason=str(reason),
+            suite_options=json_safe(suite.identity()) or None,
             provenance=provenance(suite, config.device)))
         raise
     merge_seconds = time.perf_counter() - start
@@ -381,7 +406,9 @@ def run(config: RunConfig) -> RunRecord:
     amr = result.amr()
     record = RunRecord(
         suite.name, config.split, method.name, row_label(method, suite), config.seed,
-        json_safe(method.params()), task_order=list(tasks), tasks=tasks, average=average,
+        json_safe(method.params()), suite_options=json_safe(suite.identity()) or None,
+        suite_fingerprint=hyperparameter_tag(suite.provenance()),
+        task_order=list(tasks), tasks=tasks, average=average,
         individual_average=individual_average, adr=adr(individual_average, average),
         amr=AmrFigures(amr, sum(amr.values()) / len(amr),
                        sum(result.amr("paper").values()) / len(amr)

@@ -143,11 +143,16 @@ def require(condition: bool, method: str, name: str, message: str) -> None:
 
 
 def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
+    """A hyperparameter's type as a user reads it: ``float | dict[str, float]``,
+    ``'sum' | 'mean'``."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     args = typing.get_args(tp)
-    if args:
+    if origin in (typing.Union, _UnionType):
         return " | ".join(_type_name(a) for a in args)
+    if args:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(map(_type_name, args))}]"
     return getattr(tp, "__name__", str(tp))
 
 

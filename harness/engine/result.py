@@ -64,6 +64,35 @@ class MergeResult:
         payload = self.payloads[task]
         return self._with_deltas(lambda key: payload.delta(key, self.shared))
 
+    def export(self, folder: str | os.PathLike, suite, task: str | None = None, *,
+               shard_bytes: int = 2**30) -> str:
+        """Write ``folder`` for transformers' ``from_pretrained``: ``task``'s weights with its
+        head (or, with no task, a shared method's merged backbone alone) in safetensors shards
+        named and indexed as the Hugging Face hub names them, beside the suite's config and
+        tokenizer or processor. The suite maps the weights to its model's keys
+        (``suite.export_state``) and writes the other files (``suite.export_files``); tensors
+        go to the shards one at a time, so a model larger than memory streams through. An
+        existing ``folder`` is replaced only when it is an export or shard folder the harness
+        wrote. Returns the folder."""
+        from harness.io.shards import ShardWriter
+
+        if task is None and self.kind != "shared":
+            raise ValueError(f"{self.method} is personalized: each task has its own weights; "
+                             f"name a task (one of {self.tasks})")
+        weights = self.base if task is None else self.weights_for(task)
+        state = suite.export_state(task, weights)
+        writer = ShardWriter(os.fspath(folder), shard_bytes, hub_names=True)
+        try:
+            for key in state:
+                writer[key] = state[key]
+            writer.add_file("the suite's config and tokenizer",
+                            lambda work: suite.export_files(task, work))
+            writer.finish()
+        except BaseException:
+            writer.discard()
+            raise
+        return os.fspath(folder)
+
     def weights_for_unseen(self, gamma: Mapping[str, float] | None = None) -> dict[str, Tensor]:
         """Weights for a task no model was fine-tuned on.
 

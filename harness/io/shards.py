@@ -45,6 +45,7 @@ def check_replaceable_shards(path: str) -> None:
         index = read_json_file(os.path.join(path, INDEX), "shard index", 256 << 20)
         files = set(index["weight_map"].values())
         ours = index["metadata"]["format"] == SHARDS_FORMAT
+        files |= {str(name) for name in index["metadata"].get("files", [])}  # config, tokenizer
     except (OSError, UntrustedFileError, KeyError, TypeError, AttributeError):
         ours = False
     if not ours:
@@ -79,9 +80,15 @@ class ShardWriter(MutableMapping):
     the open shard closes that shard first, so no file is written both ways.
     """
 
-    def __init__(self, directory: str, shard_bytes: int = 2**30) -> None:
+    def __init__(self, directory: str, shard_bytes: int = 2**30, *,
+                 hub_names: bool = False) -> None:
+        """``hub_names``: name the shards as Hugging Face does
+        (``model-00001-of-00003.safetensors``, renamed when the count is known at
+        :meth:`finish`), for folders that transformers loads (exports)."""
         self.directory = directory
         self.shard_bytes = shard_bytes
+        self.hub_names = hub_names
+        self._files: list[str] = []          # files beside the shards (add_file)
         self._folder = WorkFolder(directory, "partial")
         self._work = self._folder.path
         # whole pages, so every write of a shard's data and header can bypass the page cache
@@ -210,6 +217,17 @@ class ShardWriter(MutableMapping):
     def __len__(self) -> int:
         return len(self._place)
 
+    def add_file(self, name: str, write) -> None:
+        """A file beside the shards (a config, a tokenizer's files): ``write(folder)`` writes
+        files into the unfinished folder; each new plain file is listed in the index, so a
+        later export may replace this folder."""
+        before = set(os.listdir(self._work))
+        write(self._work)
+        for new in sorted(set(os.listdir(self._work)) - before):
+            if not os.path.isfile(os.path.join(self._work, new)) or new == INDEX:
+                raise ValueError(f"{name}: wrote {new!r}, not a plain file beside the shards")
+            self._files.append(new)
+
     def finish(self):
         """Close the last shard, wait for the writes, write the index last, move the folder
         into place; return it lazily read."""
@@ -217,12 +235,24 @@ class ShardWriter(MutableMapping):
             self._close_shard()
         self._drain()
         self._writer.shutdown()
+        self._handles.clear()
+        files = {placed.file for placed in self._place.values()}
+        if self.hub_names:
+            renamed = {f"shard-{i:05d}.safetensors":
+                       f"model-{i:05d}-of-{self._shards:05d}.safetensors"
+                       for i in range(1, self._shards + 1)}
+            for old in files:
+                os.rename(os.path.join(self._work, old), os.path.join(self._work, renamed[old]))
+            self._place = {k: placed._replace(file=renamed[placed.file])
+                           for k, placed in self._place.items()}
         total = sum(placed.nbytes for placed in self._place.values())
+        metadata = {"total_size": total, "format": SHARDS_FORMAT}
+        if self._files:
+            metadata["files"] = self._files
         with open(os.path.join(self._work, INDEX), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": total, "format": SHARDS_FORMAT},
+            json.dump({"metadata": metadata,
                        "weight_map": {k: placed.file for k, placed in self._place.items()}},
                       f, indent=1)
-        self._handles.clear()
         self._folder.commit(check_replaceable_shards)
         self.finished = True
         return LazyStateDict(os.path.join(self.directory, INDEX))

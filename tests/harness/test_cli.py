@@ -143,7 +143,7 @@ def test_hyperparameters_make_separate_labelled_rows(results, tiny_cache, capsys
     out_dir = os.path.join(results, "md")
     code, _, _ = run_cli(capsys, "leaderboard", "--results", results, "--out", out_dir)
     text = open(os.path.join(out_dir, "tiny.md")).read()
-    assert "| dts-t (density=0.1) " in text and "| dts-t " in text
+    assert "| DTS-T (density=0.1) " in text and "| DTS-T " in text
 
 
 def test_leaderboard_check(results, tiny_cache, capsys):

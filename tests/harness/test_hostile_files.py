@@ -171,7 +171,7 @@ def test_a_full_disk_leaves_the_old_leaderboard_whole(tmp_path, capsys, monkeypa
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(os, "fsync", full)
     code, _, err = run_cli(capsys, "leaderboard", "--results", str(results), "--out",
-                           str(board.parent))
+                           str(board.parent), "--suite", "tiny")
     assert code == 2 and err.strip() == f"error: No space left on device: {board}"
     assert board.read_text() == "old board " * 2000
     assert os.listdir(board.parent) == ["tiny.md"]

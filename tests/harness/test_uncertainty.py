@@ -132,9 +132,9 @@ def test_the_leaderboard_shows_intervals_and_marks_rows_close_to_the_best(tmp_pa
     text = render_all(str(tmp_path), str(tmp_path / "out"))[0][0].text
     rows = {line.split("|")[1].strip(): line for line in text.splitlines()
             if line.startswith("| ") and "Method" not in line}
-    assert "**90.00 ± " in rows["dts-d"] and "79.00 ± " in rows["ties"]
-    assert rows["ties"].count("†") == 1            # y: within noise of the best; x: not
-    assert "50.00 |" in rows["svd"] and "±" not in rows["svd"].split("|")[1:3][1]
+    assert "**90.00 ± " in rows["DTS-D"] and "79.00 ± " in rows["Ties-Merging"]
+    assert rows["Ties-Merging"].count("†") == 1    # y: within noise of the best; x: not
+    assert "50.00 |" in rows["SVD"] and "±" not in rows["SVD"].split("|")[1:3][1]
 
 
 def test_cli_compare_prints_the_differences(tmp_path, capsys):
