@@ -20,8 +20,11 @@ import zipfile
 from harness.tasks.base import SuiteUnavailableError
 
 
-def pip_download(requirement: str, folder: str, *, source: bool = False) -> str:
-    """The path of ``requirement``'s sdist (``source``) or wheel in ``folder``, fetched once."""
+def pip_download(requirement: str, folder: str, *, source: bool = False,
+                 progress: bool = True) -> str:
+    """The path of ``requirement``'s sdist (``source``) or wheel in ``folder``, fetched once;
+    with ``progress``, pip's own progress (a bar in a terminal, a line in a log) goes to
+    stderr."""
     name = requirement.split("==")[0].replace("-", "_").lower()
     pattern = os.path.join(folder, f"{name}-*" + (".tar.gz" if source else ".whl"))
 
@@ -34,9 +37,11 @@ def pip_download(requirement: str, folder: str, *, source: bool = False) -> str:
         return path
     os.makedirs(folder, exist_ok=True)
     kind = ["--no-binary", ":all:"] if source else ["--only-binary", ":all:"]
-    result = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+    quiet = [] if progress else ["--quiet"]
+    result = subprocess.run([sys.executable, "-m", "pip", "download", *quiet, "--no-deps",
                              *kind, "--dest", folder, requirement],
-                            capture_output=True, text=True)
+                            stdout=sys.stderr if progress else subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     if result.returncode != 0 or (path := found()) is None:
         raise SuiteUnavailableError(
             f"could not download {requirement} with pip: {result.stderr.strip()[-400:]}")

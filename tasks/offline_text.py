@@ -136,7 +136,7 @@ def _download_bigbench(archive: str, progress: bool) -> None:
               file=sys.stderr)
     try:
         fetched = pip_download(f"bigbench=={BIGBENCH_VERSION}", os.path.dirname(archive),
-                               source=True)
+                               source=True, progress=progress)
     except SuiteUnavailableError as error:
         raise SuiteUnavailableError(
             f"{error}. Offline, place {BIGBENCH_FILE} at {archive} or point "
