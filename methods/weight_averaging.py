@@ -33,6 +33,7 @@ class WeightAveraging(SharedMerge):
     family = "averaging"
     year = 2022
     merges_weights = True
+    propagates_nonfinite = True      # a mean: every NaN/Inf shows
 
     def rule(self, spec):
         return lambda key, theta0, weights, out: weight_average(weights)

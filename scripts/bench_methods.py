@@ -10,11 +10,19 @@ tensor's RMS, the recipe of the peer measurements in ``docs/performance.md``.
     python scripts/bench_methods.py --methods ties dts-d --tasks 4
     python scripts/bench_methods.py --dir /tmp/vit-b32   # keep the models for the next run
     python scripts/bench_methods.py --methods ties task-arithmetic --repeat 3   # medians
+    python scripts/bench_methods.py --inputs memory --methods task-arithmetic plain-task-arithmetic
+    python scripts/bench_methods.py --load 2 --methods task-arithmetic plain-task-arithmetic
 
 Prints one row per method: merge seconds, peak resident memory (GiB), peak above the memory of
 just reading every input once, bytes stored per task, and AMR (stored bytes; the paper's count
 for DTS). ``--repeat N`` runs the read floor and every method N times in rounds (the machine's
 drift falls on each alike) and prints median seconds with their range and the largest peaks.
+
+``--inputs memory`` loads every model into memory first (what a user passes from
+``model.state_dict()``; the load is not timed) instead of memory-mapping it. The rows
+``plain-task-arithmetic`` and ``plain-weight-averaging`` are the same merges in thirty lines of
+key-by-key torch (no checks), the reference the engine's overhead is measured against.
+``--load N`` runs a job of N busy torch threads beside every measured run (a shared node).
 """
 
 from __future__ import annotations
@@ -73,12 +81,49 @@ def peak_rss_gib() -> float:
     return peak_rss_bytes() / 2**30
 
 
-def worker(method_name: str, folder: str, n_tasks: int) -> dict:
+def plain_task_arithmetic(pretrained, finetuned, lam: float = 0.3) -> dict:
+    """Task Arithmetic as a user writes it in torch: key by key, float32, no checks."""
+    merged = {}
+    for key, base in pretrained.items():
+        if not base.is_floating_point():
+            merged[key] = base
+            continue
+        theta0 = base.float()
+        total = sum(sd[key].float() - theta0 for sd in finetuned.values())
+        merged[key] = (theta0 + lam * total).to(base.dtype)
+    return merged
+
+
+def plain_weight_averaging(pretrained, finetuned) -> dict:
+    merged = {}
+    for key, base in pretrained.items():
+        merged[key] = base if not base.is_floating_point() else (
+            sum(sd[key].float() for sd in finetuned.values()) / len(finetuned)).to(base.dtype)
+    return merged
+
+
+PLAIN = {"plain-task-arithmetic": plain_task_arithmetic,
+         "plain-weight-averaging": plain_weight_averaging}
+
+
+def worker(method_name: str, folder: str, n_tasks: int, inputs: str = "mmap") -> dict:
     from harness import LazyStateDict, get_method
 
-    pretrained = LazyStateDict(os.path.join(folder, "pretrained.safetensors"))
-    finetuned = {f"task{t}": LazyStateDict(os.path.join(folder, f"task{t}.safetensors"))
+    if inputs == "memory":
+        from safetensors.torch import load_file
+
+        def load(path):
+            return load_file(path)
+    else:
+        load = LazyStateDict
+    pretrained = load(os.path.join(folder, "pretrained.safetensors"))
+    finetuned = {f"task{t}": load(os.path.join(folder, f"task{t}.safetensors"))
                  for t in range(n_tasks)}
+    if method_name in PLAIN:
+        start = time.perf_counter()
+        PLAIN[method_name](pretrained, finetuned)
+        return {"seconds": time.perf_counter() - start, "peak_gib": peak_rss_gib(),
+                "bytes_per_task": 0, "amr": 0.0}
     if method_name == "read-inputs":
         start = time.perf_counter()
         for sd in [pretrained, *finetuned.values()]:
@@ -104,12 +149,29 @@ def worker(method_name: str, folder: str, n_tasks: int) -> dict:
     return out
 
 
+OPTIONS = {"inputs": "mmap", "load": 0}       # set by main, read by every run
+
+
+def busy(threads: int) -> subprocess.Popen:
+    """A job of ``threads`` busy torch threads (matrix products), until killed."""
+    code = ("import torch; torch.set_num_threads(%d); a = torch.randn(512, 512)\n"
+            "while True: a = torch.tanh(a @ a)" % threads)
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
 def run_worker(method_name: str, folder: str, n_tasks: int) -> dict:
     # the project after any PYTHONPATH already set (an export of older code, to compare with)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (os.environ.get("PYTHONPATH"), ROOT) if p))
-    proc = subprocess.run([sys.executable, __file__, "--worker", method_name, "--dir", folder,
-                           "--tasks", str(n_tasks)], capture_output=True, text=True, env=env)
+    load = busy(OPTIONS["load"]) if OPTIONS["load"] else None
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--worker", method_name, "--dir",
+                               folder, "--tasks", str(n_tasks), "--inputs", OPTIONS["inputs"]],
+                              capture_output=True, text=True, env=env)
+    finally:
+        if load is not None:
+            load.kill()
+            load.wait()
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -124,12 +186,17 @@ def main() -> None:
                              "temporary folder, removed at the end)")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="run the floor and every method N times, in rounds: medians")
+    parser.add_argument("--inputs", choices=["mmap", "memory"], default="mmap",
+                        help="memory-mapped safetensors, or state dicts loaded into memory")
+    parser.add_argument("--load", type=int, default=0, metavar="N",
+                        help="run N busy torch threads beside every measured run")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         torch.set_num_threads(os.cpu_count() or 1)
-        print(json.dumps(worker(args.worker, args.dir, args.tasks)))
+        print(json.dumps(worker(args.worker, args.dir, args.tasks, args.inputs)))
         return
+    OPTIONS.update(inputs=args.inputs, load=args.load)
 
     if args.dir:
         os.makedirs(args.dir, exist_ok=True)
@@ -166,7 +233,9 @@ def compare(folder: str, n_tasks: int, method_names: list[str] | None, repeat: i
               f"({time.perf_counter() - start:.0f} s)", flush=True)
     methods = method_names or list_methods()
     print(f"# {platform.node()}: {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d')}; CLIP ViT-B/32 vision tower x {n_tasks} tasks")
+          f"{time.strftime('%Y-%m-%d')}; CLIP ViT-B/32 vision tower x {n_tasks} tasks; inputs "
+          f"{OPTIONS['inputs']}" + (f"; {OPTIONS['load']} busy threads beside"
+                                    if OPTIONS["load"] else ""))
     runs: dict[str, list[dict]] = {name: [] for name in ["read-inputs", *methods]}
     if repeat > 1:      # every run first, in rounds; a single run prints each row as it goes
         for round_ in range(repeat):

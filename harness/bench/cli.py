@@ -100,6 +100,50 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _grid(pairs: list[str]) -> dict[str, list[str]]:
+    grid = {}
+    for pair in pairs:
+        name, sep, values = pair.partition("=")
+        if not sep or not name.strip() or not _names(values):
+            raise ValueError(f"--grid takes name=v1,v2,..., got {pair!r}")
+        grid[name.strip().replace("-", "_")] = _names(values)
+    return grid
+
+
+def cmd_sweep(args) -> int:
+    from harness.bench.leaderboard import render_all
+    from harness.bench.sweep import (MAX_CELLS_WITHOUT_YES, SweepOptions, expand, summary,
+                                     sweep)
+    from harness.core.defaults import default_leaderboard_dir, default_results_dir
+    from harness.io.files import write_text_atomic
+
+    suites = _names(args.suite)
+    cells = expand(suites, _names(args.methods), _names(args.splits), args.seeds or [0],
+                   _grid(args.grid))
+    if len(cells) > MAX_CELLS_WITHOUT_YES and not args.yes:
+        raise ValueError(f"the grid has {len(cells)} cells (over {MAX_CELLS_WITHOUT_YES}): "
+                         "pass --yes to run them all, or --dry-run to list them")
+    results = args.results or default_results_dir()
+    options = SweepOptions(results, args.cache_dir, args.device, args.reproducible, args.force,
+                           args.finetune_seed, args.workers, args.executor, args.address,
+                           args.gpus, args.partition, args.time, args.log_dir)
+    outcomes = sweep(cells, options, dry_run=args.dry_run)
+    if args.dry_run:
+        return 0
+    out = default_leaderboard_dir(results)
+    for suite in suites:
+        for item in render_all(results, out, suite)[0]:
+            write_text_atomic(item.path, item.text)
+        print(f"leaderboard: {os.path.join(out, suite + '.md')}")
+    for line in summary(outcomes):
+        print(line)
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
 def cmd_validate(args) -> int:
     from harness.bench.runner import validate
 
@@ -337,6 +381,31 @@ def build_parser() -> argparse.ArgumentParser:
                        help="every seen task's model (a shared method: its one backbone)")
     p.add_argument("out", help="the folder to write (replaced only when the harness wrote it)")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("sweep", help="a whole grid (suites x methods x splits x seeds x "
+                                     "hyperparameters), resumable, then its leaderboards")
+    p.add_argument("--suite", default=DEFAULT_SUITE, help="a suite or S1,S2,...")
+    p.add_argument("--methods", default="all", help="all, or m1,m2,...")
+    p.add_argument("--splits", default="seen,unseen", help="seen, unseen or seen,unseen")
+    p.add_argument("--seeds", type=_seeds, default=None, metavar="N,N,...",
+                   help="seeds of methods with a random seed (others run once)")
+    p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2,...",
+                   help="a hyperparameter's values, for the methods that have it (repeatable)")
+    p.add_argument("--executor", default="local", choices=["local", "ray", "slurm"])
+    p.add_argument("--workers", type=int, default=None,
+                   help="local: cells at once (default: from cores and memory)")
+    p.add_argument("--address", default=None, help="ray: the cluster address (default: local)")
+    p.add_argument("--gpus", type=float, default=0, help="ray, slurm: GPUs per cell")
+    p.add_argument("--partition", default=None, help="slurm: the partition")
+    p.add_argument("--time", type=int, default=60, metavar="MIN", help="slurm: minutes per cell")
+    p.add_argument("--log-dir", default=None, help="slurm: a log per cell here")
+    p.add_argument("--results", default=None, help=RESULTS_HELP)
+    cache_option(p)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--reproducible", action="store_true", help="every cell pinned (see run)")
+    p.add_argument("--force", action="store_true", help="run cells whose records exist")
+    p.add_argument("--dry-run", action="store_true", help="list the cells, run nothing")
+    p.add_argument("--yes", action="store_true", help=f"run a grid of over 1,000 cells")
+    p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("finetune", help="build a suite's task models (cached; run on first use)")
     p.add_argument("--suite", default=DEFAULT_SUITE, help=f"default: {DEFAULT_SUITE}")
     cache_option(p)

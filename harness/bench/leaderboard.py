@@ -352,11 +352,15 @@ def _split_section(records: list[RunRecord]) -> list[str]:
     lines = []
     measured = [r for r in records if r.measured]
     lines += [render_table(measured), ""] if measured else ["No results yet.", ""]
-    inapplicable = sorted((r for r in records if r not in measured), key=_row_key)
+    inapplicable = sorted((r for r in records if r.status == "not-applicable"), key=_row_key)
     if inapplicable:
         lines += ["Not applicable on this suite (the run stopped before merging, as the "
                   "spec asks):", ""]
         lines += [f"- `{r.label}`: {r.reason}" for r in inapplicable] + [""]
+    failed = sorted((r for r in records if r.status == "failed"), key=_row_key)
+    if failed:
+        lines += ["Failed in a sweep (twice; the next `harness sweep` runs them again):", ""]
+        lines += [f"- `{r.label}` seed {r.seed}: {r.reason}" for r in failed] + [""]
     return lines
 
 

@@ -40,7 +40,7 @@ def record_path(results_dir: str, suite: str, split: str, method: str, hyperpara
 
 SCHEMA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_record.schema.json")
 MAX_RECORD_BYTES = 64 << 20
-STATUSES = ("measured", "reference", "not-applicable")
+STATUSES = ("measured", "reference", "not-applicable", "failed")
 
 
 class RecordError(ValueError):
@@ -74,7 +74,8 @@ class RunRecord:
 
     ``status``: ``measured`` (a merge evaluated), ``reference`` (the pretrained or individual
     models, measured once per suite; ``suite_fingerprint`` says for which models and data) or
-    ``not-applicable`` (the method's rule could not be met; ``reason`` says why, no scores).
+    ``not-applicable`` (the method's rule could not be met; ``reason`` says why, no scores) or
+    ``failed`` (a sweep's cell that raised twice; ``reason`` holds the error, no scores).
     Scores are fractions; ``adr`` and AMR are in percent.
     """
 
@@ -111,7 +112,7 @@ class RunRecord:
 
     @property
     def measured(self) -> bool:
-        return self.status != "not-applicable"
+        return self.status not in ("not-applicable", "failed")
 
     @property
     def models_fingerprint(self) -> str | None:
@@ -252,7 +253,7 @@ def record_problem(record) -> str | None:
         return "suite_options is not an object"
     if type((record.get("suite_options") or {}).get("finetune_seed", 0)) is not int:
         return "suite_options.finetune_seed is not an integer"
-    if record.get("status") == "not-applicable":
+    if record.get("status") in ("not-applicable", "failed"):
         return None if isinstance(record.get("reason"), str) else "no reason is given"
     for task, score in record["tasks"].items():
         if not isinstance(score, dict) or not isinstance(score.get("metric"), str) \

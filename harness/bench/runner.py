@@ -337,26 +337,44 @@ def select_per_task(suite: Suite, method: MergeMethod, pretrained, finetuned,
     return dataclasses.replace(method, **{name: {t: v for t, (_, v) in best.items()}})
 
 
-def run(config: RunConfig) -> RunRecord:
-    """Run one benchmark cell and return its record (read back when it exists already)."""
+def plan_cell(config: RunConfig) -> tuple[Suite, MergeMethod, str]:
+    """The validated suite and method of a cell (its seed applied) and its record's path."""
     suite, method = validate(config)
     if "seed" in method.params() and "seed" not in config.overrides:
         method = dataclasses.replace(method, seed=config.seed)
     path = record_path(config.results_dir, suite.name, config.split, method.name,
                        run_identity(suite, method, config), config.seed)
+    return suite, method, path
+
+
+def stored_result(path: str, suite: Suite) -> tuple[RunRecord | None, str | None]:
+    """(the record at ``path``, None) when it can stand for the cell: readable, measured or
+    not applicable (not a failure), on the models and data the suite has now; else (None,
+    why not)."""
+    record, problem = read_record(path)
+    if record is None:
+        return None, problem
+    if record.status == "failed":
+        return None, f"the cell failed before ({record.reason})"
+    fingerprint = hyperparameter_tag(suite.provenance())
+    if record.models_fingerprint != fingerprint:
+        return None, (f"it was measured on other models or data (fingerprint "
+                      f"{record.models_fingerprint}; this cache's is {fingerprint}"
+                      + ("" if suite.built() else ", whose models are not all built yet")
+                      + ")")
+    return record, None
+
+
+def run(config: RunConfig) -> RunRecord:
+    """Run one benchmark cell and return its record (read back when it exists already)."""
+    suite, method, path = plan_cell(config)
     if os.path.exists(path) and not config.force:
-        record, problem = read_record(path)
-        fingerprint = hyperparameter_tag(suite.provenance())
-        if record is not None and record.models_fingerprint == fingerprint:
+        record, problem = stored_result(path, suite)
+        if record is not None:
             _log(config, f"result exists, skipped (use --force to rerun): {path}")
             if record.status == "not-applicable":
                 raise MethodNotApplicable(f"{record.reason} (recorded in {path})")
             return record
-        if record is not None:
-            problem = (f"it was measured on other models or data (fingerprint "
-                       f"{record.models_fingerprint}; this cache's is {fingerprint}"
-                       + ("" if suite.built() else ", whose models are not all built yet")
-                       + ")")
         _log(config, f"the stored record {path} cannot be used ({problem}): running again")
 
     if config.force and os.path.exists(path):

@@ -22,7 +22,7 @@ from harness.core.errors import MergeInputError
 from harness.core.spec import (ModelSpec, ValueChecks, check_keys, describe_key,
                                describe_models)
 from harness.core.tensors import (BlockBuffers, StateDict, numel, store_rows, surely_finite,
-                                  task_vector)
+                                  task_vector, to_float32)
 from harness.engine.outputs import building, finish_output
 from harness.io.pages import MAPPED_PAGES, iter_keys, row_blocks
 
@@ -71,12 +71,18 @@ def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
 
 def task_vector_blocks(pretrained: StateDict, finetuned: Mapping[str, StateDict],
                        spec: ModelSpec, key: str, *, weights: bool = False,
-                       checks: ValueChecks | None = None, whole: bool = False) -> Iterator[tuple]:
+                       checks: ValueChecks | None = None, whole: bool = False,
+                       fused: bool = False) -> Iterator[tuple]:
     """``(rows, theta_0 block, the tasks' task-vector blocks)`` of one key in row blocks, float32
     on the merge device, for rules that are elementwise across tasks (``whole``: the key as one
     block, ``rows`` then ``...``); with ``weights``, the tasks' own weights (float32, possibly
     views of the inputs) instead of their task vectors. With ``checks``, every block is checked
     (:class:`ValueChecks`) before it is handed over.
+
+    With ``fused`` (and ``checks``), only the pretrained block is checked here and each task
+    is only marked changed or not (:meth:`ValueChecks.mark_changed`): the caller checks the
+    output instead, which shows every non-finite input of a rule that propagates them, and
+    runs :func:`check_block` to name the culprit when it is not finite.
 
     Task vectors (and weight casts) are computed into :class:`BlockBuffers`, reused for the next
     block: use each block's before asking for the next.
@@ -85,12 +91,16 @@ def task_vector_blocks(pretrained: StateDict, finetuned: Mapping[str, StateDict]
     buffers = BlockBuffers()
     for rows in [...] if whole else row_blocks(spec.shapes[key], len(sources)):
         theta0 = buffers.float32("theta0", p[rows])
-        if checks is not None:
-            checks.pretrained(key, theta0)
+        if checks is not None and not (fused and not weights):    # fused: theta_0 is in the
+            checks.pretrained(key, theta0)                         # output of a fused rule
         blocks = [source[rows] for source in sources]
+        if fused and checks is not None:
+            reference = p[rows]
+            for task, block in zip(spec.tasks, blocks):
+                checks.mark_changed(task, key, block, reference)
         if weights:
             inputs = [buffers.float32(f"weights{row}", block) for row, block in enumerate(blocks)]
-            if checks is not None:
+            if checks is not None and not fused:
                 delta = buffers.view("delta", theta0)
                 for task, weight, block in zip(spec.tasks, inputs, blocks):
                     checks.task(task, key, torch.sub(weight, theta0, out=delta), block,
@@ -100,9 +110,22 @@ def task_vector_blocks(pretrained: StateDict, finetuned: Mapping[str, StateDict]
         taus = list(buffers.view("taus", theta0, count=len(sources)))
         for task, tau, block in zip(spec.tasks, taus, blocks):
             task_vector(theta0, block, out=tau)
-            if checks is not None:
+            if checks is not None and not fused:
                 checks.task(task, key, tau, block)
         yield rows, theta0, taus
+
+
+def check_block(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
+                key: str, rows, checks: ValueChecks, weights: bool) -> None:
+    """The exact checks of one block of every task (raising naming the task and the problem),
+    for a fused pass whose output block is not finite: a non-finite input or a task vector
+    that overflows. The counts of non-zero entries are not added again."""
+    theta0 = to_float32(pretrained[key][rows])
+    checks.pretrained(key, theta0)
+    for task in spec.tasks:
+        block = finetuned[task][key][rows]
+        delta = task_vector(theta0, block)
+        checks.task(task, key, delta, block, (0, not surely_finite(delta)), overflow_ok=weights)
 
 
 def shared_and_masks(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
@@ -125,15 +148,21 @@ def shared_and_masks(pretrained: StateDict, finetuned: Mapping[str, StateDict], 
 
 def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
                  merge_key, desc: str, progress: bool, *, elementwise: bool = False,
-                 weights: bool = False) -> StateDict:
+                 weights: bool = False, propagates_nonfinite: bool = False) -> StateDict:
     """A merged state dict built key by key: ``merge_key(key, theta0_f32, taus, out)`` gives
     the float32 merged tensor of each float key (``out``: a float32 scratch block shaped like
     ``theta0_f32`` it may write into); other keys are copied from the pretrained model.
     With ``elementwise`` (the rule treats every entry on its own) large keys go through in row
     blocks, so memory stays bounded by a block rather than a whole key (the same bits); with
-    ``weights``, ``merge_key`` gets the tasks' float32 weights in place of ``taus``. A ``spec``
+    ``weights``, ``merge_key`` gets the tasks' float32 weights in place of ``taus``. A float32
+    output on the merge device is the rule's ``out`` itself (no copy after). A ``spec``
     whose values are not checked yet (``inspect_models(values=False)``) gets them checked on the
-    blocks (or whole keys) of this pass.
+    blocks (or whole keys) of this pass. With ``propagates_nonfinite`` (the rule's output is
+    not finite wherever an input task vector, or weight, is not: sums and products, never a
+    dropped entry) those checks are fused: the output block is checked, and the inputs only
+    when it is not finite (:func:`check_block`); each task is compared with the pretrained
+    model until it is known to change the key. The errors are the same, at a fraction of the
+    passes over memory.
     """
     float_keys = set(spec.float_keys)
     checks = None if spec.values_checked else ValueChecks(spec)
@@ -145,11 +174,18 @@ def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec
                 merged[key] = p
                 continue
             value = torch.empty(spec.shapes[key], dtype=p.dtype, device="cpu")
+            fused = propagates_nonfinite and checks is not None
             for rows, theta0, inputs in task_vector_blocks(pretrained, finetuned, spec, key,
                                                            weights=weights, checks=checks,
-                                                           whole=not elementwise):
-                store_rows(value, rows, merge_key(key, theta0, inputs,
-                                                  scratch.view("merged", theta0)))
+                                                           whole=not elementwise, fused=fused):
+                direct = value.dtype == torch.float32 and value.device == theta0.device
+                out = value[rows] if direct else scratch.view("merged", theta0)
+                block = merge_key(key, theta0, inputs, out)
+                if fused and not surely_finite(block):
+                    check_block(pretrained, finetuned, spec, key, rows, checks, weights)
+                if not (direct and block.data_ptr() == out.data_ptr()
+                        and block.shape == out.shape):
+                    store_rows(value, rows, block)
             merged[key] = value
         if checks is not None:
             checks.finish()

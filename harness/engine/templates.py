@@ -43,6 +43,9 @@ class SharedMerge(MergeMethod):
 
     elementwise = True
     merges_weights = False
+    # the output is non-finite wherever an input is (sums and products, no dropped entry): the
+    # value checks then run on the output and only a bad block's inputs are checked again
+    propagates_nonfinite = False
 
     def rule(self, spec: ModelSpec) -> BlockRule:
         """The rule for one merge of models described by ``spec``."""
@@ -51,7 +54,8 @@ class SharedMerge(MergeMethod):
     def merge(self, pretrained, finetuned, *, progress=False):
         spec = inspect_models(pretrained, finetuned, values=False)  # checked while merging
         base = merge_shared(pretrained, finetuned, spec, self.rule(spec), self.name, progress,
-                            elementwise=self.elementwise, weights=self.merges_weights)
+                            elementwise=self.elementwise, weights=self.merges_weights,
+                            propagates_nonfinite=self.propagates_nonfinite)
         return MergeResult(self.name, self.params(), base, spec.tasks,
                            merged_params=spec.merged_params)
 

@@ -214,3 +214,29 @@ def test_merge_shared_checks_values_on_whole_keys_or_blocks(elementwise):
     with pytest.raises(MergeInputError, match="key 'layer.bias' of task model 'task2' contains"):
         merge_shared(pre, ft, inspect_models(pre, ft, values=False), rule, "test", False,
                      elementwise=elementwise)
+
+
+@pytest.mark.parametrize("name", ["task-arithmetic", "weight-averaging"])
+def test_fused_checks_know_the_same_changed_keys_as_a_full_validation(name):
+    """Task Arithmetic and Weight Averaging check the output and only compare each task with
+    the pretrained model until it changes a key: the AMR parameter set is the same as counted
+    by a validation pass, and a key no task changed stays out of it."""
+    pre, ft = make_models()
+    for task in ft:
+        ft[task]["layer.bias"] = pre["layer.bias"].clone()      # unchanged by every task
+    from harness.engine.passes import inspect_models
+
+    exact = inspect_models(pre, ft)
+    result = method(name).merge(pre, ft)
+    assert result.merged_params == exact.merged_params
+    assert "layer.bias" in exact.zero_keys
+
+
+def test_a_task_vector_that_overflows_is_named_by_the_fused_checks():
+    pre, ft = make_models()
+    pre["layer.weight"][0, 0] = 3e38
+    for task in ft:
+        ft[task]["layer.weight"][0, 0] = 3e38
+    ft["task1"]["layer.weight"][0, 0] = -3e38                 # both finite, the difference not
+    with pytest.raises(MergeInputError, match="'layer.weight' for task model 'task1' overflows"):
+        method("task-arithmetic").merge(pre, ft)

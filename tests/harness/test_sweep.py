@@ -1,0 +1,159 @@
+"""``harness sweep``: a grid expanded and checked first, stored cells skipped (resume), the rest
+run as single runs would (records identical), failures retried then recorded, executors."""
+
+import json
+import os
+
+import pytest
+
+from harness.bench.cli import main
+from harness.bench.records import read_record, read_records
+from harness.bench.sweep import (Cell, Outcome, SweepOptions, expand, plan, run_slurm, settle,
+                                 summary, sweep)
+
+
+def cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_the_grid_applies_names_to_the_methods_that_have_them():
+    cells = expand(["tiny"], ["ties", "dare", "emr"], ["seen", "unseen"], [0, 1],
+                   {"k": ["10", "20"], "p": ["0.3"]})
+    labels = {c.label for c in cells}
+    assert "tiny/seen/ties k=10 seed 0" in labels and "tiny/unseen/ties k=20 seed 0" in labels
+    assert "tiny/seen/dare p=0.3 seed 1" in labels             # seeds: random methods only
+    assert "tiny/seen/ties k=10 seed 1" not in labels
+    assert "tiny/seen/emr seed 0" in labels and len(cells) == 2 * 2 + 2 * 2 + 2
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--methods", "tiez"], "unknown method 'tiez'. Did you mean 'ties'?"),
+    (["--suite", "tinny"], "Did you mean 'tiny'?"),
+    (["--grid", "kk=1"], "no method of this sweep has a hyperparameter 'kk'. Did you mean 'k'?"),
+    (["--methods", "ties", "--grid", "k=500"], "tiny/seen/ties k=500 seed 0: ties: hyperparameter 'k' must"),
+    (["--splits", "train"], "--splits takes seen and unseen"),
+])
+def test_bad_grids_are_refused_before_anything_runs(argv, message, tmp_path, capsys):
+    args = ["sweep", "--suite", "tiny", "--results", str(tmp_path), "--dry-run", *argv]
+    code, _, err = cli(capsys, *args)
+    assert code == 2 and message in err
+    assert not os.listdir(tmp_path)
+
+
+def test_a_grid_of_over_1000_cells_asks_for_yes(capsys, tmp_path):
+    values = ",".join(str(v) for v in range(1, 600))
+    code, _, err = cli(capsys, "sweep", "--suite", "tiny", "--methods", "task-arithmetic",
+                       "--grid", f"lam={values}", "--results", str(tmp_path), "--dry-run")
+    assert code == 2 and "pass --yes" in err
+
+
+def test_a_local_sweep_runs_resumes_and_matches_single_runs(tmp_path, tiny_cache, capsys):
+    results = str(tmp_path / "results")
+    args = ["sweep", "--suite", "tiny", "--methods", "task-arithmetic,ties", "--splits", "seen",
+            "--results", results, "--cache-dir", tiny_cache, "--workers", "2"]
+    code, out, _ = cli(capsys, *args)
+    assert code == 0, out
+    assert "sweep: 2 done, 0 skipped, 0 not-applicable, 0 failed" in out
+    assert os.path.exists(tmp_path / "tiny.md")            # rendered beside the results
+    swept = {r.method: r for r in read_records(os.path.join(results, "tiny", "seen"))[0]}
+    single = str(tmp_path / "single")
+    assert cli(capsys, "run", "--method", "ties", "--suite", "tiny", "--results", single,
+               "--cache-dir", tiny_cache, "--quiet")[0] == 0
+    alone = next(r for r in read_records(single)[0] if r.method == "ties")
+    assert swept["ties"].tasks == alone.tasks and swept["ties"].adr == alone.adr
+    assert os.path.basename(swept["ties"].path) == os.path.basename(alone.path)
+    code, out, _ = cli(capsys, *args)                       # again: everything is stored
+    assert code == 0 and "sweep: 0 done, 2 skipped" in out
+
+
+def test_a_failing_cell_is_retried_then_recorded_and_run_again_later(tmp_path, tiny_cache):
+    options = SweepOptions(str(tmp_path), tiny_cache)
+    cell = Cell("tiny", "ties", "seen")
+    (_, path, stored), = plan([cell], options)
+    assert not stored
+    calls = []
+
+    def failing():
+        calls.append(1)
+        return 2, "error: something broke"
+    outcome = settle(cell, path, failing)
+    assert len(calls) == 2 and outcome.status == "failed"
+    assert outcome.error == "something broke"
+    record, _ = read_record(path)
+    assert record.status == "failed" and record.reason == "something broke"
+    assert not plan([cell], options)[0][2]                 # a failed cell is run again
+    lines = summary([outcome, Outcome(Cell("tiny", "emr", "seen"), "done")])
+    assert lines[0] == "sweep: 1 done, 0 skipped, 0 not-applicable, 1 failed"
+    assert "tiny/seen/ties seed 0: something broke" in lines[1]
+    from harness.bench.leaderboard import render_all
+    board = render_all(str(tmp_path), str(tmp_path / "out"), "tiny")[0][0].text
+    assert "Failed in a sweep" in board and "something broke" in board
+    assert settle(cell, path, lambda: (-9, "")).error.startswith("killed by the system")
+
+
+def test_a_cell_that_fails_once_succeeds_on_its_retry(tmp_path, tiny_cache):
+    options = SweepOptions(str(tmp_path), tiny_cache)
+    cell = Cell("tiny", "ties", "seen")
+    (_, path, _), = plan([cell], options)
+    results = iter([(1, "error: flaky"), (0, "")])
+    assert settle(cell, path, lambda: next(results)).status == "done"
+
+
+def test_the_slurm_executor_runs_a_job_array_through_submitit(tmp_path, tiny_cache):
+    submitit = pytest.importorskip("submitit")
+    options = SweepOptions(str(tmp_path / "results"), tiny_cache)
+    cells = [Cell("tiny", "task-arithmetic", "seen"), Cell("tiny", "weight-averaging", "seen")]
+    jobs = [(cell, path) for cell, path, _ in plan(cells, options)]
+    executor = submitit.LocalExecutor(folder=str(tmp_path / "logs"))
+    executor.update_parameters(timeout_min=10)
+    outcomes = run_slurm(jobs, options, lambda o: o, executor=executor)
+    assert [o.status for o in outcomes] == ["done", "done"]
+    for _, path in jobs:
+        assert read_record(path)[0].status == "measured"
+    assert os.listdir(tmp_path / "logs")                   # a log per cell
+
+
+def test_the_ray_executor_runs_cells_on_a_local_cluster(tmp_path, tiny_cache):
+    ray = pytest.importorskip("ray")
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True,
+                 log_to_driver=False)
+    except Exception as error:           # a sandbox without the shared memory Ray needs
+        pytest.skip(f"Ray cannot start here: {error}")
+    try:
+        options = SweepOptions(str(tmp_path / "results"), tiny_cache, executor="ray")
+        outcomes = sweep([Cell("tiny", "task-arithmetic", "seen")], options, echo=lambda _: 0)
+        assert [o.status for o in outcomes] == ["done"]
+    finally:
+        ray.shutdown()
+
+
+def test_executors_without_their_extra_say_how_to_install_it(monkeypatch, tmp_path):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_extras(name, *args, **kwargs):
+        if name in ("ray", "submitit"):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_extras)
+    from harness.bench.sweep import run_ray
+    with pytest.raises(ImportError, match=r"merge-harness\[ray\]"):
+        run_ray([(Cell("tiny", "ties", "seen"), "x")], SweepOptions(str(tmp_path)), print)
+    with pytest.raises(ImportError, match=r"merge-harness\[slurm\]"):
+        run_slurm([(Cell("tiny", "ties", "seen"), "x")], SweepOptions(str(tmp_path)), print)
+
+
+def test_dry_run_lists_cells_and_what_is_stored(tmp_path, tiny_cache, capsys):
+    results = str(tmp_path)
+    assert cli(capsys, "run", "--method", "ties", "--suite", "tiny", "--results", results,
+               "--cache-dir", tiny_cache, "--quiet")[0] == 0
+    code, out, _ = cli(capsys, "sweep", "--suite", "tiny", "--methods", "ties,emr", "--splits",
+                       "seen", "--results", results, "--cache-dir", tiny_cache, "--dry-run")
+    assert code == 0 and "2 cells: 1 with a stored record, 1 to run" in out
+    assert "skip  tiny/seen/ties seed 0" in out and "run   tiny/seen/emr seed 0" in out
+    assert json.load(open(next(r.path for r in read_records(results)[0]
+                               if r.method == "ties")))["status"] == "measured"
