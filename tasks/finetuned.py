@@ -76,11 +76,11 @@ class FinetunedSuite(Suite):
 
     def prepare(self, progress: bool = True) -> None:
         """Fetch the data and fine-tune every task model that is not cached yet."""
-        from tqdm.auto import tqdm
+        from harness.core.progress import progress as bar
 
         missing = [t.name for t in self.tasks if not self.cache.has(f"task-{t.name}")]
-        for task in tqdm(missing, desc=f"{self.name}: fine-tuning",
-                         disable=not progress or not missing):
+        for task in bar(missing, f"{self.name}: fine-tuning", enabled=progress and bool(missing),
+                        lines=True):
             self.cache.ensure(f"task-{task}", functools.partial(self._finetune, task, progress),
                               steps=self.recipe["steps"])
 

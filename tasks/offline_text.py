@@ -240,7 +240,7 @@ class OfflineTextSuite(FinetunedSuite):
             yield encoded, torch.tensor([label for _, label in chunk])
 
     def _finetune(self, task: str, progress: bool) -> dict[str, Tensor]:
-        from tqdm.auto import tqdm
+        from harness.core.progress import progress as bar
 
         data = self.data()[task]
         index = [t.name for t in self.text_tasks].index(task)
@@ -252,8 +252,7 @@ class OfflineTextSuite(FinetunedSuite):
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.recipe["lr"])
         model.train()
         size = self.recipe["batch"]
-        for _ in tqdm(range(self.recipe["steps"]), desc=task, leave=False,
-                      disable=not progress or not sys.stderr.isatty()):  # steps: terminal only
+        for _ in bar(range(self.recipe["steps"]), task, leave=False, enabled=progress):
             idx = torch.randint(0, len(train), (size,), generator=g).tolist()
             encoded, labels = next(self._batches([train[i] for i in idx], size))
             loss = model(**encoded, labels=labels).loss
@@ -286,11 +285,11 @@ class OfflineTextSuite(FinetunedSuite):
     def export_state(self, task, backbone):
         """``BertForSequenceClassification``'s keys (``bert.*``, ``classifier.*``) for a task;
         ``BertModel``'s for the backbone alone."""
+        from harness.core.tensors import PrefixedState
+
         if task is None:
-            return dict(backbone)
-        state = {f"bert.{k}": v for k, v in backbone.items()}
-        state.update({f"classifier.{k}": v for k, v in self.head(task).items()})
-        return state
+            return backbone
+        return PrefixedState(("bert.", backbone), ("classifier.", self.head(task)))
 
     def export_files(self, task, folder):
         from transformers import AutoConfig

@@ -322,7 +322,7 @@ class OfflineVisionSuite(FinetunedSuite):
                 {k[len("_fc."):]: full[k] for k in full if k.startswith("_fc.")})
 
     def _finetune(self, task: str, progress: bool) -> dict[str, Tensor]:
-        from tqdm.auto import tqdm
+        from harness.core.progress import progress as bar
 
         index = [t.name for t in self.image_tasks].index(task)
         torch.manual_seed(self.training_seed(self.recipe["seed"] + index))
@@ -335,8 +335,7 @@ class OfflineVisionSuite(FinetunedSuite):
         for module in model.modules():                 # frozen batch-norm statistics
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.eval()
-        for _ in tqdm(range(self.recipe["steps"]), desc=task, leave=False,
-                      disable=not progress or not sys.stderr.isatty()):  # steps: terminal only
+        for _ in bar(range(self.recipe["steps"]), task, leave=False, enabled=progress):
             idx = torch.randint(0, len(images), (self.recipe["batch"],), generator=g)
             loss = F.cross_entropy(model(self.pixels(images[idx])), labels[idx])
             optimizer.zero_grad()

@@ -150,9 +150,9 @@ class TinySuite(Suite):
         if rebuilt:
             missing = names             # task models fine-tuned from another pretrained model
         pretrained = dict(self.cache.get("pretrained"))
-        from tqdm.auto import tqdm
+        from harness.core.progress import progress as bar
 
-        for name in tqdm(missing, desc="tiny: fine-tuning", disable=not progress):
+        for name in bar(missing, "tiny: fine-tuning", enabled=progress, lines=True):
             build = functools.partial(self._finetune, name, pretrained)
             if rebuilt:
                 self.cache.put(f"task-{name}", build(), steps=RECIPE["finetune_steps"])

@@ -26,6 +26,7 @@ from harness.bench.unseen import similarity_weights
 from harness.core.accounting import adr
 from harness.core.errors import MethodNotApplicable
 from harness.core.defaults import DEFAULT_SUITE, default_results_dir
+from harness.core.progress import progress
 from harness.core.registry import METHODS
 from harness.core.reproducible import is_pinned, machine_details
 from harness.core.tensors import merge_device
@@ -225,9 +226,7 @@ def reference_scores(suite: Suite, config: RunConfig) -> References:
                          + (" again (--force-references)" if config.force_references else
                             " (once per suite and set of models)"))
             pretrained = suite.load_pretrained() if row == "pretrained" else None
-            from tqdm.auto import tqdm
-
-            for task in tqdm(missing, desc=f"{row} model", disable=config.quiet, leave=False):
+            for task in progress(missing, f"{row} model", enabled=not config.quiet, leave=False):
                 backbone = pretrained if row == "pretrained" else suite.load_finetuned(task)
                 evaluation = suite.evaluate(task, backbone, device=config.device,
                                             progress=not config.quiet)

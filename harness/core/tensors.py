@@ -163,3 +163,26 @@ def row_chunks(shape: tuple[int, ...], tasks: int) -> list:
 def current_device() -> torch.device:
     """The device merges compute on in this context (:func:`merge_device`)."""
     return _DEVICE.get()
+
+
+class PrefixedState(Mapping):
+    """State dicts seen under new key names, each tensor read only when asked for (so a model
+    larger than memory can be written key by key): ``PrefixedState(("bert.", backbone),
+    ("classifier.", head))`` holds ``bert.<k>`` for every key of ``backbone`` and so on."""
+
+    def __init__(self, *parts: tuple[str, Mapping]) -> None:
+        self._parts = parts
+
+    def __getitem__(self, key: str) -> Tensor:
+        for prefix, part in self._parts:
+            if key.startswith(prefix) and key[len(prefix):] in part:
+                return part[key[len(prefix):]]
+        raise KeyError(key)
+
+    def __iter__(self):
+        for prefix, part in self._parts:
+            for key in part:
+                yield prefix + key
+
+    def __len__(self) -> int:
+        return sum(len(part) for _, part in self._parts)

@@ -79,7 +79,11 @@ class MergeResult:
         if task is None and self.kind != "shared":
             raise ValueError(f"{self.method} is personalized: each task has its own weights; "
                              f"name a task (one of {self.tasks})")
-        weights = self.base if task is None else self.weights_for(task)
+        if task is None or self.kind == "shared":
+            weights = self.base
+        else:
+            self._check_task(task)
+            weights = _TaskWeights(self, task)      # each key decoded when it is written
         state = suite.export_state(task, weights)
         writer = ShardWriter(os.fspath(folder), shard_bytes, hub_names=True)
         try:
@@ -143,12 +147,12 @@ class MergeResult:
         return attach_low_rank(self, model, task, prefix=prefix, keep=keep)
 
     def _with_deltas(self, delta_of) -> dict[str, Tensor]:
-        out = {}
-        for key in self.base.keys():
-            base = self.base[key]
-            delta = delta_of(key) if base.is_floating_point() else None
-            out[key] = base if delta is None else cast_like(to_float32(base) + delta, base.dtype)
-        return out
+        return {key: self._with_delta(key, delta_of) for key in self.base.keys()}
+
+    def _with_delta(self, key: str, delta_of) -> Tensor:
+        base = self.base[key]
+        delta = delta_of(key) if base.is_floating_point() else None
+        return base if delta is None else cast_like(to_float32(base) + delta, base.dtype)
 
     # ---- accounting ----------------------------------------------------------------------
     @property
@@ -208,3 +212,23 @@ class MergeResult:
             for key in self.shared[name].keys():
                 check(f"key {key!r} served to unseen tasks ({scale} * {name})",
                       to_float32(self.shared[name][key]) * scale)
+
+
+class _TaskWeights(Mapping):
+    """``result.weights_for(task)`` key by key: each tensor decoded when asked for (the same
+    values), so an export streams a model larger than memory."""
+
+    def __init__(self, result: MergeResult, task: str) -> None:
+        self._result, self._payload = result, result.payloads[task]
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._result.base:
+            raise KeyError(key)
+        return self._result._with_delta(
+            key, lambda k: self._payload.delta(k, self._result.shared))
+
+    def __iter__(self):
+        return iter(self._result.base.keys())
+
+    def __len__(self) -> int:
+        return len(self._result.base)

@@ -331,9 +331,9 @@ def iter_keys(keys: list[str], desc: str, progress: bool) -> Iterator[str]:
     keys = list(keys)
     shown = keys
     if progress:
-        from tqdm.auto import tqdm
+        from harness.core.progress import progress as bar
 
-        shown = tqdm(keys, desc=desc, unit="tensor", leave=False)
+        shown = bar(keys, desc, unit="tensor", leave=False)
     MAPPED_PAGES.loops += 1
     read_ahead = READ_AHEAD.window(keys)
     try:

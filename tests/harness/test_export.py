@@ -130,3 +130,14 @@ def test_cli_export_of_tiny_says_it_has_no_transformers_format(tiny_cache, capsy
     assert code == 2
     assert "suite 'tiny' has no transformers model format" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_personalized_export_decodes_key_by_key(suite, tmp_path, monkeypatch):
+    """The task's weights are never built whole (a model larger than memory streams)."""
+    result = merged(suite, "dts-d")
+    expected = result.weights_for("adjective-order")
+    monkeypatch.setattr(type(result), "weights_for", lambda *a: pytest.fail("built whole"))
+    folder = result.export(tmp_path / "streamed", suite, "adjective-order")
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(folder)
+    for key, value in expected.items():
+        assert torch.equal(loaded.state_dict()[f"bert.{key}"], value), key

@@ -169,3 +169,14 @@ def test_devices_are_checked_before_any_work(capsys):
     code, _, err = cli(capsys, "validate", "--method", "ties", "--suite", "tiny",
                        "--device", "gpu")
     assert code == 2 and "--device 'gpu' is not a device" in err
+
+
+def test_progress_in_a_log_is_a_line_per_item_not_a_bar(capsys):
+    from harness.core.progress import progress
+
+    assert list(progress(["a", "b"], "building", lines=True)) == ["a", "b"]
+    err = capsys.readouterr().err                     # pytest's stderr is not a terminal
+    assert err.count("\n") == 2 and "building: a done (1/2" in err and "\r" not in err
+    assert list(progress(range(3), "steps")) == [0, 1, 2]            # inner loops: silent
+    assert list(progress(["x"], "off", enabled=False, lines=True)) == ["x"]
+    assert capsys.readouterr().err == ""
