@@ -11,12 +11,14 @@ from torch import Tensor
 from harness.engine.templates import SharedMerge
 
 
-def weight_average(weights: Sequence[Tensor]) -> Tensor:
-    """``mean_t w_t``, accumulated in float64 so identical models average to themselves."""
+def weight_average(weights: Sequence[Tensor], out: Tensor | None = None) -> Tensor:
+    """``mean_t w_t``, accumulated in float64 so identical models average to themselves; the
+    float32 result is a new tensor, or written into ``out`` (the same rounding)."""
     total = weights[0].to(torch.float64)
     for w in weights[1:]:
         total += w
-    return (total / len(weights)).to(torch.float32)
+    total.div_(len(weights))
+    return total.to(torch.float32) if out is None else out.copy_(total)
 
 
 @dataclass(frozen=True)
@@ -36,4 +38,4 @@ class WeightAveraging(SharedMerge):
     propagates_nonfinite = True      # a mean: every NaN/Inf shows
 
     def rule(self, spec):
-        return lambda key, theta0, weights, out: weight_average(weights)
+        return lambda key, theta0, weights, out: weight_average(weights, out)
