@@ -27,7 +27,9 @@ class ModelSpec:
     other_keys: list[str]                       # non-float buffers, copied from pretrained
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, torch.dtype]
-    changed: dict[str, dict[str, int]] = field(default_factory=dict)  # task -> key -> #nonzero
+    # task -> key -> number of non-zero task-vector entries, exact after inspect_models; a merge
+    # pass that checks the values itself (inspect_models(values=False)) records 1 for "some"
+    changed: dict[str, dict[str, int]] = field(default_factory=dict)
     values_checked: bool = True     # False until a pass over the inputs has run ValueChecks
 
     @property

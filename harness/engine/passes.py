@@ -84,6 +84,9 @@ def task_vector_blocks(pretrained: StateDict, finetuned: Mapping[str, StateDict]
     output instead, which shows every non-finite input of a rule that propagates them, and
     runs :func:`check_block` to name the culprit when it is not finite.
 
+    Either way a task is only marked changed or not per key (:meth:`ValueChecks.mark_changed`),
+    never counted entry by entry: these passes' merges need no more.
+
     Task vectors (and weight casts) are computed into :class:`BlockBuffers`, reused for the next
     block: use each block's before asking for the next.
     """
@@ -94,7 +97,7 @@ def task_vector_blocks(pretrained: StateDict, finetuned: Mapping[str, StateDict]
         if checks is not None and not (fused and not weights):    # fused: theta_0 is in the
             checks.pretrained(key, theta0)                         # output of a fused rule
         blocks = [source[rows] for source in sources]
-        if fused and checks is not None:
+        if checks is not None:                  # changed or not is all these passes need
             reference = p[rows]
             for task, block in zip(spec.tasks, blocks):
                 checks.mark_changed(task, key, block, reference)
@@ -103,7 +106,8 @@ def task_vector_blocks(pretrained: StateDict, finetuned: Mapping[str, StateDict]
             if checks is not None and not fused:
                 delta = buffers.view("delta", theta0)
                 for task, weight, block in zip(spec.tasks, inputs, blocks):
-                    checks.task(task, key, torch.sub(weight, theta0, out=delta), block,
+                    torch.sub(weight, theta0, out=delta)
+                    checks.task(task, key, delta, block, (0, not_finite(delta)),
                                 overflow_ok=True)
             yield rows, theta0, inputs
             continue
@@ -111,8 +115,14 @@ def task_vector_blocks(pretrained: StateDict, finetuned: Mapping[str, StateDict]
         for task, tau, block in zip(spec.tasks, taus, blocks):
             task_vector(theta0, block, out=tau)
             if checks is not None and not fused:
-                checks.task(task, key, tau, block)
+                checks.task(task, key, tau, block, (0, not_finite(tau)))
         yield rows, theta0, taus
+
+
+def not_finite(t: Tensor) -> bool:
+    """Whether ``t`` holds a NaN or Inf: one cheap reduction, the exact check only when it
+    says so (a sum of finite values may overflow)."""
+    return not surely_finite(t) and not bool(torch.isfinite(t).all())
 
 
 def check_block(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
