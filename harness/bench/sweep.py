@@ -9,8 +9,9 @@ writes its record atomically where a single run would: a sweep's records are tho
 runs. The first cell of each suite runs alone (it builds the suite and measures its reference
 models once); the rest run in parallel. A cell that fails is retried once, then recorded as
 failed (a small record with its error, listed under the leaderboard); a process killed by the
-system (out of memory) is reported as such. Then the leaderboards are rendered and a summary
-printed.
+system (out of memory) is reported as such. Two sweeps sharing a results folder never run one
+cell twice: each claims a cell before running it (a ``<record>.claim`` file). Then the
+leaderboards are rendered and a summary printed.
 
 Executors: ``local`` (worker processes here, the default), ``ray`` (an existing cluster or a
 local one; ``pip install ray``) and ``slurm`` (one job array through submitit; ``pip install
@@ -67,7 +68,7 @@ class SweepOptions:
 @dataclasses.dataclass
 class Outcome:
     cell: Cell
-    status: str                         # done | skipped | not-applicable | failed
+    status: str                         # done | skipped | not-applicable | failed | claimed
     seconds: float = 0.0
     error: str | None = None
 
@@ -176,9 +177,80 @@ def describe_failure(code: int, message: str) -> str:
     return message.removeprefix("error: ") or f"exit code {code}"
 
 
+CLAIM_SUFFIX = ".claim"
+CLAIM_MAX_AGE_S = 24 * 3600     # another host's claim older than this is taken over
+
+
+def claim(path: str) -> bool:
+    """Claim the cell whose record is ``path`` for this process (a ``<record>.claim`` file
+    created exclusively, naming host and pid), so two sweeps sharing a results folder never run
+    one cell twice. A claim of a process that is gone (same host), or older than a day
+    (another host), is taken over. False when another live sweep holds it."""
+    import json
+    import socket
+
+    target = path + CLAIM_SUFFIX
+    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+    for _ in range(3):
+        try:
+            descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                with open(target, encoding="utf-8") as f:
+                    holder = json.loads(f.read(4096))
+                host, pid, since = holder["host"], int(holder["pid"]), float(holder["time"])
+            except (OSError, ValueError, KeyError, TypeError):
+                host, pid, since = None, 0, 0.0         # unreadable: treat as abandoned
+            if host == me["host"] and pid == me["pid"]:
+                return True
+            alive = (_process_alive(pid) if host == me["host"]
+                     else time.time() - since < CLAIM_MAX_AGE_S)
+            if alive and host is not None:
+                return False
+            try:
+                os.remove(target)                       # abandoned: take it over
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(descriptor, "w", encoding="utf-8") as f:
+            json.dump(me, f)
+        return True
+    return False
+
+
+def release(path: str) -> None:
+    try:
+        os.remove(path + CLAIM_SUFFIX)
+    except FileNotFoundError:
+        pass
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def settle(cell: Cell, path: str, attempt: Callable[[], tuple[int, str]]) -> Outcome:
     """Run a cell (retried once after a failure) and say how it ended; a cell that fails twice
-    gets a failed record at its path, which the next sweep runs again."""
+    gets a failed record at its path, which the next sweep runs again. A cell another live
+    sweep has claimed is left to it (``claimed``)."""
+    if not claim(path):
+        return Outcome(cell, "claimed", 0.0, "another sweep is running it")
+    try:
+        return _settle(cell, path, attempt)
+    finally:
+        release(path)
+
+
+def _settle(cell: Cell, path: str, attempt: Callable[[], tuple[int, str]]) -> Outcome:
     from harness.bench.records import RunRecord, read_record, write_record
 
     start = time.perf_counter()
@@ -317,6 +389,8 @@ def summary(outcomes: list[Outcome]) -> list[str]:
     """Counts by status, then each failed cell with the first line of its error."""
     counts = {s: sum(o.status == s for o in outcomes)
               for s in ("done", "skipped", "not-applicable", "failed")}
+    if any(o.status == "claimed" for o in outcomes):
+        counts["left to another sweep"] = sum(o.status == "claimed" for o in outcomes)
     lines = ["sweep: " + ", ".join(f"{n} {s}" for s, n in counts.items())]
     lines += [f"  failed: {o.cell.label}: {(o.error or '').splitlines()[0] if o.error else ''}"
               for o in outcomes if o.status == "failed"]

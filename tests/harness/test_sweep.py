@@ -157,3 +157,34 @@ def test_dry_run_lists_cells_and_what_is_stored(tmp_path, tiny_cache, capsys):
     assert "skip  tiny/seen/ties seed 0" in out and "run   tiny/seen/emr seed 0" in out
     assert json.load(open(next(r.path for r in read_records(results)[0]
                                if r.method == "ties")))["status"] == "measured"
+
+
+def test_two_sweeps_never_run_one_cell_twice(tmp_path, tiny_cache):
+    """A cell claimed by another live sweep is left to it; the claim of a process that is
+    gone is taken over."""
+    import subprocess
+    import sys
+
+    from harness.bench.sweep import claim, release
+
+    options = SweepOptions(str(tmp_path), tiny_cache)
+    cell = Cell("tiny", "ties", "seen")
+    (_, path, _), = plan([cell], options)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import socket
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".claim", "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": other.pid, "time": 0}, f)
+        ran = []
+        outcome = settle(cell, path, lambda: ran.append(1) or (0, ""))
+        assert outcome.status == "claimed" and not ran
+        assert os.path.exists(path + ".claim")               # the other sweep's, kept
+    finally:
+        other.kill()
+        other.wait()
+    outcome = settle(cell, path, lambda: (0, ""))            # its holder is gone: taken over
+    assert outcome.status == "done" and not os.path.exists(path + ".claim")
+    assert claim(path) and claim(path)                       # our own claim, again
+    release(path)
+    assert not os.path.exists(path + ".claim")
