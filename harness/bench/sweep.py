@@ -285,6 +285,28 @@ def run_local(jobs: list[tuple[Cell, str]], options: SweepOptions, report) -> li
     return outcomes
 
 
+def _claimed(group: list[tuple[Cell, str]], report, outcomes: list[Outcome]):
+    """The cells of ``group`` this sweep could claim, before their jobs are submitted to a
+    cluster (the others, claimed by another live sweep, are reported as such)."""
+    mine = []
+    for cell, path in group:
+        if claim(path):
+            mine.append((cell, path))
+        else:
+            outcomes.append(report(Outcome(cell, "claimed", 0.0, "another sweep is running it")))
+    return mine
+
+
+def _first_then_anew(first, submit, wait) -> Callable[[], tuple[int, str]]:
+    """A cell's attempts on a cluster: the first waits for the job submitted with the others,
+    a retry submits it anew."""
+    pending = [first]
+
+    def attempt():
+        return wait(pending.pop() if pending else submit())
+    return attempt
+
+
 def run_ray(jobs: list[tuple[Cell, str]], options: SweepOptions, report) -> list[Outcome]:
     try:
         import ray
@@ -293,16 +315,13 @@ def run_ray(jobs: list[tuple[Cell, str]], options: SweepOptions, report) -> list
                           "'merge-harness[ray]'") from None
     ray.init(address=options.address, ignore_reinit_error=True)
     remote = ray.remote(num_cpus=1, num_gpus=options.gpus_per_cell)(run_cell_process)
-    outcomes = []
-    firsts, rest = _first_of_each_suite(jobs)
-    for group in (firsts, rest):
-        first_tries = {cell: remote.remote(run_argv(cell, options)) for cell, _ in group}
-        for cell, path in group:
-            tries = iter([first_tries[cell]])
-
-            def attempt(cell=cell, tries=tries):
-                ref = next(tries, None) or remote.remote(run_argv(cell, options))
-                return ray.get(ref)
+    outcomes: list[Outcome] = []
+    for group in _first_of_each_suite(jobs):
+        group = _claimed(group, report, outcomes)
+        refs = [remote.remote(run_argv(cell, options)) for cell, _ in group]
+        for (cell, path), ref in zip(group, refs):
+            attempt = _first_then_anew(
+                ref, lambda cell=cell: remote.remote(run_argv(cell, options)), ray.get)
             outcomes.append(report(settle(cell, path, attempt)))
     return outcomes
 
@@ -323,23 +342,24 @@ def run_slurm(jobs: list[tuple[Cell, str]], options: SweepOptions, report,
         executor.update_parameters(timeout_min=options.time_minutes, cpus_per_task=2,
                                    slurm_partition=options.partition,
                                    gpus_per_node=int(options.gpus_per_cell) or None)
-    outcomes = []
-    firsts, rest = _first_of_each_suite(jobs)
-    for group in (firsts, rest):
+
+    def wait(job):
+        try:
+            return job.result()
+        except Exception as error:        # the job itself died (node lost, timeout)
+            return 1, f"error: slurm job {job.job_id}: {str(error).splitlines()[-1]}"
+
+    outcomes: list[Outcome] = []
+    for group in _first_of_each_suite(jobs):
+        group = _claimed(group, report, outcomes)
         if not group:
             continue
         submitted = executor.map_array(run_cell_process,
                                        [run_argv(cell, options) for cell, _ in group])
         for (cell, path), job in zip(group, submitted):
-            tries = iter([job])
-
-            def attempt(cell=cell, tries=tries):
-                job = next(tries, None) or executor.submit(run_cell_process,
-                                                           run_argv(cell, options))
-                try:
-                    return job.result()
-                except Exception as error:        # the job itself died (node lost, timeout)
-                    return 1, f"error: slurm job {job.job_id}: {str(error).splitlines()[-1]}"
+            resubmit = lambda cell=cell: executor.submit(run_cell_process,  # noqa: E731
+                                                          run_argv(cell, options))
+            attempt = _first_then_anew(job, resubmit, wait)
             outcomes.append(report(settle(cell, path, attempt)))
     return outcomes
 

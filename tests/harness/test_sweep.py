@@ -188,3 +188,30 @@ def test_two_sweeps_never_run_one_cell_twice(tmp_path, tiny_cache):
     assert claim(path) and claim(path)                       # our own claim, again
     release(path)
     assert not os.path.exists(path + ".claim")
+
+
+def test_a_cluster_sweep_claims_cells_before_submitting_them(tmp_path, tiny_cache):
+    """A cell another live sweep holds is never submitted to the cluster."""
+    import socket
+    import subprocess
+    import sys
+
+    submitit = pytest.importorskip("submitit")
+    options = SweepOptions(str(tmp_path / "results"), tiny_cache)
+    cells = [Cell("tiny", "task-arithmetic", "seen"), Cell("tiny", "weight-averaging", "seen")]
+    jobs = [(cell, path) for cell, path, _ in plan(cells, options)]
+    held = jobs[1][1]
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        os.makedirs(os.path.dirname(held), exist_ok=True)
+        with open(held + ".claim", "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": other.pid, "time": 0}, f)
+        executor = submitit.LocalExecutor(folder=str(tmp_path / "logs"))
+        executor.update_parameters(timeout_min=10)
+        outcomes = run_slurm(jobs, options, lambda o: o, executor=executor)
+    finally:
+        other.kill()
+        other.wait()
+    assert sorted(o.status for o in outcomes) == ["claimed", "done"]
+    assert not os.path.exists(held)                         # never run here
+    assert not os.path.exists(jobs[0][1] + ".claim")        # ours released
