@@ -63,12 +63,14 @@ class Suite:
         self.cache_dir = cache_dir or default_cache_dir()
 
     # ---- fine-tuning seeds (suites that build their task models) -------------------------
-    def _set_finetune_seed(self, seed: int) -> None:
-        """Select fine-tuning ``seed`` (0: the suite's recipe as published). Another seed gives
-        another set of task models from the same backbone and data, kept in its own cache
-        folder and told apart in result files, to show the spread between fine-tunings."""
+    def _set_finetune_seed(self, seed: int, recipe: dict) -> dict:
+        """Select fine-tuning ``seed`` (0: the suite's recipe as published) and return the
+        build ``recipe`` under it. Another seed gives another set of task models from the same
+        backbone and data, kept in its own cache folder and told apart in result files, to show
+        the spread between fine-tunings; seed 0 keeps the recipe (and so its cache key)."""
         check_finetune_seed(seed)
         self.finetune_seed = seed
+        return {**recipe, "finetune_seed": seed} if seed else recipe
 
     def training_seed(self, seed: int) -> int:
         """The seed a task's fine-tuning uses where the recipe says ``seed``: unchanged under

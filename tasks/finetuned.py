@@ -29,9 +29,7 @@ class FinetunedSuite(Suite):
     def __init__(self, cache_dir: str | None = None, *, encoder: str | None = None,
                  data_key: str = "", finetune_seed: int = 0) -> None:
         super().__init__(cache_dir)
-        self._set_finetune_seed(finetune_seed)
-        if finetune_seed:       # the published recipe (seed 0) keeps its key and its cache
-            self.recipe = {**self.recipe, "finetune_seed": finetune_seed}
+        self.recipe = self._set_finetune_seed(finetune_seed, self.recipe)
         self.folder = self.cache_folder()
         self.cache = CheckpointCache(self.folder, {**self.recipe, "data": data_key})
         self._encoder_name = encoder

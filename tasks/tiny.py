@@ -133,10 +133,9 @@ class TinySuite(Suite):
 
     def __init__(self, cache_dir: str | None = None, *, finetune_seed: int = 0) -> None:
         super().__init__(cache_dir)
-        self._set_finetune_seed(finetune_seed)
-        # the published recipe (fine-tuning seed 0) keeps its key; the pretrained model is
-        # the same under every fine-tuning seed (pretraining does not depend on it)
-        self.recipe = {**RECIPE, "finetune_seed": finetune_seed} if finetune_seed else RECIPE
+        # the pretrained model is the same under every fine-tuning seed (pretraining does not
+        # depend on it)
+        self.recipe = self._set_finetune_seed(finetune_seed, RECIPE)
         self.cache = CheckpointCache(self.cache_folder(), self.recipe)
         self._data: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
 

@@ -119,7 +119,6 @@ def cmd_sweep(args) -> int:
     from harness.bench.sweep import (MAX_CELLS_WITHOUT_YES, SweepOptions, expand, summary,
                                      sweep)
     from harness.core.defaults import default_leaderboard_dir, default_results_dir
-    from harness.io.files import write_text_atomic
 
     suites = _names(args.suite)
     cells = expand(suites, _names(args.methods), _names(args.splits), args.seeds or [0],
@@ -137,7 +136,7 @@ def cmd_sweep(args) -> int:
     out = default_leaderboard_dir(results)
     for suite in suites:
         for item in render_all(results, out, suite)[0]:
-            write_text_atomic(item.path, item.text)
+            _write_changed(item)
         print(f"leaderboard: {os.path.join(out, suite + '.md')}")
     for line in summary(outcomes):
         print(line)
@@ -220,7 +219,6 @@ def cmd_ls(args) -> int:
 def cmd_leaderboard(args) -> int:
     from harness.bench.leaderboard import render_all
     from harness.core.defaults import default_leaderboard_dir, default_results_dir
-    from harness.io.files import write_text_atomic
 
     folders = args.results or [default_results_dir()]
     for folder in folders:
@@ -233,15 +231,11 @@ def cmd_leaderboard(args) -> int:
         print(f"skipped {s.path}: {s.reason}", file=sys.stderr)
     stale = []
     for item in rendered:
-        current = _read_text(item.path)
         if args.check:
-            if current != item.text:
+            if _read_text(item.path) != item.text:
                 stale.append(item.path)
-        elif current != item.text:
-            write_text_atomic(item.path, item.text)
-            print(f"wrote {item.path}")
         else:
-            print(f"unchanged {item.path}")
+            print(f"{'wrote' if _write_changed(item) else 'unchanged'} {item.path}")
     if stale:
         print("out of date (run `harness leaderboard`): " + ", ".join(stale), file=sys.stderr)
         return 1
@@ -250,6 +244,17 @@ def cmd_leaderboard(args) -> int:
     elif not rendered:
         print(f"no results in {', '.join(folders)}: nothing to render")
     return 0
+
+
+def _write_changed(item) -> bool:
+    """Write a rendered leaderboard file (atomically) unless it holds that text already;
+    whether it was written."""
+    from harness.io.files import write_text_atomic
+
+    if _read_text(item.path) == item.text:
+        return False
+    write_text_atomic(item.path, item.text)
+    return True
 
 
 def _read_text(path: str) -> str | None:

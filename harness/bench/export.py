@@ -13,8 +13,8 @@ import contextlib
 import dataclasses
 import os
 
-from harness.bench.runner import (RunConfig, ensure_built, select_per_task, stream_folder,
-                                  validate)
+from harness.bench.runner import (RunConfig, ensure_built, plan_cell, select_per_task,
+                                  stream_folder)
 from harness.core.tensors import merge_device
 from harness.engine.outputs import stream_outputs
 
@@ -28,15 +28,13 @@ class Exported:
 def export(config: RunConfig, out: str, task: str | None = None) -> list[Exported]:
     """Merge as :func:`harness.bench.runner.run` does and export ``task``'s model to ``out``,
     or (task None) every seen task's (see the module docstring). Returns what was written."""
-    suite, method = validate(config)
+    suite, method, _ = plan_cell(config)      # validated, its seed applied
     if not suite.exports:                       # said before any merge
         suite.export_state(task, {})
     seen = suite.split_tasks("seen")
     if task is not None and task not in seen:
         raise ValueError(f"--task {task!r} is not a seen (merged) task of {suite.name}: "
                          f"{', '.join(seen)}")
-    if "seed" in method.params() and "seed" not in config.overrides:
-        method = dataclasses.replace(method, seed=config.seed)
     suite = ensure_built(suite, config)
     suite.prepare(progress=not config.quiet)
     pretrained = suite.load_pretrained()

@@ -114,10 +114,7 @@ def render_table(records: list[RunRecord]) -> str:
     in italics, and every single-seed row whose paired difference from the best is not
     significant (p >= 0.05) is marked ``†`` (:mod:`harness.bench.uncertainty`)."""
     records = sorted(records, key=_row_key)
-    groups: dict[str, list[RunRecord]] = defaultdict(list)
-    for record in records:
-        groups[_base_label(record)].append(record)
-    rows = list(groups.values())
+    rows = list(_rows(records).values())
     tasks: list[str] = []
     for record in records:
         tasks += [t for t in record.task_order if t not in tasks]
@@ -149,6 +146,15 @@ def render_table(records: list[RunRecord]) -> str:
     headers = ["Method", *columns, "AMR"]
     return tabulate(cells, headers, tablefmt="github", disable_numparse=True,
                     colalign=("left", *["right"] * (len(headers) - 1)))
+
+
+def _rows(records: list[RunRecord]) -> dict[str, list[RunRecord]]:
+    """A leaderboard's rows, in the order of ``records``: records that differ only by seed
+    (one label) make one row."""
+    groups: dict[str, list[RunRecord]] = defaultdict(list)
+    for record in records:
+        groups[_base_label(record)].append(record)
+    return groups
 
 
 def _group_figure(group: list[RunRecord], column: str) -> tuple[float | None, float | None]:
@@ -264,11 +270,8 @@ def split_plot(suite: str, split: str, records: list[RunRecord]) -> str | None:
     such rows or without matplotlib."""
     from harness.bench import plot
 
-    chosen = sorted((r for r in records if r.split == split and r.measured
-                     and r.finetune_seed == 0), key=_row_key)
-    groups: dict[str, list[RunRecord]] = defaultdict(list)
-    for record in chosen:
-        groups[_base_label(record)].append(record)
+    groups = _rows(sorted((r for r in records if r.split == split and r.measured
+                           and r.finetune_seed == 0), key=_row_key))
     points, individual = [], None
     for label, group in groups.items():
         average, half = _group_figure(group, "Avg")

@@ -246,10 +246,10 @@ def reference_scores(suite: Suite, config: RunConfig) -> References:
                                    average=_mean(tasks), eval_seconds=seconds,
                                    provenance=provenance(suite, config.device))
                 known = {t: per_example[t] for t in names if t in per_example}
-                with_intervals(record, known if len(known) == len(names) else None)
+                known = known if len(known) == len(names) else None
+                with_intervals(record, known)
                 write_record(record_path(config.results_dir, suite.name, split, row,
-                                         json_safe(options), 0),
-                             record, known if len(known) == len(names) else None)
+                                         json_safe(options), 0), record, known)
         scores[row] = per_task
         outcomes[row] = per_example
     return References(scores, outcomes)

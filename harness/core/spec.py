@@ -89,11 +89,10 @@ class ValueChecks:
         self.spec.changed[task][key] += nonzero
 
     def mark_changed(self, task: str, key: str, source: Tensor, pretrained: Tensor) -> None:
-        """For a fused pass (:func:`~harness.engine.passes.merge_shared` with a rule whose output
-        shows every non-finite input): note whether the task's ``source`` block differs from
-        the ``pretrained`` block (same dtype), as 1 non-zero entry at least, without counting
-        them; the values are checked on the output instead. Once a key is known changed, later
-        blocks are not compared."""
+        """For a merge pass that checks values itself
+        (:func:`~harness.engine.passes.task_vector_blocks`): note whether the task's ``source``
+        block differs from the ``pretrained`` block (same dtype) as 1 non-zero entry, without
+        counting them. Once a key is known changed, later blocks are not compared."""
         if self.spec.changed[task][key] == 0 and (
                 not torch.equal(source.reshape(-1)[:4096], pretrained.reshape(-1)[:4096])
                 or not torch.equal(source, pretrained)):       # most differ in the first

@@ -79,13 +79,11 @@ def task_vector_blocks(pretrained: StateDict, finetuned: Mapping[str, StateDict]
     views of the inputs) instead of their task vectors. With ``checks``, every block is checked
     (:class:`ValueChecks`) before it is handed over.
 
-    With ``fused`` (and ``checks``), only the pretrained block is checked here and each task
-    is only marked changed or not (:meth:`ValueChecks.mark_changed`): the caller checks the
+    With ``checks``, each task is only marked changed or not per key
+    (:meth:`ValueChecks.mark_changed`), never counted entry by entry: these passes' merges need
+    no more. With ``fused`` too, the tasks' values are not checked here: the caller checks the
     output instead, which shows every non-finite input of a rule that propagates them, and
     runs :func:`check_block` to name the culprit when it is not finite.
-
-    Either way a task is only marked changed or not per key (:meth:`ValueChecks.mark_changed`),
-    never counted entry by entry: these passes' merges need no more.
 
     Task vectors (and weight casts) are computed into :class:`BlockBuffers`, reused for the next
     block: use each block's before asking for the next.
@@ -135,7 +133,7 @@ def check_block(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec:
     for task in spec.tasks:
         block = finetuned[task][key][rows]
         delta = task_vector(theta0, block)
-        checks.task(task, key, delta, block, (0, not surely_finite(delta)), overflow_ok=weights)
+        checks.task(task, key, delta, block, (0, not_finite(delta)), overflow_ok=weights)
 
 
 def shared_and_masks(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
