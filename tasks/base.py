@@ -31,6 +31,16 @@ class Task:
     metric: str = "accuracy"         # spec, Accounting
 
 
+@dataclass(frozen=True)
+class DownloadSource:
+    """Something the first run downloads: what it is, and the URL it comes from (None, with
+    ``problem`` saying why, when the download cannot even be attempted)."""
+
+    what: str
+    url: str | None
+    problem: str | None = None
+
+
 @dataclass
 class Evaluation:
     """A task's score: the headline metric (a fraction in [0, 1], or a correlation) and extras.
@@ -118,6 +128,12 @@ class Suite:
         """What the next run must still download and build before it can merge, one line each
         with its size and a time estimate ([] when everything is in place). ``harness
         validate`` prints it, so a cold start is never a surprise."""
+        return []
+
+    def download_sources(self) -> list[DownloadSource]:
+        """Where the downloads of ``first_run_plan`` come from, for ``harness validate`` to
+        check that they are reachable ([] when nothing is left to download). Hub checkpoints
+        and datasets are checked by :meth:`check` itself."""
         return []
 
     def prepare(self, progress: bool = True) -> None:

@@ -202,6 +202,64 @@ class ClipSuite(ConfiguredSuite):
         """Mean of the unit class embeddings (templates averaged), renormalized."""
         return unit(torch.stack([unit(row) for row in self.head(task)]).mean(dim=0))
 
+    # ---- exporting ------------------------------------------------------------------------
+    exports = True
+    HEAD_FILE = "zero_shot_head.safetensors"
+
+    def export_state(self, task, backbone):
+        """A ``CLIPModel``'s keys: the merged vision tower under ``vision_model.``, the rest (text
+        tower, projections, logit scale) as the pretrained CLIP has them, so the zero-shot
+        classifier of any class names can be rebuilt from the folder. Checkpoints in the
+        open_clip layout have no text tower here: they export a
+        ``CLIPVisionModelWithProjection`` (the converted tower and its projection)."""
+        from harness.core.tensors import PrefixedState
+
+        if self.format == "open_clip":
+            converted = _Converted(backbone)
+            return PrefixedState(("vision_model.", converted),
+                                 ("visual_projection.", converted.projection))
+        rest = {k: v for k, v in self.clip.state_dict().items()
+                if not k.startswith("vision_model.")}
+        return PrefixedState(("vision_model.", backbone), ("", rest))
+
+    def export_files(self, task, folder):
+        """The config (a task's class names as its labels), the image processor, the tokenizer
+        (transformers layout), and the task's zero-shot head (classes x projection dim, logit
+        scale included) as ``zero_shot_head.safetensors``, the exact classifier the suite
+        scores with (its prompt templates averaged)."""
+        from safetensors.torch import save_file
+
+        if self.format == "open_clip":
+            from transformers import CLIPVisionConfig
+
+            config = CLIPVisionConfig(**{**self._vision.config.to_dict(),
+                                         "projection_dim": self._projection_dim})
+            config.architectures = ["CLIPVisionModelWithProjection"]
+        else:
+            config = type(self.clip.config).from_dict(self.clip.config.to_dict())
+            config.architectures = ["CLIPModel"]
+        if task is not None:
+            names = self.classnames(task)
+            config.id2label = dict(enumerate(names))
+            config.label2id = {n: i for i, n in enumerate(names)}
+        config.save_pretrained(folder)
+        self.processor.save_pretrained(folder)
+        if self.format != "open_clip":
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(self.config["pretrained"],
+                                          revision=self.config.get("revision")
+                                          ).save_pretrained(folder)
+        if task is not None:
+            tensors = {"weight": self.head(task).contiguous()}
+            if self._biases.get(task) is not None:
+                tensors["bias"] = self._biases[task].contiguous()
+            save_file(tensors, os.path.join(folder, self.HEAD_FILE))
+
+    @property
+    def _projection_dim(self) -> int:
+        return int(to_transformers(dict(self.load_pretrained()))[1].shape[0])
+
     # ---- evaluation ----------------------------------------------------------------------
     @cached_property
     def processor(self):
@@ -268,6 +326,16 @@ class ClipSuite(ConfiguredSuite):
         return Evaluation("accuracy", int(scores.sum()) / len(data), examples=len(data),
                           outcomes={"score": scores})
 
+
+
+class _Converted(dict):
+    """An open_clip visual tower in transformers' names (``to_transformers``); ``projection``
+    holds the image projection as ``{"weight": ...}``."""
+
+    def __init__(self, visual) -> None:
+        tower, projection = to_transformers(dict(visual))
+        super().__init__(tower)
+        self.projection = {"weight": projection.contiguous()}
 
 
 def unit_rows(x: Tensor) -> Tensor:

@@ -17,7 +17,44 @@ import sys
 import tarfile
 import zipfile
 
-from harness.tasks.base import SuiteUnavailableError
+from harness.tasks.base import DownloadSource, SuiteUnavailableError
+
+DEFAULT_INDEX = "https://pypi.org/simple/"
+
+
+def package_index_url() -> str:
+    """The index ``pip download`` uses: ``$PIP_INDEX_URL``, else pip's configured
+    ``global.index-url``, else PyPI's simple index."""
+    if os.environ.get("PIP_INDEX_URL"):
+        return os.environ["PIP_INDEX_URL"]
+    result = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"],
+                            capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() \
+        else DEFAULT_INDEX
+
+
+def pip_source(requirement: str) -> DownloadSource:
+    """Where ``pip_download(requirement)`` will fetch from: the package's page on the index."""
+    what = f"{requirement} from the package index"
+    if os.environ.get("PIP_NO_INDEX", "").lower() not in ("", "0", "false", "no", "off"):
+        return DownloadSource(what, None, "PIP_NO_INDEX is set: pip will not use an index")
+    name = requirement.split("==")[0].strip().lower().replace("_", "-")
+    return DownloadSource(what, package_index_url().rstrip("/") + f"/{name}/")
+
+
+def apt_source(package: str) -> DownloadSource:
+    """Where ``apt_download(package)`` will fetch from (``apt-get download --print-uris``)."""
+    what = f"the Debian package {package}"
+    if shutil.which("apt-get") is None:
+        return DownloadSource(what, None, "no apt-get on this machine")
+    result = subprocess.run(["apt-get", "download", "--print-uris", package],
+                            capture_output=True, text=True)
+    uris = [line.split()[0].strip("'") for line in result.stdout.splitlines()
+            if line.startswith("'")]
+    if result.returncode != 0 or not uris:
+        return DownloadSource(what, None, "apt-get does not know it (run `apt-get update` "
+                                          f"once): {result.stderr.strip()[-200:]}")
+    return DownloadSource(what, uris[0])
 
 
 def pip_download(requirement: str, folder: str, *, source: bool = False,

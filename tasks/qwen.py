@@ -118,6 +118,23 @@ class QwenSuite(ConfiguredSuite):
 
         return AutoTokenizer.from_pretrained(self.base_folder)
 
+    # ---- exporting ------------------------------------------------------------------------
+    exports = True
+
+    def export_state(self, task, backbone):
+        """Every weight is merged and there are no heads: the export is the merged causal LM
+        under the checkpoint's own key names, for a task or for a shared merge alike."""
+        return backbone
+
+    def export_files(self, task, folder):
+        """The pretrained model's config and generation config, and its tokenizer."""
+        from transformers import AutoConfig, GenerationConfig
+
+        AutoConfig.from_pretrained(self.base_folder).save_pretrained(folder)
+        if os.path.exists(os.path.join(self.base_folder, "generation_config.json")):
+            GenerationConfig.from_pretrained(self.base_folder).save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+
     # ---- evaluation ----------------------------------------------------------------------
     @cached_property
     def task_manager(self):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import tempfile
 
 import pytest
 import torch
@@ -21,6 +22,12 @@ for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "
 # Suites built in-process by the fixtures (faster, two threads) are accepted as they are; the
 # pinned, reproducible builds have tests and a CI step of their own.
 os.environ["MERGE_HARNESS_UNPINNED_BUILDS"] = "1"
+
+# Nothing a test runs writes into the user's own cache or results (``harness ls`` caches its
+# listing in the cache folder): both default to folders of this test session.
+_session_home = tempfile.mkdtemp(prefix="merge-harness-tests-")
+os.environ["MERGE_HARNESS_CACHE"] = os.path.join(_session_home, "cache")
+os.environ["MERGE_HARNESS_RESULTS"] = os.path.join(_session_home, "results")
 
 
 class NetworkUsedError(RuntimeError):

@@ -154,6 +154,24 @@ def cmd_validate(args) -> int:
         print("before merging, the first run will:")
         for line in plan:
             print(f"  - {line}")
+    sources = suite.download_sources()
+    if not sources or args.no_network_check:
+        return 0
+    from harness.bench.reachability import probe
+
+    print("its downloads come from:")
+    unreachable = 0
+    for source in sources:
+        problem = source.problem or probe(source.url)
+        unreachable += problem is not None
+        where = f" ({source.url})" if source.url else ""
+        print(f"  - {source.what}{where}: "
+              + ("reachable" if problem is None else f"NOT reachable: {problem}"))
+    if unreachable:
+        print(f"error: {unreachable} download source(s) cannot be reached from here; the first "
+              "run would fail. Fetch the files on a connected machine and place them where the "
+              "plan above says (or fix the proxy or index settings)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -177,42 +195,27 @@ def cmd_finetune(args) -> int:
     return 0
 
 
-def summary(docstring: str | None) -> str:
-    """The first paragraph of a docstring as one line of plain text (reST ``literals`` and
-    :role:`targets` unwrapped)."""
-    import re
-
-    paragraph = re.split(r"\n\s*\n", (docstring or "").strip())[0]
-    text = " ".join(line.strip() for line in paragraph.splitlines())
-    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", text)
-    return text.replace("``", "")
-
-
 def cmd_ls(args) -> int:
-    from harness.core.registry import METHODS, SUITES
+    from harness.bench import catalog
+    from harness.core.defaults import default_cache_dir
+    from harness.core.registry import SUITES
 
+    listing = catalog.load(default_cache_dir())
     if args.what == "methods":
-        suite = None
-        if args.suite:
-            from harness.bench.lookup import get_suite
-
-            suite = get_suite(args.suite)
-            print(f"defaults as suite {suite.name!r} applies them (marked *)\n")
-        for name in METHODS.names():
-            cls = METHODS.get(name)
-            title, text = cls.display_name or name, summary(cls.__doc__)
-            text = text[len(title) + 1:].lstrip() if text.startswith(title + ":") else text
-            print(f"{name}  [{cls.kind}]  {title}: {text}")
-            applied = cls.defaults_from(suite.defaults_for) if suite is not None else {}
-            for hp in cls.hyperparameters():
+        suite = SUITES.canonical(args.suite) if args.suite else None
+        if suite is not None:
+            print(f"defaults as suite {suite!r} applies them (marked *)\n")
+        for m in listing.methods:
+            print(f"{m.name}  [{m.kind}]  {m.title}: {m.summary}")
+            applied = m.applied.get(suite, {}) if suite is not None else {}
+            for hp in m.hyperparameters:
                 value, mark = (applied[hp.name], " *") if hp.name in applied else \
                     (hp.default, "")
-                print(f"    {hp.name}: {hp.type} = {value!r}{mark}  {hp.help}")
+                print(f"    {hp.name}: {hp.type} = {value}{mark}  {hp.help}")
     else:
-        for name in SUITES.names():
-            suite = SUITES.get(name)()
-            print(f"{name}  [{suite.family}]  seen: {', '.join(suite.split_tasks('seen'))}; "
-                  f"unseen: {', '.join(suite.unseen) or '-'}")
+        for s in listing.suites:
+            print(f"{s.name}  [{s.family}]  seen: {', '.join(s.seen)}; "
+                  f"unseen: {', '.join(s.unseen) or '-'}")
     return 0
 
 
@@ -376,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("validate", help="check a run's names, hyperparameters and files, fast")
     run_options(p)
+    p.add_argument("--no-network-check", action="store_true",
+                   help="do not check that the first run's download sources answer")
     p.set_defaults(func=cmd_validate)
     p = sub.add_parser("export", help="merge and write models transformers loads "
                                       "(from_pretrained)")

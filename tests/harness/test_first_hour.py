@@ -126,13 +126,59 @@ def test_plots_are_written_embedded_and_deterministic(tmp_path, tiny_cache, caps
 # ---- cold starts and help -----------------------------------------------------------------
 def test_validate_says_what_the_first_run_downloads_and_builds(tmp_path, capsys):
     code, out, _ = cli(capsys, "validate", "--method", "dts-d", "--suite", "offline-text",
-                       "--cache-dir", str(tmp_path))
+                       "--cache-dir", str(tmp_path), "--no-network-check")
     if code != 0:
         pytest.skip("the MiniLM backbone package is not installed")
     assert "the first run will" in out and "358 MB" in out and "fine-tune 8 task model" in out
+    assert "downloads come from" not in out
     code, out, _ = cli(capsys, "validate", "--method", "ties", "--suite", "tiny",
                        "--cache-dir", str(tmp_path))
     assert code == 0 and "build 9 tiny model(s)" in out
+
+
+def test_validate_checks_that_the_download_sources_answer(tmp_path, capsys, monkeypatch):
+    from harness.bench import reachability
+
+    probed = []
+    monkeypatch.setattr(reachability, "probe", lambda url: probed.append(url) or (
+        None if "good" in url else "URLError: [Errno -2] Name or service not known"))
+    monkeypatch.delenv("PIP_NO_INDEX")
+    argv = ["validate", "--method", "ties", "--suite", "offline-text", "--cache-dir",
+            str(tmp_path)]
+    monkeypatch.setenv("PIP_INDEX_URL", "https://good.example/simple")
+    code, out, _ = cli(capsys, *argv)
+    if code != 0 and "reachable" not in out:
+        pytest.skip("the MiniLM backbone package is not installed")
+    assert code == 0 and probed == ["https://good.example/simple/bigbench/"]
+    assert "bigbench==1.0.0 from the package index (https://good.example/simple/bigbench/): " \
+           "reachable" in out
+    monkeypatch.setenv("PIP_INDEX_URL", "https://mirror.invalid/simple/")
+    code, out, err = cli(capsys, *argv)
+    assert code == 1 and "NOT reachable: URLError" in out and "cannot be reached" in err
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    code, out, _ = cli(capsys, *argv)
+    assert code == 1 and "PIP_NO_INDEX is set" in out and len(probed) == 2
+    code, out, _ = cli(capsys, *argv, "--no-network-check")
+    assert code == 0 and "downloads come from" not in out
+
+
+def test_probe_tells_an_answer_from_no_answer(monkeypatch):
+    import urllib.error
+
+    from harness.bench import reachability
+
+    def answer(exc):
+        def urlopen(request, timeout):
+            raise exc
+        return urlopen
+
+    monkeypatch.setattr(reachability.urllib.request, "urlopen", answer(
+        urllib.error.HTTPError("https://x/", 404, "Not Found", {}, None)))
+    assert reachability.probe("https://x/") is None
+    monkeypatch.setattr(reachability.urllib.request, "urlopen", answer(
+        urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))))
+    assert reachability.probe("https://x/") == \
+        "ConnectionRefusedError: [Errno 111] Connection refused"
 
 
 def test_validate_lists_every_missing_checkpoint_and_dataset_at_once(tmp_path, capsys,

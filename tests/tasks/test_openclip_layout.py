@@ -320,3 +320,30 @@ def test_a_crafted_checkpoint_runs_no_code_end_to_end(layout, tmp_path, capsys):
     status, _, err = harness(capsys, "run", *common)
     assert status == 2 and "SVHN/finetuned.pt" in err
     assert not marker.exists()
+
+
+def test_open_clip_checkpoints_export_a_vision_model_with_projection(layout, tmp_path):
+    import transformers
+    from safetensors.torch import load_file
+
+    from harness.core.registry import METHODS
+
+    suite = VitB32Suite(str(tmp_path / "cache"), config=layout.config)
+    seen = suite.split_tasks("seen")
+    result = METHODS.get("dts-d").create().merge(
+        suite.load_pretrained(), {t: suite.load_finetuned(t) for t in seen})
+    pixels = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    for task in seen:
+        folder = result.export(tmp_path / task, suite, task)
+        model, info = transformers.CLIPVisionModelWithProjection.from_pretrained(
+            folder, output_loading_info=True)
+        assert not any(info.values()), info
+        tower, projection = suite._load_backbone(result.weights_for(task), "cpu")
+        head = load_file(os.path.join(folder, "zero_shot_head.safetensors"))
+        assert torch.equal(head["weight"], suite.head(task))
+        assert torch.equal(head["bias"], suite._biases[task])
+        with torch.no_grad():
+            expected = tower(pixel_values=pixels).pooler_output @ projection.T
+            assert torch.equal(model.eval()(pixel_values=pixels).image_embeds, expected)
+        assert transformers.CLIPImageProcessor.from_pretrained(folder).crop_size == {
+            "height": SIZE, "width": SIZE}
