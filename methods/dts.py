@@ -21,6 +21,10 @@ from harness.core.accounting import amr_percent
 from harness.core.bits import (pack_bits, packed_nbytes, store_zeros, unpack_bits,
                                zero_storage_nbytes)
 from harness.core.spec import ModelSpec
+from harness.core.svd import (RANDOMIZED_OVERSAMPLING, RANDOMIZED_POWER_ITERATIONS,  # noqa: F401
+                              RANDOMIZED_SEED, SVD_SOLVERS, blocked_truncated_svd,
+                              gram_truncated_svd, randomized_truncated_svd, solver_info,
+                              truncated_svd)
 from harness.core.tensors import StateDict, numel, task_vector
 from harness.engine.codecs import (Codec, CodecError, Dense, LowRank, TaskPayload, expect_meta,
                                    expect_packed, expect_tensor, expect_tensors, stored_shape)
@@ -249,44 +253,6 @@ def threshold_and_scale(x: Tensor) -> Tensor:
     return group_encode(x.to(torch.float32)).decode()
 
 
-def truncated_svd(delta: Tensor, rank: int, signs: str = "canonical") -> tuple[Tensor, Tensor, Tensor]:
-    """Exact top-``rank`` SVD ``U_r, S_r, V_r`` of a float32 matrix (thin, never full U).
-
-    ``signs="canonical"`` flips each pair so the largest-magnitude entry of ``u_i`` (the first
-    on a tie) is positive (a wide matrix is decomposed through its transpose, which LAPACK
-    does faster); ``"lapack"`` keeps the signs ``torch.linalg.svd(delta)`` returns.
-    """
-    if signs == "canonical" and delta.shape[0] < delta.shape[1]:
-        # LAPACK is faster on tall matrices; the signs are normalized below anyway
-        v, s, uh = torch.linalg.svd(delta.T, full_matrices=False)
-        u, vh = uh.T, v.T
-    else:
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    u, s, vh = u[:, :rank], s[:rank], vh[:rank, :]
-    if signs == "canonical":
-        _canonical_signs(u, vh)
-    return u.contiguous(), s.contiguous(), vh.contiguous()
-
-
-def _canonical_signs(u: Tensor, vh: Tensor) -> None:
-    """Flip each pair in place so the largest-magnitude entry of ``u_i`` (the first on a tie)
-    is positive; ``u`` is scanned in row chunks, never copied whole."""
-    rank = u.shape[1]
-    best = torch.full((rank,), -1.0, device=u.device)
-    sign = torch.ones(rank, device=u.device)
-    columns = torch.arange(rank, device=u.device)
-    step = max(1, _CHUNK_ENTRIES // max(1, rank))
-    for start in range(0, u.shape[0], step):
-        chunk = u[start:start + step]
-        value = chunk[chunk.abs().argmax(dim=0), columns]
-        better = value.abs() > best
-        best = torch.where(better, value.abs(), best)
-        sign = torch.where(better, torch.sign(value), sign)
-    flip = torch.where(sign == 0, 1.0, sign)
-    u.mul_(flip)
-    vh.mul_(flip[:, None])
-
-
 # Float32 matrices larger than this are decomposed block by block: LAPACK's thin SVD of a whole
 # matrix needs several times its bytes of working memory on top of it, while the blocked SVD
 # needs the Gram matrix (shorter side squared, float64) and the longer factor; on the tall
@@ -294,53 +260,10 @@ def _canonical_signs(u: Tensor, vh: Tensor) -> None:
 IN_MEMORY_SVD_BYTES = 2**28
 
 
-def blocked_truncated_svd(delta: BlockedDelta, rank: int) -> tuple[Tensor, Tensor, Tensor] | None:
-    """Top-``rank`` SVD, canonical signs, of a matrix read in blocks along its longer side;
-    None when the matrix is zero or ``rank`` is 0. The matrix is never held whole.
-
-    The shorter side's singular vectors are the top eigenvectors of the float64 Gram matrix
-    (the sum of ``B^T B`` over blocks ``B``); a second read gives the longer side's as ``B V``
-    normalized, and S as their norms. In float64 this is at least as accurate as a float32
-    LAPACK SVD for singular values within a factor 1e9 of the largest. Memory: the Gram matrix
-    (shorter side squared, float64) and the longer side's float32 factor.
-    """
-    if rank == 0:
-        return None
-    m, n = delta.shape
-    wide = m < n
-    orient = (lambda block: block.T) if wide else (lambda block: block)
-    gram = None
-    for _, block in delta.blocks():
-        b = orient(block).to(torch.float64)
-        gram = b.T @ b if gram is None else gram.addmm_(b.T, b)
-    if gram is None or not bool(gram.any()):
-        return None
-    small = torch.linalg.eigh(gram).eigenvectors[:, -rank:].flip(1)   # largest first
-    del gram
-    long = max(m, n)
-    big = torch.empty((rank, long) if wide else (long, rank), dtype=torch.float32,
-                      device=small.device)
-    squares = torch.zeros(rank, dtype=torch.float64, device=small.device)
-    for index, block in delta.blocks():
-        projected = orient(block).to(torch.float64) @ small
-        squares += projected.square().sum(dim=0)
-        if wide:
-            big[:, index[1]] = projected.T
-        else:
-            big[index] = projected
-    norms = squares.sqrt()
-    inverse = torch.where(norms > 0, 1 / norms, 0.0).to(torch.float32)
-    big.mul_(inverse[:, None] if wide else inverse)
-    small = small.to(torch.float32)
-    u, vh = (small.contiguous(), big) if wide else (big, small.T.contiguous())
-    _canonical_signs(u, vh)
-    return u, norms.to(torch.float32), vh
-
-
 def dts_encode(delta: Tensor | BlockedDelta, density: float, signs: str = "canonical",
-               grouping: str = "matrix") -> Codec | None:
+               grouping: str = "matrix", solver: str = "exact") -> Codec | None:
     """DTS's stored form of one float32 delta tensor (None when its rank rounds to 0, or a
-    blocked delta is zero)."""
+    blocked delta or, with the Gram solver, any delta is zero)."""
     if isinstance(delta, BlockedDelta):
         factors = blocked_truncated_svd(delta, dts_rank(density, delta.shape))
         if factors is None:
@@ -354,7 +277,13 @@ def dts_encode(delta: Tensor | BlockedDelta, density: float, signs: str = "canon
         rank = dts_rank(density, delta.shape)
         if rank == 0:
             return None
-        u, s, vh = truncated_svd(delta, rank, signs)
+        if solver == "gram":
+            factors = gram_truncated_svd(delta, rank)
+            if factors is None:
+                return None
+            u, s, vh = factors
+        else:
+            u, s, vh = truncated_svd(delta, rank, signs, solver)
     per_vector = grouping == "vector"
     return LowRank(group_encode(u, 1 if per_vector else None), s,
                    group_encode(vh, 0 if per_vector else None))
@@ -441,12 +370,15 @@ def dts_facts(spec: ModelSpec, density: float, info: dict | None = None) -> dict
 
 def dts_result(method: MergeMethod, spec: ModelSpec, base: StateDict,
                finetuned: Mapping[str, StateDict], density: float, signs: str, grouping: str,
-               progress: bool, info: dict | None = None) -> MergeResult:
+               progress: bool, info: dict | None = None,
+               solver: str = "exact") -> MergeResult:
     """Encode every task's delta against ``base`` at ``density`` and wrap it as a personalized
     result (the starred variants try several densities)."""
     records = encode_deltas(base, finetuned, spec,
-                            lambda key, delta: dts_encode(delta, density, signs, grouping),
+                            lambda key, delta: dts_encode(delta, density, signs, grouping,
+                                                          solver),
                             method.name, progress, blocked=blocked_key(spec, signs))
+    info = {**(info or {}), **solver_info(solver)}
     return MergeResult(method.name, method.params(), base, spec.tasks, kind="personalized",
                        payloads={t: TaskPayload(r) for t, r in records.items()},
                        merged_params=spec.merged_params, **dts_facts(spec, density, info))
@@ -483,8 +415,23 @@ _DECISIONS = """
       routine; at least as accurate as float32 LAPACK for singular values within 1e9 of the
       largest), which needs far less memory than LAPACK's SVD of the whole; ``svd_signs="lapack"``
       keeps LAPACK's SVD.
+    - [decision: beyond the paper] ``svd_solver`` picks how the top-r triplets are found:
+      ``"exact"`` (LAPACK, the default: the published bits), ``"gram"`` (eigenvectors of the
+      float64 Gram matrix of the shorter side, the route of the matrices over 256 MiB) or
+      ``"randomized"`` (a seeded randomized range finder, r + 10 probes, 1 power iteration);
+      both others need canonical signs. Their payloads differ from exact ones by rounding
+      (gram) or by the probes' approximation (randomized); ``scripts/bench_svd_solvers.py``
+      measures time and error, docs/performance.md records them.
     - group scales sum their squares in float64 (in chunks), so CPU and GPU agree to rounding.
 """
+
+
+def check_svd_solver(method) -> None:
+    require(method.svd_solver in SVD_SOLVERS, method.name, "svd_solver",
+            f"must be one of {', '.join(map(repr, SVD_SOLVERS))}")
+    require(method.svd_solver == "exact" or method.svd_signs == "canonical", method.name,
+            "svd_solver", f"{method.svd_solver!r} needs svd_signs='canonical' (LAPACK's own "
+            "signs come only from LAPACK's SVD)")
 
 
 @dataclass(frozen=True)
@@ -499,6 +446,8 @@ class DtsT(PayloadMerge):
     density: float = hp(0.3, "rank as a proportion of each matrix's full rank")
     svd_signs: Literal["canonical", "lapack"] = hp("canonical", "singular-vector sign rule")
     grouping: Literal["matrix", "vector"] = hp("matrix", "threshold groups per matrix or vector")
+    svd_solver: Literal["exact", "gram", "randomized"] = hp(
+        "exact", "how the top singular triplets are found", silent_default=True)
 
     def check(self):
         require(0 <= self.density <= 1, self.name, "density",
@@ -507,15 +456,17 @@ class DtsT(PayloadMerge):
                 "must be 'canonical' or 'lapack'")
         require(self.grouping in ("matrix", "vector"), self.name, "grouping",
                 "must be 'matrix' or 'vector'")
+        check_svd_solver(self)
 
     def encoder(self, spec, plan):
-        return lambda key, delta: dts_encode(delta, self.density, self.svd_signs, self.grouping)
+        return lambda key, delta: dts_encode(delta, self.density, self.svd_signs, self.grouping,
+                                             self.svd_solver)
 
     def blocked(self, spec):
         return blocked_key(spec, self.svd_signs)
 
     def facts(self, spec, plan):
-        return dts_facts(spec, self.density)
+        return dts_facts(spec, self.density, solver_info(self.svd_solver))
 
 
 @dataclass(frozen=True)

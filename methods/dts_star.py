@@ -9,8 +9,8 @@ from harness.core.accounting import amr_percent
 from harness.core.errors import MethodNotApplicable
 from harness.engine.method import MergeMethod, hp, require
 from harness.engine.passes import inspect_models
-from harness.methods.dts import (_DECISIONS, TiesBaseOptions, delta_zero_counts, dts_result,
-                                 paper_bits, predicted_amr)
+from harness.methods.dts import (_DECISIONS, TiesBaseOptions, check_svd_solver,
+                                 delta_zero_counts, dts_result, paper_bits, predicted_amr)
 
 GRID = 1000  # densities are searched on a 0.001 grid
 
@@ -48,11 +48,14 @@ class DtsTStar(MergeMethod):
     budget_count: Literal["stored", "paper"] = hp("stored", "which AMR the budget applies to")
     svd_signs: Literal["canonical", "lapack"] = hp("canonical", "singular-vector sign rule")
     grouping: Literal["matrix", "vector"] = hp("matrix", "threshold groups per matrix or vector")
+    svd_solver: Literal["exact", "gram", "randomized"] = hp(
+        "exact", "how the top singular triplets are found", silent_default=True)
 
     def check(self):
         require(self.budget > 0, self.name, "budget", f"must be > 0, got {self.budget}")
         require(self.budget_count in ("stored", "paper"), self.name, "budget_count",
                 "must be 'stored' or 'paper'")
+        check_svd_solver(self)
 
     def _base(self, pretrained, finetuned, progress):
         """(spec, base, reference for delta zero counts: None means the pretrained model)."""
@@ -75,7 +78,8 @@ class DtsTStar(MergeMethod):
                 f"reachable ({self.budget_count} count, density 0) is {amr_at(0.0):.4f}%")
         while True:
             result = dts_result(self, spec, base, finetuned, step / GRID, self.svd_signs,
-                                self.grouping, progress, {"budget": self.budget})
+                                self.grouping, progress, {"budget": self.budget},
+                                self.svd_solver)
             if self.budget_count == "paper" or max(result.amr().values()) < self.budget or step == 0:
                 return result
             step -= 1

@@ -77,7 +77,7 @@ class _EmrRule(MaskRule):
 
 @dataclass(frozen=True)
 class Emr(MaskedSharedMerge):
-    """EMR-Merging; task weights ``theta_0 + lambda_t * (M_t * tau_uni)``, no hyperparameters.
+    """EMR-Merging: task weights ``theta_0 + lambda_t * (M_t * tau_uni)``, no hyperparameters.
 
     - [decision: code over paper] ``lambda_t = sum_n mean|tau_t[n]| / sum_n mean|tau_uni[n] *
       M_t[n]|`` sums per-tensor means over tensors, as the authors' code does.

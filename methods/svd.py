@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import Tensor
 
@@ -15,14 +16,16 @@ from harness.engine.codecs import Codec, Dense, LowRank
 from harness.engine.method import hp, require
 from harness.engine.passes import BlockedDelta
 from harness.engine.templates import PayloadMerge
-from harness.methods.dts import (blocked_key, blocked_truncated_svd, delta_zero_counts, dts_rank,
-                                 predicted_amr, truncated_svd)
+from harness.methods.dts import (SVD_SOLVERS, blocked_key, blocked_truncated_svd,
+                                 delta_zero_counts, dts_rank, gram_truncated_svd, predicted_amr,
+                                 solver_info, truncated_svd)
 from harness.methods.dts_star import GRID, largest_density
 
 DTS_REFERENCE_DENSITY = 0.3
 
 
-def svd_encode(tau: Tensor | BlockedDelta, density: float) -> Codec | None:
+def svd_encode(tau: Tensor | BlockedDelta, density: float,
+               solver: str = "exact") -> Codec | None:
     """Top-r SVD factors of a 2-D task vector (None at r = 0, or a zero blocked one); other
     tensors as they are. A blocked matrix is decomposed without holding it (the product
     ``U S V`` does not depend on the signs, so DTS's blocked routine serves here too)."""
@@ -35,7 +38,14 @@ def svd_encode(tau: Tensor | BlockedDelta, density: float) -> Codec | None:
     rank = dts_rank(density, tau.shape)
     if rank == 0:
         return None
-    u, s, vh = truncated_svd(tau, rank, "lapack")
+    if solver == "gram":
+        factors = gram_truncated_svd(tau, rank)
+        if factors is None:
+            return None
+        u, s, vh = factors
+    else:
+        u, s, vh = truncated_svd(tau, rank, "lapack" if solver == "exact" else "canonical",
+                                 solver)
     return LowRank(Dense(u), s, Dense(vh))
 
 
@@ -90,21 +100,25 @@ class SvdBaseline(PayloadMerge):
     family = "low rank"
     year = 2024
     density: float | None = hp(None, "rank proportion; None matches DTS-T's AMR at 0.3")
+    svd_solver: Literal["exact", "gram", "randomized"] = hp(
+        "exact", "how the top singular triplets are found", silent_default=True)
 
     def check(self):
         if self.density is not None:
             require(0 <= self.density <= 1, self.name, "density",
                     f"must be in [0, 1], got {self.density}")
+        require(self.svd_solver in SVD_SOLVERS, self.name, "svd_solver",
+                f"must be one of {', '.join(map(repr, SVD_SOLVERS))}")
 
     def plan(self, spec):
         """The density: the one given, or DTS-T's matched one."""
         return self.density if self.density is not None else matched_density(spec)
 
     def encoder(self, spec, density):
-        return lambda key, tau: svd_encode(tau, density)
+        return lambda key, tau: svd_encode(tau, density, self.svd_solver)
 
     def blocked(self, spec):
         return blocked_key(spec, "canonical")
 
     def facts(self, spec, density):
-        return {"info": {"density": density}}
+        return {"info": {"density": density, **solver_info(self.svd_solver)}}

@@ -20,9 +20,11 @@ drift falls on each alike) and prints median seconds with their range and the la
 
 ``--inputs memory`` loads every model into memory first (what a user passes from
 ``model.state_dict()``; the load is not timed) instead of memory-mapping it. The rows
-``plain-task-arithmetic`` and ``plain-weight-averaging`` are the same merges in thirty lines of
-key-by-key torch (no checks), the reference the engine's overhead is measured against.
+``plain-task-arithmetic``, ``plain-weight-averaging`` and ``plain-ties`` are the same merges in
+a few lines of key-by-key torch (no checks), the reference the engine's overhead is measured
+against.
 ``--load N`` runs a job of N busy torch threads beside every measured run (a shared node).
+A method may carry hyperparameters, ``NAME:KEY=VALUE,...`` (``dts-d:svd_solver=gram``).
 """
 
 from __future__ import annotations
@@ -102,8 +104,35 @@ def plain_weight_averaging(pretrained, finetuned) -> dict:
     return merged
 
 
+def plain_ties(pretrained, finetuned, k: float = 20.0, lam: float = 0.3) -> dict:
+    """TIES as a user writes it in torch from the paper (the authors' recipe, no checks): each
+    task vector flattened whole to find its top-k% magnitude threshold (``kthvalue``), then key
+    by key: trim, elect the sign of the summed trimmed entries, sum those agreeing."""
+    keys = [key for key, base in pretrained.items() if base.is_floating_point()]
+    thresholds = {}
+    for task, sd in finetuned.items():
+        flat = torch.cat([(sd[key].float() - pretrained[key].float()).reshape(-1) for key in keys])
+        rank = flat.numel() - int(flat.numel() * k / 100)
+        thresholds[task] = float(flat.abs().kthvalue(rank).values)
+        del flat
+    merged = {}
+    for key, base in pretrained.items():
+        if not base.is_floating_point():
+            merged[key] = base
+            continue
+        theta0 = base.float()
+        taus = torch.stack([sd[key].float() - theta0 for sd in finetuned.values()])
+        cuts = torch.tensor([thresholds[t] for t in finetuned]).reshape(-1, *[1] * theta0.dim())
+        trimmed = torch.where(taus.abs() >= cuts, taus, torch.zeros_like(taus))
+        sign = torch.sign(trimmed.sum(dim=0))
+        agree = torch.where(torch.sign(trimmed) == sign, trimmed, torch.zeros_like(trimmed))
+        merged[key] = (theta0 + lam * agree.sum(dim=0)).to(base.dtype)
+    return merged
+
+
 PLAIN = {"plain-task-arithmetic": plain_task_arithmetic,
-         "plain-weight-averaging": plain_weight_averaging}
+         "plain-weight-averaging": plain_weight_averaging,
+         "plain-ties": plain_ties}
 
 
 def worker(method_name: str, folder: str, n_tasks: int, inputs: str = "mmap") -> dict:
@@ -136,7 +165,8 @@ def worker(method_name: str, folder: str, n_tasks: int, inputs: str = "mmap") ->
         start = time.perf_counter()
         svd_floor(pretrained, finetuned, "cpu")
         return {"seconds": time.perf_counter() - start, "peak_gib": peak_rss_gib()}
-    method = get_method(method_name)
+    name, _, settings = method_name.partition(":")     # e.g. dts-d:svd_solver=gram
+    method = get_method(name, **dict(item.split("=", 1) for item in settings.split(",") if item))
     start = time.perf_counter()
     result = method.merge(pretrained, finetuned)
     seconds = time.perf_counter() - start
@@ -248,7 +278,7 @@ def compare(folder: str, n_tasks: int, method_names: list[str] | None, repeat: i
     floor = summarize(runs["read-inputs"])
     print(f"reading all inputs once: {seconds_text(floor, 2)} s, "
           f"peak RSS {floor['peak_gib']:.2f} GiB")
-    if any(name == "svd" or name.startswith("dts") for name in methods):     # their floor
+    if any(name.split(":")[0] == "svd" or name.startswith("dts") for name in methods):
         svd_floor = run_worker("svd-floor", folder, n_tasks)
         print(f"exact SVDs of every 2-D task vector: {svd_floor['seconds']:.1f} s")
     header = ("| method | merge s | peak RSS GiB | above read-once GiB | bytes stored/task "

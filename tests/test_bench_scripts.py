@@ -176,3 +176,35 @@ def test_reproduce_records_names_every_difference(tmp_path):
     assert any("tasks is" in line for line in moved) and any("sha256" in line for line in moved)
     assert script.compare(record("e", 0.5), str(tmp_path / "missing.json"))[0].endswith(
         "(the produced record has no checked-in counterpart)")
+
+
+def test_bench_methods_plain_references_compute_the_methods_merges():
+    """The plain-torch rows time the same merge as the method they stand beside."""
+    from harness import get_method
+    from tests.conftest import make_models
+
+    bench = load_script("bench_methods")
+    pretrained, finetuned = make_models(n_tasks=3)
+    for plain, method, tolerance in (("plain-task-arithmetic", "task-arithmetic", 1e-6),
+                                     ("plain-weight-averaging", "weight-averaging", 1e-6),
+                                     ("plain-ties", "ties", 1e-6)):
+        ours = get_method(method).merge(pretrained, finetuned).weights_for(next(iter(finetuned)))
+        theirs = bench.PLAIN[plain](pretrained, finetuned)
+        for key, value in ours.items():
+            torch.testing.assert_close(theirs[key], value, rtol=0, atol=tolerance)
+
+
+def test_bench_methods_worker_takes_hyperparameters(tmp_path):
+    from safetensors.torch import save_file
+
+    from tests.conftest import make_models
+
+    bench = load_script("bench_methods")
+    pretrained, finetuned = make_models(n_tasks=2)
+    save_file({k: v.contiguous() for k, v in pretrained.items()},
+              str(tmp_path / "pretrained.safetensors"))
+    for t, model in enumerate(finetuned.values()):
+        save_file({k: v.contiguous() for k, v in model.items()},
+                  str(tmp_path / f"task{t}.safetensors"))
+    run = bench.worker("dts-d:svd_solver=randomized,density=0.5", str(tmp_path), 2)
+    assert run["info"]["density"] == 0.5 and run["bytes_per_task"] > 0

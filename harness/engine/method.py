@@ -109,8 +109,10 @@ class MergeMethod:
         return cls(**kwargs)
 
     def params(self) -> dict[str, Any]:
-        """The hyperparameters as plain JSON-able values."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The hyperparameters as plain JSON-able values (those declared with
+        ``silent_default`` only when set to another value than their default)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if not (f.metadata.get("silent_default") and getattr(self, f.name) == f.default)}
 
     @classmethod
     def label(cls) -> str:
@@ -132,9 +134,15 @@ class MergeMethod:
         return {**values, **defaults_for(cls.name)}
 
 
-def hp(default: Any, help: str) -> Any:
-    """A dataclass field with a default and a one-line help text."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def hp(default: Any, help: str, *, silent_default: bool = False) -> Any:
+    """A dataclass field with a default and a one-line help text.
+
+    ``silent_default``: for a hyperparameter added after results were recorded whose default
+    reproduces those results bit for bit; at its default it is left out of
+    :meth:`MergeMethod.params`, so the names and contents of records made before it existed
+    still match the runs that would make them now."""
+    return dataclasses.field(default=default, metadata={"help": help,
+                                                        "silent_default": silent_default})
 
 
 def require(condition: bool, method: str, name: str, message: str) -> None:

@@ -324,3 +324,78 @@ def test_median_cut_is_the_same_on_numpy_and_torch(negate):
         for k in (1, n // 2 + 1, n):
             assert _cut_numpy(x, member, k, negate) == _cut_torch(x, member, k, negate)
         assert torch.equal(x, before)                           # inputs untouched
+
+
+# ---- svd_solver ---------------------------------------------------------------------------
+def decaying(shape, seed=0, decay=20.0):
+    """A matrix with a fast-decaying spectrum, as task vectors have."""
+    g = torch.Generator().manual_seed(seed)
+    u, _, vh = torch.linalg.svd(torch.randn(shape, generator=g), full_matrices=False)
+    s = torch.exp(-torch.arange(min(shape), dtype=torch.float32) / decay)
+    return (u * s) @ vh
+
+
+@pytest.mark.parametrize("shape", [(96, 40), (40, 96)])
+def test_svd_solvers_find_the_same_triplets(shape):
+    from harness.methods.dts import truncated_svd
+
+    delta = decaying(shape)
+    u0, s0, vh0 = truncated_svd(delta, 12)
+    exact = (u0 * s0) @ vh0
+    optimal = float((delta - exact).norm())                   # Eckart-Young
+    for solver in ("gram", "randomized"):
+        u, s, vh = truncated_svd(delta, 12, solver=solver)
+        assert u.shape == u0.shape and s.shape == s0.shape and vh.shape == vh0.shape
+        if solver == "gram":                                   # exact up to rounding
+            torch.testing.assert_close(s, s0, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close((u * s) @ vh, exact, rtol=0, atol=1e-4)
+        else:                                                  # near the best rank-12 error
+            assert float((delta - (u * s) @ vh).norm()) < 1.05 * optimal
+            torch.testing.assert_close(s, s0, rtol=5e-2, atol=0)
+        # canonical signs: the largest-magnitude entry of each u_i is positive
+        assert bool((u.gather(0, u.abs().argmax(0, keepdim=True)) > 0).all())
+        again = truncated_svd(delta, 12, solver=solver)
+        assert all(torch.equal(a, b) for a, b in zip((u, s, vh), again))   # deterministic
+
+
+def test_svd_solver_payloads_serve_what_exact_ones_do(models):
+    pre, fts = models
+    exact = get_method("dts-d").merge(pre, fts)
+    for solver in ("gram", "randomized"):
+        method = get_method("dts-d", svd_solver=solver)
+        assert method.params()["svd_solver"] == solver
+        result = method.merge(pre, fts)
+        for task in fts:
+            a, b = result.weights_for(task), exact.weights_for(task)
+            error = max(float((a[k] - b[k]).abs().max()) for k in a)
+            assert error < 1e-3, (solver, task, error)
+        assert result.amr() == exact.amr()
+
+
+def test_svd_solver_default_leaves_params_and_bits_as_before(models):
+    pre, fts = models
+    method = get_method("dts-t")
+    assert "svd_solver" not in method.params()                 # records made before it match
+    assert "svd_solver" not in get_method("dts-d-star").params()
+    assert method.svd_solver == "exact"
+    with pytest.raises(HyperparameterError, match="svd_solver.*canonical"):
+        get_method("dts-t", svd_solver="gram", svd_signs="lapack")
+    with pytest.raises(HyperparameterError, match="svd_solver"):
+        get_method("dts-d-star", svd_solver="qr")
+    starred = get_method("dts-t-star", svd_solver="gram", budget=20.0).merge(pre, fts)
+    assert starred.hyperparameters["svd_solver"] == "gram"
+
+
+def test_svd_baseline_takes_the_solvers_and_records_them(models):
+    pre, fts = models
+    exact = get_method("svd", density=0.5).merge(pre, fts)
+    assert "svd_solver" not in exact.info and "svd_solver" not in exact.hyperparameters
+    for solver in ("gram", "randomized"):
+        result = get_method("svd", density=0.5, svd_solver=solver).merge(pre, fts)
+        assert result.info["svd_solver"]["name"] == solver
+        for task in fts:
+            a, b = result.weights_for(task), exact.weights_for(task)
+            assert max(float((a[k] - b[k]).abs().max()) for k in a) < 5e-2
+    dts = get_method("dts-d", svd_solver="randomized").merge(pre, fts)
+    assert dts.info["svd_solver"] == {"name": "randomized", "oversampling": 10,
+                                      "power_iterations": 1, "seed": 0}
