@@ -9,8 +9,9 @@ What is hashed, per case: the merged base (every tensor), the shared tensors (EM
 TALL's tau_MTL), each task's stored payload (every codec's tensors and metadata, the task scale),
 the accounting facts (merged parameters, paper bits, info), the weights served to every seen task
 and to an unseen one, and the tensors read back from a saved result. Cases cover TIES sum/mean,
-DTS lapack/canonical signs and matrix/vector grouping, blocked (out-of-core) SVDs, starred
-budgets in both counts, DARE seeds, per-task TALL lambdas, and in-memory and streamed outputs.
+DTS lapack/canonical signs, matrix/vector grouping and its SVD solvers, blocked (out-of-core)
+SVDs, starred budgets in both counts, DARE seeds, per-task TALL lambdas, the subspace merges
+(Iso-C, Iso-CTS, TSV-M), Model Stock, BitDelta, and in-memory and streamed outputs.
 
 A refactor must leave every hash unchanged (``tests/methods/test_output_hashes.py`` runs this
 check). The computation runs in a child process with one thread, ATen's portable kernels and
@@ -71,6 +72,15 @@ CASES = [
     ("dts-t-star-1pct", "dts-t-star", {}, ()),
     ("dts-d-star", "dts-d-star", {"budget": 20.0}, ()),
     ("dts-d-star-paper", "dts-d-star", {"budget": 15.0, "budget_count": "paper"}, ()),
+    ("dts-d-gram", "dts-d", {"svd_solver": "gram"}, ()),
+    ("dts-d-randomized", "dts-d", {"svd_solver": "randomized"}, ()),
+    ("dts-t-star-randomized", "dts-t-star", {"budget": 20.0, "svd_solver": "randomized"}, ()),
+    ("svd-randomized", "svd", {"density": 0.1, "svd_solver": "randomized"}, ()),
+    ("iso-c", "iso-c", {}, ()),
+    ("iso-cts", "iso-cts", {}, ()),
+    ("tsv-m", "tsv-m", {}, ()),
+    ("model-stock", "model-stock", {}, ()),
+    ("bitdelta", "bitdelta", {}, ()),
 ]
 
 

@@ -100,6 +100,11 @@ METHODS = Registry(
         "dts-d": "harness.methods.dts:DtsD",
         "dts-t-star": "harness.methods.dts_star:DtsTStar",
         "dts-d-star": "harness.methods.dts_star:DtsDStar",
+        "iso-c": "harness.methods.isotropic:IsoC",
+        "iso-cts": "harness.methods.isotropic:IsoCts",
+        "tsv-m": "harness.methods.tsv:TsvM",
+        "model-stock": "harness.methods.model_stock:ModelStock",
+        "bitdelta": "harness.methods.bitdelta:BitDelta",
     },
     aliases={"dts-t*": "dts-t-star", "dts-d*": "dts-d-star"},
 )

@@ -9,8 +9,9 @@ from harness import HyperparameterError, UnknownNameError, get_method, list_meth
 from harness.core.registry import Registry
 from tests.conftest import install_plugin
 
-EXPECTED = ["dare", "dts-d", "dts-d-star", "dts-t", "dts-t-star", "emr", "svd", "t-switch",
-            "tall-mask", "task-arithmetic", "ties", "weight-averaging"]
+EXPECTED = ["bitdelta", "dare", "dts-d", "dts-d-star", "dts-t", "dts-t-star", "emr", "iso-c",
+            "iso-cts", "model-stock", "svd", "t-switch", "tall-mask", "task-arithmetic", "ties",
+            "tsv-m", "weight-averaging"]
 
 
 def test_every_method_is_registered():

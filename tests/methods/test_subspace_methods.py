@@ -1,0 +1,127 @@
+"""Iso-C, Iso-CTS and TSV-M: bit for bit FusionBench's arithmetic (transcribed in
+``fusionbench_reference``) on the same inputs, the isotropy each promises, and bad input."""
+
+import pytest
+import torch
+
+from harness import HyperparameterError, get_method
+from tests.conftest import make_models
+from tests.methods import fusionbench_reference as reference
+
+CASES = [
+    ("iso-c", {}, reference.iso_c, {}),
+    ("iso-c", {"alpha": 1.3}, reference.iso_c, {}),
+    ("iso-cts", {}, reference.iso_cts, {"common_space_fraction": 0.8}),
+    ("iso-cts", {"common_space_fraction": 0.5, "alpha": 0.7}, reference.iso_cts,
+     {"common_space_fraction": 0.5}),
+    ("tsv-m", {}, reference.compute_and_sum_svd_mem_reduction, {}),
+    ("tsv-m", {"alpha": 0.6}, reference.compute_and_sum_svd_mem_reduction, {}),
+]
+
+
+def wider_models(n_tasks):
+    """make_models plus matrices large enough for several directions per task."""
+    pretrained, finetuned = make_models(n_tasks=n_tasks, seed=3)
+    g = torch.Generator().manual_seed(9)
+    pretrained["mlp.weight"] = torch.randn(48, 24, generator=g)
+    pretrained["proj.weight"] = torch.randn(16, 40, generator=g)
+    for model in finetuned.values():
+        for key in ("mlp.weight", "proj.weight"):
+            model[key] = pretrained[key] + 0.05 * torch.randn(pretrained[key].shape, generator=g)
+    return pretrained, finetuned
+
+
+@pytest.mark.parametrize("n_tasks", [3, 4])
+@pytest.mark.parametrize("name,hyperparameters,merge,options", CASES)
+def test_bit_for_bit_the_reference_arithmetic(name, hyperparameters, merge, options, n_tasks):
+    pretrained, finetuned = wider_models(n_tasks)
+    ours = get_method(name, **hyperparameters).merge(pretrained, finetuned).base
+    theirs = reference.merged_model(pretrained, finetuned, merge,
+                                    alpha=hyperparameters.get("alpha", 1.0), **options)
+    for key, value in theirs.items():
+        assert torch.equal(ours[key], value), key
+    assert torch.equal(ours["position_ids"], pretrained["position_ids"])
+
+
+@pytest.mark.parametrize("name", ["iso-c", "iso-cts"])
+def test_isotropic_merges_have_one_singular_value(name):
+    pretrained, finetuned = wider_models(4)
+    merged = get_method(name).merge(pretrained, finetuned).base
+    for key in ("mlp.weight", "proj.weight", "layer.weight"):
+        s = torch.linalg.svdvals((merged[key] - pretrained[key]).double())
+        assert float(s.max() - s.min()) < 1e-5 * float(s.max()), key
+
+
+def test_tsv_keeps_each_tasks_singular_values():
+    pretrained, finetuned = wider_models(4)
+    merged = get_method("tsv-m").merge(pretrained, finetuned).base
+    delta = (merged["mlp.weight"] - pretrained["mlp.weight"]).double()
+    kept = []
+    for model in finetuned.values():                         # 24 // 4 = 6 per task
+        kept += torch.linalg.svdvals((model["mlp.weight"] - pretrained["mlp.weight"]))[:6]
+    expected = torch.sort(torch.stack(kept).double(), descending=True).values
+    torch.testing.assert_close(torch.linalg.svdvals(delta), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_hyperparameters_are_named():
+    with pytest.raises(HyperparameterError, match="iso-cts.*common_space_fraction"):
+        get_method("iso-cts", common_space_fraction=1.5)
+    for name in ("iso-c", "iso-cts", "tsv-m"):
+        with pytest.raises(HyperparameterError, match=f"{name}.*alpha"):
+            get_method(name, alpha=-1)
+
+
+# ---- Model Stock and BitDelta ------------------------------------------------------------
+@pytest.mark.parametrize("n_tasks", [2, 3, 5])
+def test_model_stock_is_the_reference_bit_for_bit(n_tasks):
+    pretrained, finetuned = wider_models(n_tasks)
+    ours = get_method("model-stock").merge(pretrained, finetuned).base
+    floats = [k for k, v in pretrained.items() if v.is_floating_point()]
+    theirs = reference.model_stock({k: pretrained[k] for k in floats},
+                                   [{k: sd[k] for k in floats} for sd in finetuned.values()])
+    for key in floats:
+        assert torch.equal(ours[key], theirs[key]), key
+    # no task changes it: angle 90 degrees, ratio ~0, the pretrained tensor up to the rounding of
+    # the reference's average
+    torch.testing.assert_close(ours["frozen.weight"], pretrained["frozen.weight"])
+
+
+def test_model_stock_needs_two_models():
+    from harness.core.errors import MethodNotApplicable
+
+    pretrained, finetuned = wider_models(2)
+    with pytest.raises(MethodNotApplicable, match="model-stock needs at least 2"):
+        get_method("model-stock").merge(pretrained, {"task0": finetuned["task0"]})
+
+
+def test_bitdelta_serves_the_reference_weights_at_one_bit():
+    pretrained, finetuned = wider_models(3)
+    result = get_method("bitdelta").merge(pretrained, finetuned)
+    for task, model in finetuned.items():
+        served = result.weights_for(task)
+        for key, value in pretrained.items():
+            if not value.is_floating_point():
+                continue
+            if value.dim() == 2:
+                expected = reference.binary_diff(value, model[key])
+                assert torch.equal(served[key], expected), (task, key)
+            else:                                             # stored exactly
+                torch.testing.assert_close(served[key], model[key], rtol=0, atol=1e-6)
+    spec_bits = sum(v.numel() for k, v in pretrained.items()
+                    if v.dim() == 2 and k != "frozen.weight")
+    stored = result.stored_bytes("task0")
+    exact = sum(4 * v.numel() for k, v in pretrained.items()
+                if v.is_floating_point() and v.dim() != 2)
+    assert stored <= spec_bits / 8 + 4 * 4 + exact + 4 * 4      # bits, scales, exact tensors
+    assert result.weights_for_unseen()["layer.weight"].equal(pretrained["layer.weight"])
+
+
+def test_bitdelta_payload_round_trips_through_storage(tmp_path):
+    from harness import MergeResult
+
+    pretrained, finetuned = wider_models(2)
+    result = get_method("bitdelta").merge(pretrained, finetuned)
+    result.save(tmp_path / "r")
+    again = MergeResult.load(tmp_path / "r")
+    for key, value in result.weights_for("task1").items():
+        assert torch.equal(again.weights_for("task1")[key], value)
