@@ -53,9 +53,10 @@ class SignScale(Codec):
 
 
 def bitdelta_encode(tau: Tensor) -> Codec:
-    """A matrix as its signs and mean magnitude (``BinaryDiff``: the mask is 1 where the delta is
-    not negative, so a zero entry decodes to ``+scale``); other tensors exactly."""
-    if tau.dim() != 2:
+    """A matrix or convolution kernel as its signs and mean magnitude (``BinaryDiff``: the mask
+    is 1 where the delta is not negative, so a zero entry decodes to ``+scale``); 1-D and 0-d
+    tensors exactly."""
+    if tau.dim() < 2:
         return Dense(tau.clone())
     scale = tau.abs().mean().to(torch.float32)
     return SignScale(pack_bits(torch.ge(tau, 0).to(torch.uint8), 1), scale, tuple(tau.shape))
@@ -63,18 +64,20 @@ def bitdelta_encode(tau: Tensor) -> Codec:
 
 @dataclass(frozen=True)
 class BitDelta(PayloadMerge):
-    """BitDelta (data-free): each task's matrices as ``mean|tau| * sign(tau)``, 1 bit per entry
-    and one float32 per matrix; serve ``theta_0 + decoded delta``. Unseen tasks get the
+    """BitDelta (data-free): each task's matrices and kernels as ``mean|tau| * sign(tau)``, 1 bit
+    per entry and one float32 per tensor; serve ``theta_0 + decoded delta``. Unseen tasks get the
     pretrained model.
 
     - [decision: data-free variant] the scales stay the mean magnitudes; the paper's
       calibration (distilling the scales on the task's data) is not run.
     - [decision: FusionBench's code] a zero delta entry counts as positive (``mask[diff < 0] =
       0``), so it decodes to ``+scale``.
-    - [decision] every 2-D tensor is binarized (the authors' code takes the attention and MLP
-      projections of LLaMA-style models, the matrices of any architecture here); 1-D, 0-d and
-      higher-dimensional tensors are stored exactly in float32, as the paper keeps the
-      parameters it does not compress.
+    - [decision] every tensor of two or more dimensions is binarized: the authors' code takes
+      the attention and MLP projections of LLaMA-style models; here the matrices of any
+      architecture, and convolution kernels too (a convolutional network has almost no
+      matrices: EfficientNet-Lite0 would otherwise be stored whole). 1-D and 0-d tensors
+      (biases, norms, scales) are stored exactly in float32, as the paper keeps the parameters
+      it does not compress.
     """
 
     name = "bitdelta"

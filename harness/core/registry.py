@@ -105,6 +105,7 @@ METHODS = Registry(
         "tsv-m": "harness.methods.tsv:TsvM",
         "model-stock": "harness.methods.model_stock:ModelStock",
         "bitdelta": "harness.methods.bitdelta:BitDelta",
+        "dare-ties": "harness.methods.dare_ties:DareTies",
     },
     aliases={"dts-t*": "dts-t-star", "dts-d*": "dts-d-star"},
 )

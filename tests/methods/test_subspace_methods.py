@@ -102,17 +102,19 @@ def test_bitdelta_serves_the_reference_weights_at_one_bit():
         for key, value in pretrained.items():
             if not value.is_floating_point():
                 continue
-            if value.dim() == 2:
+            if value.dim() >= 2:                              # matrices and the conv kernel
                 expected = reference.binary_diff(value, model[key])
+                if key == "frozen.weight":                    # unchanged: nothing stored
+                    expected = value
                 assert torch.equal(served[key], expected), (task, key)
             else:                                             # stored exactly
                 torch.testing.assert_close(served[key], model[key], rtol=0, atol=1e-6)
-    spec_bits = sum(v.numel() for k, v in pretrained.items()
-                    if v.dim() == 2 and k != "frozen.weight")
-    stored = result.stored_bytes("task0")
-    exact = sum(4 * v.numel() for k, v in pretrained.items()
-                if v.is_floating_point() and v.dim() != 2)
-    assert stored <= spec_bits / 8 + 4 * 4 + exact + 4 * 4      # bits, scales, exact tensors
+    binarized = [v for k, v in pretrained.items()
+                 if v.is_floating_point() and v.dim() >= 2 and k != "frozen.weight"]
+    exact = sum(4 * v.numel() for v in pretrained.values()
+                if v.is_floating_point() and v.dim() < 2)
+    expected_bytes = sum(-(-v.numel() // 8) + 4 for v in binarized) + exact
+    assert result.stored_bytes("task0") == expected_bytes    # 1 bit per entry, one scale each
     assert result.weights_for_unseen()["layer.weight"].equal(pretrained["layer.weight"])
 
 
@@ -125,3 +127,34 @@ def test_bitdelta_payload_round_trips_through_storage(tmp_path):
     again = MergeResult.load(tmp_path / "r")
     for key, value in result.weights_for("task1").items():
         assert torch.equal(again.weights_for("task1")[key], value)
+
+
+# ---- DARE-TIES ----------------------------------------------------------------------------
+@pytest.mark.parametrize("merge", ["sum", "mean"])
+@pytest.mark.parametrize("seed", [0, 3])
+def test_dare_ties_is_ties_of_the_dropped_task_vectors(merge, seed):
+    """FusionBench's DareTiesMerging: drop and rescale each task vector, then the official TIES
+    over the flattened dropped vectors, ``flat_ptm + lam * merged_tv``; the same drop masks."""
+    from harness.methods.dare import drop_and_rescale, key_generator
+    from tests.methods.test_ties import official_ties
+
+    pretrained, finetuned = wider_models(4)
+    floats = [k for k, v in pretrained.items() if v.is_floating_point()]
+    dropped = {t: {k: drop_and_rescale(sd[k] - pretrained[k], 0.5, key_generator(seed, t, k))
+                   for k in floats} for t, sd in finetuned.items()}
+    zeros = {k: torch.zeros_like(pretrained[k]) for k in floats}
+    merged_tv = official_ties(zeros, dropped, k=20, merge=merge, lam=0.5)   # 0 + lam * agg
+    ours = get_method("dare-ties", merge_function=merge, seed=seed).merge(
+        pretrained, finetuned).base
+    for key in floats:
+        assert torch.equal(ours[key], pretrained[key] + merged_tv[key]), key
+    assert torch.equal(ours["position_ids"], pretrained["position_ids"])
+    other = get_method("dare-ties", merge_function=merge, seed=seed + 1).merge(
+        pretrained, finetuned).base
+    assert not torch.equal(other["mlp.weight"], ours["mlp.weight"])
+
+
+def test_dare_ties_bad_hyperparameters():
+    for name, value in (("p", 1.0), ("k", 0), ("lam", -1), ("merge_function", "max")):
+        with pytest.raises(HyperparameterError, match=f"dare-ties.*{name}"):
+            get_method("dare-ties", **{name: value})
