@@ -32,7 +32,20 @@ _DECISIONS = """
       ``harness sweep --grid alpha=...`` to do the same.
     - Every 2-D tensor is treated as a matrix (the authors exclude only CLIP's text projection,
       which no vision suite here merges); 1-D and >2-D tensors are averaged.
+    - [decision: beyond the authors' code] where LAPACK's float32 SVD fails to converge (their
+      code stops with an error there), that SVD is taken in float64 and cast back.
 """
+
+
+def svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.linalg.svd(matrix, full_matrices=False)``, as the reference code calls it; where
+    LAPACK fails to converge in float32 (an ill-conditioned matrix, on which the reference code
+    stops with an error), the SVD of the float64 matrix, cast back."""
+    try:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        u, s, vh = torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
+        return u.to(matrix.dtype), s.to(matrix.dtype), vh.to(matrix.dtype)
 
 
 def iso_c_matrix(taus: Sequence[Tensor]) -> Tensor:
@@ -40,7 +53,7 @@ def iso_c_matrix(taus: Sequence[Tensor]) -> Tensor:
     with every singular value replaced by their mean."""
     merged = sum(taus) / len(taus)          # the authors' order of operations, for their bits
     merged *= len(taus)
-    u, s, vh = torch.linalg.svd(merged, full_matrices=False)
+    u, s, vh = svd(merged)
     return torch.linalg.multi_dot((u, torch.diag(torch.ones_like(s) * s.mean()), vh))
 
 
@@ -52,12 +65,11 @@ def iso_cts_matrix(taus: Sequence[Tensor], common_space_fraction: float) -> Tens
     count, size = len(taus), min(taus[0].shape)
     common = int(size * common_space_fraction)
     common = size - round((size - common) / count) * count
-    u, s, vh = torch.linalg.svd(sum(taus), full_matrices=False)
+    u, s, vh = svd(sum(taus))
     common_u, common_s, common_vh = u[:, :common], s[:common], vh[:common, :]
     per_task = int((size - common) / count)
     for i, tau in enumerate(taus):
-        u_ts, s_ts, vh_ts = torch.linalg.svd(tau - common_u @ common_u.T @ tau,
-                                             full_matrices=False)
+        u_ts, s_ts, vh_ts = svd(tau - common_u @ common_u.T @ tau)
         if i == 0:
             space_u, space_s, space_vh = (torch.zeros_like(u_ts), torch.zeros_like(s_ts),
                                           torch.zeros_like(vh_ts))
@@ -68,9 +80,9 @@ def iso_cts_matrix(taus: Sequence[Tensor], common_space_fraction: float) -> Tens
     space_u[:, start:start + common] = common_u
     space_s[start:start + common] = common_s
     space_vh[start:start + common, :] = common_vh
-    left, _, right = torch.linalg.svd(space_u, full_matrices=False)
+    left, _, right = svd(space_u)
     space_u = left @ right
-    left, _, right = torch.linalg.svd(space_vh, full_matrices=False)
+    left, _, right = svd(space_vh)
     space_vh = left @ right
     space_s = torch.ones_like(space_s) * space_s.mean()
     return torch.linalg.multi_dot((space_u, torch.diag(space_s), space_vh))

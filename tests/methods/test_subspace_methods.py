@@ -158,3 +158,23 @@ def test_dare_ties_bad_hyperparameters():
     for name, value in (("p", 1.0), ("k", 0), ("lam", -1), ("merge_function", "max")):
         with pytest.raises(HyperparameterError, match=f"dare-ties.*{name}"):
             get_method("dare-ties", **{name: value})
+
+
+def test_an_svd_that_fails_to_converge_is_taken_in_float64(monkeypatch):
+    from harness.methods import isotropic
+
+    real = torch.linalg.svd
+    calls = []
+
+    def failing_in_float32(matrix, full_matrices=True):
+        calls.append(matrix.dtype)
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(matrix, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", failing_in_float32)
+    u, s, vh = isotropic.svd(torch.randn(6, 4))
+    assert calls == [torch.float32, torch.float64] and u.dtype == torch.float32
+    pretrained, finetuned = wider_models(3)
+    merged = get_method("iso-cts").merge(pretrained, finetuned).base
+    assert torch.isfinite(merged["mlp.weight"]).all()
