@@ -24,7 +24,7 @@ from harness.core.spec import ModelSpec
 from harness.core.svd import (RANDOMIZED_OVERSAMPLING, RANDOMIZED_POWER_ITERATIONS,  # noqa: F401
                               RANDOMIZED_SEED, SVD_SOLVERS, blocked_truncated_svd,
                               gram_truncated_svd, randomized_truncated_svd, solver_info,
-                              truncated_svd)
+                              top_factors, truncated_svd)
 from harness.core.tensors import StateDict, numel, task_vector
 from harness.engine.codecs import (Codec, CodecError, Dense, LowRank, TaskPayload, expect_meta,
                                    expect_packed, expect_tensor, expect_tensors, stored_shape)
@@ -277,13 +277,10 @@ def dts_encode(delta: Tensor | BlockedDelta, density: float, signs: str = "canon
         rank = dts_rank(density, delta.shape)
         if rank == 0:
             return None
-        if solver == "gram":
-            factors = gram_truncated_svd(delta, rank)
-            if factors is None:
-                return None
-            u, s, vh = factors
-        else:
-            u, s, vh = truncated_svd(delta, rank, signs, solver)
+        factors = top_factors(delta, rank, signs, solver)
+        if factors is None:
+            return None
+        u, s, vh = factors
     per_vector = grouping == "vector"
     return LowRank(group_encode(u, 1 if per_vector else None), s,
                    group_encode(vh, 0 if per_vector else None))

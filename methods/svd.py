@@ -17,8 +17,8 @@ from harness.engine.method import hp, require
 from harness.engine.passes import BlockedDelta
 from harness.engine.templates import PayloadMerge
 from harness.methods.dts import (SVD_SOLVERS, blocked_key, blocked_truncated_svd,
-                                 delta_zero_counts, dts_rank, gram_truncated_svd, predicted_amr,
-                                 solver_info, truncated_svd)
+                                 delta_zero_counts, dts_rank, predicted_amr, solver_info,
+                                 top_factors)
 from harness.methods.dts_star import GRID, largest_density
 
 DTS_REFERENCE_DENSITY = 0.3
@@ -38,14 +38,10 @@ def svd_encode(tau: Tensor | BlockedDelta, density: float,
     rank = dts_rank(density, tau.shape)
     if rank == 0:
         return None
-    if solver == "gram":
-        factors = gram_truncated_svd(tau, rank)
-        if factors is None:
-            return None
-        u, s, vh = factors
-    else:
-        u, s, vh = truncated_svd(tau, rank, "lapack" if solver == "exact" else "canonical",
-                                 solver)
+    factors = top_factors(tau, rank, "lapack" if solver == "exact" else "canonical", solver)
+    if factors is None:
+        return None
+    u, s, vh = factors
     return LowRank(Dense(u), s, Dense(vh))
 
 

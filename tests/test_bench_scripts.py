@@ -10,6 +10,20 @@ import torch
 SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
 
 
+def save_models(folder, n_tasks: int) -> None:
+    """``make_models`` saved as bench_methods reads them (pretrained.safetensors, taskN...)."""
+    from safetensors.torch import save_file
+
+    from tests.conftest import make_models
+
+    pretrained, finetuned = make_models(n_tasks=n_tasks)
+    save_file({k: v.contiguous() for k, v in pretrained.items()},
+              str(folder / "pretrained.safetensors"))
+    for t, model in enumerate(finetuned.values()):
+        save_file({k: v.contiguous() for k, v in model.items()},
+                  str(folder / f"task{t}.safetensors"))
+
+
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(name, os.path.join(SCRIPTS, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
@@ -58,17 +72,8 @@ def test_bench_scale_svd_floor_decomposes_large_matrices_in_blocks_as_dts_does(t
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/self/status")
 def test_bench_methods_worker_reports_time_memory_and_stored_bytes(tmp_path):
-    from safetensors.torch import save_file
-
-    from tests.conftest import make_models
-
     bench = load_script("bench_methods")
-    pretrained, finetuned = make_models(n_tasks=2)
-    save_file({k: v.contiguous() for k, v in pretrained.items()},
-              str(tmp_path / "pretrained.safetensors"))
-    for t, model in enumerate(finetuned.values()):
-        save_file({k: v.contiguous() for k, v in model.items()},
-                  str(tmp_path / f"task{t}.safetensors"))
+    save_models(tmp_path, n_tasks=2)
     for run in ("read-inputs", "svd-floor"):
         assert bench.worker(run, str(tmp_path), 2)["seconds"] > 0
     ties, dts = (bench.worker(name, str(tmp_path), 2) for name in ("ties", "dts-d"))
@@ -195,16 +200,7 @@ def test_bench_methods_plain_references_compute_the_methods_merges():
 
 
 def test_bench_methods_worker_takes_hyperparameters(tmp_path):
-    from safetensors.torch import save_file
-
-    from tests.conftest import make_models
-
     bench = load_script("bench_methods")
-    pretrained, finetuned = make_models(n_tasks=2)
-    save_file({k: v.contiguous() for k, v in pretrained.items()},
-              str(tmp_path / "pretrained.safetensors"))
-    for t, model in enumerate(finetuned.values()):
-        save_file({k: v.contiguous() for k, v in model.items()},
-                  str(tmp_path / f"task{t}.safetensors"))
+    save_models(tmp_path, n_tasks=2)
     run = bench.worker("dts-d:svd_solver=randomized,density=0.5", str(tmp_path), 2)
     assert run["info"]["density"] == 0.5 and run["bytes_per_task"] > 0

@@ -77,6 +77,15 @@ def truncated_svd(delta: Tensor, rank: int, signs: str = "canonical",
     return u.contiguous(), s.contiguous(), vh.contiguous()
 
 
+def top_factors(delta: Tensor, rank: int, signs: str = "canonical",
+                solver: str = "exact") -> tuple[Tensor, Tensor, Tensor] | None:
+    """:func:`truncated_svd`'s factors as a stored payload takes them: None where the Gram
+    solver finds the matrix zero (nothing to store)."""
+    if solver == "gram":
+        return gram_truncated_svd(delta, rank)
+    return truncated_svd(delta, rank, signs, solver)
+
+
 def _canonical_signs(u: Tensor, vh: Tensor) -> None:
     """Flip each pair in place so the largest-magnitude entry of ``u_i`` (the first on a tie)
     is positive; ``u`` is scanned in row chunks, never copied whole."""

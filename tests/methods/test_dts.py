@@ -291,8 +291,8 @@ def test_large_matrices_are_decomposed_in_blocks(method, params, monkeypatch):
     whole = get_method(method, **params).merge(pre, ft)
     monkeypatch.setattr(dts, "IN_MEMORY_SVD_BYTES", 0)
     monkeypatch.setattr(state_dict, "CHUNK_BYTES", 200)
-    monkeypatch.setattr(dts, "truncated_svd", None)               # any whole SVD would fail
-    monkeypatch.setattr(svd, "truncated_svd", None)
+    monkeypatch.setattr(dts, "top_factors", None)                 # any whole SVD would fail
+    monkeypatch.setattr(svd, "top_factors", None)
     blocked = get_method(method, **params).merge(pre, ft)
     for task in whole.tasks:
         a, b = whole.weights_for(task), blocked.weights_for(task)
