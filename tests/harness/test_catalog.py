@@ -80,3 +80,16 @@ def test_a_file_that_is_not_a_catalog_is_left_alone(tmp_path, capsys):
         assert asdict(catalog.load(str(tmp_path))) == asdict(catalog.build())
         assert open(path).read() == text
         assert "is not a catalog this harness wrote" in capsys.readouterr().err
+
+
+def test_installing_a_plugin_rebuilds(tmp_path, monkeypatch):
+    catalog.load(str(tmp_path))
+    built = []
+    real_build = catalog.build
+    monkeypatch.setattr(catalog, "build", lambda: built.append(1) or real_build())
+    catalog.load(str(tmp_path))
+    assert built == []                                       # unchanged: read from the cache
+    monkeypatch.setattr(catalog, "_plugins", lambda: [["merge_harness.methods", "x", "p:X",
+                                                       "p", "0.1"]])
+    catalog.load(str(tmp_path))
+    assert built == [1]                                      # a new entry point: rebuilt
