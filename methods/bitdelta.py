@@ -18,13 +18,12 @@ import torch
 from torch import Tensor
 
 from harness.core.bits import pack_bits, unpack_bits
-from harness.engine.codecs import (Codec, Dense, expect_packed, expect_tensor, expect_tensors,
-                                   shape_only)
+from harness.engine.codecs import Codec, Dense, PackedCodec, expect_tensor
 from harness.engine.templates import PayloadMerge
 
 
 @dataclass
-class SignScale(Codec):
+class SignScale(PackedCodec):
     """``scale * (+1 where the bit is 1, -1 where it is 0)``: 1 bit per entry, one float32."""
 
     bits: Tensor   # packed, 1 per entry: 1 where the delta is >= 0
@@ -39,16 +38,10 @@ class SignScale(Codec):
     def tensors(self):
         return {"bits": self.bits, "scale": self.scale}
 
-    def meta(self):
-        return {"shape": list(self.shape)}
-
     @classmethod
     def from_stored(cls, meta, tensors):
-        kind = cls.kind
-        shape = shape_only(meta, kind)
-        expect_tensors(tensors, kind, {"bits", "scale"})
-        expect_packed(tensors["bits"], kind, "bits", math.prod(shape), 1)
-        expect_tensor(tensors["scale"], kind, "scale", torch.float32, ())
+        shape = cls.stored_shape(meta, tensors, {"bits", "scale"}, "bits", 1)
+        expect_tensor(tensors["scale"], cls.kind, "scale", torch.float32, ())
         return cls(tensors["bits"], tensors["scale"], shape)
 
 

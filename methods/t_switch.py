@@ -12,14 +12,13 @@ from torch import Tensor
 
 from harness.core.bits import pack_bits, unpack_bits
 from harness.core.select import StreamingKthSmallest
-from harness.engine.codecs import (Codec, CodecError, Dense, expect_packed, expect_tensor,
-                                   expect_tensors, shape_only)
+from harness.engine.codecs import CodecError, Dense, PackedCodec, expect_tensor
 from harness.engine.method import hp, require
 from harness.engine.templates import PayloadMerge
 
 
 @dataclass
-class Ternary(Codec):
+class Ternary(PackedCodec):
     """T-Switch's ``alpha * b`` with ``b`` in {-1, 0, +1}: 2 bits per entry and one float32."""
 
     codes: Tensor  # packed: 0 absent, 1 positive, 2 negative
@@ -35,15 +34,10 @@ class Ternary(Codec):
     def tensors(self):
         return {"codes": self.codes, "alpha": self.alpha}
 
-    def meta(self):
-        return {"shape": list(self.shape)}
-
     @classmethod
     def from_stored(cls, meta, tensors):
         kind = cls.kind
-        shape = shape_only(meta, kind)
-        expect_tensors(tensors, kind, {"codes", "alpha"})
-        expect_packed(tensors["codes"], kind, "codes", math.prod(shape), 2)
+        shape = cls.stored_shape(meta, tensors, {"codes", "alpha"}, "codes", 2)
         expect_tensor(tensors["alpha"], kind, "alpha", torch.float32, ())
         if _max_code(tensors["codes"], math.prod(shape)) > 2:
             raise CodecError(f"{kind} codec: a code is 3, which no ternary value has")

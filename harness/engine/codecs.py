@@ -14,6 +14,8 @@ entry-point group. Only the generic codecs live here: :class:`Dense` and :class:
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field, fields, replace
 from importlib.metadata import entry_points
 from typing import ClassVar
@@ -148,6 +150,26 @@ class Codec:
         """The codec from its stored metadata and tensors; raises :class:`CodecError` unless
         they fit together exactly (names, dtypes, sizes, ranges)."""
         raise NotImplementedError
+
+
+class PackedCodec(Codec):
+    """A codec of one tensor whose stored metadata is its decoded ``shape`` alone and whose
+    tensors include codes bit-packed per entry (a mask, signs, ternary codes)."""
+
+    shape: tuple[int, ...]
+
+    def meta(self):
+        return {"shape": list(self.shape)}
+
+    @classmethod
+    def stored_shape(cls, meta: dict, tensors: dict[str, Tensor], names: set[str],
+                     packed: str, bits: int) -> tuple[int, ...]:
+        """The shape in ``meta``, once ``tensors`` are exactly ``names`` and ``packed`` holds
+        ``bits`` bits per entry of that shape; raises :class:`CodecError` otherwise."""
+        shape = shape_only(meta, cls.kind)
+        expect_tensors(tensors, cls.kind, names)
+        expect_packed(tensors[packed], cls.kind, packed, math.prod(shape), bits)
+        return shape
 
 
 @dataclass

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from harness.core.bits import unpack_bits
 from harness.core.spec import ModelSpec, ValueChecks
-from harness.engine.codecs import Codec, TaskPayload, expect_packed, expect_tensors, shape_only
+from harness.engine.codecs import PackedCodec, TaskPayload
 from harness.engine.method import MergeMethod
 from harness.engine.outputs import building, finish_output
 from harness.engine.passes import inspect_models, shared_and_masks
@@ -29,7 +29,7 @@ from harness.io.pages import iter_keys
 
 
 @dataclass
-class Mask(Codec):
+class Mask(PackedCodec):
     """A 1-bit mask over a shared tensor: the delta is ``mask * shared`` (EMR, TALL-Mask)."""
 
     bits: Tensor  # packed
@@ -45,16 +45,9 @@ class Mask(Codec):
     def tensors(self):
         return {"bits": self.bits}
 
-    def meta(self):
-        return {"shape": list(self.shape)}
-
     @classmethod
     def from_stored(cls, meta, tensors):
-        kind = cls.kind
-        shape = shape_only(meta, kind)
-        expect_tensors(tensors, kind, {"bits"})
-        expect_packed(tensors["bits"], kind, "bits", math.prod(shape), 1)
-        return cls(tensors["bits"], shape)
+        return cls(tensors["bits"], cls.stored_shape(meta, tensors, {"bits"}, "bits", 1))
 
 
 class MaskRule:
