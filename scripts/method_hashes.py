@@ -11,7 +11,7 @@ the accounting facts (merged parameters, paper bits, info), the weights served t
 and to an unseen one, and the tensors read back from a saved result. Cases cover TIES sum/mean,
 DTS lapack/canonical signs, matrix/vector grouping and its SVD solvers, blocked (out-of-core)
 SVDs, starred budgets in both counts, DARE seeds, per-task TALL lambdas, the subspace merges
-(Iso-C, Iso-CTS, TSV-M), Model Stock, BitDelta, DARE-TIES, and in-memory and streamed outputs.
+(Iso-C, Iso-CTS, TSV-M), Model Stock, BitDelta, DARE-TIES, DELLA, and in-memory and streamed outputs.
 
 A refactor must leave every hash unchanged (``tests/methods/test_output_hashes.py`` runs this
 check). The computation runs in a child process with one thread, ATen's portable kernels and
@@ -82,6 +82,7 @@ CASES = [
     ("model-stock", "model-stock", {}, ()),
     ("bitdelta", "bitdelta", {}, ()),
     ("dare-ties", "dare-ties", {}, ()),
+    ("della", "della", {}, ()),
 ]
 
 

@@ -106,6 +106,7 @@ METHODS = Registry(
         "model-stock": "harness.methods.model_stock:ModelStock",
         "bitdelta": "harness.methods.bitdelta:BitDelta",
         "dare-ties": "harness.methods.dare_ties:DareTies",
+        "della": "harness.methods.della:Della",
     },
     aliases={"dts-t*": "dts-t-star", "dts-d*": "dts-d-star"},
 )

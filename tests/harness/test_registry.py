@@ -9,7 +9,7 @@ from harness import HyperparameterError, UnknownNameError, get_method, list_meth
 from harness.core.registry import Registry
 from tests.conftest import install_plugin
 
-EXPECTED = ["bitdelta", "dare", "dare-ties", "dts-d", "dts-d-star", "dts-t", "dts-t-star", "emr", "iso-c",
+EXPECTED = ["bitdelta", "dare", "dare-ties", "della", "dts-d", "dts-d-star", "dts-t", "dts-t-star", "emr", "iso-c",
             "iso-cts", "model-stock", "svd", "t-switch", "tall-mask", "task-arithmetic", "ties",
             "tsv-m", "weight-averaging"]
 

@@ -178,3 +178,75 @@ def test_an_svd_that_fails_to_converge_is_taken_in_float64(monkeypatch):
     pretrained, finetuned = wider_models(3)
     merged = get_method("iso-cts").merge(pretrained, finetuned).base
     assert torch.isfinite(merged["mlp.weight"]).all()
+
+
+# ---- DELLA: mergekit's della_magprune and consensus mixing, transcribed --------------------
+def mergekit_della_magprune(tensor, density, epsilon, bernoulli):
+    """``mergekit/sparsify.py`` ``della_magprune`` with ``rescale_norm=l1`` (float32, CPU);
+    ``bernoulli`` stands in for ``torch.bernoulli`` (the same draws as ours)."""
+    orig_shape = tensor.shape
+    if len(tensor.shape) < 2:
+        tensor = tensor.unsqueeze(0)
+    magnitudes = tensor.abs()
+    sorted_indices = torch.argsort(magnitudes, dim=1, descending=False)
+    ranks = sorted_indices.argsort(dim=1).to(torch.float32) + 1
+    min_ranks = ranks.min(dim=1, keepdim=True).values
+    max_ranks = ranks.max(dim=1, keepdim=True).values
+    rank_norm = ((ranks - min_ranks) / (max_ranks - min_ranks)).clamp(0, 1)
+    probs = (density - epsilon) + rank_norm * 2 * epsilon
+    mask = bernoulli(probs).to(torch.float32)
+    masked = tensor * mask
+    before_scale, after_scale = tensor.abs().sum(), masked.abs().sum()
+    if not (before_scale < 1e-7 or after_scale < 1e-7):
+        masked = masked * (before_scale / after_scale)
+    return masked.to(tensor.dtype).reshape(orig_shape)
+
+
+def mergekit_della(base, deltas, lambda_):
+    """``GeneralizedTaskArithmeticMergeTask.execute`` for ``della`` (weights 1, normalize)."""
+    deltas = torch.stack(deltas, dim=0)
+    weights = torch.tensor([1.0] * len(deltas), dtype=deltas.dtype)
+    while len(deltas.shape) > len(weights.shape):
+        weights.unsqueeze_(-1)
+    weighted_deltas = deltas * weights
+    sign = weighted_deltas.sign().to(base.dtype)
+    majority_sign = (weighted_deltas.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
+    mask = sign == majority_sign
+    mixed_delta = (weighted_deltas * mask).sum(dim=0)
+    divisor = (weights * mask).sum(dim=0)
+    divisor[divisor == 0] = 1
+    mixed_delta /= divisor
+    if lambda_ != 1:
+        mixed_delta *= lambda_
+    return (base + mixed_delta).to(base.dtype)
+
+
+@pytest.mark.parametrize("density,epsilon,lam", [(0.5, 0.15, 1.0), (0.7, 0.2, 0.6)])
+def test_della_is_mergekits_della_on_the_same_draws(density, epsilon, lam):
+    from harness.methods.dare import key_generator
+
+    pretrained, finetuned = wider_models(3)
+    ours = get_method("della", density=density, epsilon=epsilon, lam=lam, seed=2).merge(
+        pretrained, finetuned).base
+    for key, value in pretrained.items():
+        if not value.is_floating_point() or value.dim() == 0 or key == "frozen.weight":
+            continue                  # mergekit's ranks need a dimension (no 0-d in LLMs)
+        deltas = [mergekit_della_magprune(
+            sd[key] - value, density, epsilon,
+            lambda p, t=t: torch.bernoulli(p, generator=key_generator(2, t, key)))
+            for t, sd in finetuned.items()]
+        assert torch.equal(ours[key], mergekit_della(value, deltas, lam)), key
+    assert torch.isfinite(ours["logit_scale"])          # a row of one: kept with p = density
+
+
+def test_della_keeps_the_l1_norm_and_refuses_bad_windows():
+    from harness.methods.della import magprune
+
+    tau = torch.randn(30, 20, generator=torch.Generator().manual_seed(4))
+    pruned = magprune(tau, 0.5, 0.15, torch.Generator().manual_seed(0))
+    assert 0.3 < float((pruned != 0).float().mean()) < 0.7
+    torch.testing.assert_close(pruned.abs().sum(), tau.abs().sum())
+    with pytest.raises(HyperparameterError, match="della.*epsilon"):
+        get_method("della", density=0.1, epsilon=0.15)
+    with pytest.raises(HyperparameterError, match="della.*density"):
+        get_method("della", density=0)
