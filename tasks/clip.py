@@ -229,15 +229,12 @@ class ClipSuite(ConfiguredSuite):
         scores with (its prompt templates averaged)."""
         from safetensors.torch import save_file
 
-        if self.format == "open_clip":
-            from transformers import CLIPVisionConfig
-
-            config = CLIPVisionConfig(**{**self._vision.config.to_dict(),
-                                         "projection_dim": self._projection_dim})
-            config.architectures = ["CLIPVisionModelWithProjection"]
-        else:
-            config = type(self.clip.config).from_dict(self.clip.config.to_dict())
-            config.architectures = ["CLIPModel"]
+        # a copy of the config the suite evaluates with (open_clip's carries its projection
+        # dimension, read from the checkpoint's shapes)
+        source = self._vision.config if self.format == "open_clip" else self.clip.config
+        config = type(source).from_dict(source.to_dict())
+        config.architectures = ["CLIPVisionModelWithProjection" if self.format == "open_clip"
+                                else "CLIPModel"]
         if task is not None:
             names = self.classnames(task)
             config.id2label = dict(enumerate(names))
@@ -255,10 +252,6 @@ class ClipSuite(ConfiguredSuite):
             if self._biases.get(task) is not None:
                 tensors["bias"] = self._biases[task].contiguous()
             save_file(tensors, os.path.join(folder, self.HEAD_FILE))
-
-    @property
-    def _projection_dim(self) -> int:
-        return int(to_transformers(dict(self.load_pretrained()))[1].shape[0])
 
     # ---- evaluation ----------------------------------------------------------------------
     @cached_property
