@@ -94,16 +94,21 @@ class GlueSuite(ConfiguredSuite):
     def load_finetuned(self, task: str) -> StateDict:
         return dict(self.task_model(task).base_model.state_dict())
 
-    def load_pretrained(self) -> StateDict:
-        """The pretrained backbone, restricted to the keys a task model's backbone has (a
-        RoBERTa checkpoint also holds a pooler the classifier does not use)."""
+    def _stored_pretrained(self) -> tuple[StateDict, list[str]]:
+        """The pretrained ``AutoModel``'s whole state dict, and the keys a task model's
+        backbone has."""
         from transformers import AutoModel
 
         base, kwargs = self._source(None)
         stored = AutoModel.from_pretrained(base, dtype=torch.float32, **kwargs).state_dict()
-        keys = list(self.task_model(next(iter(self.specs))).base_model.state_dict())
-        return restrict(stored, keys, f"{self.name}: the pretrained {base} does not have the "
-                                      "task models' architecture")
+        return stored, list(self.task_model(next(iter(self.specs))).base_model.state_dict())
+
+    def load_pretrained(self) -> StateDict:
+        """The pretrained backbone, restricted to the keys a task model's backbone has (a
+        RoBERTa checkpoint also holds a pooler the classifier does not use)."""
+        stored, keys = self._stored_pretrained()
+        return restrict(stored, keys, f"{self.name}: the pretrained {self._source(None)[0]} "
+                                      "does not have the task models' architecture")
 
     # ---- fine-tuning ---------------------------------------------------------------------
     def finetune(self, progress: bool = True, device: str = "cpu") -> str:
@@ -183,11 +188,8 @@ class GlueSuite(ConfiguredSuite):
 
     @cached_property
     def _unused_pretrained(self) -> StateDict:
-        from transformers import AutoModel
-
-        base, kwargs = self._source(None)
-        stored = AutoModel.from_pretrained(base, dtype=torch.float32, **kwargs).state_dict()
-        used = self.task_model(next(iter(self.specs))).base_model.state_dict()
+        stored, keys = self._stored_pretrained()
+        used = set(keys)
         return {k: v for k, v in stored.items() if k not in used}
 
     def export_files(self, task, folder):
