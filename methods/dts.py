@@ -21,10 +21,8 @@ from harness.core.accounting import amr_percent
 from harness.core.bits import (pack_bits, packed_nbytes, store_zeros, unpack_bits,
                                zero_storage_nbytes)
 from harness.core.spec import ModelSpec
-from harness.core.svd import (RANDOMIZED_OVERSAMPLING, RANDOMIZED_POWER_ITERATIONS,  # noqa: F401
-                              RANDOMIZED_SEED, SVD_SOLVERS, blocked_truncated_svd,
-                              gram_truncated_svd, randomized_truncated_svd, solver_info,
-                              top_factors, truncated_svd)
+from harness.core.svd import (SVD_SOLVERS, blocked_truncated_svd, solver_info, top_factors,
+                              truncated_svd)  # noqa: F401  (re-exported: it lived here before)
 from harness.core.tensors import StateDict, numel, task_vector
 from harness.engine.codecs import (Codec, CodecError, Dense, LowRank, TaskPayload, expect_meta,
                                    expect_packed, expect_tensor, expect_tensors, stored_shape)

@@ -16,9 +16,8 @@ from harness.engine.codecs import Codec, Dense, LowRank
 from harness.engine.method import hp, require
 from harness.engine.passes import BlockedDelta
 from harness.engine.templates import PayloadMerge
-from harness.methods.dts import (SVD_SOLVERS, blocked_key, blocked_truncated_svd,
-                                 delta_zero_counts, dts_rank, predicted_amr, solver_info,
-                                 top_factors)
+from harness.core.svd import SVD_SOLVERS, blocked_truncated_svd, solver_info, top_factors
+from harness.methods.dts import blocked_key, delta_zero_counts, dts_rank, predicted_amr
 from harness.methods.dts_star import GRID, largest_density
 
 DTS_REFERENCE_DENSITY = 0.3

@@ -46,25 +46,14 @@ def solver_info(solver: str) -> dict:
     return {"svd_solver": settings}
 
 
-def truncated_svd(delta: Tensor, rank: int, signs: str = "canonical",
-                  solver: str = "exact") -> tuple[Tensor, Tensor, Tensor]:
-    """Top-``rank`` SVD ``U_r, S_r, V_r`` of a float32 matrix (thin, never full U).
+def truncated_svd(delta: Tensor, rank: int, signs: str = "canonical"
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact top-``rank`` SVD ``U_r, S_r, V_r`` of a float32 matrix (thin, never full U).
 
     ``signs="canonical"`` flips each pair so the largest-magnitude entry of ``u_i`` (the first
     on a tie) is positive (a wide matrix is decomposed through its transpose, which LAPACK
-    does faster); ``"lapack"`` keeps the signs ``torch.linalg.svd(delta)`` returns (exact
-    solver only). ``solver`` (canonical signs): ``"exact"`` LAPACK's SVD; ``"gram"`` the top
-    eigenvectors of the shorter side's float64 Gram matrix (:func:`gram_truncated_svd`);
-    ``"randomized"`` a seeded randomized range finder (:func:`randomized_truncated_svd`).
+    does faster); ``"lapack"`` keeps the signs ``torch.linalg.svd(delta)`` returns.
     """
-    if solver == "gram":
-        factors = gram_truncated_svd(delta, rank)
-        if factors is None:
-            zero = delta.new_zeros
-            return zero((delta.shape[0], rank)), zero(rank), zero((rank, delta.shape[1]))
-        return factors
-    if solver == "randomized":
-        return randomized_truncated_svd(delta, rank)
     if signs == "canonical" and delta.shape[0] < delta.shape[1]:
         # LAPACK is faster on tall matrices; the signs are normalized below anyway
         v, s, uh = torch.linalg.svd(delta.T, full_matrices=False)
@@ -79,11 +68,15 @@ def truncated_svd(delta: Tensor, rank: int, signs: str = "canonical",
 
 def top_factors(delta: Tensor, rank: int, signs: str = "canonical",
                 solver: str = "exact") -> tuple[Tensor, Tensor, Tensor] | None:
-    """:func:`truncated_svd`'s factors as a stored payload takes them: None where the Gram
-    solver finds the matrix zero (nothing to store)."""
+    """The top-``rank`` singular triplets of a float32 matrix in memory by ``solver``:
+    ``"exact"`` :func:`truncated_svd` (with ``signs``), ``"gram"`` :func:`gram_truncated_svd`
+    (None for a zero matrix: nothing to store), ``"randomized"``
+    :func:`randomized_truncated_svd`; the approximate two always with canonical signs."""
     if solver == "gram":
         return gram_truncated_svd(delta, rank)
-    return truncated_svd(delta, rank, signs, solver)
+    if solver == "randomized":
+        return randomized_truncated_svd(delta, rank)
+    return truncated_svd(delta, rank, signs)
 
 
 def _canonical_signs(u: Tensor, vh: Tensor) -> None:

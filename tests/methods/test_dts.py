@@ -337,14 +337,14 @@ def decaying(shape, seed=0, decay=20.0):
 
 @pytest.mark.parametrize("shape", [(96, 40), (40, 96)])
 def test_svd_solvers_find_the_same_triplets(shape):
-    from harness.methods.dts import truncated_svd
+    from harness.core.svd import top_factors, truncated_svd
 
     delta = decaying(shape)
     u0, s0, vh0 = truncated_svd(delta, 12)
     exact = (u0 * s0) @ vh0
     optimal = float((delta - exact).norm())                   # Eckart-Young
     for solver in ("gram", "randomized"):
-        u, s, vh = truncated_svd(delta, 12, solver=solver)
+        u, s, vh = top_factors(delta, 12, solver=solver)
         assert u.shape == u0.shape and s.shape == s0.shape and vh.shape == vh0.shape
         if solver == "gram":                                   # exact up to rounding
             torch.testing.assert_close(s, s0, rtol=1e-4, atol=1e-6)
@@ -354,7 +354,7 @@ def test_svd_solvers_find_the_same_triplets(shape):
             torch.testing.assert_close(s, s0, rtol=5e-2, atol=0)
         # canonical signs: the largest-magnitude entry of each u_i is positive
         assert bool((u.gather(0, u.abs().argmax(0, keepdim=True)) > 0).all())
-        again = truncated_svd(delta, 12, solver=solver)
+        again = top_factors(delta, 12, solver=solver)
         assert all(torch.equal(a, b) for a, b in zip((u, s, vh), again))   # deterministic
 
 
