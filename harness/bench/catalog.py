@@ -75,7 +75,9 @@ def summary(docstring: str | None) -> str:
 
 def build() -> Catalog:
     """The catalog from the registered classes themselves (imports every method and suite)."""
-    suites = [SUITES.get(name)() for name in SUITES.names()]
+    from harness.bench.lookup import get_suite
+
+    suites = [get_suite(name) for name in SUITES.names()]
     methods = []
     for name in METHODS.names():
         cls = METHODS.get(name)

@@ -208,8 +208,8 @@ def test_weights_that_are_not_efficientnet_are_refused(assets, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["ties", "dts-d"])
-def test_runs_end_to_end(method, prepared, assets, tmp_path):
-    SUITES.register(prepared.name, lambda cache_dir: prepared)
+def test_runs_end_to_end(method, prepared, assets, tmp_path, monkeypatch):
+    monkeypatch.setitem(SUITES._targets, prepared.name, lambda cache_dir: prepared)
     for split in ("seen", "unseen"):
         record = run(RunConfig(method=method, suite=prepared.name, split=split,
                                results_dir=str(tmp_path / "results"), cache_dir=prepared.cache_dir,
