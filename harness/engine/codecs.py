@@ -15,7 +15,6 @@ entry-point group. Only the generic codecs live here: :class:`Dense` and :class:
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field, fields, replace
 from importlib.metadata import entry_points
 from typing import ClassVar
