@@ -39,6 +39,7 @@ class TaskArithmetic(SharedMerge):
     family = "task vectors"
     year = 2023
     propagates_nonfinite = True      # theta_0 + lam * sum: every NaN/Inf shows
+    parallel_blocks = True           # a pure function of each block
     lam: float = hp(0.3, "scaling coefficient of the summed task vectors")
 
     def check(self):

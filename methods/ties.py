@@ -3,8 +3,9 @@ models"), as the authors' code and the 8-task benchmark run it."""
 
 from __future__ import annotations
 
-import collections
+import functools
 import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -15,13 +16,15 @@ from torch import Tensor
 
 from harness.core.select import StreamingKthSmallest
 from harness.core.spec import ModelSpec
-from harness.core.tensors import BlockBuffers, StateDict, cast_like, store_rows, task_vector
+from harness.core.tensors import (BlockBuffers, StateDict, cast_like, row_chunks, store_rows,
+                                  task_vector)
 from harness.engine.deferred import DeferredEntries
 from harness.engine.method import MergeMethod, hp, require
 from harness.engine.outputs import building, finish_output
 from harness.engine.passes import inspect_models
 from harness.engine.result import MergeResult
-from harness.io.pages import iter_keys, row_blocks
+from harness.engine.workers import BlockWorkers
+from harness.io.pages import MAPPED_PAGES, iter_keys
 
 
 def trim_rank(d: int, k: float) -> int:
@@ -73,25 +76,30 @@ class TrimThresholds:
     """
 
     def __init__(self) -> None:
-        self.selectors: dict[str, StreamingKthSmallest] = collections.defaultdict(
-            StreamingKthSmallest)
-        self.buffers = BlockBuffers()
+        self.selectors: dict[str, StreamingKthSmallest] = {}
+        self._scratch = threading.local()       # blocks are observed on several threads
 
     def observe(self, task: str, key: str, tau: Tensor) -> tuple[int, int]:
         """Count ``tau``'s magnitudes (which overwrites it: inspect_models hands over scratch);
         returns its numbers of non-zero and non-finite entries, read off the counts."""
-        zeros, nonfinite = self.selectors[task].add_high(
-            tau.abs_(), overwrite=True,
-            scratch=self.buffers.view("high", tau, torch.int32).reshape(-1))
+        buffers = getattr(self._scratch, "buffers", None)
+        if buffers is None:
+            buffers = self._scratch.buffers = BlockBuffers()
+        selector = self.selectors.get(task) or self.selectors.setdefault(
+            task, StreamingKthSmallest())
+        zeros, nonfinite = selector.add_high(
+            tau.abs_(), overwrite=True, scratch=buffers.view("high", tau, torch.int32).reshape(-1))
         return tau.numel() - zeros, nonfinite
 
     def finish(self, pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
                k: float, progress: bool, desc: str) -> dict[str, float | None]:
         """Pass 2 over the inputs, for the tasks whose threshold pass 1 left inside a bin; None
         for a task means keep everything (k = 100)."""
-        self.buffers = None                 # pass 1 is over: its scratch can go
+        self._scratch = threading.local()  # pass 1 is over: its scratch can go
         d = sum(torch.Size(spec.shapes[key]).numel() for key in spec.float_keys)
         rank = trim_rank(d, k)
+        for task in spec.tasks:
+            self.selectors.setdefault(task, StreamingKthSmallest())
         if rank == 0:
             return {t: None for t in spec.tasks}
         for sel in self.selectors.values():
@@ -102,17 +110,23 @@ class TrimThresholds:
         return {t: self.selectors[t].value() for t in spec.tasks}
 
     def _second_pass(self, pretrained, finetuned, spec, pending, progress, desc):
-        buffers = BlockBuffers()
-        for key in iter_keys(spec.float_keys, f"{desc}: thresholds", progress):
-            p, sources = pretrained[key], [finetuned[t][key] for t in pending]
-            for rows in row_blocks(spec.shapes[key], 2):
-                p_rows = buffers.float32("theta0", p[rows])
-                magnitude = buffers.view("magnitude", p_rows)
-                scratch = (buffers.view("shifted", p_rows, torch.int32).reshape(-1),
-                           buffers.view("in_bin", p_rows, torch.bool).reshape(-1))
-                for t, source in zip(pending, sources):
-                    task_vector(p_rows, source[rows], out=magnitude).abs_()
-                    self.selectors[t].add_low(magnitude, scratch)
+        def count_block(p, sources, rows, mapped, *, buffers):
+            p_rows = buffers.float32("theta0", p[rows])
+            magnitude = buffers.view("magnitude", p_rows)
+            scratch = (buffers.view("shifted", p_rows, torch.int32).reshape(-1),
+                       buffers.view("in_bin", p_rows, torch.bool).reshape(-1))
+            for t, source in zip(pending, sources):
+                task_vector(p_rows, source[rows], out=magnitude).abs_()
+                self.selectors[t].add_low(magnitude, scratch)
+            MAPPED_PAGES.release_views([t[rows] for t in mapped])
+
+        with BlockWorkers(parallel=True) as workers:     # counts: any block order
+            for key in iter_keys(spec.float_keys, f"{desc}: thresholds", progress):
+                p, sources = pretrained[key], [finetuned[t][key] for t in pending]
+                mapped = [t for t in (p, *sources) if MAPPED_PAGES.noted(t)]
+                for rows in row_chunks(spec.shapes[key], 2):
+                    workers.run(count_block, p, sources, rows, mapped)
+            workers.wait()
 
 
 def inspect_for_ties(pretrained: StateDict, finetuned: Mapping[str, StateDict]
@@ -151,18 +165,25 @@ def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progr
     avoiding.
     """
     running = 0
-    buffers = BlockBuffers()
     float_keys = set(spec.float_keys)
-    with DeferredEntries(merged) as deferred:
+
+    def write(key, merged_key):
+        nonlocal running
+        value, signs, undecided = merged_key
+        running += signs
+        deferred.write(key, value, undecided, _outcome(running))
+
+    with DeferredEntries(merged) as deferred, BlockWorkers(parallel=True) as workers:
         for key in iter_keys(list(pretrained.keys()), f"{desc}: merge", progress):
+            p = pretrained[key]
             if key not in float_keys:
-                merged[key] = pretrained[key]
+                workers.then(functools.partial(merged.__setitem__, key, p))
                 continue
-            value, signs, undecided = _merge_key(pretrained, finetuned, spec, key, cut, lam,
-                                                 merge, buffers)
-            running += signs
-            deferred.write(key, value, undecided, _outcome(running))
-            del value, undecided    # a key already written to a shard must not outlive its turn
+            sources = [finetuned[t][key] for t in spec.tasks]   # read here, merged on a worker
+            mapped = [t for t in (p, *sources) if MAPPED_PAGES.noted(t)]
+            workers.run(_merge_key, p, sources, mapped, spec, key, cut, lam, merge,
+                        then=functools.partial(write, key))
+        workers.wait()
         deferred.resolve(_outcome(running),
                          lambda key, positions: _at_theta0(pretrained[key], positions),
                          f"{desc}: undecided entries", progress)
@@ -183,18 +204,18 @@ def _at_theta0(theta0: Tensor, positions: Tensor) -> Tensor:
     return theta0.reshape(-1)[positions.long()]
 
 
-def _merge_key(pretrained, finetuned, spec, key, cut, lam, merge, buffers):
+def _merge_key(p, sources, mapped, spec, key, cut, lam, merge, *, buffers):
     """One key's merged tensor (undecided entries left at theta_0), the sum of its elected
     signs, and its undecided entries or None: their flat positions (int32 where they fit) and
     their merged values under a negative and a positive majority sign, ``(2, n)`` in the key's
-    dtype. Blocks are computed in ``buffers``."""
+    dtype. ``p`` and ``sources`` are the pretrained and the tasks' tensors of ``key``; the
+    pages of those in ``mapped`` are handed back block by block. Nothing is carried from key
+    to key, so keys may run on several threads; blocks are computed in ``buffers``."""
     tasks = spec.tasks
-    p = pretrained[key]
-    sources = [finetuned[t][key] for t in tasks]
     value = torch.empty(spec.shapes[key], dtype=p.dtype, device="cpu")
     positions, candidates, offset, sign_total = [], [], 0, 0
     index_dtype = torch.int32 if p.numel() < 2**31 else torch.int64
-    for rows in row_blocks(spec.shapes[key], len(tasks)):
+    for rows in row_chunks(spec.shapes[key], len(tasks)):
         p_rows = buffers.float32("theta0", p[rows])
         trimmed = buffers.view("trimmed", p_rows, count=len(tasks))
         # comparisons into float32 run several times faster than into bool on the CPU
@@ -220,6 +241,7 @@ def _merge_key(pretrained, finetuned, spec, key, cut, lam, merge, buffers):
         delta = disjoint_aggregate(trimmed, sign, merge, buffers)
         store_rows(value, rows, delta.mul_(lam).add_(p_rows))
         offset += p_rows.numel()
+        MAPPED_PAGES.release_views([t[rows] for t in mapped])
     if not positions:
         return value, sign_total, None
     return value, sign_total, (torch.cat(positions), torch.cat(candidates, dim=1))

@@ -36,6 +36,7 @@ class WeightAveraging(SharedMerge):
     year = 2022
     merges_weights = True
     propagates_nonfinite = True      # a mean: every NaN/Inf shows
+    parallel_blocks = True           # a pure function of each block
 
     def rule(self, spec):
         return lambda key, theta0, weights, out: weight_average(weights, out)

@@ -130,9 +130,83 @@ def plain_ties(pretrained, finetuned, k: float = 20.0, lam: float = 0.3) -> dict
     return merged
 
 
+def plain_weight_averaging_float64(pretrained, finetuned) -> dict:
+    """Weight averaging accumulated in float64, weight-averaging's arithmetic (its [decision]:
+    N copies of one model average to that model), key by key."""
+    merged = {}
+    for key, base in pretrained.items():
+        merged[key] = base if not base.is_floating_point() else (
+            sum(sd[key].double() for sd in finetuned.values()) / len(finetuned)
+        ).to(base.dtype)
+    return merged
+
+
+def plain_dare(pretrained, finetuned, p: float = 0.5, lam: float = 0.3, seed: int = 0) -> dict:
+    """DARE then Task Arithmetic as a user writes it in torch, key by key, drawing from the
+    same per-(seed, task, key) generators as dare (so it merges the same model)."""
+    from methods.dare import key_generator
+
+    merged = {}
+    for key, base in pretrained.items():
+        if not base.is_floating_point():
+            merged[key] = base
+            continue
+        theta0 = base.float()
+        total = 0
+        for task, sd in finetuned.items():
+            tau = sd[key].float() - theta0
+            keep = torch.rand(tau.shape, generator=key_generator(seed, task, key)) >= p
+            total = total + tau * keep / (1 - p)
+        merged[key] = (theta0 + lam * total).to(base.dtype)
+    return merged
+
+
+def plain_emr(pretrained, finetuned) -> tuple[dict, dict, dict]:
+    """EMR-Merging as its authors' code runs it, key by key: ``(tau_uni, each task's bool
+    masks, each task's lambda)`` (masks at a byte per entry)."""
+    tau_uni, masks = {}, {task: {} for task in finetuned}
+    numerator, denominator = dict.fromkeys(finetuned, 0.0), dict.fromkeys(finetuned, 0.0)
+    for key, base in pretrained.items():
+        if not base.is_floating_point():
+            continue
+        theta0 = base.float()
+        stacked = torch.stack([sd[key].float() - theta0 for sd in finetuned.values()])
+        if not stacked.any():
+            continue
+        flag = torch.where(stacked.mean(dim=0) > 0, 1.0, -1.0)
+        kept = stacked * flag > 0
+        tau_uni[key] = flag * (stacked * kept).abs().amax(dim=0)
+        for row, task in enumerate(finetuned):
+            masks[task][key] = kept[row]
+            numerator[task] += float(stacked[row].abs().mean())
+            denominator[task] += float((tau_uni[key] * kept[row]).abs().mean())
+    return tau_uni, masks, {t: numerator[t] / denominator[t] for t in finetuned}
+
+
+def plain_tall_mask(pretrained, finetuned, lam: float = 0.4) -> tuple[dict, dict]:
+    """TALL-Mask as a user writes it in torch, key by key: ``(tau_MTL, each task's bool
+    masks |tau_t| > lam * |tau_MTL - tau_t|)``."""
+    mtl, masks = {}, {task: {} for task in finetuned}
+    for key, base in pretrained.items():
+        if not base.is_floating_point():
+            continue
+        theta0 = base.float()
+        taus = [sd[key].float() - theta0 for sd in finetuned.values()]
+        if not any(tau.any() for tau in taus):
+            continue
+        mtl[key] = sum(taus)
+        for task, tau in zip(finetuned, taus):
+            masks[task][key] = tau.abs() > lam * (mtl[key] - tau).abs()
+    return mtl, masks
+
+
 PLAIN = {"plain-task-arithmetic": plain_task_arithmetic,
          "plain-weight-averaging": plain_weight_averaging,
-         "plain-ties": plain_ties}
+         "plain-weight-averaging-float64": plain_weight_averaging_float64,
+         "plain-dare": plain_dare,
+         "plain-ties": plain_ties,
+         "plain-emr": plain_emr,
+         "plain-tall-mask": plain_tall_mask}
 
 
 def worker(method_name: str, folder: str, n_tasks: int, inputs: str = "mmap") -> dict:

@@ -197,6 +197,35 @@ def test_bench_methods_plain_references_compute_the_methods_merges():
         theirs = bench.PLAIN[plain](pretrained, finetuned)
         for key, value in ours.items():
             torch.testing.assert_close(theirs[key], value, rtol=0, atol=tolerance)
+    for plain, method, tolerance in (("plain-weight-averaging-float64", "weight-averaging", 0),
+                                     ("plain-dare", "dare", 1e-6)):
+        ours = get_method(method).merge(pretrained, finetuned).weights_for(next(iter(finetuned)))
+        theirs = bench.PLAIN[plain](pretrained, finetuned)
+        for key, value in ours.items():
+            torch.testing.assert_close(theirs[key], value, rtol=0, atol=tolerance)
+
+
+def test_bench_methods_plain_mask_references_compute_the_methods_masks():
+    from harness import get_method
+    from tests.conftest import make_models
+
+    bench = load_script("bench_methods")
+    pretrained, finetuned = make_models(n_tasks=3)
+    tau_uni, masks, lambdas = bench.PLAIN["plain-emr"](pretrained, finetuned)
+    mtl, tall_masks = bench.PLAIN["plain-tall-mask"](pretrained, finetuned)
+    for method, shared, task_masks in (("emr", tau_uni, masks), ("tall-mask", mtl, tall_masks)):
+        result = get_method(method).merge(pretrained, finetuned)
+        ours = next(iter(result.shared.values()))
+        assert sorted(ours) == sorted(shared)
+        for key in shared:
+            torch.testing.assert_close(shared[key], ours[key].float(), rtol=0, atol=1e-6)
+            for task in finetuned:
+                stored = result.payloads[task].records[key].decode(torch.ones_like(ours[key]))
+                assert torch.equal(stored.bool(), task_masks[task][key])
+        if method == "emr":
+            for task in finetuned:
+                assert lambdas[task] == pytest.approx(float(result.payloads[task].scale),
+                                                      rel=1e-5)
 
 
 def test_bench_methods_worker_takes_hyperparameters(tmp_path):

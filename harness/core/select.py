@@ -5,6 +5,8 @@ passes and a small, fixed memory (TIES), and an in-memory tensor's a few element
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import Tensor
 
@@ -31,6 +33,9 @@ class StreamingKthSmallest:
     A histogram costs its bins (131,072 in pass 1, 65,536 in pass 2) whatever the block's size,
     so blocks under ``BATCH_BELOW`` values wait in a queue and are counted together once the
     queue holds that many: a model of thousands of small keys costs what its entries cost.
+
+    Blocks may be counted from several threads at once: the counts are integers, so their
+    order does not matter, and adding them to the histograms holds a lock.
     """
 
     def __init__(self) -> None:
@@ -41,6 +46,7 @@ class StreamingKthSmallest:
         self.rank = 0
         self._queued: dict[str, list[Tensor]] = {"high": [], "low": []}
         self._queued_values = {"high": 0, "low": 0}
+        self._lock = threading.RLock()
 
     def add_high(self, values: Tensor, *, overwrite: bool = False,
                  scratch: Tensor | None = None) -> tuple[int, int]:
@@ -61,23 +67,26 @@ class StreamingKthSmallest:
         return int(counts[0]), int(counts[NON_FINITE_HALF_BIN:].sum())
 
     def _queue(self, name: str, indices: Tensor) -> None:
-        self._queued[name].append(indices)
-        self._queued_values[name] += indices.numel()
-        if self._queued_values[name] >= BATCH_BELOW:
-            self._flush(name)
+        with self._lock:
+            self._queued[name].append(indices)
+            self._queued_values[name] += indices.numel()
+            if self._queued_values[name] >= BATCH_BELOW:
+                self._flush(name)
 
     def _flush(self, name: str) -> None:
-        queued = self._queued[name]
-        if queued:
-            bins = 2 * _BINS if name == "high" else _BINS
-            self._add(name, torch.bincount(torch.cat(queued), minlength=bins))
-            queued.clear()
-            self._queued_values[name] = 0
+        with self._lock:
+            queued = self._queued[name]
+            if queued:
+                bins = 2 * _BINS if name == "high" else _BINS
+                self._add(name, torch.bincount(torch.cat(queued), minlength=bins))
+                queued.clear()
+                self._queued_values[name] = 0
 
     def _add(self, name: str, counts: Tensor) -> None:
-        total = getattr(self, name).to(counts.device)
-        total += counts
-        setattr(self, name, total)
+        with self._lock:
+            total = getattr(self, name).to(counts.device)
+            total += counts
+            setattr(self, name, total)
 
     @property
     def zeros(self) -> int:

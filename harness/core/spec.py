@@ -8,6 +8,7 @@ each task's changed entries per key, which give the AMR parameter set.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -61,7 +62,16 @@ class ValueChecks:
 
     def __init__(self, spec: ModelSpec, allow_zero_tasks: bool = False) -> None:
         self.spec, self.allow_zero_tasks = spec, allow_zero_tasks
-        self.buffers = BlockBuffers()
+        self._local = threading.local()     # blocks may be checked on several threads at once
+        self._counting = threading.Lock()
+
+    @property
+    def buffers(self) -> BlockBuffers:
+        """The calling thread's scratch buffers."""
+        found = getattr(self._local, "buffers", None)
+        if found is None:
+            found = self._local.buffers = BlockBuffers()
+        return found
 
     def pretrained(self, key: str, theta0: Tensor) -> None:
         """Check a float32 block of the pretrained model."""
@@ -86,7 +96,8 @@ class ValueChecks:
                 raise MergeInputError(
                     f"the task vector of key {key!r} for task model {task!r} overflows float32: "
                     "both models are finite there, their difference is not")
-        self.spec.changed[task][key] += nonzero
+        with self._counting:
+            self.spec.changed[task][key] += nonzero
 
     def mark_changed(self, task: str, key: str, source: Tensor, pretrained: Tensor) -> None:
         """For a merge pass that checks values itself
@@ -96,7 +107,8 @@ class ValueChecks:
         if self.spec.changed[task][key] == 0 and (
                 not torch.equal(source.reshape(-1)[:4096], pretrained.reshape(-1)[:4096])
                 or not torch.equal(source, pretrained)):       # most differ in the first
-            self.spec.changed[task][key] = 1
+            with self._counting:
+                self.spec.changed[task][key] = max(self.spec.changed[task][key], 1)
 
     def unchanged(self, key: str) -> bool:
         """Whether every task's task vector of ``key`` (all of whose blocks are checked) is

@@ -11,6 +11,7 @@ engine chose (:mod:`harness.engine.outputs`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -21,9 +22,10 @@ from harness.core.bits import BitPacker
 from harness.core.errors import MergeInputError
 from harness.core.spec import (ModelSpec, ValueChecks, check_keys, describe_key,
                                describe_models)
-from harness.core.tensors import (BlockBuffers, StateDict, numel, store_rows, surely_finite,
-                                  task_vector, to_float32)
+from harness.core.tensors import (BlockBuffers, StateDict, numel, row_chunks, store_rows,
+                                  surely_finite, task_vector, to_float32)
 from harness.engine.outputs import building, finish_output
+from harness.engine.workers import BlockWorkers
 from harness.io.pages import MAPPED_PAGES, iter_keys, row_blocks
 
 
@@ -40,7 +42,9 @@ def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
     statistics without another pass over the inputs. ``delta`` is scratch, reused for the next
     block: valid during the call only, and the hook may overwrite it. A hook that sees every
     value anyway (a histogram) may return ``delta``'s numbers of non-zero and of non-finite
-    entries, which validation then does not count again.
+    entries, which validation then does not count again. Blocks are checked on several threads
+    at once (:class:`~harness.engine.workers.BlockWorkers`), so the hook must be safe to call
+    from them and must not depend on the order of the blocks.
 
     Raises :class:`MergeInputError` on an empty task set, a missing or extra key, a shape
     mismatch, a non-float tensor where a float is required, NaN/Inf values, a task vector that
@@ -51,23 +55,31 @@ def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
         return describe_models(pretrained, finetuned)
     spec = check_keys(pretrained, finetuned)
     checks = ValueChecks(spec, allow_zero_tasks)
-    buffers = BlockBuffers()
-    for key in iter_keys(list(pretrained.keys()), "validate", False):
-        p = pretrained[key]
-        sources = [finetuned[task][key] for task in spec.tasks]
-        if not describe_key(spec, key, p, sources):
-            continue
-        for rows in row_blocks(spec.shapes[key], 2):    # a block of theta_0 and of one delta
-            p32 = buffers.float32("theta0", p[rows])
-            checks.pretrained(key, p32)
-            delta = buffers.view("delta", p32)
-            for task, t in zip(spec.tasks, sources):
-                block = t[rows]
-                task_vector(p32, block, out=delta)   # NaN/Inf in t shows too
-                counted = observe(task, key, delta) if observe is not None else None
-                checks.task(task, key, delta, block, counted)
+
+    def validate_block(key, p, sources, rows, mapped, *, buffers):
+        p32 = buffers.float32("theta0", p[rows])       # a block of theta_0 and of one delta
+        checks.pretrained(key, p32)
+        delta = buffers.view("delta", p32)
+        for task, t in zip(spec.tasks, sources):
+            block = t[rows]
+            task_vector(p32, block, out=delta)   # NaN/Inf in t shows too
+            counted = observe(task, key, delta) if observe is not None else None
+            checks.task(task, key, delta, block, counted)
+        MAPPED_PAGES.release_views([t[rows] for t in mapped])
+
+    with BlockWorkers(parallel=True) as workers:
+        for key in iter_keys(list(pretrained.keys()), "validate", False):
+            p = pretrained[key]
+            sources = [finetuned[task][key] for task in spec.tasks]
+            if not describe_key(spec, key, p, sources):
+                continue
+            mapped = [t for t in (p, *sources) if MAPPED_PAGES.noted(t)]
+            for rows in row_chunks(spec.shapes[key], 2):
+                workers.run(validate_block, key, p, sources, rows, mapped)
+        workers.wait()
     checks.finish()
     return spec
+
 
 def task_vector_blocks(pretrained: StateDict, finetuned: Mapping[str, StateDict],
                        spec: ModelSpec, key: str, *, weights: bool = False,
@@ -91,30 +103,41 @@ def task_vector_blocks(pretrained: StateDict, finetuned: Mapping[str, StateDict]
     p, sources = pretrained[key], [finetuned[t][key] for t in spec.tasks]
     buffers = BlockBuffers()
     for rows in [...] if whole else row_blocks(spec.shapes[key], len(sources)):
-        theta0 = buffers.float32("theta0", p[rows])
-        if checks is not None and not (fused and not weights):    # fused: theta_0 is in the
-            checks.pretrained(key, theta0)                         # output of a fused rule
-        blocks = [source[rows] for source in sources]
-        if checks is not None:                  # changed or not is all these passes need
-            reference = p[rows]
-            for task, block in zip(spec.tasks, blocks):
-                checks.mark_changed(task, key, block, reference)
-        if weights:
-            inputs = [buffers.float32(f"weights{row}", block) for row, block in enumerate(blocks)]
-            if checks is not None and not fused:
-                delta = buffers.view("delta", theta0)
-                for task, weight, block in zip(spec.tasks, inputs, blocks):
-                    torch.sub(weight, theta0, out=delta)
-                    checks.task(task, key, delta, block, (0, not_finite(delta)),
-                                overflow_ok=True)
-            yield rows, theta0, inputs
-            continue
-        taus = list(buffers.view("taus", theta0, count=len(sources)))
-        for task, tau, block in zip(spec.tasks, taus, blocks):
-            task_vector(theta0, block, out=tau)
-            if checks is not None and not fused:
-                checks.task(task, key, tau, block, (0, not_finite(tau)))
-        yield rows, theta0, taus
+        yield (rows, *block_inputs(spec, key, p, sources, rows, buffers, weights=weights,
+                                   checks=checks, fused=fused))
+
+
+def block_inputs(spec: ModelSpec, key: str, p: Tensor, sources: list[Tensor], rows,
+                 buffers: BlockBuffers, *, weights: bool = False,
+                 checks: ValueChecks | None = None, fused: bool = False
+                 ) -> tuple[Tensor, list[Tensor]]:
+    """``(theta_0 block, the tasks' task-vector blocks)`` of one row block of ``key``, from the
+    pretrained tensor ``p`` and the tasks' tensors ``sources``, into ``buffers``: one step of
+    :func:`task_vector_blocks` (whose docstring says what ``weights``, ``checks`` and
+    ``fused`` do)."""
+    theta0 = buffers.float32("theta0", p[rows])
+    if checks is not None and not (fused and not weights):    # fused: theta_0 is in the
+        checks.pretrained(key, theta0)                         # output of a fused rule
+    blocks = [source[rows] for source in sources]
+    if checks is not None:                  # changed or not is all these passes need
+        reference = p[rows]
+        for task, block in zip(spec.tasks, blocks):
+            checks.mark_changed(task, key, block, reference)
+    if weights:
+        inputs = [buffers.float32(f"weights{row}", block) for row, block in enumerate(blocks)]
+        if checks is not None and not fused:
+            delta = buffers.view("delta", theta0)
+            for task, weight, block in zip(spec.tasks, inputs, blocks):
+                torch.sub(weight, theta0, out=delta)
+                checks.task(task, key, delta, block, (0, not_finite(delta)),
+                            overflow_ok=True)
+        return theta0, inputs
+    taus = list(buffers.view("taus", theta0, count=len(sources)))
+    for task, tau, block in zip(spec.tasks, taus, blocks):
+        task_vector(theta0, block, out=tau)
+        if checks is not None and not fused:
+            checks.task(task, key, tau, block, (0, not_finite(tau)))
+    return theta0, taus
 
 
 def not_finite(t: Tensor) -> bool:
@@ -156,7 +179,8 @@ def shared_and_masks(pretrained: StateDict, finetuned: Mapping[str, StateDict], 
 
 def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
                  merge_key, desc: str, progress: bool, *, elementwise: bool = False,
-                 weights: bool = False, propagates_nonfinite: bool = False) -> StateDict:
+                 weights: bool = False, propagates_nonfinite: bool = False,
+                 parallel: bool = False) -> StateDict:
     """A merged state dict built key by key: ``merge_key(key, theta0_f32, taus, out)`` gives
     the float32 merged tensor of each float key (``out``: a float32 scratch block shaped like
     ``theta0_f32`` it may write into); other keys are copied from the pretrained model.
@@ -170,31 +194,39 @@ def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec
     dropped entry) those checks are fused: the output block is checked, and the inputs only
     when it is not finite (:func:`check_block`); each task is compared with the pretrained
     model until it is known to change the key. The errors are the same, at a fraction of the
-    passes over memory.
+    passes over memory. With ``parallel`` (``merge_key`` keeps no state between blocks and may
+    run on several at once), the blocks run on :class:`~harness.engine.workers.BlockWorkers`:
+    the same bits, without torch's per-operation thread meetings.
     """
     float_keys = set(spec.float_keys)
     checks = None if spec.values_checked else ValueChecks(spec)
-    scratch = BlockBuffers()        # each block's result is stored before the next is made
-    with building("merged") as merged:
+    fused = propagates_nonfinite and checks is not None
+
+    def merge_block(key, p, sources, value, rows, mapped, *, buffers):
+        theta0, inputs = block_inputs(spec, key, p, sources, rows, buffers, weights=weights,
+                                      checks=checks, fused=fused)
+        direct = value.dtype == torch.float32 and value.device == theta0.device
+        out = value[rows] if direct else buffers.view("merged", theta0)
+        block = merge_key(key, theta0, inputs, out)
+        if fused and not surely_finite(block):
+            check_block(pretrained, finetuned, spec, key, rows, checks, weights)
+        if not (direct and block.data_ptr() == out.data_ptr() and block.shape == out.shape):
+            store_rows(value, rows, block)
+        MAPPED_PAGES.release_views([t[rows] for t in mapped])     # this block's input pages
+
+    with building("merged") as merged, BlockWorkers(parallel) as workers:
         for key in iter_keys(list(pretrained.keys()), desc, progress):
             p = pretrained[key]
-            if key not in float_keys:
-                merged[key] = p
-                continue
-            value = torch.empty(spec.shapes[key], dtype=p.dtype, device="cpu")
-            fused = propagates_nonfinite and checks is not None
-            for rows, theta0, inputs in task_vector_blocks(pretrained, finetuned, spec, key,
-                                                           weights=weights, checks=checks,
-                                                           whole=not elementwise, fused=fused):
-                direct = value.dtype == torch.float32 and value.device == theta0.device
-                out = value[rows] if direct else scratch.view("merged", theta0)
-                block = merge_key(key, theta0, inputs, out)
-                if fused and not surely_finite(block):
-                    check_block(pretrained, finetuned, spec, key, rows, checks, weights)
-                if not (direct and block.data_ptr() == out.data_ptr()
-                        and block.shape == out.shape):
-                    store_rows(value, rows, block)
-            merged[key] = value
+            if key in float_keys:
+                value = torch.empty(spec.shapes[key], dtype=p.dtype, device="cpu")
+                sources = [finetuned[task][key] for task in spec.tasks]
+                mapped = [t for t in (p, *sources) if MAPPED_PAGES.noted(t)]
+                for rows in row_chunks(spec.shapes[key], len(sources)) if elementwise else [...]:
+                    workers.run(merge_block, key, p, sources, value, rows, mapped)
+            else:
+                value = p
+            workers.then(functools.partial(merged.__setitem__, key, value))  # once it is done
+        workers.wait()
         if checks is not None:
             checks.finish()
         return finish_output(merged)

@@ -46,6 +46,9 @@ class SharedMerge(MergeMethod):
     # the output is non-finite wherever an input is (sums and products, no dropped entry): the
     # value checks then run on the output and only a bad block's inputs are checked again
     propagates_nonfinite = False
+    # the rule keeps no state from block to block (no generator drawing in row order, no
+    # buffer of its own), so blocks may run at once on several threads: the same bits
+    parallel_blocks = False
 
     def rule(self, spec: ModelSpec) -> BlockRule:
         """The rule for one merge of models described by ``spec``."""
@@ -55,7 +58,8 @@ class SharedMerge(MergeMethod):
         spec = inspect_models(pretrained, finetuned, values=False)  # checked while merging
         base = merge_shared(pretrained, finetuned, spec, self.rule(spec), self.name, progress,
                             elementwise=self.elementwise, weights=self.merges_weights,
-                            propagates_nonfinite=self.propagates_nonfinite)
+                            propagates_nonfinite=self.propagates_nonfinite,
+                            parallel=self.parallel_blocks)
         return MergeResult(self.name, self.params(), base, spec.tasks,
                            merged_params=spec.merged_params)
 

@@ -10,7 +10,9 @@ of a mapped file belong to the process, not to one state dict.
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
 from collections.abc import Iterator
 
 from torch import Tensor
@@ -88,12 +90,27 @@ class _MappedPages:
         """Hand back the pages read so far; ``forget=False`` (after a row block) keeps the
         tensors noted, so pages their later blocks touch are handed back too."""
         for tensor in self.pending:
-            address, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
-            start = address - address % self.PAGE
-            end = -(-(address + size) // self.PAGE) * self.PAGE
-            self._madvise(start, end - start, 4)           # MADV_DONTNEED
+            self._drop(tensor)
         if forget:
             self.pending.clear()
+
+    def noted(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` itself is noted: a tensor lying in a mapping of its file."""
+        return any(t is tensor for t in self.pending)
+
+    def release_views(self, views: list[Tensor]) -> None:
+        """Hand back the pages of contiguous views of noted tensors (see :meth:`noted`) now:
+        a finished row block's, from whichever thread finished it, while other blocks of the
+        same tensors are still being read (only the pages at a block's edges are shared)."""
+        for view in views:
+            if view.is_contiguous():
+                self._drop(view)
+
+    def _drop(self, tensor: Tensor) -> None:
+        address, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+        start = address - address % self.PAGE
+        end = -(-(address + size) // self.PAGE) * self.PAGE
+        self._madvise(start, end - start, 4)           # MADV_DONTNEED
 
 
 MAPPED_PAGES = _MappedPages()
@@ -316,7 +333,56 @@ class _ReadAheadWindow:
 READ_AHEAD = _ReadAhead()
 
 
-_MALLOC_TRIM = _libc_function("malloc_trim")
+class _HeapTrim:
+    """glibc's ``malloc_trim``, called only once freed heap memory passes :attr:`IDLE_BYTES`.
+
+    Per-key temporaries interleaved with long-lived results fragment glibc's heap: freed
+    chunks between live ones stay resident until ``malloc_trim`` hands their pages back. A trim
+    after every key keeps resident memory near the live set but makes the next allocations
+    fault their pages in again (as costly as a merge's arithmetic on small keys), so the freed
+    total (``mallinfo2``'s ``fordblks``, all arenas) is looked at first, which walks the free
+    lists, and at most every :attr:`INTERVAL_S` seconds (a walk costs as much as merging a small
+    key). Where ``mallinfo2`` is missing (glibc < 2.33) every call trims.
+    """
+
+    IDLE_BYTES = 64 << 20
+    INTERVAL_S = 0.01
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self._trim = _libc_function("malloc_trim")
+        self._info = _libc_function("mallinfo2")
+        if self._info is not None:
+            class MallInfo2(ctypes.Structure):
+                _fields_ = [(name, ctypes.c_size_t) for name in (
+                    "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                    "uordblks", "fordblks", "keepcost")]
+
+            self._info.restype = MallInfo2
+        self._looked = -math.inf
+
+    def __bool__(self) -> bool:
+        return self._trim is not None
+
+    def idle_bytes(self) -> int | None:
+        """Bytes of freed heap chunks glibc holds, or None where that cannot be told."""
+        return None if self._info is None else int(self._info().fordblks)
+
+    def __call__(self, pad: int = 0) -> None:
+        """Trim when the freed heap memory is worth it (always, where it cannot be told)."""
+        if self._trim is None:
+            return
+        now = time.monotonic()
+        if self._info is not None and now - self._looked < self.INTERVAL_S:
+            return
+        self._looked = now
+        idle = self.idle_bytes()
+        if idle is None or idle > self.IDLE_BYTES:
+            self._trim(pad)
+
+
+_MALLOC_TRIM = _HeapTrim()
 
 
 def iter_keys(keys: list[str], desc: str, progress: bool) -> Iterator[str]:
@@ -341,8 +407,7 @@ def iter_keys(keys: list[str], desc: str, progress: bool) -> Iterator[str]:
             read_ahead.before(index)
             yield key
             MAPPED_PAGES.release()
-            if _MALLOC_TRIM is not None:
-                _MALLOC_TRIM(0)
+            _MALLOC_TRIM(0)
     finally:
         MAPPED_PAGES.loops -= 1
         MAPPED_PAGES.release()

@@ -266,8 +266,9 @@ def test_undecided_entries_wait_as_two_candidate_values():
           for t, s in (("x", 1.0), ("y", -1.0), ("z", 0.0))}
     spec = inspect_models(pre, ft)
     cut = {t: None for t in spec.tasks}
-    _, signs, (positions, candidates) = ties._merge_key(pre, ft, spec, "w", cut, 0.5, "sum",
-                                                        BlockBuffers())
+    sources = [ft[t]["w"] for t in spec.tasks]
+    _, signs, (positions, candidates) = ties._merge_key(pre["w"], sources, [], spec, "w", cut,
+                                                        0.5, "sum", buffers=BlockBuffers())
     assert signs == 1                                   # only entry (0, 1) elects a sign
     assert positions.dtype == torch.int32 and positions.tolist() == [0, 3]
     assert candidates.dtype == torch.bfloat16
