@@ -8,8 +8,9 @@ casts of half precision, prints and timers are removed; every arithmetic operati
 its order. The methods apply ``pretrained + alpha * merged`` (``state_dict_add`` of
 ``state_dict_mul``), as :func:`merged_model` does.
 
-Not a golden file from a FusionBench run: FusionBench pins a newer torch than this project may
-install (its CUDA wheels), so its code is run here, transcribed, on the same inputs.
+A transcription, run on the inputs each test builds; ``tests/data/fusionbench_golden.safetensors``
+holds FusionBench's own outputs on fixed inputs (``scripts/fusionbench_golden.py`` runs the files
+of its wheel unchanged) and ``test_fusionbench_golden.py`` compares the methods with those.
 """
 
 import torch
