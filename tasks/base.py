@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from harness.core.data import TaskInputs
 from harness.core.defaults import default_cache_dir
 from harness.core.tensors import StateDict
 
@@ -176,6 +177,16 @@ class Suite:
         (with the task's labels) and the tokenizer or processor."""
         raise SuiteUnavailableError(f"suite {self.name!r} has no transformers model format to "
                                     "export to")
+
+    # ---- unlabeled inputs for merges that see data (RegMean) --------------------------------
+    provides_inputs: ClassVar[bool] = False    # whether task_inputs is implemented
+
+    def task_inputs(self, tasks: list[str], *, examples: int, batch_size: int) -> TaskInputs:
+        """The first ``examples`` inputs of each task's validation split (its train split when
+        it has none; never the test split), without labels, in batches of ``batch_size``, and
+        the backbone module they run through."""
+        raise SuiteUnavailableError(f"suite {self.name!r} provides no unlabeled inputs to "
+                                    "merges that see data")
 
     def identity(self) -> dict:
         """What, besides the method, tells this suite's result files apart (a user config, a

@@ -16,6 +16,7 @@ import os
 import torch
 from torch import Tensor, nn
 
+from harness.core.data import TaskInputs
 from harness.core.tensors import StateDict
 from harness.tasks.base import Evaluation, Suite, SuiteUnavailableError, Task, unit
 from harness.tasks.cache import CheckpointCache
@@ -67,6 +68,15 @@ class TinyEncoder(nn.Module):
         for layer in self.layers:
             h = layer(h)
         return self.norm(h).mean(dim=1)
+
+
+def _encoder_module(backbone: StateDict) -> TinyEncoder:
+    """The encoder holding ``backbone``, run through its modules (train mode with no dropout:
+    the same numbers, but every ``nn.Linear`` of the feed-forward blocks is called, so hooks
+    on it fire; evaluation mode's fused fast path bypasses them)."""
+    encoder = TinyEncoder()
+    encoder.load_state_dict(dict(backbone))
+    return encoder.train()
 
 
 class TinyClassifier(nn.Module):
@@ -224,6 +234,15 @@ class TinySuite(Suite):
         correct = (predictions == labels).to(torch.uint8)
         return Evaluation("accuracy", float(correct.float().mean()), examples=len(labels),
                           outcomes={"score": correct})
+
+    provides_inputs = True
+
+    def task_inputs(self, tasks, *, examples, batch_size):
+        batches = {}
+        for task in tasks:
+            tokens = self.data(task, "validation")[0][:examples]
+            batches[task] = list(tokens.split(batch_size))
+        return TaskInputs("validation", batches, _encoder_module)
 
     def task_embedding(self, task: str) -> Tensor:
         weights = torch.zeros(VOCAB)

@@ -98,6 +98,49 @@ def make_models(n_tasks: int = 3, seed: int = 0, dtype: torch.dtype = torch.floa
     return pretrained, finetuned
 
 
+class LinearsOf(torch.nn.Module):
+    """A stand-in backbone for merges that see data (RegMean): every 2-D float ``.weight`` key of
+    ``state`` becomes an ``nn.Linear`` at that key's module path, and ``forward`` calls each on
+    the first ``in_features`` columns of a batch, so its input Gram matrix is that block of the
+    batch's."""
+
+    def __init__(self, state) -> None:
+        super().__init__()
+        self.order = []
+        for key, value in state.items():
+            if key.endswith(".weight") and value.dim() == 2 and value.is_floating_point():
+                *path, _ = key.split(".")
+                parent = self
+                for part in path[:-1]:
+                    if not hasattr(parent, part):
+                        parent.add_module(part, torch.nn.Module())
+                    parent = getattr(parent, part)
+                linear = torch.nn.Linear(value.shape[1], value.shape[0], bias=False)
+                linear.weight.data.copy_(value.float())
+                parent.add_module(path[-1], linear)
+                self.order.append(linear)
+
+    def forward(self, batch):
+        for linear in self.order:
+            linear(batch[:, :linear.in_features])
+
+
+def task_inputs(finetuned, examples: int = 12, batch_size: int = 5, width: int = 48, seed: int = 7):
+    """:class:`harness.core.data.TaskInputs` for ``finetuned``'s tasks over :class:`LinearsOf`:
+    random batches, different per task."""
+    from harness.core.data import TaskInputs
+
+    g = torch.Generator().manual_seed(seed)
+    batches = {task: list(torch.randn(examples, width, generator=g).split(batch_size))
+               for task in finetuned}
+    return TaskInputs("validation", batches, LinearsOf)
+
+
+def merge_kwargs(method, finetuned) -> dict:
+    """What ``method.merge`` needs beyond the models: ``data=`` for a merge that sees data."""
+    return {"data": task_inputs(finetuned)} if method.needs_data else {}
+
+
 @pytest.fixture
 def models():
     return make_models()

@@ -98,8 +98,12 @@ def display_label(method: str, label: str) -> str:
 
 
 def _base_label(record: RunRecord) -> str:
-    """The record's row label, marked when an unseen split used similarity weights (Table 6)."""
+    """The record's row label, marked when an unseen split used similarity weights (Table 6)
+    and when the merge saw data (``‡``: unlabeled examples of the tasks, which the record's
+    ``merge_info["data"]`` counts)."""
     label = display_label(record.method, record.label)
+    if isinstance(record.merge_info, dict) and record.merge_info.get("data"):
+        label += " ‡"
     if record.unseen_weighting == "similarity":
         return f"{label} + similarity weights"
     return label
@@ -312,8 +316,9 @@ def render_suite(suite: str, records: list[RunRecord], results_dir: str | list[s
         "give the paper's bit count in parentheses. Among merging methods the best value of a "
         "column is **bold** and the second _in italics_ (the paper underlines it). ± is half the 95% bootstrap "
         "interval over test examples (1,000 resamples); † marks a row not significantly "
-        "different from the column's best (paired bootstrap, p ≥ 0.05). A row without "
-        "per-example outcomes (an older record) shows no interval.", "",
+        "different from the column's best (paired bootstrap, p ≥ 0.05); ‡ marks a merge that "
+        "saw unlabeled examples of the tasks (never their test split; the record says how "
+        "many). A row without per-example outcomes (an older record) shows no interval.", "",
     ]
     titles = {"seen": "Seen tasks (merged)",
               "unseen": "Unseen tasks (not merged; served from the seen tasks' result)"}

@@ -27,7 +27,7 @@ from harness.core.accounting import adr
 from harness.core.errors import MethodNotApplicable
 from harness.core.defaults import DEFAULT_SUITE, default_results_dir
 from harness.core.progress import progress
-from harness.core.registry import METHODS
+from harness.core.registry import METHODS, SUITES
 from harness.core.reproducible import is_pinned, machine_details
 from harness.core.tensors import merge_device
 from harness.engine.method import MergeMethod
@@ -73,6 +73,11 @@ def validate(config: RunConfig) -> tuple[Suite, MergeMethod]:
         raise ValueError(f"suite {suite.name!r} has no seen tasks to merge")
     if config.split == "unseen" and not suite.split_tasks("unseen"):
         raise ValueError(f"suite {suite.name!r} has no unseen tasks")
+    if method.needs_data and not suite.provides_inputs:
+        serving = [name for name in SUITES.names() if SUITES.get(name).provides_inputs]
+        raise ValueError(f"method {method.name!r} sees data: it needs {method.needs_data}, "
+                         f"and suite {suite.name!r} provides no unlabeled inputs (suites "
+                         f"that do: {', '.join(serving) or 'none'})")
     check_device(config.device)
     check_writable_folder(config.results_dir, "--results")
     check_writable_folder(suite.cache_dir, "--cache-dir")
@@ -399,7 +404,9 @@ def run(config: RunConfig) -> RunRecord:
     try:
         with (stream_outputs(stream_folder(config, suite, path)) if config.stream_dir
               else contextlib.nullcontext()), merge_device(config.device):
-            result = method.merge(pretrained, finetuned, progress=not config.quiet)
+            data = ({"data": suite.task_inputs(seen, **method.data_request())}
+                    if method.needs_data else {})
+            result = method.merge(pretrained, finetuned, progress=not config.quiet, **data)
         result.check_finite()
     except MethodNotApplicable as reason:
         # recorded, so the leaderboard says why this method has no row here

@@ -104,6 +104,7 @@ METHODS = Registry(
         "iso-cts": "harness.methods.isotropic:IsoCts",
         "tsv-m": "harness.methods.tsv:TsvM",
         "model-stock": "harness.methods.model_stock:ModelStock",
+        "regmean": "harness.methods.regmean:RegMean",
         "bitdelta": "harness.methods.bitdelta:BitDelta",
         "dare-ties": "harness.methods.dare_ties:DareTies",
         "della": "harness.methods.della:Della",

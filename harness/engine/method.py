@@ -16,7 +16,10 @@ Declared facts and hooks (class attributes):
 - ``tuned_per_task``: a hyperparameter the runner chooses per task on validation data, with its
   grid (TALL-Mask's ``lam``), when the user gives no value and the suite has a validation split;
 - ``composes``: hyperparameter prefixes that configure another registered method inside this
-  one (DTS-D's ``ties_`` options are TIES's), so a suite states that method's setting once.
+  one (DTS-D's ``ties_`` options are TIES's), so a suite states that method's setting once;
+- ``needs_data``: what a merge that sees data needs, in words (None for data-free merges). Such
+  a method's ``merge`` takes ``data=`` (:class:`harness.core.data.TaskInputs`, from a suite
+  that provides inputs) and its ``data_request()`` says how many examples, in what batches.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class MergeMethod:
     display_name: ClassVar[str] = ""
     tuned_per_task: ClassVar[TunedPerTask | None] = None
     composes: ClassVar[dict[str, str]] = {}   # hyperparameter prefix -> registered method name
+    needs_data: ClassVar[str | None] = None   # what a merge that sees data needs, in words
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -81,6 +85,10 @@ class MergeMethod:
     def merge(self, pretrained: StateDict, finetuned: Mapping[str, StateDict], *,
               progress: bool = False) -> MergeResult:
         raise NotImplementedError
+
+    def data_request(self) -> dict:
+        """For a method with ``needs_data``: ``{"examples": per task, "batch_size": ...}``."""
+        return {}
 
     # ---- hyperparameters -----------------------------------------------------------------
     @classmethod

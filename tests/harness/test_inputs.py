@@ -8,14 +8,22 @@ from safetensors.torch import save_file
 from harness import LazyStateDict, MergeInputError, get_method, list_methods
 from harness.engine.outputs import stream_outputs
 from harness.engine.passes import inspect_models
-from tests.conftest import make_models
+from tests.conftest import make_models, merge_kwargs
 
 OPTIONS = {"svd": {"density": 0.3}, "dts-t-star": {"budget": 60}, "dts-d-star": {"budget": 60}}
 ALL = sorted(list_methods())
 
 
-def method(name):
-    return get_method(name, **OPTIONS.get(name, {}))
+class method:
+    """The method ``name`` (with OPTIONS), whose ``merge`` also gets the stand-in unlabeled
+    inputs (``tests.conftest.merge_kwargs``) when it sees data."""
+
+    def __init__(self, name):
+        self.method = get_method(name, **OPTIONS.get(name, {}))
+
+    def merge(self, pretrained, finetuned, **kwargs):
+        return self.method.merge(pretrained, finetuned, **kwargs,
+                                 **merge_kwargs(self.method, finetuned))
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -161,3 +161,15 @@ def test_similarity_weighted_unseen_rows_are_labelled(tmp_path):
     text = render_all(str(tmp_path / "results"), str(tmp_path))[0][0].text
     assert "| EMR-Merging + similarity weights " in text and "| EMR-Merging " in text
     assert "(seed 0)" not in text                 # two different rows, not two seeds
+
+
+def test_a_merge_that_saw_data_is_marked(tmp_path):
+    import dataclasses
+
+    from harness.bench.leaderboard import _base_label
+    from harness.bench.records import RunRecord
+
+    plain = RunRecord("tiny", "seen", "regmean", "regmean")
+    saw = dataclasses.replace(plain, merge_info={"data": {"split": "validation",
+                                                          "examples": {"a": 256}}})
+    assert _base_label(plain) == "RegMean" and _base_label(saw) == "RegMean ‡"

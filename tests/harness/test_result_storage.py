@@ -6,7 +6,7 @@ import torch
 
 from harness import MergeResult, ResultFormatError, get_method, list_methods
 from harness.engine.storage import FORMAT_VERSION
-from tests.conftest import make_models
+from tests.conftest import make_models, merge_kwargs
 
 OPTIONS = {"svd": {"density": 0.3}, "dts-t-star": {"budget": 60}, "dts-d-star": {"budget": 60}}
 
@@ -14,7 +14,8 @@ OPTIONS = {"svd": {"density": 0.3}, "dts-t-star": {"budget": 60}, "dts-d-star": 
 @pytest.mark.parametrize("name", sorted(set(list_methods())))
 def test_save_load_round_trip_is_bit_exact(name, tmp_path):
     pre, ft = make_models()
-    result = get_method(name, **OPTIONS.get(name, {})).merge(pre, ft)
+    method = get_method(name, **OPTIONS.get(name, {}))
+    result = method.merge(pre, ft, **merge_kwargs(method, ft))
     result.save(tmp_path / "r")
     loaded = MergeResult.load(tmp_path / "r")
     assert loaded.tasks == result.tasks and loaded.method == name
