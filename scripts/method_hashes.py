@@ -11,7 +11,8 @@ the accounting facts (merged parameters, paper bits, info), the weights served t
 and to an unseen one, and the tensors read back from a saved result. Cases cover TIES sum/mean,
 DTS lapack/canonical signs, matrix/vector grouping and its SVD solvers, blocked (out-of-core)
 SVDs, starred budgets in both counts, DARE seeds, per-task TALL lambdas, the subspace merges
-(Iso-C, Iso-CTS, TSV-M), Model Stock, BitDelta, DARE-TIES, DELLA, and in-memory and streamed outputs.
+(Iso-C, Iso-CTS, TSV-M), Model Stock, BitDelta, DARE-TIES, DELLA, RegMean and Fisher (on fixed
+stand-in inputs), and in-memory and streamed outputs.
 
 A refactor must leave every hash unchanged (``tests/methods/test_output_hashes.py`` runs this
 check). The computation runs in a child process with one thread, ATen's portable kernels and
@@ -83,6 +84,8 @@ CASES = [
     ("bitdelta", "bitdelta", {}, ()),
     ("dare-ties", "dare-ties", {}, ()),
     ("della", "della", {}, ()),
+    ("regmean", "regmean", {}, ("data",)),
+    ("fisher", "fisher", {}, ("data",)),
 ]
 
 
@@ -164,6 +167,68 @@ def _options(options: tuple[str, ...], folder: str):
         yield
 
 
+def stand_in_inputs(finetuned):
+    """Unlabeled inputs for merges that see data ("data" option): fixed numpy draws per task,
+    a backbone that calls one ``nn.Linear`` per 2-D float ``.weight`` key on the first columns
+    of a batch, and a task model whose logits are those linear maps' row sums."""
+    import numpy
+    import torch
+    from torch import nn
+
+    from harness.core.data import TaskInputs
+
+    rng = numpy.random.default_rng(7)
+
+    def matrices(state):
+        return [(key, value) for key, value in sorted(state.items())
+                if key.endswith(".weight") and value.dim() == 2 and value.is_floating_point()]
+
+    class Backbone(nn.Module):
+        def __init__(self, state):
+            super().__init__()
+            self.order = []
+            for key, value in matrices(state):
+                *path, _ = key.split(".")
+                parent = self
+                for part in path[:-1]:
+                    if not hasattr(parent, part):
+                        parent.add_module(part, nn.Module())
+                    parent = getattr(parent, part)
+                linear = nn.Linear(value.shape[1], value.shape[0], bias=False)
+                linear.weight.data.copy_(value.float())
+                parent.add_module(path[-1], linear)
+                self.order.append(linear)
+
+        def forward(self, batch):
+            return torch.stack([linear(batch[:, :linear.in_features]).sum(dim=1)
+                                for linear in self.order], dim=1)
+
+    class TaskModel(nn.Module):
+        def __init__(self, state):
+            super().__init__()
+            self.backbone = nn.Module()
+            for key, value in sorted(state.items()):
+                if value.is_floating_point():
+                    *path, leaf = key.split(".")
+                    parent = self.backbone
+                    for part in path:
+                        if not hasattr(parent, part):
+                            parent.add_module(part, nn.Module())
+                        parent = getattr(parent, part)
+                    parent.register_parameter(leaf, nn.Parameter(value.float().clone()))
+            self.weights = [value for key, value in matrices(dict(
+                self.backbone.named_parameters()))]
+
+        def forward(self, batch):
+            return torch.stack([(batch[:, :w.shape[1]] @ w.T).sum(dim=1) for w in self.weights],
+                               dim=1)
+
+    width = max(v.shape[1] for m in finetuned.values() for _, v in matrices(m))
+    batches = {task: list(torch.from_numpy(rng.standard_normal((20, width), dtype=numpy.float32))
+                          .split(8)) for task in finetuned}
+    return TaskInputs("validation", batches, Backbone, lambda task, state: TaskModel(state))
+
+
 def case_hashes(method_name: str, hyperparameters: dict, options: tuple[str, ...],
                 pretrained, finetuned) -> dict[str, str]:
     """Every hash of one case (or its refusal, when the method is not applicable)."""
@@ -177,8 +242,9 @@ def case_hashes(method_name: str, hyperparameters: dict, options: tuple[str, ...
             warnings.catch_warnings():
         warnings.simplefilter("ignore")
         method = harness.get_method(method_name, **hyperparameters)
+        data = {"data": stand_in_inputs(finetuned)} if "data" in options else {}
         try:
-            result = method.merge(pretrained, finetuned)
+            result = method.merge(pretrained, finetuned, **data)
         except harness.MethodNotApplicable as refusal:
             return {"not-applicable": _digest(str(refusal))}
         for key in result.base.keys():

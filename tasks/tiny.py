@@ -79,6 +79,17 @@ def _encoder_module(backbone: StateDict) -> TinyEncoder:
     return encoder.train()
 
 
+class _TaskModel(nn.Module):
+    """A task's classifier for merges that see data: ``backbone`` then ``head``."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.backbone(tokens))
+
+
 class TinyClassifier(nn.Module):
     def __init__(self, labels: int) -> None:
         super().__init__()
@@ -242,7 +253,12 @@ class TinySuite(Suite):
         for task in tasks:
             tokens = self.data(task, "validation")[0][:examples]
             batches[task] = list(tokens.split(batch_size))
-        return TaskInputs("validation", batches, _encoder_module)
+        return TaskInputs("validation", batches, _encoder_module, self._task_model)
+
+    def _task_model(self, task: str, backbone: StateDict) -> nn.Module:
+        model = _TaskModel(_encoder_module(backbone), TinyClassifier(2).head)
+        model.head.load_state_dict(self._head(task))
+        return model
 
     def task_embedding(self, task: str) -> Tensor:
         weights = torch.zeros(VOCAB)

@@ -125,15 +125,43 @@ class LinearsOf(torch.nn.Module):
             linear(batch[:, :linear.in_features])
 
 
+class ToyTaskModel(torch.nn.Module):
+    """A stand-in task classifier: ``backbone`` holds every float tensor of ``state`` as a
+    parameter (``backbone.<key>``); the logits are one column per 2-D float ``.weight`` key, the
+    row sums of ``batch[:, :in] @ W^T`` (other parameters get no gradient)."""
+
+    def __init__(self, state) -> None:
+        super().__init__()
+        self.backbone = torch.nn.Module()
+        self.matrices = []
+        for key, value in sorted(state.items()):       # the same model whatever the key order
+            if not value.is_floating_point():
+                continue
+            *path, leaf = key.split(".")
+            parent = self.backbone
+            for part in path:
+                if not hasattr(parent, part):
+                    parent.add_module(part, torch.nn.Module())
+                parent = getattr(parent, part)
+            parameter = torch.nn.Parameter(value.float().clone())
+            parent.register_parameter(leaf, parameter)
+            if leaf == "weight" and value.dim() == 2:
+                self.matrices.append(parameter)
+
+    def forward(self, batch):
+        return torch.stack([(batch[:, :w.shape[1]] @ w.T).sum(dim=1) for w in self.matrices],
+                           dim=1)
+
+
 def task_inputs(finetuned, examples: int = 12, batch_size: int = 5, width: int = 48, seed: int = 7):
-    """:class:`harness.core.data.TaskInputs` for ``finetuned``'s tasks over :class:`LinearsOf`:
-    random batches, different per task."""
+    """:class:`harness.core.data.TaskInputs` for ``finetuned``'s tasks over :class:`LinearsOf`
+    and :class:`ToyTaskModel`: random batches, different per task."""
     from harness.core.data import TaskInputs
 
     g = torch.Generator().manual_seed(seed)
     batches = {task: list(torch.randn(examples, width, generator=g).split(batch_size))
                for task in finetuned}
-    return TaskInputs("validation", batches, LinearsOf)
+    return TaskInputs("validation", batches, LinearsOf, lambda task, state: ToyTaskModel(state))
 
 
 def merge_kwargs(method, finetuned) -> dict:

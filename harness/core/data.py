@@ -22,11 +22,16 @@ from harness.core.tensors import StateDict
 class TaskInputs:
     """Each task's input batches (each one ``forward`` argument of the suite's backbone, without
     labels) and ``backbone(weights)``: a module holding a backbone state dict whose ``forward``
-    takes one batch. ``split`` names where the examples come from."""
+    takes one batch; ``task_model(task, weights)``, where the suite has heads, the task's whole
+    classifier (merges that need the model's own predictions: Fisher). ``split`` names where
+    the examples come from."""
 
     split: str
     batches: Mapping[str, Sequence[Any]]
     backbone: Callable[[StateDict], nn.Module]
+    # task, backbone -> the task's classifier: its submodule ``backbone`` holds the backbone
+    # (parameter ``backbone.<key>`` for each key), ``forward(batch)`` returns the task's logits
+    task_model: Callable[[str, StateDict], nn.Module] | None = None
 
     def examples(self, task: str) -> int:
         """How many examples of ``task`` the batches hold (their first dimension)."""

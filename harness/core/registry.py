@@ -105,6 +105,7 @@ METHODS = Registry(
         "tsv-m": "harness.methods.tsv:TsvM",
         "model-stock": "harness.methods.model_stock:ModelStock",
         "regmean": "harness.methods.regmean:RegMean",
+        "fisher": "harness.methods.fisher:Fisher",
         "bitdelta": "harness.methods.bitdelta:BitDelta",
         "dare-ties": "harness.methods.dare_ties:DareTies",
         "della": "harness.methods.della:Della",
