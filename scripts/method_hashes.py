@@ -11,8 +11,8 @@ the accounting facts (merged parameters, paper bits, info), the weights served t
 and to an unseen one, and the tensors read back from a saved result. Cases cover TIES sum/mean,
 DTS lapack/canonical signs, matrix/vector grouping and its SVD solvers, blocked (out-of-core)
 SVDs, starred budgets in both counts, DARE seeds, per-task TALL lambdas, the subspace merges
-(Iso-C, Iso-CTS, TSV-M), Model Stock, BitDelta, DARE-TIES, DELLA, RegMean and Fisher (on fixed
-stand-in inputs), and in-memory and streamed outputs.
+(Iso-C, Iso-CTS, TSV-M), Model Stock, BitDelta, DARE-TIES, DELLA, RegMean, Fisher and
+AdaMerging (on fixed stand-in inputs), and in-memory and streamed outputs.
 
 A refactor must leave every hash unchanged (``tests/methods/test_output_hashes.py`` runs this
 check). The computation runs in a child process with one thread, ATen's portable kernels and
@@ -86,6 +86,8 @@ CASES = [
     ("della", "della", {}, ()),
     ("regmean", "regmean", {}, ("data",)),
     ("fisher", "fisher", {}, ("data",)),
+    ("adamerging", "adamerging", {"steps": 4, "lr": 0.01}, ("data",)),
+    ("adamerging-layer", "adamerging-layer", {"steps": 4, "lr": 0.01}, ("data",)),
 ]
 
 
@@ -216,11 +218,12 @@ def stand_in_inputs(finetuned):
                             parent.add_module(part, nn.Module())
                         parent = getattr(parent, part)
                     parent.register_parameter(leaf, nn.Parameter(value.float().clone()))
-            self.weights = [value for key, value in matrices(dict(
-                self.backbone.named_parameters()))]
+            self.keys = [key for key, _ in matrices(dict(self.backbone.named_parameters()))]
 
-        def forward(self, batch):
-            return torch.stack([(batch[:, :w.shape[1]] @ w.T).sum(dim=1) for w in self.weights],
+        def forward(self, batch):       # by name, so torch.func.functional_call reaches them
+            weights = [self.backbone.get_submodule(key.rpartition(".")[0]).weight
+                       for key in self.keys]
+            return torch.stack([(batch[:, :w.shape[1]] @ w.T).sum(dim=1) for w in weights],
                                dim=1)
 
     width = max(v.shape[1] for m in finetuned.values() for _, v in matrices(m))

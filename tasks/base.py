@@ -181,10 +181,12 @@ class Suite:
     # ---- unlabeled inputs for merges that see data (RegMean) --------------------------------
     provides_inputs: ClassVar[bool] = False    # whether task_inputs is implemented
 
-    def task_inputs(self, tasks: list[str], *, examples: int, batch_size: int) -> TaskInputs:
-        """The first ``examples`` inputs of each task's validation split (its train split when
-        it has none; never the test split), without labels, in batches of ``batch_size``, and
-        the backbone module they run through."""
+    def task_inputs(self, tasks: list[str], *, examples: int, batch_size: int,
+                    split: str = "validation") -> TaskInputs:
+        """The first ``examples`` inputs of each task's ``split`` (``validation``, or its train
+        split when it has none; ``test`` only for a method that, as its paper does, adapts to
+        unlabeled test inputs: AdaMerging), without labels, in batches of ``batch_size``, and
+        the modules they run through."""
         raise SuiteUnavailableError(f"suite {self.name!r} provides no unlabeled inputs to "
                                     "merges that see data")
 

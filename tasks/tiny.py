@@ -248,12 +248,14 @@ class TinySuite(Suite):
 
     provides_inputs = True
 
-    def task_inputs(self, tasks, *, examples, batch_size):
+    def task_inputs(self, tasks, *, examples, batch_size, split="validation"):
+        if split not in ("validation", "test"):
+            raise ValueError(f"tiny: inputs come from 'validation' or 'test', not {split!r}")
         batches = {}
         for task in tasks:
-            tokens = self.data(task, "validation")[0][:examples]
+            tokens = self.data(task, split)[0][:examples]
             batches[task] = list(tokens.split(batch_size))
-        return TaskInputs("validation", batches, _encoder_module, self._task_model)
+        return TaskInputs(split, batches, _encoder_module, self._task_model)
 
     def _task_model(self, task: str, backbone: StateDict) -> nn.Module:
         model = _TaskModel(_encoder_module(backbone), TinyClassifier(2).head)

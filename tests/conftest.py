@@ -143,14 +143,18 @@ class ToyTaskModel(torch.nn.Module):
                 if not hasattr(parent, part):
                     parent.add_module(part, torch.nn.Module())
                 parent = getattr(parent, part)
-            parameter = torch.nn.Parameter(value.float().clone())
-            parent.register_parameter(leaf, parameter)
+            parent.register_parameter(leaf, torch.nn.Parameter(value.float().clone()))
             if leaf == "weight" and value.dim() == 2:
-                self.matrices.append(parameter)
+                self.matrices.append(key)
 
-    def forward(self, batch):
-        return torch.stack([(batch[:, :w.shape[1]] @ w.T).sum(dim=1) for w in self.matrices],
-                           dim=1)
+    def forward(self, batch):     # looked up by name, so torch.func.functional_call reaches them
+        weights = []
+        for key in self.matrices:
+            value = self.backbone
+            for part in key.split("."):
+                value = getattr(value, part)
+            weights.append(value)
+        return torch.stack([(batch[:, :w.shape[1]] @ w.T).sum(dim=1) for w in weights], dim=1)
 
 
 def task_inputs(finetuned, examples: int = 12, batch_size: int = 5, width: int = 48, seed: int = 7):

@@ -317,8 +317,8 @@ def render_suite(suite: str, records: list[RunRecord], results_dir: str | list[s
         "column is **bold** and the second _in italics_ (the paper underlines it). ± is half the 95% bootstrap "
         "interval over test examples (1,000 resamples); † marks a row not significantly "
         "different from the column's best (paired bootstrap, p ≥ 0.05); ‡ marks a merge that "
-        "saw unlabeled examples of the tasks (never their test split; the record says how "
-        "many). A row without per-example outcomes (an older record) shows no interval.", "",
+        "saw unlabeled examples of the tasks (the record says which split and how many). A "
+        "row without per-example outcomes (an older record) shows no interval.", "",
     ]
     titles = {"seen": "Seen tasks (merged)",
               "unseen": "Unseen tasks (not merged; served from the seen tasks' result)"}

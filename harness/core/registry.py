@@ -106,6 +106,8 @@ METHODS = Registry(
         "model-stock": "harness.methods.model_stock:ModelStock",
         "regmean": "harness.methods.regmean:RegMean",
         "fisher": "harness.methods.fisher:Fisher",
+        "adamerging": "harness.methods.adamerging:AdaMerging",
+        "adamerging-layer": "harness.methods.adamerging:AdaMergingLayer",
         "bitdelta": "harness.methods.bitdelta:BitDelta",
         "dare-ties": "harness.methods.dare_ties:DareTies",
         "della": "harness.methods.della:Della",

@@ -1,0 +1,136 @@
+"""AdaMerging (Yang et al., ICLR 2024, "AdaMerging: Adaptive model merging for multi-task
+learning"), task-wise and layer-wise, as FusionBench runs it
+(``fusion_bench/method/adamerging/``): Task Arithmetic whose coefficients are learned by
+minimising the entropy of the merged model's predictions on unlabeled test inputs of every task.
+
+- ``theta = theta_0 + sum_t lam_t tau_t`` (task-wise: one ``lam_t`` per task; layer-wise: one per
+  task and parameter tensor), every ``lam`` starting at ``init`` (0.3); Adam (lr 1e-3) for
+  ``steps`` steps (1000); each step adds, for every task, the gradient of the mean entropy
+  ``-sum_c p log(p + 1e-8)`` of the task's classifier (its own head, never merged) on one batch
+  of 16 of its unlabeled test inputs, then takes one optimizer step.
+- It sees data: the test split's inputs, without labels, as the paper does (test-time
+  adaptation); the record says so (``merge_info["data"]["split"] == "test"``).
+- [decision] The batches cycle through each task's first ``examples`` test inputs in order
+  (FusionBench draws shuffled batches from its own generator): the same coefficients on every
+  run and machine for a given ``steps``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+from harness.core.data import TaskInputs
+from harness.core.errors import MergeInputError
+from harness.core.progress import progress as bar
+from harness.core.tensors import StateDict, to_float32
+from harness.engine.method import MergeMethod, hp, require
+from harness.engine.passes import inspect_models
+from harness.engine.result import MergeResult
+
+
+def entropy_loss(logits: Tensor, eps: float = 1e-8) -> Tensor:
+    """The mean entropy of the rows' softmax (FusionBench's ``entropy_loss``)."""
+    probs = torch.softmax(logits, dim=-1)
+    return -torch.sum(probs * torch.log(probs + eps), dim=-1).mean()
+
+
+def learn_coefficients(theta0: dict[str, Tensor], taus: dict[str, list[Tensor]],
+                       data: TaskInputs, tasks: list[str], *, layer_wise: bool, steps: int,
+                       lr: float, init: float, show: bool = False) -> Tensor:
+    """The coefficients ``(tasks,)`` or ``(tasks, keys)`` (keys in ``taus``' order) after
+    ``steps`` Adam steps of entropy minimisation; float32."""
+    keys = list(taus)
+    shape = (len(tasks), len(keys)) if layer_wise else (len(tasks),)
+    lam = torch.full(shape, float(init), requires_grad=True)
+    optimizer = torch.optim.Adam([lam], lr=lr)
+    models = {t: data.task_model(t, theta0) for t in tasks}
+    for step in bar(range(steps), "adamerging", unit="step") if show else range(steps):
+        for task in tasks:
+            merged = {}
+            for index, key in enumerate(keys):
+                value = theta0[key]
+                for row, tau in enumerate(taus[key]):
+                    value = value + (lam[row, index] if layer_wise else lam[row]) * tau
+                merged[f"backbone.{key}"] = value
+            batches = data.batches[task]
+            logits = functional_call(models[task], merged, (batches[step % len(batches)],),
+                                     strict=False)
+            entropy_loss(logits).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return lam.detach()
+
+
+@dataclass(frozen=True)
+class AdaMerging(MergeMethod):
+    """AdaMerging, task-wise: one learned coefficient per task. Sees unlabeled test inputs."""
+
+    name = "adamerging"
+    display_name = "AdaMerging (task-wise)"
+    family = "data-dependent"
+    year = 2024
+    needs_data = ("each task's classifier and its unlabeled test inputs (entropy minimisation, "
+                  "as the paper does)")
+    layer_wise = False
+    steps: int = hp(1000, "Adam steps of entropy minimisation")
+    lr: float = hp(1e-3, "Adam learning rate")
+    init: float = hp(0.3, "every coefficient's starting value")
+    examples: int = hp(1024, "unlabeled test inputs per task, cycled through in order")
+    batch_size: int = hp(16, "inputs per task and step")
+
+    def check(self):
+        require(self.steps >= 0, self.name, "steps", f"must be >= 0, got {self.steps}")
+        require(self.lr > 0, self.name, "lr", f"must be > 0, got {self.lr}")
+        require(self.examples >= 1, self.name, "examples", f"must be >= 1, got {self.examples}")
+        require(self.batch_size >= 1, self.name, "batch_size",
+                f"must be >= 1, got {self.batch_size}")
+
+    def data_request(self):
+        return {"examples": self.examples, "batch_size": self.batch_size, "split": "test"}
+
+    def merge(self, pretrained: StateDict, finetuned: Mapping[str, StateDict], *,
+              progress: bool = False, data: TaskInputs | None = None) -> MergeResult:
+        if data is None or data.task_model is None:
+            raise MergeInputError(f"{self.name} needs {self.needs_data}: pass data= from a "
+                                  "suite whose task_inputs give task models")
+        spec = inspect_models(pretrained, finetuned)
+        missing = [t for t in spec.tasks if not data.batches.get(t)]
+        if missing:
+            raise MergeInputError(f"{self.name}: no unlabeled inputs for task(s) {missing}")
+        theta0 = {k: to_float32(pretrained[k]) for k in spec.float_keys}
+        taus = {k: [to_float32(finetuned[t][k]) - theta0[k] for t in spec.tasks]
+                for k in spec.float_keys}
+        with torch.enable_grad():
+            lam = learn_coefficients(theta0, taus, data, spec.tasks, layer_wise=self.layer_wise,
+                                     steps=self.steps, lr=self.lr, init=self.init,
+                                     show=progress)
+        merged = {}
+        for key, base in pretrained.items():
+            if key not in theta0:
+                merged[key] = base
+                continue
+            index = spec.float_keys.index(key)
+            value = theta0[key].clone()
+            for row, tau in enumerate(taus[key]):
+                value += (lam[row, index] if self.layer_wise else lam[row]) * tau
+            merged[key] = value.to(base.dtype)
+        coefficients = ({t: [float(x) for x in lam[row]] for row, t in enumerate(spec.tasks)}
+                        if self.layer_wise else
+                        {t: float(lam[row]) for row, t in enumerate(spec.tasks)})
+        return MergeResult(self.name, self.params(), merged, spec.tasks,
+                           merged_params=spec.merged_params,
+                           info={"data": data.summary(), "coefficients": coefficients})
+
+
+@dataclass(frozen=True)
+class AdaMergingLayer(AdaMerging):
+    """AdaMerging, layer-wise: one learned coefficient per task and parameter tensor."""
+
+    name = "adamerging-layer"
+    display_name = "AdaMerging (layer-wise)"
+    layer_wise = True
