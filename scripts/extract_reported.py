@@ -29,7 +29,9 @@ METHODS = {"Individual": "individual", "Weight-Averaging": "weight-averaging",
            "Task-Arithmetic": "task-arithmetic", "Ties-Merging": "ties", "DARE": "dare",
            "SVD": "svd", "EMR-Merging": "emr", "EMR-MERGING": "emr", "TALL-Mask": "tall-mask",
            "T-Switch": "t-switch", "DTS-T": "dts-t", "DTS-D": "dts-d", "DTS-T*": "dts-t-star",
-           "DTS-D*": "dts-d-star"}
+           "DTS-D*": "dts-d-star", "Fisher-Merging": "fisher", "RegMean": "regmean",
+           # the paper's AdaMerging figures are the layer-wise variant's (ViT-B/32: 80.16)
+           "AdaMerging": "adamerging-layer"}
 
 
 def number(cell: str) -> float | None:
