@@ -17,7 +17,6 @@ minimising the entropy of the merged model's predictions on unlabeled test input
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -25,12 +24,11 @@ from torch import Tensor
 from torch.func import functional_call
 
 from harness.core.data import TaskInputs
-from harness.core.errors import MergeInputError
 from harness.core.progress import progress as bar
-from harness.core.tensors import StateDict, to_float32
-from harness.engine.method import MergeMethod, hp, require
-from harness.engine.passes import inspect_models
+from harness.core.tensors import to_float32
+from harness.engine.method import hp, require
 from harness.engine.result import MergeResult
+from harness.engine.templates import DataMerge
 
 
 def entropy_loss(logits: Tensor, eps: float = 1e-8) -> Tensor:
@@ -67,7 +65,7 @@ def learn_coefficients(theta0: dict[str, Tensor], taus: dict[str, list[Tensor]],
 
 
 @dataclass(frozen=True)
-class AdaMerging(MergeMethod):
+class AdaMerging(DataMerge):
     """AdaMerging, task-wise: one learned coefficient per task. Sees unlabeled test inputs."""
 
     name = "adamerging"
@@ -76,6 +74,8 @@ class AdaMerging(MergeMethod):
     year = 2024
     needs_data = ("each task's classifier and its unlabeled test inputs (entropy minimisation, "
                   "as the paper does)")
+    needs_task_models = True
+    data_split = "test"
     layer_wise = False
     steps: int = hp(1000, "Adam steps of entropy minimisation")
     lr: float = hp(1e-3, "Adam learning rate")
@@ -90,18 +90,7 @@ class AdaMerging(MergeMethod):
         require(self.batch_size >= 1, self.name, "batch_size",
                 f"must be >= 1, got {self.batch_size}")
 
-    def data_request(self):
-        return {"examples": self.examples, "batch_size": self.batch_size, "split": "test"}
-
-    def merge(self, pretrained: StateDict, finetuned: Mapping[str, StateDict], *,
-              progress: bool = False, data: TaskInputs | None = None) -> MergeResult:
-        if data is None or data.task_model is None:
-            raise MergeInputError(f"{self.name} needs {self.needs_data}: pass data= from a "
-                                  "suite whose task_inputs give task models")
-        spec = inspect_models(pretrained, finetuned)
-        missing = [t for t in spec.tasks if not data.batches.get(t)]
-        if missing:
-            raise MergeInputError(f"{self.name}: no unlabeled inputs for task(s) {missing}")
+    def merge_with_data(self, spec, pretrained, finetuned, data, progress):
         theta0 = {k: to_float32(pretrained[k]) for k in spec.float_keys}
         taus = {k: [to_float32(finetuned[t][k]) - theta0[k] for t in spec.tasks]
                 for k in spec.float_keys}

@@ -26,12 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from harness.core.data import TaskInputs
-from harness.core.errors import MergeInputError
-from harness.core.tensors import StateDict, to_float32
-from harness.engine.method import MergeMethod, hp, require
-from harness.engine.passes import inspect_models
+from harness.core.tensors import to_float32
+from harness.engine.method import hp, require
 from harness.engine.result import MergeResult
+from harness.engine.templates import DataMerge
 
 
 def diagonal_fisher(model: nn.Module, batches, keys: list[str]) -> dict[str, Tensor]:
@@ -85,7 +83,7 @@ def fisher_weighted_average(weights: Mapping[str, list[Tensor]],
 
 
 @dataclass(frozen=True)
-class Fisher(MergeMethod):
+class Fisher(DataMerge):
     """Fisher merging: every parameter averaged with weights from each task model's diagonal
     Fisher information. Sees unlabeled examples of each task and its head."""
 
@@ -95,6 +93,7 @@ class Fisher(MergeMethod):
     year = 2022
     needs_data = ("each task model's predictions on unlabeled task examples (diagonal Fisher, "
                   "through the task's head)")
+    needs_task_models = True
     examples: int = hp(256, "unlabeled examples per task (validation split)")
     batch_size: int = hp(32, "examples per backward pass")
     minimal_fisher_weight: float = hp(1e-6, "added to every Fisher entry")
@@ -106,18 +105,7 @@ class Fisher(MergeMethod):
         require(self.minimal_fisher_weight > 0, self.name, "minimal_fisher_weight",
                 f"must be > 0, got {self.minimal_fisher_weight}")
 
-    def data_request(self):
-        return {"examples": self.examples, "batch_size": self.batch_size}
-
-    def merge(self, pretrained: StateDict, finetuned: Mapping[str, StateDict], *,
-              progress: bool = False, data: TaskInputs | None = None) -> MergeResult:
-        if data is None or data.task_model is None:
-            raise MergeInputError(f"{self.name} needs {self.needs_data}: pass data= from a "
-                                  "suite whose task_inputs give task models")
-        spec = inspect_models(pretrained, finetuned)
-        missing = [t for t in spec.tasks if not data.batches.get(t)]
-        if missing:
-            raise MergeInputError(f"{self.name}: no unlabeled inputs for task(s) {missing}")
+    def merge_with_data(self, spec, pretrained, finetuned, data, progress):
         keys = list(spec.float_keys)
         with torch.enable_grad():
             fishers = [diagonal_fisher(data.task_model(t, finetuned[t]), data.batches[t], keys)

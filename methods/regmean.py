@@ -21,18 +21,16 @@ average of the task models.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from harness.core.data import TaskInputs
-from harness.core.errors import MergeInputError
-from harness.core.tensors import StateDict, to_float32
-from harness.engine.method import MergeMethod, hp, require
-from harness.engine.passes import inspect_models
+from harness.core.tensors import to_float32
+from harness.engine.method import hp, require
 from harness.engine.result import MergeResult
+from harness.engine.templates import DataMerge
 
 
 def input_grams(module: nn.Module, batches: Sequence, weight_keys: set[str]) -> dict[str, Tensor]:
@@ -85,7 +83,7 @@ def regmean_weight(grams: Sequence[Tensor], weights: Sequence[Tensor], ratio: fl
 
 
 @dataclass(frozen=True)
-class RegMean(MergeMethod):
+class RegMean(DataMerge):
     """RegMean: closed-form regression merge of linear layers from their inputs' Gram matrices;
     the other parameters averaged. Sees unlabeled examples of each task."""
 
@@ -107,18 +105,7 @@ class RegMean(MergeMethod):
         require(self.batch_size >= 1, self.name, "batch_size",
                 f"must be >= 1, got {self.batch_size}")
 
-    def data_request(self):
-        return {"examples": self.examples, "batch_size": self.batch_size}
-
-    def merge(self, pretrained: StateDict, finetuned: Mapping[str, StateDict], *,
-              progress: bool = False, data: TaskInputs | None = None) -> MergeResult:
-        if data is None:
-            raise MergeInputError(f"{self.name} needs {self.needs_data}: pass "
-                                  "data=suite.task_inputs(tasks, **method.data_request())")
-        spec = inspect_models(pretrained, finetuned)
-        missing = [t for t in spec.tasks if not data.batches.get(t)]
-        if missing:
-            raise MergeInputError(f"{self.name}: no unlabeled inputs for task(s) {missing}")
+    def merge_with_data(self, spec, pretrained, finetuned, data, progress):
         weight_keys = {k for k in spec.float_keys if k.endswith(".weight")
                        and len(spec.shapes[k]) == 2}
         grams = [input_grams(data.backbone(finetuned[t]), data.batches[t], weight_keys)

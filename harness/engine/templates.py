@@ -4,6 +4,7 @@
   block when the rule treats every entry on its own (Task Arithmetic, Weight-Averaging, DARE).
 - :class:`PayloadMerge`: a per-task codec of each task's delta against a base (T-Switch, the SVD
   baseline, DTS).
+- :class:`DataMerge`: a merge that sees unlabeled task inputs (RegMean, Fisher, AdaMerging).
 
 Both leave the protocol to the engine: validation and value checks, read-once or read-twice,
 device placement, output containers, spilling. EMR and TALL-Mask take a third shape,
@@ -15,9 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor
 
+from harness.core.data import TaskInputs
+from harness.core.errors import MergeInputError
 from harness.core.spec import ModelSpec
 from harness.core.tensors import StateDict
 from harness.engine.codecs import Codec, TaskPayload
@@ -65,6 +69,39 @@ class SharedMerge(MergeMethod):
 
 
 @dataclass(frozen=True)
+class DataMerge(MergeMethod):
+    """A merge that sees data (``needs_data``): ``merge(..., data=TaskInputs)`` checks that the
+    inputs are there (and the tasks' classifiers, with ``needs_task_models``), validates the
+    models, then calls :meth:`merge_with_data`. The subclass declares ``examples`` and
+    ``batch_size`` hyperparameters; ``data_split`` is where its inputs come from."""
+
+    needs_task_models: ClassVar[bool] = False
+    data_split: ClassVar[str] = "validation"
+
+    def data_request(self) -> dict:
+        request = {"examples": self.examples, "batch_size": self.batch_size}
+        return request if self.data_split == "validation" else {**request,
+                                                                 "split": self.data_split}
+
+    def merge(self, pretrained, finetuned, *, progress=False, data: TaskInputs | None = None):
+        if data is None or (self.needs_task_models and data.task_model is None):
+            raise MergeInputError(
+                f"{self.name} needs {self.needs_data}: pass data=suite.task_inputs(tasks, "
+                "**method.data_request())" + (" from a suite whose inputs come with task "
+                                             "models" if self.needs_task_models else ""))
+        spec = inspect_models(pretrained, finetuned)
+        missing = [t for t in spec.tasks if not data.batches.get(t)]
+        if missing:
+            raise MergeInputError(f"{self.name}: no unlabeled inputs for task(s) {missing}")
+        return self.merge_with_data(spec, pretrained, finetuned, data, progress)
+
+    def merge_with_data(self, spec: ModelSpec, pretrained: StateDict,
+                        finetuned: Mapping[str, StateDict], data: TaskInputs,
+                        progress: bool) -> MergeResult:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
 class PayloadMerge(MergeMethod):
     """A codec per task and changed key: ``encoder(spec, plan)(key, delta)`` of each non-zero float32
     delta against the base, or None to store nothing for it. Keys for which ``blocked(spec)``
@@ -82,7 +119,7 @@ class PayloadMerge(MergeMethod):
     def plan(self, spec: ModelSpec):
         """Whatever this merge decides from the models before encoding (the SVD baseline's
         matched density), handed to :meth:`encoder` and :meth:`facts`; None by default."""
-        return None
+        return
 
     def encoder(self, spec: ModelSpec, plan) -> Encoder:
         raise NotImplementedError
