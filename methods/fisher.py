@@ -13,8 +13,8 @@ its task from the model's own predicted distribution.
   entry; ``theta = sum_t c_t F_t theta_t / sum_t c_t F_t``.
 - It sees data: unlabeled examples of each task's validation split and the task's head (never
   merged), from a suite whose :class:`~harness.core.data.TaskInputs` has ``task_model``.
-- [decision] A backbone parameter that gets no gradient (unused by the classifier) has Fisher 0:
-  its merge is then the normalised average; FusionBench would fail there, as it would on a 0-d
+- [decision] A backbone parameter that gets no gradient (unused by the classifier), or a float
+  buffer (batch-norm statistics), has Fisher 0: its merge is then the normalised average; FusionBench would fail there, as it would on a 0-d
   parameter (its per-model norm reduces over every dimension), whose norm here is ``|F_t|``.
 """
 
@@ -35,9 +35,9 @@ from harness.engine.templates import DataMerge
 def diagonal_fisher(model: nn.Module, batches, keys: list[str]) -> dict[str, Tensor]:
     """The diagonal Fisher of ``model``'s parameters ``backbone.<key>`` for ``keys`` over
     ``batches`` (float32, key -> tensor), as FusionBench estimates it."""
-    parameters = dict(model.named_parameters())
-    for parameter in parameters.values():
+    for parameter in model.parameters():
         parameter.requires_grad_(True)
+    state = model.state_dict(keep_vars=True)    # parameters and buffers (no gradient: Fisher 0)
     totals: dict[str, Tensor] = {}
     examples = 0
     for batch in batches:
@@ -48,8 +48,9 @@ def diagonal_fisher(model: nn.Module, batches, keys: list[str]) -> dict[str, Ten
         model.zero_grad()
         expectation.backward()
         for key in keys:
-            grad = parameters[f"backbone.{key}"].grad
-            square = (torch.zeros_like(parameters[f"backbone.{key}"]) if grad is None
+            value = state[f"backbone.{key}"]
+            grad = value.grad if isinstance(value, nn.Parameter) else None
+            square = (torch.zeros_like(value, dtype=torch.float32) if grad is None
                       else grad.detach() ** 2)
             totals[key] = square if key not in totals else totals[key] + square
         examples += len(batch)

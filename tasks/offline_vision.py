@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from harness.core.data import TaskInputs
 from harness.core.tensors import StateDict
 from harness.tasks.base import Evaluation, SuiteUnavailableError, Task, restrict
 from harness.tasks.fetch import (apt_download, apt_downloaded, apt_source, deb_members,
@@ -148,6 +149,18 @@ def read_csv_images(blob: bytes, side: int, scale: float) -> tuple[np.ndarray, n
     table = np.loadtxt(io.StringIO(gzip.decompress(blob).decode()), delimiter=",")
     pixels = np.clip(table[:, :-1] * scale, 0, 255).round().astype(np.uint8)
     return pixels.reshape(-1, side, side), table[:, -1].astype(np.int64)
+
+
+class _Classifier(torch.nn.Module):
+    """A whole EfficientNet (its head included) under ``backbone``, as merges that see data
+    address a task's classifier."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.backbone = model
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.backbone(images)
 
 
 class OfflineVisionSuite(FinetunedSuite):
@@ -386,6 +399,31 @@ class OfflineVisionSuite(FinetunedSuite):
         scores = torch.cat(correct)
         return Evaluation("accuracy", int(scores.sum()) / len(images), examples=len(images),
                           outcomes={"score": scores})
+
+    # ---- unlabeled inputs for merges that see data ----------------------------------------
+    provides_inputs = True
+
+    def task_inputs(self, tasks, *, examples, batch_size, split="validation"):
+        if split not in ("validation", "test"):
+            raise ValueError(f"offline-vision: inputs come from 'validation' or 'test', not "
+                             f"{split!r}")
+        batches = {task: list(self.pixels(self.examples(task, split)[0][:examples])
+                              .split(batch_size)) for task in tasks}
+        return TaskInputs(split, batches, self._backbone_module, self._task_model)
+
+    def _backbone_module(self, backbone: StateDict) -> torch.nn.Module:
+        """The EfficientNet holding ``backbone`` (any head), in evaluation mode: batch-norm
+        statistics frozen, as fine-tuning kept them."""
+        model = self._model(2)
+        model.load_state_dict(dict(backbone), strict=False)
+        return model.eval()
+
+    def _task_model(self, task: str, backbone: StateDict) -> torch.nn.Module:
+        """The task's classifier, the EfficientNet under ``backbone`` with the task's head."""
+        model = self._model(len(self.labels(task)))
+        model.load_state_dict({**dict(backbone),
+                               **{f"_fc.{k}": v for k, v in self.head(task).items()}})
+        return _Classifier(model.eval())        # backbone.<key> holds each merged key
 
     def provenance(self) -> dict:
         return {**super().provenance(), "bigbench_sha256": self.bigbench_sha256,

@@ -240,3 +240,23 @@ def test_download_sources_are_only_what_is_not_provided(assets, tmp_path, monkey
         "pip://scikit-learn==1.6.1"]
     suite.data()
     assert make_suite(assets, tmp_path / "cache").download_sources() == []
+
+
+def test_inputs_for_merges_that_see_data(prepared):
+    """Validation (or, on request, test) images as the suite scores them, no labels; each
+    task's classifier under ``backbone``; Fisher merges through them and says what it saw."""
+    from harness import get_method
+
+    tasks = prepared.split_tasks("seen")
+    images = prepared.examples(tasks[0], "validation")[0][:3]      # the small suite has 3
+    data = prepared.task_inputs(tasks, examples=3, batch_size=2)
+    assert data.split == "validation" and [len(b) for b in data.batches[tasks[0]]] == [2, 1]
+    assert len(images) == 3
+    assert torch.equal(torch.cat(data.batches[tasks[0]]), prepared.pixels(images))
+    model = data.task_model(tasks[0], prepared.load_finetuned(tasks[0]))
+    assert "backbone._conv_stem.weight" in dict(model.named_parameters())
+    assert model(data.batches[tasks[0]][0]).shape == (2, len(prepared.labels(tasks[0])))
+    assert prepared.task_inputs(tasks, examples=2, batch_size=2, split="test").split == "test"
+    result = get_method("fisher", examples=3, batch_size=2).merge(
+        prepared.load_pretrained(), {t: prepared.load_finetuned(t) for t in tasks}, data=data)
+    assert result.info["data"]["examples"] == {t: data.examples(t) for t in tasks}
