@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from harness.core.data import TaskInputs
 from harness.core.defaults import default_cache_dir
@@ -178,17 +178,37 @@ class Suite:
         raise SuiteUnavailableError(f"suite {self.name!r} has no transformers model format to "
                                     "export to")
 
-    # ---- unlabeled inputs for merges that see data (RegMean) --------------------------------
-    provides_inputs: ClassVar[bool] = False    # whether task_inputs is implemented
+    # ---- unlabeled inputs for merges that see data (RegMean, Fisher, AdaMerging) -----------
+    provides_inputs: ClassVar[bool] = False    # whether the three hooks below are implemented
 
     def task_inputs(self, tasks: list[str], *, examples: int, batch_size: int,
                     split: str = "validation") -> TaskInputs:
-        """The first ``examples`` inputs of each task's ``split`` (``validation``, or its train
-        split when it has none; ``test`` only for a method that, as its paper does, adapts to
-        unlabeled test inputs: AdaMerging), without labels, in batches of ``batch_size``, and
-        the modules they run through."""
-        raise SuiteUnavailableError(f"suite {self.name!r} provides no unlabeled inputs to "
-                                    "merges that see data")
+        """The first ``examples`` inputs of each task's ``split`` (``validation``; ``test`` only
+        for a method that, as its paper does, adapts to unlabeled test inputs: AdaMerging),
+        without labels, in batches of ``batch_size``, and the modules they run through, from
+        :meth:`unlabeled_inputs`, :meth:`backbone_module` and :meth:`classifier_module`."""
+        if not self.provides_inputs:
+            raise SuiteUnavailableError(f"suite {self.name!r} provides no unlabeled inputs to "
+                                        "merges that see data")
+        if split not in ("validation", "test"):
+            raise ValueError(f"{self.name}: inputs come from 'validation' or 'test', not "
+                             f"{split!r}")
+        batches = {task: list(self.unlabeled_inputs(task, split, examples).split(batch_size))
+                   for task in tasks}
+        return TaskInputs(split, batches, self.backbone_module, self.classifier_module)
+
+    def unlabeled_inputs(self, task: str, split: str, count: int) -> Tensor:
+        """The first ``count`` inputs of ``task``'s ``split`` as the backbone takes them."""
+        raise NotImplementedError
+
+    def backbone_module(self, backbone: StateDict) -> nn.Module:
+        """A module holding ``backbone`` whose ``forward`` takes a batch of inputs."""
+        raise NotImplementedError
+
+    def classifier_module(self, task: str, backbone: StateDict) -> nn.Module:
+        """``task``'s classifier with ``backbone`` under its submodule ``backbone`` (parameter
+        ``backbone.<key>`` for each key), its own head kept; ``forward`` gives the logits."""
+        raise NotImplementedError
 
     def identity(self) -> dict:
         """What, besides the method, tells this suite's result files apart (a user config, a

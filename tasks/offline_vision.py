@@ -33,7 +33,6 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from harness.core.data import TaskInputs
 from harness.core.tensors import StateDict
 from harness.tasks.base import Evaluation, SuiteUnavailableError, Task, restrict
 from harness.tasks.fetch import (apt_download, apt_downloaded, apt_source, deb_members,
@@ -403,22 +402,17 @@ class OfflineVisionSuite(FinetunedSuite):
     # ---- unlabeled inputs for merges that see data ----------------------------------------
     provides_inputs = True
 
-    def task_inputs(self, tasks, *, examples, batch_size, split="validation"):
-        if split not in ("validation", "test"):
-            raise ValueError(f"offline-vision: inputs come from 'validation' or 'test', not "
-                             f"{split!r}")
-        batches = {task: list(self.pixels(self.examples(task, split)[0][:examples])
-                              .split(batch_size)) for task in tasks}
-        return TaskInputs(split, batches, self._backbone_module, self._task_model)
+    def unlabeled_inputs(self, task, split, count):
+        return self.pixels(self.examples(task, split)[0][:count])
 
-    def _backbone_module(self, backbone: StateDict) -> torch.nn.Module:
+    def backbone_module(self, backbone: StateDict) -> torch.nn.Module:
         """The EfficientNet holding ``backbone`` (any head), in evaluation mode: batch-norm
         statistics frozen, as fine-tuning kept them."""
         model = self._model(2)
         model.load_state_dict(dict(backbone), strict=False)
         return model.eval()
 
-    def _task_model(self, task: str, backbone: StateDict) -> torch.nn.Module:
+    def classifier_module(self, task: str, backbone: StateDict) -> torch.nn.Module:
         """The task's classifier, the EfficientNet under ``backbone`` with the task's head."""
         model = self._model(len(self.labels(task)))
         model.load_state_dict({**dict(backbone),

@@ -16,7 +16,6 @@ import os
 import torch
 from torch import Tensor, nn
 
-from harness.core.data import TaskInputs
 from harness.core.tensors import StateDict
 from harness.tasks.base import Evaluation, Suite, SuiteUnavailableError, Task, unit
 from harness.tasks.cache import CheckpointCache
@@ -248,16 +247,13 @@ class TinySuite(Suite):
 
     provides_inputs = True
 
-    def task_inputs(self, tasks, *, examples, batch_size, split="validation"):
-        if split not in ("validation", "test"):
-            raise ValueError(f"tiny: inputs come from 'validation' or 'test', not {split!r}")
-        batches = {}
-        for task in tasks:
-            tokens = self.data(task, split)[0][:examples]
-            batches[task] = list(tokens.split(batch_size))
-        return TaskInputs(split, batches, _encoder_module, self._task_model)
+    def unlabeled_inputs(self, task, split, count):
+        return self.data(task, split)[0][:count]
 
-    def _task_model(self, task: str, backbone: StateDict) -> nn.Module:
+    def backbone_module(self, backbone):
+        return _encoder_module(backbone)
+
+    def classifier_module(self, task, backbone):
         model = _TaskModel(_encoder_module(backbone), TinyClassifier(2).head)
         model.head.load_state_dict(self._head(task))
         return model

@@ -119,7 +119,7 @@ class PayloadMerge(MergeMethod):
     def plan(self, spec: ModelSpec):
         """Whatever this merge decides from the models before encoding (the SVD baseline's
         matched density), handed to :meth:`encoder` and :meth:`facts`; None by default."""
-        return
+        return None
 
     def encoder(self, spec: ModelSpec, plan) -> Encoder:
         raise NotImplementedError
