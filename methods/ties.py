@@ -123,7 +123,7 @@ class TrimThresholds:
         with BlockWorkers(parallel=True) as workers:     # counts: any block order
             for key in iter_keys(spec.float_keys, f"{desc}: thresholds", progress):
                 p, sources = pretrained[key], [finetuned[t][key] for t in pending]
-                mapped = [t for t in (p, *sources) if MAPPED_PAGES.noted(t)]
+                mapped = MAPPED_PAGES.mapped(p, *sources)
                 for rows in row_chunks(spec.shapes[key], 2):
                     workers.run(count_block, p, sources, rows, mapped)
             workers.wait()
@@ -180,7 +180,7 @@ def _ties_keys(pretrained, finetuned, spec, cut, lam, merge, merged, desc, progr
                 workers.then(functools.partial(merged.__setitem__, key, p))
                 continue
             sources = [finetuned[t][key] for t in spec.tasks]   # read here, merged on a worker
-            mapped = [t for t in (p, *sources) if MAPPED_PAGES.noted(t)]
+            mapped = MAPPED_PAGES.mapped(p, *sources)
             workers.run(_merge_key, p, sources, mapped, spec, key, cut, lam, merge,
                         then=functools.partial(write, key))
         workers.wait()

@@ -73,7 +73,7 @@ def inspect_models(pretrained: StateDict, finetuned: Mapping[str, StateDict],
             sources = [finetuned[task][key] for task in spec.tasks]
             if not describe_key(spec, key, p, sources):
                 continue
-            mapped = [t for t in (p, *sources) if MAPPED_PAGES.noted(t)]
+            mapped = MAPPED_PAGES.mapped(p, *sources)
             for rows in row_chunks(spec.shapes[key], 2):
                 workers.run(validate_block, key, p, sources, rows, mapped)
         workers.wait()
@@ -220,7 +220,7 @@ def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec
             if key in float_keys:
                 value = torch.empty(spec.shapes[key], dtype=p.dtype, device="cpu")
                 sources = [finetuned[task][key] for task in spec.tasks]
-                mapped = [t for t in (p, *sources) if MAPPED_PAGES.noted(t)]
+                mapped = MAPPED_PAGES.mapped(p, *sources)
                 for rows in row_chunks(spec.shapes[key], len(sources)) if elementwise else [...]:
                     workers.run(merge_block, key, p, sources, value, rows, mapped)
             else:

@@ -94,12 +94,13 @@ class _MappedPages:
         if forget:
             self.pending.clear()
 
-    def noted(self, tensor: Tensor) -> bool:
-        """Whether ``tensor`` itself is noted: a tensor lying in a mapping of its file."""
-        return any(t is tensor for t in self.pending)
+    def mapped(self, *tensors: Tensor) -> list[Tensor]:
+        """Those of ``tensors`` that are noted themselves (each lying in a mapping of its file):
+        the ones whose blocks :meth:`release_views` may hand back."""
+        return [t for t in tensors if any(t is noted for noted in self.pending)]
 
     def release_views(self, views: list[Tensor]) -> None:
-        """Hand back the pages of contiguous views of noted tensors (see :meth:`noted`) now:
+        """Hand back the pages of contiguous views of noted tensors (see :meth:`mapped`) now:
         a finished row block's, from whichever thread finished it, while other blocks of the
         same tensors are still being read (only the pages at a block's edges are shared)."""
         for view in views:
@@ -361,9 +362,6 @@ class _HeapTrim:
 
             self._info.restype = MallInfo2
         self._looked = -math.inf
-
-    def __bool__(self) -> bool:
-        return self._trim is not None
 
     def idle_bytes(self) -> int | None:
         """Bytes of freed heap chunks glibc holds, or None where that cannot be told."""
