@@ -169,36 +169,37 @@ def _options(options: tuple[str, ...], folder: str):
         yield
 
 
-def stand_in_inputs(finetuned):
-    """Unlabeled inputs for merges that see data ("data" option): fixed numpy draws per task,
-    a backbone that calls one ``nn.Linear`` per 2-D float ``.weight`` key on the first columns
-    of a batch, and a task model whose logits are those linear maps' row sums."""
-    import numpy
+def stand_in_modules():
+    """``(Backbone, TaskModel)``: stand-ins for a suite's modules, built from any state dict, for
+    merges that see data (here and in the tests). ``Backbone(state)`` holds one ``nn.Linear``
+    per 2-D float ``.weight`` key, at that key's module path, each called on the first
+    ``in_features`` columns of a batch; ``TaskModel(state)`` holds every float tensor as a
+    parameter under ``backbone`` and gives one logit per such matrix, the row sums of
+    ``batch[:, :in] @ W^T`` (reading the weights by name, so ``torch.func.functional_call``
+    reaches them)."""
     import torch
     from torch import nn
-
-    from harness.core.data import TaskInputs
-
-    rng = numpy.random.default_rng(7)
 
     def matrices(state):
         return [(key, value) for key, value in sorted(state.items())
                 if key.endswith(".weight") and value.dim() == 2 and value.is_floating_point()]
+
+    def submodule(root, path):
+        for part in path:
+            if not hasattr(root, part):
+                root.add_module(part, nn.Module())
+            root = getattr(root, part)
+        return root
 
     class Backbone(nn.Module):
         def __init__(self, state):
             super().__init__()
             self.order = []
             for key, value in matrices(state):
-                *path, _ = key.split(".")
-                parent = self
-                for part in path[:-1]:
-                    if not hasattr(parent, part):
-                        parent.add_module(part, nn.Module())
-                    parent = getattr(parent, part)
+                *path, module, _ = key.split(".")
                 linear = nn.Linear(value.shape[1], value.shape[0], bias=False)
                 linear.weight.data.copy_(value.float())
-                parent.add_module(path[-1], linear)
+                submodule(self, path).add_module(module, linear)
                 self.order.append(linear)
 
         def forward(self, batch):
@@ -212,24 +213,34 @@ def stand_in_inputs(finetuned):
             for key, value in sorted(state.items()):
                 if value.is_floating_point():
                     *path, leaf = key.split(".")
-                    parent = self.backbone
-                    for part in path:
-                        if not hasattr(parent, part):
-                            parent.add_module(part, nn.Module())
-                        parent = getattr(parent, part)
-                    parent.register_parameter(leaf, nn.Parameter(value.float().clone()))
+                    submodule(self.backbone, path).register_parameter(
+                        leaf, nn.Parameter(value.float().clone()))
             self.keys = [key for key, _ in matrices(dict(self.backbone.named_parameters()))]
 
-        def forward(self, batch):       # by name, so torch.func.functional_call reaches them
+        def forward(self, batch):
             weights = [self.backbone.get_submodule(key.rpartition(".")[0]).weight
                        for key in self.keys]
             return torch.stack([(batch[:, :w.shape[1]] @ w.T).sum(dim=1) for w in weights],
                                dim=1)
 
-    width = max(v.shape[1] for m in finetuned.values() for _, v in matrices(m))
+    return Backbone, TaskModel
+
+
+def stand_in_inputs(finetuned):
+    """Unlabeled inputs for merges that see data ("data" option): fixed numpy draws per task,
+    over :func:`stand_in_modules`."""
+    import numpy
+    import torch
+
+    from harness.core.data import TaskInputs
+
+    backbone, task_model = stand_in_modules()
+    width = max(v.shape[1] for m in finetuned.values() for k, v in m.items()
+                if k.endswith(".weight") and v.dim() == 2 and v.is_floating_point())
+    rng = numpy.random.default_rng(7)
     batches = {task: list(torch.from_numpy(rng.standard_normal((20, width), dtype=numpy.float32))
                           .split(8)) for task in finetuned}
-    return TaskInputs("validation", batches, Backbone, lambda task, state: TaskModel(state))
+    return TaskInputs("validation", batches, backbone, lambda task, state: task_model(state))
 
 
 def case_hashes(method_name: str, hyperparameters: dict, options: tuple[str, ...],

@@ -98,68 +98,27 @@ def make_models(n_tasks: int = 3, seed: int = 0, dtype: torch.dtype = torch.floa
     return pretrained, finetuned
 
 
-class LinearsOf(torch.nn.Module):
-    """A stand-in backbone for merges that see data (RegMean): every 2-D float ``.weight`` key of
-    ``state`` becomes an ``nn.Linear`` at that key's module path, and ``forward`` calls each on
-    the first ``in_features`` columns of a batch, so its input Gram matrix is that block of the
-    batch's."""
+def load_script(name: str):
+    """A module of ``scripts/`` (not a package), imported from its file."""
+    import importlib.util
 
-    def __init__(self, state) -> None:
-        super().__init__()
-        self.order = []
-        for key, value in state.items():
-            if key.endswith(".weight") and value.dim() == 2 and value.is_floating_point():
-                *path, _ = key.split(".")
-                parent = self
-                for part in path[:-1]:
-                    if not hasattr(parent, part):
-                        parent.add_module(part, torch.nn.Module())
-                    parent = getattr(parent, part)
-                linear = torch.nn.Linear(value.shape[1], value.shape[0], bias=False)
-                linear.weight.data.copy_(value.float())
-                parent.add_module(path[-1], linear)
-                self.order.append(linear)
-
-    def forward(self, batch):
-        for linear in self.order:
-            linear(batch[:, :linear.in_features])
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                        f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-class ToyTaskModel(torch.nn.Module):
-    """A stand-in task classifier: ``backbone`` holds every float tensor of ``state`` as a
-    parameter (``backbone.<key>``); the logits are one column per 2-D float ``.weight`` key, the
-    row sums of ``batch[:, :in] @ W^T`` (other parameters get no gradient)."""
-
-    def __init__(self, state) -> None:
-        super().__init__()
-        self.backbone = torch.nn.Module()
-        self.matrices = []
-        for key, value in sorted(state.items()):       # the same model whatever the key order
-            if not value.is_floating_point():
-                continue
-            *path, leaf = key.split(".")
-            parent = self.backbone
-            for part in path:
-                if not hasattr(parent, part):
-                    parent.add_module(part, torch.nn.Module())
-                parent = getattr(parent, part)
-            parent.register_parameter(leaf, torch.nn.Parameter(value.float().clone()))
-            if leaf == "weight" and value.dim() == 2:
-                self.matrices.append(key)
-
-    def forward(self, batch):     # looked up by name, so torch.func.functional_call reaches them
-        weights = []
-        for key in self.matrices:
-            value = self.backbone
-            for part in key.split("."):
-                value = getattr(value, part)
-            weights.append(value)
-        return torch.stack([(batch[:, :w.shape[1]] @ w.T).sum(dim=1) for w in weights], dim=1)
+# stand-in modules for merges that see data, the ones the method hashes use: LinearsOf(state)
+# calls an nn.Linear per 2-D float .weight key on a batch's first columns; ToyTaskModel(state)
+# holds every float tensor under backbone.<key> and gives one logit per such matrix
+LinearsOf, ToyTaskModel = load_script("method_hashes").stand_in_modules()
 
 
 def task_inputs(finetuned, examples: int = 12, batch_size: int = 5, width: int = 48, seed: int = 7):
-    """:class:`harness.core.data.TaskInputs` for ``finetuned``'s tasks over :class:`LinearsOf`
-    and :class:`ToyTaskModel`: random batches, different per task."""
+    """:class:`harness.core.data.TaskInputs` for ``finetuned``'s tasks over ``LinearsOf`` and
+    ``ToyTaskModel``: random batches, different per task."""
     from harness.core.data import TaskInputs
 
     g = torch.Generator().manual_seed(seed)

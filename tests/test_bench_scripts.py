@@ -1,13 +1,12 @@
 """The measuring scripts' workers on tiny checkpoints: docs/performance.md's figures come from them, so a
 change that breaks one fails here rather than on the next benchmark run."""
 
-import importlib.util
 import os
 
 import pytest
 import torch
 
-SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+from tests.conftest import load_script
 
 
 def save_models(folder, n_tasks: int) -> None:
@@ -22,13 +21,6 @@ def save_models(folder, n_tasks: int) -> None:
     for t, model in enumerate(finetuned.values()):
         save_file({k: v.contiguous() for k, v in model.items()},
                   str(folder / f"task{t}.safetensors"))
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(SCRIPTS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/self/status")
