@@ -3,6 +3,8 @@
     python scripts/bench_first_run.py                      # offline-text, dts-d
     python scripts/bench_first_run.py --suite offline-vision --method ties
     python scripts/bench_first_run.py --reuse-downloads    # skip the one-time data fetch
+    python scripts/bench_first_run.py --suite offline-llm --method task-arithmetic \
+        --reuse-downloads --keep-cache ~/llm-cache          # keep what the first run built
 
 The first run fetches the data (unless --reuse-downloads links the existing downloads folder),
 fine-tunes every task model, measures the individual and pretrained models and runs the method;
@@ -39,10 +41,17 @@ def main() -> int:
     parser.add_argument("--method", default="dts-d")
     parser.add_argument("--reuse-downloads", action="store_true",
                         help="link the existing cache's downloads/ instead of fetching again")
+    parser.add_argument("--keep-cache", metavar="DIR",
+                        help="build into DIR (new or empty) and keep it, instead of a "
+                             "temporary cache")
     args = parser.parse_args()
+    if args.keep_cache and os.path.isdir(args.keep_cache) and os.listdir(args.keep_cache):
+        parser.error(f"--keep-cache {args.keep_cache}: not empty (the first run must start "
+                     "from an empty cache)")
     with tempfile.TemporaryDirectory(prefix="merge-harness-bench-") as root:
-        cache = os.path.join(root, "cache")
-        os.makedirs(cache)
+        cache = os.path.abspath(args.keep_cache) if args.keep_cache else \
+            os.path.join(root, "cache")
+        os.makedirs(cache, exist_ok=True)
         downloads = os.path.join(default_cache_dir(), "downloads")
         if args.reuse_downloads and os.path.isdir(downloads):
             os.symlink(downloads, os.path.join(cache, "downloads"))

@@ -11,6 +11,7 @@ description (the spec's rule for generation tasks).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 from functools import cached_property
@@ -146,34 +147,71 @@ class QwenSuite(ConfiguredSuite):
                            include_defaults=self.config.get("lm_eval_defaults", True))
 
     def evaluate(self, task, backbone, *, split="test", device="cpu", progress=False):
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
-
         spec = self.specs[task]
-        model = self._model(backbone, device)
-        lm = HFLM(pretrained=model, tokenizer=self.tokenizer, device=device,
-                  batch_size=int(self.config.get("batch_size", 8)))
-        name = spec["lm_eval_task"]
-        out = simple_evaluate(model=lm, tasks=[name], num_fewshot=spec.get("num_fewshot"),
-                              limit=spec.get("limit", self.config.get("limit")),
-                              task_manager=self.task_manager, verbosity="ERROR",
-                              bootstrap_iters=0, log_samples=True)
-        metric = spec.get("metric", "acc")
-        scores = out["results"].get(name, {})
-        key = f"{metric},{spec.get('filter', 'none')}"
-        if key not in scores:
-            raise SuiteUnavailableError(
-                f"{self.name} task {task!r}: lm-eval task {name} reported {sorted(scores)}, not "
-                f"{key}; set metric (and filter) in the suite config")
-        samples = out.get("n-samples", {}).get(name, {})
-        return Evaluation(metric, float(scores[key]),
-                          examples=int(samples.get("effective", 0)) if samples else 0,
-                          outcomes=_per_document(out.get("samples", {}).get(name), metric,
-                                                 float(scores[key])))
+        return lm_eval_score(self._model(backbone, device), self.tokenizer, spec["lm_eval_task"],
+                             self.task_manager, what=f"{self.name} task {task!r}",
+                             device=device, batch_size=int(self.config.get("batch_size", 8)),
+                             limit=spec.get("limit", self.config.get("limit")),
+                             num_fewshot=spec.get("num_fewshot"),
+                             metric=spec.get("metric", "acc"),
+                             filter=spec.get("filter", "none"), progress=progress)
 
     # ---- unseen tasks --------------------------------------------------------------------
     def task_embedding(self, task: str) -> Tensor:
         return self.encoder.task_embedding([self.task(task).description])
+
+
+def lm_eval_score(model, tokenizer, lm_task: str, task_manager, *, what: str, device: str,
+                  batch_size: int, limit=None, num_fewshot=None, metric: str = "acc",
+                  filter: str = "none", progress: bool = False) -> Evaluation:
+    """lm-eval's ``simple_evaluate`` of one task on an in-memory causal LM (wrapped in an
+    ``HFLM``, nothing saved to disk), as an :class:`Evaluation` with each document's score when
+    the figure is their mean; ``what`` names the task in errors; lm-eval's and datasets'
+    progress bars only with ``progress``. Bootstrap intervals are left to
+    :mod:`harness.bench.uncertainty`, which resamples the per-document scores."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
+    with _progress_bars(progress):
+        out = simple_evaluate(model=lm, tasks=[lm_task], num_fewshot=num_fewshot, limit=limit,
+                              task_manager=task_manager, verbosity="ERROR", bootstrap_iters=0,
+                              log_samples=True)
+    scores = out["results"].get(lm_task, {})
+    key = f"{metric},{filter}"
+    if key not in scores:
+        raise SuiteUnavailableError(
+            f"{what}: lm-eval task {lm_task} reported {sorted(scores)}, not {key}; set metric "
+            "(and filter) in the suite config")
+    samples = out.get("n-samples", {}).get(lm_task, {})
+    return Evaluation(metric, float(scores[key]),
+                      examples=int(samples.get("effective", 0)) if samples else 0,
+                      outcomes=_per_document(out.get("samples", {}).get(lm_task), metric,
+                                             float(scores[key])))
+
+
+@contextlib.contextmanager
+def _progress_bars(shown: bool):
+    """lm-eval's tqdm bars (``TQDM_DISABLE``, read by tqdm at each bar) and datasets' bars
+    off unless ``shown``; both restored after."""
+    if shown:
+        yield
+        return
+    import datasets
+
+    before = os.environ.get("TQDM_DISABLE")
+    datasets_bars = datasets.is_progress_bar_enabled()
+    os.environ["TQDM_DISABLE"] = "1"
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
+        if datasets_bars:
+            datasets.enable_progress_bars()
 
 
 def _per_document(samples, metric: str, value: float) -> dict[str, Tensor] | None:

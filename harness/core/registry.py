@@ -121,6 +121,7 @@ SUITES = Registry(
         "tiny": "harness.tasks.tiny:TinySuite",
         "offline-text": "harness.tasks.offline_text:OfflineTextSuite",
         "offline-vision": "harness.tasks.offline_vision:OfflineVisionSuite",
+        "offline-llm": "harness.tasks.offline_llm:OfflineLLMSuite",
         "vit-b32": "harness.tasks.clip:VitB32Suite",
         "vit-l14": "harness.tasks.clip:VitL14Suite",
         "roberta-glue": "harness.tasks.glue:RobertaGlueSuite",
