@@ -217,31 +217,21 @@ class GlueSuite(ConfiguredSuite):
 
     @torch.no_grad()
     def evaluate(self, task, backbone, *, split="test", device="cpu", progress=False):
-        from tqdm.auto import tqdm
-
         spec = self.specs[task]
         model = self.task_model(task)
         original = {k: v.clone() for k, v in model.base_model.state_dict().items()}
         model.base_model.load_state_dict(dict(backbone))
-        model.to(device)
         data = self.dataset(task)
         columns = spec.get("text", ["sentence"])
-        size = int(self.config.get("batch_size", 32))
-        predictions, labels = [], []
         try:
-            for start in tqdm(range(0, len(data), size), desc=task, leave=False,
-                              disable=not progress):
-                batch = data[start:start + size]
-                encoded = self.tokenizer(*[batch[c] for c in columns], truncation=True,
-                                         padding=True, return_tensors="pt",
-                                         max_length=int(self.config.get("max_length", 128)))
-                logits = model(**{k: v.to(device) for k, v in encoded.items()}).logits.cpu()
-                predictions.append(logits[:, 0] if logits.shape[1] == 1 else logits.argmax(1))
-                labels.append(torch.tensor(batch[spec.get("label_column", "label")]))
+            predicted = predict(model, self.tokenizer, [list(data[c]) for c in columns],
+                                batch_size=int(self.config.get("batch_size", 32)),
+                                max_length=int(self.config.get("max_length", 128)),
+                                device=device, progress=progress, what=task)
         finally:
             model.to("cpu")
             model.base_model.load_state_dict(original)
-        predicted, reference = torch.cat(predictions), torch.cat(labels)
+        reference = torch.tensor(data[spec.get("label_column", "label")])
         metric = spec.get("metric", "accuracy")
         value, extras = glue_score(metric, predicted, reference)
         return Evaluation(metric, value, extras, examples=len(data),
@@ -262,6 +252,28 @@ class GlueSuite(ConfiguredSuite):
 
     def provenance(self) -> dict:
         return {**super().provenance(), "task_embedding": self.embedding}
+
+
+@torch.no_grad()
+def predict(model, tokenizer, columns: list[list[str]], *, batch_size: int, max_length: int,
+            device: str, progress: bool = False, what: str = "") -> Tensor:
+    """A sequence classifier's predictions on texts (one list per input column: a sentence or
+    a pair), in batches, moved to ``device``: each example's argmax class, or its value for a
+    one-output (regression) head. Encoders and decoders alike: a decoder classifies at its
+    last token that is not padding, so its tokenizer must pad and ``model.config.pad_token_id``
+    must be that padding token."""
+    from tqdm.auto import tqdm
+
+    model.to(device)
+    predictions = []
+    for start in tqdm(range(0, len(columns[0]), batch_size), desc=what, leave=False,
+                      disable=not progress):
+        encoded = tokenizer(*[list(c[start:start + batch_size]) for c in columns],
+                            truncation=True, padding=True, return_tensors="pt",
+                            max_length=max_length)
+        logits = model(**{k: v.to(device) for k, v in encoded.items()}).logits.cpu()
+        predictions.append(logits[:, 0] if logits.shape[1] == 1 else logits.argmax(1))
+    return torch.cat(predictions)
 
 
 class RobertaGlueSuite(GlueSuite):

@@ -188,7 +188,7 @@ class OfflineLLMSuite(FinetunedSuite):
                   for t in CHOICE_TASKS)
     unseen = UNSEEN
     recipe = RECIPE
-    minutes_per_task_model = 3.5        # docs/performance.md
+    minutes_per_task_model = 3.7        # docs/performance.md
     batch_size = 16                      # lm-eval's batch of requests
 
     def __init__(self, cache_dir: str | None = None, *, archive: str | None = None,
@@ -202,8 +202,9 @@ class OfflineLLMSuite(FinetunedSuite):
         self.gguf_sha256 = gguf_sha256
         self.downloads = os.path.join(self.cache_dir, "downloads")
         self.gguf_path = os.path.join(self.downloads, GGUF_FILE)
-        # the de-quantized model depends on the GGUF alone, not on the fine-tuning recipe
-        base = os.path.join(self.folder, f"base-{gguf_sha256[:12]}")
+        # the de-quantized model depends on the GGUF alone: one copy serves every recipe,
+        # fine-tuning seed and suite built on it
+        base = os.path.join(self.cache_dir, "offline-llm", f"base-{gguf_sha256[:12]}")
         self.base_cache = CheckpointCache(base, {"gguf": gguf_sha256})
         self.base_files = os.path.join(base, "files")
         self._data: dict | None = None
@@ -332,8 +333,8 @@ class OfflineLLMSuite(FinetunedSuite):
         plan = super().first_run_plan()
         if not self._base_built():
             plan.insert(len(self.missing_downloads()),
-                        f"de-quantize the GGUF to a float32 model in {self.base_files} (about "
-                        "2 min, 2.5 GB)")
+                        "de-quantize the GGUF to a float32 model in "
+                        f"{os.path.dirname(self.base_files)} (about 1 min, 2.5 GB)")
         return plan
 
     def gguf(self, progress: bool = True) -> str:

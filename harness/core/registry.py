@@ -122,6 +122,7 @@ SUITES = Registry(
         "offline-text": "harness.tasks.offline_text:OfflineTextSuite",
         "offline-vision": "harness.tasks.offline_vision:OfflineVisionSuite",
         "offline-llm": "harness.tasks.offline_llm:OfflineLLMSuite",
+        "offline-llm-cls": "harness.tasks.offline_llm_cls:OfflineLLMClassifierSuite",
         "vit-b32": "harness.tasks.clip:VitB32Suite",
         "vit-l14": "harness.tasks.clip:VitL14Suite",
         "roberta-glue": "harness.tasks.glue:RobertaGlueSuite",

@@ -271,3 +271,70 @@ def test_export_is_a_loadable_causal_lm(assets, built, tmp_path):
         assert torch.equal(loaded[key], tuned[key])
     assert torch.equal(loaded["model.embed_tokens.weight"],
                        suite.base_cache.get("base")["model.embed_tokens.weight"])
+
+
+# ---- offline-llm-cls: the same backbone as a sequence classifier, a head per task --------------
+
+from harness.tasks.offline_llm_cls import OfflineLLMClassifierSuite  # noqa: E402
+
+
+class SmallClassifierSuite(OfflineLLMClassifierSuite):
+    name = "offline-llm-cls-small"
+    recipe = {**SmallLLMSuite.recipe, "head": "score"}
+    batch_size = 8
+
+
+def make_classifier_suite(assets, cache):
+    root, _ = assets
+    make_suite(assets, cache)               # the part wheels in place
+    archive = str(root / "bigbench.tar.gz")
+    return SmallClassifierSuite(str(cache), archive=archive,
+                                archive_sha256=sha256_file(archive),
+                                gguf_sha256=sha256_file(root / "tiny.gguf"))
+
+
+def test_classifiers_share_the_base_and_keep_their_heads(assets, built):
+    suite = make_classifier_suite(assets, built)
+    assert suite.base_cache.folder == make_suite(assets, built).base_cache.folder
+    suite.prepare(progress=False)           # reuses the de-quantized base
+    pretrained = suite.load_pretrained()
+    for task in ("sentiment-hotels", "adjective-order"):
+        tuned = suite.load_finetuned(task)
+        assert set(tuned) == set(suite.merged_keys)
+        assert any(not torch.equal(tuned[k], pretrained[k]) for k in tuned)
+        head = suite.head(task)
+        assert list(head) == ["score.weight"]
+        assert head["score.weight"].shape[0] == len(suite.labels(task))
+
+
+def test_classifier_suite_runs_and_exports(assets, built, tmp_path):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    SUITES.register(SmallClassifierSuite.name,
+                    lambda cache_dir: make_classifier_suite(assets, cache_dir))
+    suite = make_classifier_suite(assets, built)
+    suite.prepare(progress=False)
+    for method, split in (("ties", "seen"), ("dts-d", "unseen")):
+        record = run(RunConfig(method=method, suite=SmallClassifierSuite.name, split=split,
+                               results_dir=str(tmp_path / "results"), cache_dir=str(built),
+                               quiet=True))
+        assert list(record.tasks) == suite.split_tasks(split)
+        for task, score in record.tasks.items():
+            assert score.metric == "accuracy"
+            assert score.examples == len(suite.data()[task]["test"])
+    task = "intent-recognition"
+    tuned = suite.load_finetuned(task)
+    folder = tmp_path / "export"
+    folder.mkdir()
+    suite.export_files(task, str(folder))
+    config = AutoConfig.from_pretrained(folder)
+    assert config.id2label[0] == suite.labels(task)[0] and config.pad_token_id is not None
+    model = AutoModelForSequenceClassification.from_config(config)
+    model.load_state_dict(dict(suite.export_state(task, tuned)))
+    prompts = [p for p, _ in suite.data()[task]["test"]]
+    encoded = suite.tokenizer(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predicted = model.eval()(**encoded).logits.argmax(1)
+    labels = torch.tensor([label for _, label in suite.data()[task]["test"]])
+    evaluation = suite.evaluate(task, tuned)
+    assert torch.equal(evaluation.outcomes["score"], (predicted == labels).to(torch.uint8))
