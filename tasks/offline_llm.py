@@ -187,6 +187,10 @@ class OfflineLLMSuite(FinetunedSuite):
     tasks = tuple(Task(t.name, tuple(word for _, word in t.answers), t.description, "acc")
                   for t in CHOICE_TASKS)
     unseen = UNSEEN
+    method_defaults = {
+        "ties": {"merge_function": "mean"},      # spec: language suites (DTS-D's base too)
+        "t-switch": {"k": 0.7},
+    }
     recipe = RECIPE
     minutes_per_task_model = 3.7        # docs/performance.md
     batch_size = 16                      # lm-eval's batch of requests
