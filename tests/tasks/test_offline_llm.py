@@ -20,6 +20,7 @@ from harness.tasks.base import SuiteUnavailableError
 from harness.tasks.offline_llm import (CHOICE_TASKS, MODEL_PARTS, RECIPE, OfflineLLMSuite,
                                        assemble_gguf, extract_choice_tasks)
 from tests.tasks.test_offline_text import write_archive
+from tests.tasks.test_qwen_suite import offline  # noqa: F401  (autouse: no hub, a fresh HF_HOME)
 
 CORPUS = ["the hotel room was good", "a bad claim is false", "which order a or b",
           "play music now", "is the sentiment positive negative neutral or mixed",
@@ -98,13 +99,6 @@ class SmallLLMSuite(OfflineLLMSuite):
     name = "offline-llm-small"
     recipe = {**RECIPE, "steps": 3, "batch": 4, "blocks": 1, "lr": 1e-3}
     batch_size = 8
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +235,8 @@ def test_too_little_memory_is_said_before_finetuning(assets, tmp_path, monkeypat
     suite = make_suite(assets, tmp_path / "cache")
     suite.prepare_base(progress=False)
     monkeypatch.setattr(offline_llm, "available_memory", lambda: 1 << 20)
-    with pytest.raises(SuiteUnavailableError, match=r"needs about 1.0 GiB of memory .* trained.* are available"):
+    with pytest.raises(SuiteUnavailableError,
+                       match=r"needs about 1.0 GiB of memory .* trained.* are available"):
         suite.prepare(progress=False)
     assert not any(suite.cache.has(f"task-{t.name}") for t in suite.tasks)
 
