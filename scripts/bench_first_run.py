@@ -5,6 +5,7 @@
     python scripts/bench_first_run.py --reuse-downloads    # skip the one-time data fetch
     python scripts/bench_first_run.py --suite offline-llm --method task-arithmetic \
         --reuse-downloads --keep-cache ~/llm-cache          # keep what the first run built
+    python scripts/bench_first_run.py --suite offline-llm-cls --reproducible ...  # pinned runs
 
 The first run fetches the data (unless --reuse-downloads links the existing downloads folder),
 fine-tunes every task model, measures the individual and pretrained models and runs the method;
@@ -44,6 +45,9 @@ def main() -> int:
     parser.add_argument("--keep-cache", metavar="DIR",
                         help="build into DIR (new or empty) and keep it, instead of a "
                              "temporary cache")
+    parser.add_argument("--reproducible", action="store_true",
+                        help="both runs pinned (`harness run --reproducible`), so that a kept "
+                             "cache holds the task models a pinned sweep reuses")
     args = parser.parse_args()
     if args.keep_cache and os.path.isdir(args.keep_cache) and os.listdir(args.keep_cache):
         parser.error(f"--keep-cache {args.keep_cache}: not empty (the first run must start "
@@ -56,11 +60,13 @@ def main() -> int:
         if args.reuse_downloads and os.path.isdir(downloads):
             os.symlink(downloads, os.path.join(cache, "downloads"))
         env = {**os.environ, "MERGE_HARNESS_CACHE": cache}
-        base = ["run", "--method", args.method, "--suite", args.suite, "--quiet"]
+        base = ["run", "--method", args.method, "--suite", args.suite, "--quiet",
+                *(["--reproducible"] if args.reproducible else [])]
         first = timed_run([*base, "--results", os.path.join(root, "r1")], env)
         later = timed_run([*base, "--results", os.path.join(root, "r2")], env)
         print(f"# {args.suite}, {args.method}, {os.cpu_count()} CPUs"
-              + (" (downloads reused)" if args.reuse_downloads else ""))
+              + (" (downloads reused)" if args.reuse_downloads else "")
+              + (", pinned" if args.reproducible else ""))
         print(f"first run (empty cache): {first:.1f} s ({first / 60:.1f} min)")
         print(f"later run (cached models): {later:.1f} s")
         print(f"cache size: {folder_bytes(cache) / 2**20:.0f} MiB")

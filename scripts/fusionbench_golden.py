@@ -9,32 +9,60 @@ FusionBench's package imports hydra, lightning, peft and a torch of its own choo
 imported, so it is not installed here: its wheel (pinned by version and SHA-256) is unpacked
 into a temporary folder and the files that hold the merge arithmetic are imported from it
 unchanged (``method/isotropic_merging/iso_utils.py``, ``method/task_singular_vector/utils/
-TSVM_utils.py``, ``method/ties_merging/ties_merging_utils.py``, ``utils/state_dict_arithmetic.py``
-and the small modules they import). Only the two package ``__init__`` files are bypassed: empty
-package modules stand in for ``fusion_bench`` and ``fusion_bench.utils``, with the real
-``timeit_context`` attached. Each case is then run the way FusionBench's algorithm class runs it
-(``state_dict_sub``, the merge, ``state_dict_add(pretrained, state_dict_mul(merged, alpha))``,
-or for TIES its flatten, ``ties_merging`` and ``flat_ptm + scaling_factor * merged``).
+TSVM_utils.py``, ``method/ties_merging/ties_merging_utils.py``, ``method/dare/utils.py`` and
+``ties_merging.py``, ``utils/state_dict_arithmetic.py``, ``utils/parameters.py`` and the small
+modules they import). Only package ``__init__`` files are bypassed: empty package modules stand
+in for ``fusion_bench`` (with stand-ins for ``BaseAlgorithm`` and ``BaseModelPool``, which the
+DARE-TIES module only subclasses or names), ``fusion_bench.utils`` (with the real
+``timeit_context``) and the method packages. From files whose imports reach hydra, lightning or
+triton, the named functions and classes are compiled from their source unchanged
+(:func:`load_definitions`): Model Stock's ``compute_angle``, ``compute_ratio`` and
+``merge_weights``; BitDelta's ``BinaryDiff`` with ``pack`` and ``unpack``; RegMean's
+``merging_with_regmean_weights``; Fisher merging's ``merging_with_fisher_weights`` and
+``get_models_fisher_norm``.
+
+Each case is then run the way FusionBench's algorithm class runs it: ``state_dict_sub``, the
+merge, ``state_dict_add(pretrained, state_dict_mul(merged, alpha))``; for TIES its flatten,
+``ties_merging`` and ``flat_ptm + scaling_factor * merged``; DARE-TIES through
+``DareTiesMerging.run`` itself, on modules built from the state dicts, with one change: its
+``torch.rand_like`` returns the draws this harness's DARE makes for that task and key
+(FusionBench draws from the global random state), so the drop, rescaling and TIES arithmetic
+are compared bit for bit; Model Stock as ``ModelStock.run`` does for two and for more models
+(its few lines of averaging transcribed); BitDelta as ``BinaryDiff`` encodes a weight and
+``load_diff`` adds it back (the weights BitDelta compresses: matrices whose input size is a
+multiple of 32); RegMean and Fisher merging on fixed Gram matrices and Fisher weights stored
+with the inputs (their estimation from data is tested in ``tests/methods/test_regmean.py`` and
+``test_fisher.py``), with FusionBench's CLIP settings (``reduce_non_diagonal_ratio`` 0.95;
+Fisher normalised, coefficients ``1/N``, minimal weight 1e-6).
 
 Writes ``tests/data/fusionbench_golden.safetensors``: the inputs (``input/pretrained/<key>``,
-``input/<task>/<key>``) and each case's merged tensors (``<case>/<key>``), with the cases, the
-wheel's name and SHA-256 and the torch version in its metadata.
+``input/<task>/<key>``, ``input/gram/<task>/<module>``, ``input/fisher/<task>/<key>``) and
+each case's outputs (``<case>/<key>``, or ``<case>/<task>/<key>`` for a task's served weights),
+with the cases, the wheel's name and SHA-256 and the torch version in its metadata.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import copy
 import hashlib
 import importlib.util
 import json
+import logging
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import types
+import typing
 import zipfile
+from collections import OrderedDict
 
+import numpy
 import torch
+from torch import Tensor, nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VERSION = "0.2.33"
@@ -53,7 +81,23 @@ CASES = {
     "ties": ("ties", {}, "ties", {"k": 20, "merge": "sum", "alpha": 0.3}),
     "ties-mean": ("ties", {"merge_function": "mean", "k": 30.0}, "ties",
                   {"k": 30, "merge": "mean", "alpha": 0.3}),
+    "dare-ties": ("dare-ties", {}, "dare_ties",
+                  {"sparsity_ratio": 0.5, "only_on_linear_weights": False, "rescale": True,
+                   "scaling_factor": 0.5, "threshold": 20, "remove_keys": [],
+                   "merge_func": "sum"}),
+    "dare-ties-mean": ("dare-ties", {"p": 0.3, "k": 30.0, "merge_function": "mean", "lam": 0.7,
+                                     "seed": 5}, "dare_ties",
+                       {"sparsity_ratio": 0.3, "only_on_linear_weights": False, "rescale": True,
+                        "scaling_factor": 0.7, "threshold": 30, "remove_keys": [],
+                        "merge_func": "mean", "seed": 5}),
+    "model-stock": ("model-stock", {}, "model_stock", {}),
+    "model-stock-two": ("model-stock", {}, "model_stock", {"tasks": ["task0", "task1"]}),
+    "bitdelta": ("bitdelta", {}, "bitdelta", {}),
+    "regmean": ("regmean", {}, "regmean", {"reduce_non_diagonal_ratio": 0.95}),
+    "fisher": ("fisher", {}, "fisher", {"normalize_fisher_weight": True,
+                                        "minimal_fisher_weight": 1e-6}),
 }
+GRAM_ROWS = 40       # rows of the random inputs each fixed Gram matrix is made from
 
 
 def inputs(n_tasks: int = 4) -> tuple[dict, dict]:
@@ -61,11 +105,30 @@ def inputs(n_tasks: int = 4) -> tuple[dict, dict]:
     a scalar (the kinds FusionBench treats apart), float32."""
     g = torch.Generator().manual_seed(20261203)
     shapes = {"embed.weight": (20, 8), "mlp.weight": (48, 24), "proj.weight": (16, 40),
-              "layer.bias": (8,), "conv.weight": (4, 2, 3, 3), "logit_scale": ()}
+              "layer.bias": (8,), "conv.weight": (4, 2, 3, 3), "logit_scale": (),
+              "attn.proj.weight": (24, 64)}
     pretrained = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
     finetuned = {f"task{t}": {k: v + 0.05 * torch.randn(v.shape, generator=g)
                               for k, v in pretrained.items()} for t in range(n_tasks)}
     return pretrained, finetuned
+
+
+def statistics(pretrained: dict, tasks: list[str]) -> tuple[dict, dict]:
+    """Fixed per-task data statistics: a Gram matrix ``X^T X / rows`` of random inputs for each
+    matrix (its module name -> ``(in, in)``), and positive Fisher weights for each tensor of
+    one or more dimensions (FusionBench's per-model norm reduces over every dimension, so it
+    takes no 0-d parameter)."""
+    g = torch.Generator().manual_seed(20261204)
+    grams, fishers = {}, {}
+    for task in tasks:
+        grams[task], fishers[task] = {}, {}
+        for key, value in pretrained.items():
+            if value.dim() == 2:
+                x = torch.randn(GRAM_ROWS, value.shape[1], generator=g)
+                grams[task][key[:-len(".weight")]] = x.T @ x / GRAM_ROWS
+            if value.dim() >= 1:
+                fishers[task][key] = torch.rand(value.shape, generator=g) ** 2
+    return grams, fishers
 
 
 def fetch_wheel(folder: str) -> str:
@@ -74,8 +137,31 @@ def fetch_wheel(folder: str) -> str:
     return os.path.join(folder, WHEEL)
 
 
-def load_fusionbench(wheel: str, folder: str) -> dict[str, types.ModuleType]:
-    """FusionBench's arithmetic modules, imported from its unpacked wheel."""
+class _BaseAlgorithm:
+    """Stands in for ``fusion_bench.BaseAlgorithm`` (configuration plumbing only)."""
+
+    def __init__(self, **kwargs):
+        pass
+
+
+def load_definitions(path: str, names: list[str], namespace: dict) -> dict:
+    """The top-level functions and classes ``names`` of the file ``path``, compiled from its
+    source unchanged (decorators included) into ``namespace``, without running the file's
+    imports."""
+    with open(path) as file:
+        tree = ast.parse(file.read(), filename=path)
+    body = [node for node in tree.body
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in names]
+    missing = set(names) - {node.name for node in body}
+    if missing:
+        raise SystemExit(f"{path}: no {', '.join(sorted(missing))}")
+    # FusionBench's own source, from the wheel pinned by SHA-256: the code under comparison
+    exec(compile(ast.Module(body=body, type_ignores=[]), path, "exec"), namespace)  # noqa: S102
+    return namespace
+
+
+def load_fusionbench(wheel: str, folder: str) -> dict:
+    """FusionBench's arithmetic modules and definitions, from its unpacked wheel."""
     with open(wheel, "rb") as file:
         digest = hashlib.sha256(file.read()).hexdigest()
     if digest != WHEEL_SHA256:
@@ -84,11 +170,13 @@ def load_fusionbench(wheel: str, folder: str) -> dict[str, types.ModuleType]:
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(folder)
     package = os.path.join(folder, "fusion_bench")
-    for name, path in (("fusion_bench", package), ("fusion_bench.utils",
-                                                   os.path.join(package, "utils"))):
+    for name in ("fusion_bench", "fusion_bench.utils", "fusion_bench.method",
+                 "fusion_bench.method.dare"):
         module = types.ModuleType(name)
-        module.__path__ = [path]            # submodules import from the real files
+        module.__path__ = [os.path.join(package, *name.split(".")[1:])]   # real submodules
         sys.modules[name] = module
+    sys.modules["fusion_bench"].BaseAlgorithm = _BaseAlgorithm
+    sys.modules["fusion_bench"].BaseModelPool = object
 
     def load(name: str, relative: str) -> types.ModuleType:
         spec = importlib.util.spec_from_file_location(name, os.path.join(package, relative))
@@ -97,9 +185,18 @@ def load_fusionbench(wheel: str, folder: str) -> dict[str, types.ModuleType]:
         spec.loader.exec_module(module)
         return module
 
+    def source(relative: str) -> str:
+        return os.path.join(package, relative)
+
     timer = load("fusion_bench.utils.timer", "utils/timer.py")
     sys.modules["fusion_bench.utils"].timeit_context = timer.timeit_context
     load("fusion_bench.utils.type", "utils/type.py")
+    common = {"torch": torch, "nn": nn, "Tensor": Tensor, "math": math, "np": numpy,
+              "copy": copy, "OrderedDict": OrderedDict, "Dict": dict,
+              "List": list, "Optional": typing.Optional,
+              "log": logging.getLogger("fusionbench"), "StateDictType": dict[str, Tensor]}
+    gemm = load_definitions(source("method/bitdelta/bitdelta_utils/binary_gemm_kernel.py"),
+                            ["pack", "unpack"], dict(common))
     return {
         "arithmetic": load("fusion_bench.utils.state_dict_arithmetic",
                            "utils/state_dict_arithmetic.py"),
@@ -109,11 +206,155 @@ def load_fusionbench(wheel: str, folder: str) -> dict[str, types.ModuleType]:
                     "method/task_singular_vector/utils/TSVM_utils.py"),
         "ties": load("fusion_bench.method.ties_merging.ties_merging_utils",
                      "method/ties_merging/ties_merging_utils.py"),
+        "parameters": load("fusion_bench.utils.parameters", "utils/parameters.py"),
+        "dare_utils": load("fusion_bench.method.dare.utils", "method/dare/utils.py"),
+        "dare_ties": load("fusion_bench.method.dare.ties_merging",
+                          "method/dare/ties_merging.py"),
+        "model_stock": load_definitions(source("method/model_stock/model_stock.py"),
+                                        ["compute_angle", "compute_ratio", "merge_weights"],
+                                        {**common, "EPS": 1e-8}),
+        "bitdelta": load_definitions(source("method/bitdelta/bitdelta_utils/diff.py"),
+                                     ["BinaryDiff"], {**common, "pack": gemm["pack"],
+                                                      "binary_bmm": None}),
+        "unpack": gemm["unpack"],
+        "regmean": load_definitions(source("method/regmean/regmean.py"),
+                                    ["reduce_non_diagonal_elements",
+                                     "merging_with_regmean_weights"], dict(common)),
+        "fisher": load_definitions(source("method/fisher_merging/fisher_merging.py"),
+                                   ["get_models_fisher_norm", "merging_with_fisher_weights"],
+                                   dict(common)),
     }
 
 
-def run_case(fb: dict, merge: str, options: dict, pretrained: dict, finetuned: dict) -> dict:
+def module_of(state_dict: dict) -> nn.Module:
+    """An ``nn.Module`` whose parameters are copies of ``state_dict``'s tensors, under the
+    same dotted names (what FusionBench's model pools hand its algorithms)."""
+    root = nn.Module()
+    for key, value in state_dict.items():
+        *path, leaf = key.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(leaf, nn.Parameter(value.clone(), requires_grad=True))
+    return root
+
+
+class _ModelPool:
+    """Stands in for a FusionBench model pool: fresh modules of the fixed state dicts."""
+
+    def __init__(self, pretrained: dict, finetuned: dict) -> None:
+        self._pretrained, self._finetuned = pretrained, finetuned
+        self.model_names = list(finetuned)
+
+    def load_pretrained_model(self) -> nn.Module:
+        return module_of(self._pretrained)
+
+    def load_model(self, name: str) -> nn.Module:
+        return module_of(self._finetuned[name])
+
+
+class _HarnessDraws:
+    """``torch`` for FusionBench's DARE module, except that ``rand_like`` returns this
+    harness's DARE draws for each (task, key) in the order ``DareTiesMerging.run`` drops them:
+    task by task, each task vector's parameters in order."""
+
+    def __init__(self, tasks: list[str], keys: list[str], shapes: dict, seed: int) -> None:
+        from harness.methods.dare import key_generator
+        self._draws = [torch.rand(shapes[key], generator=key_generator(seed, task, key))
+                       for task in tasks for key in keys]
+
+    def rand_like(self, param: Tensor) -> Tensor:
+        draws = self._draws.pop(0)
+        assert draws.shape == param.shape, (draws.shape, param.shape)
+        return draws
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+
+def run_dare_ties(fb: dict, options: dict, pretrained: dict, finetuned: dict) -> dict:
+    options = dict(options)
+    seed = options.pop("seed", 0)
+    keys = [name for name, _ in module_of(pretrained).named_parameters()]
+    dare_utils = fb["dare_utils"]
+    dare_utils.torch = _HarnessDraws(list(finetuned), keys,
+                                     {k: v.shape for k, v in pretrained.items()}, seed)
+    try:
+        merged = fb["dare_ties"].DareTiesMerging(**options).run(_ModelPool(pretrained,
+                                                                           finetuned))
+    finally:
+        dare_utils.torch = torch
+    return {k: v.detach() for k, v in merged.state_dict().items()}
+
+
+def run_model_stock(fb: dict, pretrained: dict, finetuned: dict) -> dict:
+    """``ModelStock.run``'s arithmetic on state dicts: its functions for the angles, ratios
+    and the two-model merge; for more models, its averaging lines transcribed."""
+    ms = fb["model_stock"]
+    models = list(finetuned.values())
+    if len(models) == 2:
+        ratio = ms["compute_ratio"](ms["compute_angle"](models[0], models[1], pretrained), k=2)
+        return ms["merge_weights"](models[0], models[1], pretrained, ratio)
+    angles_sum, angles_count = {}, {}
+    for i in range(len(models)):
+        for j in range(i + 1, len(models)):
+            for key, angle in ms["compute_angle"](models[i], models[j], pretrained).items():
+                if key not in angles_sum:
+                    angles_sum[key] = 0
+                    angles_count[key] = 0
+                angles_sum[key] += angle
+                angles_count[key] += 1
+    ratio = ms["compute_ratio"]({key: angles_sum[key] / angles_count[key] for key in angles_sum},
+                                k=len(models))
+    average = {}
+    for key in models[0]:
+        average[key] = torch.zeros_like(models[0][key])
+        for state_dict in models:
+            average[key] += state_dict[key]
+        average[key] /= len(models)
+    merged = copy.deepcopy(average)
+    for key, r in ratio.items():
+        merged[key] = average[key].clone() * r + pretrained[key].clone() * (1.0 - r)
+    return merged
+
+
+def run_bitdelta(fb: dict, pretrained: dict, finetuned: dict) -> dict:
+    """Each task's served weights for the matrices BitDelta compresses: ``BinaryDiff``'s mask
+    and coefficient, added back to the base as ``load_diff`` does."""
+    served = {}
+    for task, model in finetuned.items():
+        for key, base in pretrained.items():
+            if base.dim() != 2 or base.shape[1] % 32:
+                continue
+            diff = fb["bitdelta"]["BinaryDiff"](base=base, finetune=model[key])
+            weight = (fb["unpack"](diff.mask) * 2 - 1) * diff.coeff
+            served[f"{task}/{key}"] = base.clone().add_(weight.T.to(base.dtype)).detach()
+    return served
+
+
+def run_case(fb: dict, merge: str, options: dict, pretrained: dict, finetuned: dict,
+             grams: dict, fishers: dict) -> dict:
     arithmetic = fb["arithmetic"]
+    if merge == "dare_ties":
+        return run_dare_ties(fb, options, pretrained, finetuned)
+    if merge == "model_stock":
+        chosen = {t: finetuned[t] for t in options.get("tasks", finetuned)}
+        return run_model_stock(fb, pretrained, chosen)
+    if merge == "bitdelta":
+        return run_bitdelta(fb, pretrained, finetuned)
+    if merge == "regmean":
+        params = {key: [model[key] for model in finetuned.values()] for key in pretrained}
+        return fb["regmean"]["merging_with_regmean_weights"](
+            params, [grams[t] for t in finetuned], options["reduce_non_diagonal_ratio"],
+            weight_transpose=True)
+    if merge == "fisher":
+        keys = sorted(k for k, v in pretrained.items() if v.dim() >= 1)
+        params = {key: [model[key] for model in finetuned.values()] for key in keys}
+        return fb["fisher"]["merging_with_fisher_weights"](
+            params, [fishers[t] for t in finetuned], torch.ones(len(finetuned)) / len(finetuned),
+            options["normalize_fisher_weight"], options["minimal_fisher_weight"])
     task_vectors = [arithmetic.state_dict_sub(model, pretrained) for model in finetuned.values()]
     if merge == "ties":             # FusionBench's TiesMergingAlgorithm.run, on the CPU
         ties = fb["ties"]
@@ -141,13 +382,16 @@ def main() -> None:
     parser.add_argument("--output", default=OUTPUT)
     args = parser.parse_args()
     pretrained, finetuned = inputs()
+    grams, fishers = statistics(pretrained, list(finetuned))
     tensors = {f"input/pretrained/{k}": v for k, v in pretrained.items()}
     for task, model in finetuned.items():
         tensors.update({f"input/{task}/{k}": v for k, v in model.items()})
+        tensors.update({f"input/gram/{task}/{k}": v for k, v in grams[task].items()})
+        tensors.update({f"input/fisher/{task}/{k}": v for k, v in fishers[task].items()})
     with tempfile.TemporaryDirectory(prefix="fusionbench-") as folder:
         fb = load_fusionbench(args.wheel or fetch_wheel(folder), os.path.join(folder, "wheel"))
         for case, (_, _, merge, options) in CASES.items():
-            merged = run_case(fb, merge, options, pretrained, finetuned)
+            merged = run_case(fb, merge, options, pretrained, finetuned, grams, fishers)
             tensors.update({f"{case}/{k}": v.contiguous() for k, v in merged.items()})
             print(f"{case}: {len(merged)} tensors")
     metadata = {"cases": json.dumps({case: {"method": method, "hyperparameters": hps,

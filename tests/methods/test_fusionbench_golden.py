@@ -1,6 +1,9 @@
 """Each method against FusionBench's own code: golden files written by
 ``scripts/fusionbench_golden.py`` from FusionBench 0.2.33's wheel (pinned by SHA-256), checked in.
-Bit for bit: these merges do the same arithmetic in the same order."""
+Bit for bit: these merges do the same arithmetic in the same order. DARE-TIES is compared on this
+harness's drop draws (FusionBench draws from the global random state); RegMean and Fisher merging
+on fixed Gram matrices and Fisher weights stored with the inputs; BitDelta on the weights it
+serves each task."""
 
 import json
 import os
@@ -10,6 +13,8 @@ import torch
 from safetensors import safe_open
 
 from harness import get_method
+from harness.methods.fisher import fisher_weighted_average
+from harness.methods.regmean import regmean_weight
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "..", "data", "fusionbench_golden.safetensors")
 
@@ -23,23 +28,70 @@ def golden():
                   if k.startswith("input/pretrained/")}
     finetuned = {t: {k.split("/", 2)[2]: v for k, v in tensors.items()
                      if k.startswith(f"input/{t}/")} for t in tasks}
-    return json.loads(metadata["cases"]), metadata, pretrained, finetuned, tensors
+    statistics = {kind: {t: {k.split("/", 3)[3]: v for k, v in tensors.items()
+                             if k.startswith(f"input/{kind}/{t}/")} for t in tasks}
+                  for kind in ("gram", "fisher")}
+    return json.loads(metadata["cases"]), metadata, pretrained, finetuned, statistics, tensors
 
 
-CASES, METADATA, PRETRAINED, FINETUNED, TENSORS = golden()
+CASES, METADATA, PRETRAINED, FINETUNED, STATISTICS, TENSORS = golden()
+MERGES = sorted(c for c, spec in CASES.items()
+                if spec["method"] not in ("bitdelta", "regmean", "fisher"))
+
+
+def assert_bit_for_bit(ours, theirs, name):
+    assert theirs.shape == ours.shape, name
+    assert torch.equal(ours, theirs), (name, float((ours - theirs).abs().max()))
 
 
 def test_the_golden_file_says_where_it_came_from():
     assert METADATA["wheel"] == "fusion_bench-0.2.33-py3-none-any.whl"
     assert len(METADATA["wheel_sha256"]) == 64 and len(FINETUNED) == 4
-    assert {c["method"] for c in CASES.values()} == {"iso-c", "iso-cts", "tsv-m", "ties"}
+    assert {c["method"] for c in CASES.values()} == {
+        "iso-c", "iso-cts", "tsv-m", "ties", "dare-ties", "model-stock", "bitdelta", "regmean",
+        "fisher"}
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", MERGES)
 def test_bit_for_bit_fusionbenchs_merge(case):
     spec = CASES[case]
-    ours = get_method(spec["method"], **spec["hyperparameters"]).merge(PRETRAINED, FINETUNED).base
+    tasks = spec["options"].get("tasks", list(FINETUNED))
+    ours = get_method(spec["method"], **spec["hyperparameters"]).merge(
+        PRETRAINED, {t: FINETUNED[t] for t in tasks}).base
     for key in PRETRAINED:
-        theirs = TENSORS[f"{case}/{key}"]
-        assert theirs.shape == ours[key].shape, key
-        assert torch.equal(ours[key], theirs), (key, float((ours[key] - theirs).abs().max()))
+        assert_bit_for_bit(ours[key], TENSORS[f"{case}/{key}"], key)
+
+
+def test_bitdelta_serves_each_task_fusionbenchs_weights():
+    result = get_method("bitdelta").merge(PRETRAINED, FINETUNED)
+    compared = [name.split("/", 1)[1] for name in TENSORS if name.startswith("bitdelta/")]
+    assert len(compared) == len(FINETUNED)          # one 64-input matrix per task
+    for name in compared:
+        task, key = name.split("/", 1)
+        assert_bit_for_bit(result.weights_for(task)[key], TENSORS[f"bitdelta/{name}"], name)
+
+
+def test_regmean_merges_fusionbenchs_weights_from_the_same_grams():
+    ratio = get_method("regmean").reduce_non_diagonal_ratio    # the default: FusionBench's CLIP
+    assert ratio == CASES["regmean"]["options"]["reduce_non_diagonal_ratio"]
+    grams = STATISTICS["gram"]
+    for key in PRETRAINED:
+        weights = [FINETUNED[t][key] for t in FINETUNED]
+        module = key.removesuffix(".weight")
+        if module in grams["task0"]:
+            ours = regmean_weight([grams[t][module] for t in FINETUNED], weights, ratio)
+        else:                                   # not a linear layer: the average, as there
+            ours = torch.stack(weights, dim=0).mean(dim=0)
+        assert_bit_for_bit(ours, TENSORS[f"regmean/{key}"], key)
+    assert len(grams["task0"]) == 4
+
+
+def test_fisher_merges_fusionbenchs_weights_from_the_same_fishers():
+    fishers = [STATISTICS["fisher"][t] for t in FINETUNED]
+    keys = sorted(fishers[0])
+    minimal = get_method("fisher").minimal_fisher_weight      # the default
+    assert minimal == CASES["fisher"]["options"]["minimal_fisher_weight"]
+    merged = fisher_weighted_average({k: [FINETUNED[t][k] for t in FINETUNED] for k in keys},
+                                     fishers, minimal=minimal)
+    for key in keys:
+        assert_bit_for_bit(merged[key], TENSORS[f"fisher/{key}"], key)
