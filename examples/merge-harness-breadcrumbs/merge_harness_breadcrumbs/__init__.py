@@ -21,9 +21,10 @@ def breadcrumbs_mask(tau: Tensor, density: float, gamma: float) -> Tensor:
     ``magnitude_outliers`` chooses them: ``int(gamma * n)`` largest magnitudes dropped, then the
     smallest until ``int(density * n)`` remain (fewer outliers dropped if the two overlap).
 
-    [decision: beyond mergekit] where ``int(gamma * n)`` is 0, mergekit's slice
-    ``indices[n_bot:-0]`` is empty and drops the whole tensor; here nothing is dropped from the
-    top then, which is what the parameters say."""
+    Where ``int(gamma * n)`` is 0, nothing is dropped from the top, which is what the
+    parameters say and what mergekit 0.1.5 does (its slice ``indices[n_bot:n_bot + target_n]``;
+    earlier versions' ``indices[n_bot:-n_top]`` was empty then and dropped the whole tensor).
+    ``tests/methods/test_mergekit_golden.py`` compares this method with mergekit's code."""
     if density >= 1:
         return torch.ones_like(tau)
     numel = tau.numel()
