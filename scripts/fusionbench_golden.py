@@ -33,7 +33,14 @@ are compared bit for bit; Model Stock as ``ModelStock.run`` does for two and for
 multiple of 32); RegMean and Fisher merging on fixed Gram matrices and Fisher weights stored
 with the inputs (their estimation from data is tested in ``tests/methods/test_regmean.py`` and
 ``test_fisher.py``), with FusionBench's CLIP settings (``reduce_non_diagonal_ratio`` 0.95;
-Fisher normalised, coefficients ``1/N``, minimal weight 1e-6).
+Fisher normalised, coefficients ``1/N``, minimal weight 1e-6). AdaMerging, task-wise and
+layer-wise, runs FusionBench's ``TaskWiseMergedModel`` and ``LayerWiseMergedModel`` (compiled
+from source with ``get_attr``, ``del_attr`` and ``set_attr``) and its ``entropy_loss`` on a
+small two-layer network with a fixed head per task, through the loop of its
+``test_time_adaptation`` (transcribed: per step, every task's batch through its head, the
+entropy's backward, one Adam step, the weights merged again), with its CLIP settings (lr 1e-3,
+init 0.3, no clamping) for a few steps; each task's batches are taken in order (FusionBench
+shuffles), as this harness does.
 
 Writes ``tests/data/fusionbench_golden.safetensors``: the inputs (``input/pretrained/<key>``,
 ``input/<task>/<key>``, ``input/gram/<task>/<module>``, ``input/fisher/<task>/<key>``) and
@@ -46,6 +53,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import functools
 import hashlib
 import importlib.util
 import json
@@ -96,7 +104,14 @@ CASES = {
     "regmean": ("regmean", {}, "regmean", {"reduce_non_diagonal_ratio": 0.95}),
     "fisher": ("fisher", {}, "fisher", {"normalize_fisher_weight": True,
                                         "minimal_fisher_weight": 1e-6}),
+    "adamerging": ("adamerging", {"steps": 6}, "adamerging",
+                   {"layer_wise": False, "max_steps": 6, "lr": 1e-3, "init_values": 0.3,
+                    "clamp_weights": False}),
+    "adamerging-layer": ("adamerging-layer", {"steps": 6}, "adamerging",
+                         {"layer_wise": True, "max_steps": 6, "lr": 1e-3, "init_values": 0.3,
+                          "clamp_weights": False}),
 }
+ADAMERGING_BATCHES = 2      # batches of 16 inputs per task, cycled through
 GRAM_ROWS = 40       # rows of the random inputs each fixed Gram matrix is made from
 
 
@@ -111,6 +126,35 @@ def inputs(n_tasks: int = 4) -> tuple[dict, dict]:
     finetuned = {f"task{t}": {k: v + 0.05 * torch.randn(v.shape, generator=g)
                               for k, v in pretrained.items()} for t in range(n_tasks)}
     return pretrained, finetuned
+
+
+def adamerging_inputs(tasks: list[str]) -> dict:
+    """A small network for AdaMerging (``fc2(relu(fc1(x)))``, 8 -> 12 -> 6), its fine-tuned
+    versions, a fixed 3-class head per task and each task's unlabeled batches."""
+    g = torch.Generator().manual_seed(20261205)
+    shapes = {"fc1.weight": (12, 8), "fc1.bias": (12,), "fc2.weight": (6, 12), "fc2.bias": (6,)}
+    pretrained = {k: 0.5 * torch.randn(s, generator=g) for k, s in shapes.items()}
+    return {
+        "pretrained": pretrained,
+        "finetuned": {t: {k: v + 0.2 * torch.randn(v.shape, generator=g)
+                          for k, v in pretrained.items()} for t in tasks},
+        "heads": {t: {"weight": torch.randn(3, 6, generator=g), "bias": torch.randn(3, generator=g)}
+                  for t in tasks},
+        "batches": {t: [torch.randn(16, 8, generator=g) for _ in range(ADAMERGING_BATCHES)]
+                    for t in tasks},
+    }
+
+
+class SmallNetwork(nn.Module):
+    """The AdaMerging case's backbone: ``fc2(relu(fc1(x)))``."""
+
+    def __init__(self, state_dict: dict) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 12), nn.Linear(12, 6)
+        self.load_state_dict(state_dict)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
 
 
 def statistics(pretrained: dict, tasks: list[str]) -> tuple[dict, dict]:
@@ -195,6 +239,12 @@ def load_fusionbench(wheel: str, folder: str) -> dict:
               "copy": copy, "OrderedDict": OrderedDict, "Dict": dict,
               "List": list, "Optional": typing.Optional,
               "log": logging.getLogger("fusionbench"), "StateDictType": dict[str, Tensor]}
+    attributes = load_definitions(source("models/utils.py"), ["get_attr", "del_attr", "set_attr"],
+                                  dict(common))
+    wrappers = {**common, **{k: attributes[k] for k in ("get_attr", "del_attr", "set_attr")},
+                "functools": functools, "functional_call": torch.func.functional_call,
+                "Generic": typing.Generic, "Any": typing.Any,
+                "TorchModelType": typing.TypeVar("TorchModelType", bound=nn.Module)}
     gemm = load_definitions(source("method/bitdelta/bitdelta_utils/binary_gemm_kernel.py"),
                             ["pack", "unpack"], dict(common))
     return {
@@ -217,6 +267,12 @@ def load_fusionbench(wheel: str, folder: str) -> dict:
                                      ["BinaryDiff"], {**common, "pack": gemm["pack"],
                                                       "binary_bmm": None}),
         "unpack": gemm["unpack"],
+        "entropy_loss": load("fusion_bench.method.adamerging.entropy_loss",
+                             "method/adamerging/entropy_loss.py").entropy_loss,
+        "fusion": {name: load_definitions(source(f"models/wrappers/{name}_fusion.py"),
+                                          [cls], {**wrappers})[cls]
+                   for name, cls in (("task_wise", "TaskWiseMergedModel"),
+                                     ("layer_wise", "LayerWiseMergedModel"))},
         "regmean": load_definitions(source("method/regmean/regmean.py"),
                                     ["reduce_non_diagonal_elements",
                                      "merging_with_regmean_weights"], dict(common)),
@@ -334,9 +390,48 @@ def run_bitdelta(fb: dict, pretrained: dict, finetuned: dict) -> dict:
     return served
 
 
+def run_adamerging(fb: dict, options: dict, inputs: dict) -> dict:
+    """FusionBench's merged-model wrapper and entropy loss through ``test_time_adaptation``'s
+    loop: the learned coefficients (``coefficients``) and the merged backbone."""
+    tasks = list(inputs["finetuned"])
+    heads = {t: nn.Linear(6, 3) for t in tasks}
+    for task, head in heads.items():
+        head.load_state_dict(inputs["heads"][task])
+        head.requires_grad_(False)
+    pretrained = SmallNetwork(inputs["pretrained"])
+    finetuned = [SmallNetwork(inputs["finetuned"][t]) for t in tasks]
+    layers = len(inputs["pretrained"])
+    if options["layer_wise"]:
+        weights = torch.full((len(tasks), layers), options["init_values"], dtype=torch.float32)
+        module = fb["fusion"]["layer_wise"](weights, pretrained, finetuned,
+                                            clamp_weights=options["clamp_weights"],
+                                            tie_weights=True, strict=False)
+    else:
+        weights = torch.full((len(tasks),), options["init_values"], dtype=torch.float32)
+        module = fb["fusion"]["task_wise"](weights, pretrained, finetuned,
+                                           clamp_weights=options["clamp_weights"],
+                                           tie_weights=True, strict=False)
+    optimizer = torch.optim.Adam([module.merge_weight], lr=options["lr"])
+    module.train()
+    module.merge_weights()
+    for step in range(options["max_steps"]):
+        for task in tasks:
+            batches = inputs["batches"][task]
+            logits = heads[task](module(batches[step % len(batches)]))
+            loss = fb["entropy_loss"](logits)
+            loss.backward(retain_graph=True)
+        optimizer.step()
+        optimizer.zero_grad()
+        module.merge_weights()
+    merged = {k: v.detach().clone() for k, v in module.merge_weights().items()}
+    return {"coefficients": module.merge_weight.detach().clone(), **merged}
+
+
 def run_case(fb: dict, merge: str, options: dict, pretrained: dict, finetuned: dict,
-             grams: dict, fishers: dict) -> dict:
+             grams: dict, fishers: dict, adamerging: dict) -> dict:
     arithmetic = fb["arithmetic"]
+    if merge == "adamerging":
+        return run_adamerging(fb, options, adamerging)
     if merge == "dare_ties":
         return run_dare_ties(fb, options, pretrained, finetuned)
     if merge == "model_stock":
@@ -388,10 +483,21 @@ def main() -> None:
         tensors.update({f"input/{task}/{k}": v for k, v in model.items()})
         tensors.update({f"input/gram/{task}/{k}": v for k, v in grams[task].items()})
         tensors.update({f"input/fisher/{task}/{k}": v for k, v in fishers[task].items()})
+    adamerging = adamerging_inputs(list(finetuned))
+    tensors.update({f"input/adamerging/pretrained/{k}": v
+                    for k, v in adamerging["pretrained"].items()})
+    for task in finetuned:
+        tensors.update({f"input/adamerging/{task}/{k}": v
+                        for k, v in adamerging["finetuned"][task].items()})
+        tensors.update({f"input/adamerging/head/{task}/{k}": v
+                        for k, v in adamerging["heads"][task].items()})
+        tensors.update({f"input/adamerging/batch/{task}/{i}": v
+                        for i, v in enumerate(adamerging["batches"][task])})
     with tempfile.TemporaryDirectory(prefix="fusionbench-") as folder:
         fb = load_fusionbench(args.wheel or fetch_wheel(folder), os.path.join(folder, "wheel"))
         for case, (_, _, merge, options) in CASES.items():
-            merged = run_case(fb, merge, options, pretrained, finetuned, grams, fishers)
+            merged = run_case(fb, merge, options, pretrained, finetuned, grams, fishers,
+                              adamerging)
             tensors.update({f"{case}/{k}": v.contiguous() for k, v in merged.items()})
             print(f"{case}: {len(merged)} tensors")
     metadata = {"cases": json.dumps({case: {"method": method, "hyperparameters": hps,

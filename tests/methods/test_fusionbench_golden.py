@@ -12,7 +12,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from torch import nn
+
 from harness import get_method
+from harness.core.data import TaskInputs
 from harness.methods.fisher import fisher_weighted_average
 from harness.methods.regmean import regmean_weight
 
@@ -35,8 +38,8 @@ def golden():
 
 
 CASES, METADATA, PRETRAINED, FINETUNED, STATISTICS, TENSORS = golden()
-MERGES = sorted(c for c, spec in CASES.items()
-                if spec["method"] not in ("bitdelta", "regmean", "fisher"))
+MERGES = sorted(c for c, spec in CASES.items() if spec["method"] not in (
+    "bitdelta", "regmean", "fisher", "adamerging", "adamerging-layer"))
 
 
 def assert_bit_for_bit(ours, theirs, name):
@@ -49,7 +52,7 @@ def test_the_golden_file_says_where_it_came_from():
     assert len(METADATA["wheel_sha256"]) == 64 and len(FINETUNED) == 4
     assert {c["method"] for c in CASES.values()} == {
         "iso-c", "iso-cts", "tsv-m", "ties", "dare-ties", "model-stock", "bitdelta", "regmean",
-        "fisher"}
+        "fisher", "adamerging", "adamerging-layer"}
 
 
 @pytest.mark.parametrize("case", MERGES)
@@ -95,3 +98,57 @@ def test_fisher_merges_fusionbenchs_weights_from_the_same_fishers():
                                      fishers, minimal=minimal)
     for key in keys:
         assert_bit_for_bit(merged[key], TENSORS[f"fisher/{key}"], key)
+
+
+class SmallNetwork(nn.Module):
+    """The AdaMerging case's backbone, as the golden script builds it."""
+
+    def __init__(self, state_dict):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 12), nn.Linear(12, 6)
+        self.load_state_dict(state_dict)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class Classifier(nn.Module):
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = SmallNetwork(backbone), nn.Linear(6, 3)
+        self.head.load_state_dict(head)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def adamerging_inputs():
+    order = ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]    # the module's, as there
+
+    def part(prefix):
+        found = {k[len(prefix):]: v for k, v in TENSORS.items() if k.startswith(prefix)}
+        return {k: found[k] for k in order} if set(found) == set(order) else found
+    pretrained = part("input/adamerging/pretrained/")
+    finetuned = {t: part(f"input/adamerging/{t}/") for t in FINETUNED}
+    heads = {t: part(f"input/adamerging/head/{t}/") for t in FINETUNED}
+    batches = {t: [v for _, v in sorted(part(f"input/adamerging/batch/{t}/").items(),
+                                        key=lambda item: int(item[0]))] for t in FINETUNED}
+    data = TaskInputs("test", batches, backbone=SmallNetwork,
+                      task_model=lambda task, weights: Classifier(weights, heads[task]))
+    return pretrained, finetuned, data
+
+
+@pytest.mark.parametrize("case", ["adamerging", "adamerging-layer"])
+def test_adamerging_learns_fusionbenchs_coefficients_and_model(case):
+    spec = CASES[case]
+    pretrained, finetuned, data = adamerging_inputs()
+    method = get_method(spec["method"], **spec["hyperparameters"], batch_size=16)
+    assert (method.lr, method.init) == (spec["options"]["lr"], spec["options"]["init_values"])
+    result = method.merge(pretrained, finetuned, data=data)
+    coefficients = result.info["coefficients"]
+    ours = torch.tensor([coefficients[t] for t in finetuned])
+    theirs = TENSORS[f"{case}/coefficients"]
+    assert not torch.equal(theirs, torch.full_like(theirs, 0.3))      # they were learned
+    assert_bit_for_bit(ours, theirs, "coefficients")
+    for key in pretrained:
+        assert_bit_for_bit(result.base[key], TENSORS[f"{case}/{key}"], key)
