@@ -46,7 +46,6 @@ import typing
 import zipfile
 
 import torch
-
 from fusionbench_golden import inputs, load_definitions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

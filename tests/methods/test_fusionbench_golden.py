@@ -11,7 +11,6 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
-
 from torch import nn
 
 from harness import get_method
@@ -25,7 +24,7 @@ GOLDEN = os.path.join(os.path.dirname(__file__), "..", "data", "fusionbench_gold
 def golden():
     with safe_open(GOLDEN, framework="pt") as file:
         metadata = file.metadata()
-        tensors = {name: file.get_tensor(name) for name in file.keys()}
+        tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
     tasks = json.loads(metadata["tasks"])
     pretrained = {k.split("/", 2)[2]: v for k, v in tensors.items()
                   if k.startswith("input/pretrained/")}
