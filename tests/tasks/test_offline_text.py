@@ -209,3 +209,39 @@ def test_another_encoder_changes_the_embeddings_and_the_provenance(assets, tmp_p
     e1, e2 = (s.task_embedding("sentiment-hotels") for s in (default, chosen))
     assert e1.shape != e2.shape or not torch.allclose(e1, e2)
     assert chosen.provenance()["encoder"] == str(other)
+
+
+def test_inputs_for_merges_that_see_data(assets, tmp_path):
+    """Validation texts tokenized as evaluation does, no labels; each task's classifier gives
+    the logits of the suite's own model; RegMean reaches every linear layer of the encoder."""
+    from harness import get_method
+
+    suite = make_suite(assets, tmp_path / "cache")
+    suite.prepare(progress=False)
+    tasks = suite.split_tasks("seen")
+    data = suite.task_inputs(tasks, examples=3, batch_size=2)
+    assert data.split == "validation" and [len(b) for b in data.batches[tasks[0]]] == [2, 1]
+    batch = data.batches[tasks[0]][0]
+    assert batch.dtype == torch.int64 and batch.shape[1] == 2
+    texts = [text for text, _ in suite.data()[tasks[0]]["validation"][:2]]
+    encoded = suite.tokenizer()(texts, truncation=True, padding=True,
+                                max_length=suite.recipe["max_length"], return_tensors="pt")
+    assert torch.equal(batch[:, 0], encoded["input_ids"])
+    finetuned = {t: suite.load_finetuned(t) for t in tasks}
+    model = data.task_model(tasks[0], finetuned[tasks[0]])
+    assert "backbone.embeddings.word_embeddings.weight" in dict(model.named_parameters())
+    reference = suite._model(len(suite.labels(tasks[0])))
+    reference.base_model.load_state_dict(dict(finetuned[tasks[0]]))
+    reference.classifier.load_state_dict(suite.head(tasks[0]))
+    with torch.no_grad():
+        expected = reference.eval()(**encoded).logits
+        assert torch.equal(model(batch), expected)
+    pretrained = suite.load_pretrained()
+    result = get_method("regmean", examples=3, batch_size=2).merge(pretrained, finetuned,
+                                                                  data=data)
+    linear = [k[:-len(".weight")] for k in pretrained if k.endswith(".weight")
+              and pretrained[k].dim() == 2 and "embeddings" not in k]
+    assert sorted(result.info["regmean_layers"]) == sorted(linear)
+    fisher = get_method("fisher", examples=3, batch_size=2).merge(pretrained, finetuned,
+                                                                 data=data)
+    assert fisher.info["data"]["examples"] == {t: 3 for t in tasks}
