@@ -17,6 +17,9 @@ average of the task models.
   hook sees its inputs) for every task; a weight used inside a fused kernel (PyTorch's
   ``nn.MultiheadAttention`` input projection) is averaged, as FusionBench averages every
   parameter that is not a hooked ``nn.Linear``'s weight.
+- GPT-2's projections are transformers' ``Conv1D`` (``y = x W + b``, ``W`` stored
+  ``(in, out)``): they take RegMean too, without the transposes (FusionBench's
+  ``gpt2_regmean.py``: ``Conv1D`` modules, ``weight_transpose = false``).
 """
 
 from __future__ import annotations
@@ -52,8 +55,8 @@ def input_grams(module: nn.Module, batches: Sequence, weight_keys: set[str]) -> 
                 rows[name] += x.shape[0]
         return accumulate
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in module.named_modules()
-               if isinstance(m, nn.Linear) and f"{name}.weight" in weight_keys]
+    handles = [m.register_forward_hook(hook(name))
+               for name, m in linear_modules(module, weight_keys).items()]
     try:
         with torch.no_grad():
             for batch in batches:
@@ -64,6 +67,20 @@ def input_grams(module: nn.Module, batches: Sequence, weight_keys: set[str]) -> 
     return grams
 
 
+def is_input_major(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2): a linear map whose weight is
+    stored ``(in, out)``. Named, not imported: this layer does not import transformers."""
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
+        and module.weight.dim() == 2
+
+
+def linear_modules(module: nn.Module, weight_keys: set[str]) -> dict[str, nn.Module]:
+    """``module``'s ``nn.Linear`` and ``Conv1D`` submodules whose weight key is in
+    ``weight_keys``, by name."""
+    return {name: m for name, m in module.named_modules()
+            if (isinstance(m, nn.Linear) or is_input_major(m)) and f"{name}.weight" in weight_keys}
+
+
 def reduce_non_diagonal(gram: Tensor, ratio: float) -> Tensor:
     """``gram`` with its off-diagonal entries multiplied by ``ratio`` (FusionBench's
     ``reduce_non_diagonal_elements``, the same operations)."""
@@ -72,14 +89,16 @@ def reduce_non_diagonal(gram: Tensor, ratio: float) -> Tensor:
     return gram * (diagonal + off_diagonal)
 
 
-def regmean_weight(grams: Sequence[Tensor], weights: Sequence[Tensor], ratio: float) -> Tensor:
-    """One linear layer's merged ``(out, in)`` weight from each task's input Gram matrix and
-    weight (float32), operation for operation as FusionBench."""
+def regmean_weight(grams: Sequence[Tensor], weights: Sequence[Tensor], ratio: float, *,
+                   transpose: bool = True) -> Tensor:
+    """One linear layer's merged weight from each task's input Gram matrix and weight (float32),
+    operation for operation as FusionBench: ``(out, in)`` weights (``nn.Linear``) are transposed
+    in and out; ``transpose=False`` for ``(in, out)`` ones (``Conv1D``)."""
     reduced = [reduce_non_diagonal(gram, ratio) for gram in grams]
-    products = [torch.matmul(gram, weight.transpose(0, 1)) for gram, weight in zip(reduced,
-                                                                                  weights)]
+    products = [torch.matmul(gram, weight.transpose(0, 1) if transpose else weight)
+                for gram, weight in zip(reduced, weights)]
     merged = torch.matmul(torch.inverse(sum(reduced)), sum(products))
-    return merged.transpose(0, 1)
+    return merged.transpose(0, 1) if transpose else merged
 
 
 @dataclass(frozen=True)
@@ -108,8 +127,12 @@ class RegMean(DataMerge):
     def merge_with_data(self, spec, pretrained, finetuned, data, progress):
         weight_keys = {k for k in spec.float_keys if k.endswith(".weight")
                        and len(spec.shapes[k]) == 2}
-        grams = [input_grams(data.backbone(finetuned[t]), data.batches[t], weight_keys)
-                 for t in spec.tasks]
+        grams, input_major = [], set()
+        for task in spec.tasks:
+            backbone = data.backbone(finetuned[task])
+            input_major |= {name for name, m in linear_modules(backbone, weight_keys).items()
+                            if is_input_major(m)}
+            grams.append(input_grams(backbone, data.batches[task], weight_keys))
         linear = set.intersection(*(set(g) for g in grams))
         merged, float_keys = {}, set(spec.float_keys)
         for key, base in pretrained.items():
@@ -120,7 +143,8 @@ class RegMean(DataMerge):
             module = key[:-len(".weight")]
             if key.endswith(".weight") and module in linear:
                 value = regmean_weight([g[module] for g in grams], weights,
-                                       self.reduce_non_diagonal_ratio)
+                                       self.reduce_non_diagonal_ratio,
+                                       transpose=module not in input_major)
             else:
                 value = torch.stack(weights, dim=0).mean(dim=0)
             merged[key] = value.to(base.dtype)

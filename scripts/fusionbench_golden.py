@@ -18,7 +18,8 @@ DARE-TIES module only subclasses or names), ``fusion_bench.utils`` (with the rea
 triton, the named functions and classes are compiled from their source unchanged
 (:func:`load_definitions`): Model Stock's ``compute_angle``, ``compute_ratio`` and
 ``merge_weights``; BitDelta's ``BinaryDiff`` with ``pack`` and ``unpack``; RegMean's
-``merging_with_regmean_weights``; Fisher merging's ``merging_with_fisher_weights`` and
+``merging_with_regmean_weights`` (also with ``weight_transpose = false`` on the matrices stored
+``(in, out)``, as its GPT-2 configuration runs GPT-2's ``Conv1D`` layers); Fisher merging's ``merging_with_fisher_weights`` and
 ``get_models_fisher_norm``.
 
 Each case is then run the way FusionBench's algorithm class runs it: ``state_dict_sub``, the
@@ -102,6 +103,8 @@ CASES = {
     "model-stock-two": ("model-stock", {}, "model_stock", {"tasks": ["task0", "task1"]}),
     "bitdelta": ("bitdelta", {}, "bitdelta", {}),
     "regmean": ("regmean", {}, "regmean", {"reduce_non_diagonal_ratio": 0.95}),
+    "regmean-conv1d": ("regmean", {"reduce_non_diagonal_ratio": 0.6}, "regmean",
+                       {"reduce_non_diagonal_ratio": 0.6, "weight_transpose": False}),
     "fisher": ("fisher", {}, "fisher", {"normalize_fisher_weight": True,
                                         "minimal_fisher_weight": 1e-6}),
     "adamerging": ("adamerging", {"steps": 6}, "adamerging",
@@ -440,10 +443,13 @@ def run_case(fb: dict, merge: str, options: dict, pretrained: dict, finetuned: d
     if merge == "bitdelta":
         return run_bitdelta(fb, pretrained, finetuned)
     if merge == "regmean":
-        params = {key: [model[key] for model in finetuned.values()] for key in pretrained}
+        transpose = options.get("weight_transpose", True)    # False: GPT-2's (in, out) Conv1D
+        params = {key: [model[key] if transpose or model[key].dim() != 2 else
+                        model[key].T.contiguous() for model in finetuned.values()]
+                  for key in pretrained}
         return fb["regmean"]["merging_with_regmean_weights"](
             params, [grams[t] for t in finetuned], options["reduce_non_diagonal_ratio"],
-            weight_transpose=True)
+            weight_transpose=transpose)
     if merge == "fisher":
         keys = sorted(k for k, v in pretrained.items() if v.dim() >= 1)
         params = {key: [model[key] for model in finetuned.values()] for key in keys}

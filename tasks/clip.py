@@ -28,6 +28,7 @@ from torch import Tensor
 from harness.core.tensors import StateDict
 from harness.tasks.base import Evaluation, SuiteUnavailableError, unit
 from harness.tasks.hub import ConfiguredSuite, Problems, check_dataset, check_model
+from harness.tasks.inputs import BackboneModule, TaskClassifier, call_with_pixels
 from harness.tasks.openclip_layout import (read_head, read_module_state, to_transformers,
                                            vision_config, visual_state)
 
@@ -319,6 +320,47 @@ class ClipSuite(ConfiguredSuite):
         return Evaluation("accuracy", int(scores.sum()) / len(data), examples=len(data),
                           outcomes={"score": scores})
 
+
+
+    # ---- unlabeled inputs for merges that see data ----------------------------------------
+    provides_inputs = True
+
+    def _transformers_format(self) -> None:
+        if self.format == "open_clip":
+            raise SuiteUnavailableError(
+                f"{self.name}: merges that see data address the backbone's modules by key, which "
+                "the open_clip layout does not name as modules; use checkpoint_format = "
+                "\"transformers\"")
+
+    def unlabeled_inputs(self, task, split, count):
+        """The first ``count`` images of the training split (``validation``) or the scored split
+        (``test``), as evaluation preprocesses them: pixel values."""
+        self._transformers_format()
+        data = self.inputs_split(task, split)
+        column = self.specs[task].get("image_column", "image")
+        images = [image.convert("RGB") for image in data[:min(count, len(data))][column]]
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def backbone_module(self, backbone: StateDict) -> torch.nn.Module:
+        from transformers import CLIPVisionModel
+
+        self._transformers_format()
+        model = tower(CLIPVisionModel(self.clip.config.vision_config))
+        model.load_state_dict(dict(backbone))
+        return BackboneModule(model.eval(), call_with_pixels)
+
+    def classifier_module(self, task: str, backbone: StateDict) -> torch.nn.Module:
+        """The vision tower under ``backbone``; the logits evaluation computes (the projected,
+        unit-normalised features against the zero-shot head, its bias if any)."""
+        module = self.backbone_module(backbone)
+        projection = self.clip.visual_projection.weight.detach()
+        head, bias = self.head(task), self._biases.get(task)
+
+        def logits(batch: Tensor) -> Tensor:
+            out = unit_rows(module(batch).pooler_output @ projection.T) @ head.T
+            return out if bias is None else out + bias
+
+        return TaskClassifier(module, {}, logits)
 
 
 class _Converted(dict):

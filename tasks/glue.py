@@ -21,8 +21,8 @@ from torch import Tensor
 
 from harness.core.tensors import StateDict
 from harness.tasks.base import Evaluation, SuiteUnavailableError, restrict, unit
-from harness.tasks.hub import (ConfiguredSuite, Problems, check_dataset, check_model, dump_config,
-                               load_split)
+from harness.tasks.hub import ConfiguredSuite, Problems, check_dataset, check_model, dump_config
+from harness.tasks.inputs import BackboneModule, call_with_tokens, sequence_classifier, token_batch
 from harness.core.metrics import glue_score
 
 
@@ -125,10 +125,7 @@ class GlueSuite(ConfiguredSuite):
         out_dir = os.path.join(self.folder, "finetuned")
         config = json.loads(json.dumps(self.config))
         for index, (task, spec) in enumerate(self.specs.items()):
-            train = load_split({**spec, "split": spec.get("train_split", "train"),
-                                **({"data_files": spec["train_data_files"]}
-                                   if "train_data_files" in spec else {})},
-                               os.path.join(self.folder, "datasets"))
+            train = self.training_split(task)
             torch.manual_seed(recipe["seed"] + index)
             model = AutoModelForSequenceClassification.from_pretrained(
                 base, num_labels=len(spec.get("labels", ())) or 1, dtype=torch.float32,
@@ -236,6 +233,33 @@ class GlueSuite(ConfiguredSuite):
         value, extras = glue_score(metric, predicted, reference)
         return Evaluation(metric, value, extras, examples=len(data),
                           outcomes={"prediction": predicted, "reference": reference})
+
+    # ---- unlabeled inputs for merges that see data ----------------------------------------
+    provides_inputs = True
+
+    def unlabeled_inputs(self, task, split, count):
+        """The first ``count`` examples of the training split (``validation``) or the scored
+        split (``test``), tokenized as evaluation does (:func:`token_batch`)."""
+        data = self.inputs_split(task, split)
+        rows = data[:min(count, len(data))]
+        return token_batch(self.tokenizer, [rows[c] for c in self.specs[task].get(
+            "text", ["sentence"])], int(self.config.get("max_length", 128)))
+
+    def _classifier(self, backbone: StateDict, task: str):
+        """A copy of ``task``'s classifier holding ``backbone`` (the cached model stays as it
+        is: evaluation reuses it)."""
+        import copy
+
+        model = copy.deepcopy(self.task_model(task))
+        model.base_model.load_state_dict(dict(backbone))
+        return model.eval()
+
+    def backbone_module(self, backbone: StateDict) -> torch.nn.Module:
+        model = self._classifier(backbone, next(iter(self.specs)))
+        return BackboneModule(model.base_model, call_with_tokens)
+
+    def classifier_module(self, task: str, backbone: StateDict) -> torch.nn.Module:
+        return sequence_classifier(self._classifier(backbone, task))
 
     # ---- unseen tasks --------------------------------------------------------------------
     def task_embedding(self, task: str) -> Tensor:

@@ -268,6 +268,34 @@ class ConfiguredSuite(Suite):
             self._data[task] = load_split(spec, os.path.join(self.folder, "datasets"))
         return self._data[task]
 
+    def training_split(self, task: str):
+        """The task's training split (``train_split``, default ``train``, or local
+        ``train_data_files``), loaded once: fine-tuning's data, and the unlabeled inputs of
+        merges that see data, which never see the split that is scored."""
+        key = ("train", task)
+        if key not in self._data:
+            spec = self.specs[task]
+            self._data[key] = load_split(
+                {**spec, "split": spec.get("train_split", "train"),
+                 **({"data_files": spec["train_data_files"]} if "train_data_files" in spec
+                    else {})},
+                os.path.join(self.folder, "datasets"))
+        return self._data[key]
+
+    def inputs_split(self, task: str, split: str):
+        """Where the unlabeled inputs of a merge that sees data come from: the training split
+        for ``validation`` (a paper suite scores its tasks on the split it calls test, GLUE's
+        validation split), the scored split itself for ``test`` (AdaMerging, as its paper
+        does)."""
+        if split == "test":
+            return self.dataset(task)
+        spec = self.specs[task]
+        if "data_files" in spec and "train_data_files" not in spec:
+            raise SuiteUnavailableError(
+                f"{self.name} task {task!r}: a merge that sees data needs unlabeled training "
+                "inputs: give train_data_files = [...] in the suite config")
+        return self.training_split(task)
+
     def identity(self) -> dict:
         return {"suite_config": self.config_sha256[:10]} if self.user_config else {}
 

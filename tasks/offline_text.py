@@ -30,6 +30,7 @@ from harness.tasks.base import Evaluation, SuiteUnavailableError, Task, restrict
 from harness.tasks.embeddings import default_minilm_dir
 from harness.tasks.fetch import pip_download, pip_source
 from harness.tasks.finetuned import FinetunedSuite
+from harness.tasks.inputs import BackboneModule, call_with_tokens, sequence_classifier, token_batch
 
 BIGBENCH_VERSION = "1.0.0"
 BIGBENCH_FILE = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
@@ -168,35 +169,6 @@ def load_extracted(cache, path: str, archive: str, archive_sha256: str, extract)
     cache.ensure_file(path, build)
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-class _TokenBackbone(torch.nn.Module):
-    """A BERT encoder (``BertModel``) whose ``forward`` takes one batch of
-    :meth:`OfflineTextSuite.unlabeled_inputs` (``(batch, 2, length)``: token ids, attention
-    mask). The encoder's submodules are registered here under their own names, so that
-    parameter and module names are the backbone's keys (RegMean's hooks, ``functional_call``)."""
-
-    def __init__(self, encoder: torch.nn.Module) -> None:
-        super().__init__()
-        for name, child in encoder.named_children():
-            self.add_module(name, child)
-        object.__setattr__(self, "_encoder", encoder)     # shares the children above
-
-    def forward(self, batch: Tensor):
-        return self._encoder(input_ids=batch[:, 0], attention_mask=batch[:, 1])
-
-
-class _TextClassifier(torch.nn.Module):
-    """A task's classifier as ``BertForSequenceClassification`` computes it in evaluation mode
-    (the pooled output through the task's head), the encoder under ``backbone``."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.backbone = _TokenBackbone(model.base_model)
-        self.head = model.classifier
-
-    def forward(self, batch: Tensor) -> Tensor:
-        return self.head(self.backbone(batch).pooler_output)
 
 
 class OfflineTextSuite(FinetunedSuite):
@@ -380,25 +352,22 @@ class OfflineTextSuite(FinetunedSuite):
     provides_inputs = True
 
     def unlabeled_inputs(self, task, split, count):
-        """The first ``count`` texts of ``task``'s ``split``, tokenized as evaluation tokenizes
-        them and padded to the longest: ``(count, 2, length)`` int64, token ids then attention
-        mask. RegMean's Gram matrices count the padded positions' inputs too (as a hook on a
-        padded batch does)."""
-        pairs = self.data()[task][split][:count]
-        encoded = self.tokenizer()([text for text, _ in pairs], truncation=True, padding=True,
-                                   max_length=self.recipe["max_length"], return_tensors="pt")
-        return torch.stack([encoded["input_ids"], encoded["attention_mask"]], dim=1)
+        """The first ``count`` texts of ``task``'s ``split`` as :func:`token_batch` gives them
+        (tokenized as evaluation does, padded to the longest). RegMean's Gram matrices count the
+        padded positions' inputs too (as a hook on a padded batch does)."""
+        texts = [text for text, _ in self.data()[task][split][:count]]
+        return token_batch(self.tokenizer(), [texts], self.recipe["max_length"])
 
     def backbone_module(self, backbone: StateDict) -> torch.nn.Module:
         model = self._model(2)
         model.base_model.load_state_dict(dict(backbone))
-        return _TokenBackbone(model.base_model.eval())
+        return BackboneModule(model.base_model.eval(), call_with_tokens)
 
     def classifier_module(self, task: str, backbone: StateDict) -> torch.nn.Module:
         model = self._model(len(self.labels(task)))
         model.base_model.load_state_dict(dict(backbone))
         model.classifier.load_state_dict(self.head(task))
-        return _TextClassifier(model.eval())
+        return sequence_classifier(model.eval())
 
     def provenance(self) -> dict:
         return {**super().provenance(), "bigbench_sha256": self.archive_sha256,

@@ -73,18 +73,26 @@ def test_bitdelta_serves_each_task_fusionbenchs_weights():
         assert_bit_for_bit(result.weights_for(task)[key], TENSORS[f"bitdelta/{name}"], name)
 
 
-def test_regmean_merges_fusionbenchs_weights_from_the_same_grams():
-    ratio = get_method("regmean").reduce_non_diagonal_ratio    # the default: FusionBench's CLIP
-    assert ratio == CASES["regmean"]["options"]["reduce_non_diagonal_ratio"]
+@pytest.mark.parametrize("case", ["regmean", "regmean-conv1d"])
+def test_regmean_merges_fusionbenchs_weights_from_the_same_grams(case):
+    """``nn.Linear`` weights, ``(out, in)``; and ``(in, out)`` ones as GPT-2's ``Conv1D``
+    stores them (FusionBench's ``weight_transpose = false``)."""
+    ratio = CASES[case]["options"]["reduce_non_diagonal_ratio"]
+    if case == "regmean":          # the default: FusionBench's CLIP setting
+        assert get_method("regmean").reduce_non_diagonal_ratio == ratio
+    transpose = CASES[case]["options"].get("weight_transpose", True)
     grams = STATISTICS["gram"]
     for key in PRETRAINED:
         weights = [FINETUNED[t][key] for t in FINETUNED]
         module = key.removesuffix(".weight")
         if module in grams["task0"]:
-            ours = regmean_weight([grams[t][module] for t in FINETUNED], weights, ratio)
+            if not transpose:
+                weights = [w.T.contiguous() for w in weights]
+            ours = regmean_weight([grams[t][module] for t in FINETUNED], weights, ratio,
+                                  transpose=transpose)
         else:                                   # not a linear layer: the average, as there
             ours = torch.stack(weights, dim=0).mean(dim=0)
-        assert_bit_for_bit(ours, TENSORS[f"regmean/{key}"], key)
+        assert_bit_for_bit(ours, TENSORS[f"{case}/{key}"], key)
     assert len(grams["task0"]) == 4
 
 

@@ -80,10 +80,11 @@ def test_without_data_the_error_names_the_method_and_what_it_needs():
 def test_a_suite_without_inputs_is_refused_before_any_work(tmp_path):
     from harness.bench.runner import RunConfig, validate
 
-    config = RunConfig(method="regmean", suite="offline-text", results_dir=str(tmp_path),
+    config = RunConfig(method="regmean", suite="offline-llm", results_dir=str(tmp_path),
                        cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(ValueError, match="regmean.*sees data.*offline-text.*provides no "
-                                         "unlabeled inputs.*offline-vision, tiny"):
+    with pytest.raises(ValueError, match="regmean.*sees data.*offline-llm.*provides no "
+                                         "unlabeled inputs.*gpt2-glue, offline-text, offline-vision, "
+                                         "roberta-glue, tiny, vit-b32, vit-l14"):
         validate(config)
 
 

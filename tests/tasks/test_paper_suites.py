@@ -124,6 +124,7 @@ def build_clip_suite(root, suite):
         data.to_parquet(str(root / f"{name}.parquet"))
         tasks[name] = {"checkpoint": str(root / f"clip-{name}"),
                        "data_files": str(root / f"{name}.parquet"),
+                       "train_data_files": str(root / f"{name}.parquet"),
                        "templates": spec["templates"][:2],
                        "description": spec["description"]}
     return write_toml(root / f"{suite}.toml", str(base), tasks)
@@ -194,12 +195,12 @@ def harness(capsys, *argv):
     return code, captured.out, captured.err
 
 
-def run_both_splits(capsys, method, suite, config, tmp_path) -> list[dict]:
+def run_both_splits(capsys, method, suite, config, tmp_path, *extra) -> list[dict]:
     """``harness validate``, then ``harness run`` on the seen and unseen splits; the method's
     result records."""
     results = str(tmp_path / "results")
     common = ["--method", method, "--suite", suite, "--suite-config", config,
-              "--results", results, "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+              "--results", results, "--cache-dir", str(tmp_path / "cache"), "--quiet", *extra]
     code, out, err = harness(capsys, "validate", *common)
     assert code == 0, err
     for split in ("seen", "unseen"):
@@ -229,6 +230,45 @@ def test_runs_end_to_end(suite, method, configs, tmp_path, capsys):
         unseen = next(r for r in merged if r.split == "unseen")
         for weights in unseen.gamma.values():
             assert abs(sum(weights.values()) - 1) < 1e-6
+
+
+@pytest.mark.parametrize("suite", ["vit-b32", "roberta-glue", "gpt2-glue"])
+def test_inputs_for_merges_that_see_data(suite, configs, tmp_path, capsys):
+    """Training-split inputs (the scored split for AdaMerging), no labels; each task's classifier
+    gives the logits evaluation predicts from; the data methods run and record what they saw."""
+    from harness.core.registry import SUITES
+
+    prepared = SUITES.get(suite)(str(tmp_path / "cache"), config=configs[suite])
+    tasks = prepared.split_tasks("seen")
+    data = prepared.task_inputs(tasks, examples=5, batch_size=4)
+    assert data.split == "validation" and [len(b) for b in data.batches[tasks[0]]] == [4, 1]
+    task = next(t for t in tasks if prepared.specs[t].get("metric") != "pearson_spearman")
+    finetuned = prepared.load_finetuned(task)
+    model = data.task_model(task, finetuned)
+    batch = torch.cat(data.batches[task]) if suite == "vit-b32" else data.batches[task][0]
+    with torch.no_grad():
+        logits = model(batch)
+    if suite == "vit-b32":
+        from harness.tasks.clip import unit_rows
+
+        vision, projection = prepared._load_backbone(finetuned, "cpu")
+        with torch.no_grad():
+            features = vision(pixel_values=batch).pooler_output @ projection.T
+        expected = unit_rows(features) @ prepared.head(task).T
+    else:
+        reference = prepared.task_model(task)
+        with torch.no_grad():
+            expected = reference(input_ids=batch[:, 0], attention_mask=batch[:, 1]).logits
+    assert torch.allclose(logits, expected, atol=1e-5)
+    assert "backbone." + next(iter(finetuned)) in dict(model.named_parameters())
+    assert prepared.task_inputs(tasks, examples=2, batch_size=2, split="test").split == "test"
+    for method in ("regmean", "fisher"):
+        records = run_both_splits(capsys, method, suite, configs[suite], tmp_path,
+                                  "--set", "examples=6", "--set", "batch_size=4")
+        seen = next(r for r in records if r.split == "seen")
+        assert seen.merge_info["data"]["examples"] == {t: 6 for t in seen.task_order}
+        if method == "regmean":
+            assert seen.merge_info["regmean_layers"]            # the hooks found linear layers
 
 
 def test_glue_metrics_follow_the_spec(configs, tmp_path):
