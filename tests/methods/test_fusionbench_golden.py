@@ -5,35 +5,27 @@ harness's drop draws (FusionBench draws from the global random state); RegMean a
 on fixed Gram matrices and Fisher weights stored with the inputs; BitDelta on the weights it
 serves each task."""
 
-import json
 import os
 
 import pytest
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from harness import get_method
 from harness.core.data import TaskInputs
 from harness.methods.fisher import fisher_weighted_average
 from harness.methods.regmean import regmean_weight
+from tests.methods.golden_files import read_golden
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "..", "data", "fusionbench_golden.safetensors")
 
 
 def golden():
-    with safe_open(GOLDEN, framework="pt") as file:
-        metadata = file.metadata()
-        tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
-    tasks = json.loads(metadata["tasks"])
-    pretrained = {k.split("/", 2)[2]: v for k, v in tensors.items()
-                  if k.startswith("input/pretrained/")}
-    finetuned = {t: {k.split("/", 2)[2]: v for k, v in tensors.items()
-                     if k.startswith(f"input/{t}/")} for t in tasks}
+    cases, metadata, pretrained, finetuned, tensors = read_golden(GOLDEN)
     statistics = {kind: {t: {k.split("/", 3)[3]: v for k, v in tensors.items()
-                             if k.startswith(f"input/{kind}/{t}/")} for t in tasks}
+                             if k.startswith(f"input/{kind}/{t}/")} for t in finetuned}
                   for kind in ("gram", "fisher")}
-    return json.loads(metadata["cases"]), metadata, pretrained, finetuned, statistics, tensors
+    return cases, metadata, pretrained, finetuned, statistics, tensors
 
 
 CASES, METADATA, PRETRAINED, FINETUNED, STATISTICS, TENSORS = golden()

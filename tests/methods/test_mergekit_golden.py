@@ -3,33 +3,20 @@ written by ``scripts/mergekit_golden.py`` from mergekit 0.1.5's wheel (pinned by
 checked in. Bit for bit, on this harness's Bernoulli draws (mergekit draws from the global random
 state). Breadcrumbs is the example plugin's method, imported from ``examples/``."""
 
-import json
 import os
 import sys
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from harness import get_method
+from tests.methods.golden_files import read_golden
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 GOLDEN = os.path.join(ROOT, "tests", "data", "mergekit_golden.safetensors")
 
 
-def golden():
-    with safe_open(GOLDEN, framework="pt") as file:
-        metadata = file.metadata()
-        tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
-    tasks = json.loads(metadata["tasks"])
-    pretrained = {k.split("/", 2)[2]: v for k, v in tensors.items()
-                  if k.startswith("input/pretrained/")}
-    finetuned = {t: {k.split("/", 2)[2]: v for k, v in tensors.items()
-                     if k.startswith(f"input/{t}/")} for t in tasks}
-    return json.loads(metadata["cases"]), metadata, pretrained, finetuned, tensors
-
-
-CASES, METADATA, PRETRAINED, FINETUNED, TENSORS = golden()
+CASES, METADATA, PRETRAINED, FINETUNED, TENSORS = read_golden(GOLDEN)
 
 
 def method(name, hyperparameters):
