@@ -198,6 +198,7 @@ class OfflineTextSuite(FinetunedSuite):
         self.archive_sha256 = archive_sha256
         self._data: dict | None = None
         self._tokenizer = None
+        self._evaluation_models: dict[int, torch.nn.Module] = {}
 
     @property
     def backbone_dir(self) -> str:
@@ -334,8 +335,11 @@ class OfflineTextSuite(FinetunedSuite):
     @torch.no_grad()
     def evaluate(self, task, backbone, *, split="test", device="cpu", progress=False):
         data = self.data()[task]
-        model = self._model(len(data["labels"]))
-        model.base_model.load_state_dict(dict(backbone))
+        labels = len(data["labels"])
+        if labels not in self._evaluation_models:   # built once: its random init is not free
+            self._evaluation_models[labels] = self._model(labels)
+        model = self._evaluation_models[labels]
+        model.base_model.load_state_dict(dict(backbone))   # every parameter replaced
         model.classifier.load_state_dict(self.head(task))
         model.to(device).eval()
         pairs = sorted(data["validation" if split == "validation" else "test"],
