@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import os
 import platform
 import resource
@@ -169,7 +170,11 @@ def _versions() -> dict:
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def _git_commit() -> str | None:
+    """The checkout's commit (``-dirty`` with uncommitted changes to tracked files), read once
+    per process: :func:`run` reads it when it starts, so a record written an hour later names
+    the code that ran, not a commit made meanwhile."""
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
@@ -371,6 +376,7 @@ def stored_result(path: str, suite: Suite) -> tuple[RunRecord | None, str | None
 
 def run(config: RunConfig) -> RunRecord:
     """Run one benchmark cell and return its record (read back when it exists already)."""
+    _git_commit()                       # the code this process runs, before any long work
     suite, method, path = plan_cell(config)
     if os.path.exists(path) and not config.force:
         record, problem = stored_result(path, suite)

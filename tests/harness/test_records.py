@@ -81,3 +81,19 @@ def test_bad_records_say_what_is_wrong(change, problem):
     data = {**measured().to_json(), **change}
     with pytest.raises(RecordError, match=problem):
         RunRecord.from_json(data)
+
+
+def test_a_record_names_the_commit_its_process_started_on(monkeypatch):
+    """The commit is read once per process (when a run starts): a record written after a
+    later commit still names the code that ran."""
+    from harness.bench import runner
+
+    runner._git_commit.cache_clear()
+    first = runner._git_commit()
+
+    def no_git(*args, **kwargs):
+        raise AssertionError("git read again")
+
+    monkeypatch.setattr(runner.subprocess, "run", no_git)
+    assert runner._git_commit() == first
+    runner._git_commit.cache_clear()
