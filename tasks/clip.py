@@ -295,6 +295,7 @@ class ClipSuite(ConfiguredSuite):
         model, projection = self._load_backbone(backbone, device)
         head = self.head(task).to(device)
         bias = self._biases.get(task)
+        bias = None if bias is None else bias.to(device)
         data = self.dataset(task)
         image_column, label_column = spec.get("image_column", "image"), spec.get("label_column",
                                                                                  "label")
@@ -310,10 +311,8 @@ class ClipSuite(ConfiguredSuite):
             batch = data[start:start + size]
             images = [image.convert("RGB") for image in batch[image_column]]
             pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
-            features = model(pixel_values=pixels.to(device)).pooler_output @ projection.T
-            logits = unit_rows(features) @ head.T
-            if bias is not None:
-                logits = logits + bias.to(device)
+            logits = zero_shot_logits(model(pixel_values=pixels.to(device)).pooler_output,
+                                      projection, head, bias)
             labels = torch.tensor(batch[label_column])
             correct.append((logits.argmax(dim=1).cpu() == labels).to(torch.uint8))
         scores = torch.cat(correct)
@@ -356,11 +355,8 @@ class ClipSuite(ConfiguredSuite):
         projection = self.clip.visual_projection.weight.detach()
         head, bias = self.head(task), self._biases.get(task)
 
-        def logits(batch: Tensor) -> Tensor:
-            out = unit_rows(module(batch).pooler_output @ projection.T) @ head.T
-            return out if bias is None else out + bias
-
-        return TaskClassifier(module, {}, logits)
+        return TaskClassifier(module, {}, lambda batch: zero_shot_logits(
+            module(batch).pooler_output, projection, head, bias))
 
 
 class _Converted(dict):
@@ -371,6 +367,15 @@ class _Converted(dict):
         tower, projection = to_transformers(dict(visual))
         super().__init__(tower)
         self.projection = {"weight": projection.contiguous()}
+
+
+def zero_shot_logits(pooled: Tensor, projection: Tensor, head: Tensor,
+                     bias: Tensor | None) -> Tensor:
+    """A CLIP classifier's logits: the vision tower's pooled output projected, unit-normalised
+    and compared with the zero-shot head's rows (plus the head's bias, if it has one); what
+    evaluation predicts from and what merges that see data differentiate."""
+    logits = unit_rows(pooled @ projection.T) @ head.T
+    return logits if bias is None else logits + bias
 
 
 def unit_rows(x: Tensor) -> Tensor:
