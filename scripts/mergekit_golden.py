@@ -109,14 +109,14 @@ def load_mergekit(wheel: str, folder: str) -> dict:
 
 class _HarnessDraws:
     """``torch`` for ``sparsify.py``, except that ``bernoulli`` draws from this harness's
-    generator for the (task, key) whose tensor is being pruned."""
+    generators: ``generators`` holds one key's, task by task, in the order ``merge_group``
+    prunes that key's task vectors (one draw each)."""
 
     def __init__(self) -> None:
-        self.generator: torch.Generator | None = None
+        self.generators = iter(())
 
     def bernoulli(self, probs: torch.Tensor) -> torch.Tensor:
-        assert self.generator is not None
-        return torch.bernoulli(probs, generator=self.generator)
+        return torch.bernoulli(probs, generator=next(self.generators))
 
     def __getattr__(self, name: str):
         return getattr(torch, name)
@@ -149,24 +149,12 @@ def run_case(mk: dict, merge: str, options: dict, pretrained: dict, finetuned: d
         for key, base in pretrained.items():
             if merge == "della" and base.dim() == 0:
                 continue
-            entries = []
-            for task in tasks:
-                entries.append(_Entry(tensor=finetuned[task][key], id=task))
+            entries = [_Entry(tensor=finetuned[task][key], id=task) for task in tasks]
             group = types.SimpleNamespace(base=types.SimpleNamespace(tensor=base),
                                           non_base=entries)
-            generators = iter([key_generator(options.get("seed", 0), t, key) for t in tasks])
-            original = mk["sparsify_module"].sparsify
-
-            def sparsify_with_draws(*args, _next=generators, _original=original, **kwargs):
-                draws.generator = next(_next)
-                return _original(*args, **kwargs)
-
-            method_globals = mk["GeneralizedTaskArithmeticMerge"].merge_group.__globals__
-            method_globals["sparsify"] = sparsify_with_draws
-            try:
-                merged[key] = method.merge_group(group, **parameters)
-            finally:
-                method_globals["sparsify"] = original
+            draws.generators = iter([key_generator(options.get("seed", 0), t, key)
+                                     for t in tasks])
+            merged[key] = method.merge_group(group, **parameters)
     finally:
         mk["sparsify_module"].torch = torch
     return merged
