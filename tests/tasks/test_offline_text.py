@@ -245,3 +245,17 @@ def test_inputs_for_merges_that_see_data(assets, tmp_path):
     fisher = get_method("fisher", examples=3, batch_size=2).merge(pretrained, finetuned,
                                                                  data=data)
     assert fisher.info["data"]["examples"] == {t: 3 for t in tasks}
+
+
+def test_evaluation_models_skip_an_initialisation_their_weights_replace(assets, tmp_path):
+    """Built without initialising, then loaded, a model is the initialised one loaded: same
+    buffers, same logits."""
+    suite = make_suite(assets, tmp_path / "cache")
+    torch.manual_seed(0)
+    initialised = suite._model(3)
+    bare = suite._model(3, weights_replaced=True)
+    bare.load_state_dict(initialised.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(initialised.buffers(), bare.buffers()))
+    tokens = {"input_ids": torch.tensor([[1, 7, 9, 2]]),
+              "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    assert torch.equal(initialised.eval()(**tokens).logits, bare.eval()(**tokens).logits)
