@@ -2,9 +2,13 @@
 the checked-in one.
 
     python scripts/reproduce_records.py --suite tiny --methods ties dts-d
+    python scripts/reproduce_records.py --suite offline-text --methods ties emr --sweep \
+        --cache-dir ~/.cache/merge-harness
 
-Builds the suite in a fresh cache (pinned, as every harness build), runs each method on both
-splits with ``harness run --reproducible`` into a fresh results folder, and compares every record
+Builds the suite in a fresh cache (pinned, as every harness build; ``--cache-dir``: models built
+before), runs each method on both splits with ``harness run --reproducible`` (``--sweep``: one
+``harness sweep --reproducible``, whose jobs merge once for both splits in processes forked from
+a preloaded worker) into a fresh results folder, and compares every record
 it wrote (the methods' and the pretrained and individual models') with the record of the same
 name under ``--against`` (default ``leaderboards/results``): the checkpoints' sha256, every
 task's metric, interval and example count, the average, ADR and AMR with their intervals, the
@@ -62,20 +66,32 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=["ties", "dts-d"])
     parser.add_argument("--splits", nargs="+", default=["seen", "unseen"])
     parser.add_argument("--against", default=os.path.join("leaderboards", "results"))
+    parser.add_argument("--cache-dir", default=None,
+                        help="models built before (default: a fresh cache, built here)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="run every cell through one `harness sweep --reproducible`")
     args = parser.parse_args()
     env = {k: v for k, v in os.environ.items() if k != "MERGE_HARNESS_UNPINNED_BUILDS"}
     differences = []
     with tempfile.TemporaryDirectory(prefix="reproduce-") as work:
-        results, cache = os.path.join(work, "results"), os.path.join(work, "cache")
-        for method in args.methods:
-            for split in args.splits:
-                argv = ["run", "--reproducible", "--quiet", "--suite", args.suite, "--method",
-                        method, "--split", split, "--results", results, "--cache-dir", cache]
-                child = subprocess.run([sys.executable, "-m", "harness.bench.cli", *argv],
-                                       env=env, capture_output=True, text=True)
-                if child.returncode != 0:
-                    differences.append(f"{method} {split}: harness run failed: "
-                                       f"{child.stderr.strip().splitlines()[-1:]}")
+        results = os.path.join(work, "results")
+        cache = os.path.expanduser(args.cache_dir) if args.cache_dir else os.path.join(
+            work, "cache")
+        if args.sweep:
+            runs = [("sweep", ["sweep", "--reproducible", "--suite", args.suite, "--methods",
+                               ",".join(args.methods), "--splits", ",".join(args.splits),
+                               "--results", results, "--cache-dir", cache])]
+        else:
+            runs = [(f"{method} {split}", ["run", "--reproducible", "--quiet", "--suite",
+                                           args.suite, "--method", method, "--split", split,
+                                           "--results", results, "--cache-dir", cache])
+                    for method in args.methods for split in args.splits]
+        for what, argv in runs:
+            child = subprocess.run([sys.executable, "-m", "harness.bench.cli", *argv],
+                                   env=env, capture_output=True, text=True)
+            if child.returncode != 0:
+                differences.append(f"{what}: harness {argv[0]} failed: "
+                                   f"{(child.stderr or child.stdout).strip().splitlines()[-1:]}")
         for folder, _, files in sorted(os.walk(results)):
             for name in sorted(f for f in files if f.endswith(".json")):
                 produced = os.path.join(folder, name)

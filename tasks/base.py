@@ -68,6 +68,9 @@ class Suite:
     unseen: ClassVar[tuple[str, ...]] = ()         # evaluated on the unseen split only
     method_defaults: ClassVar[dict[str, dict]] = {}
     builds: ClassVar[bool] = False                 # trains its own models (pinned builds)
+    # modules a sweep's worker imports once, before forking this suite's jobs (the model
+    # classes its evaluation builds: transformers imports them on first use, seconds each)
+    warm_imports: ClassVar[tuple[str, ...]] = ()
     finetune_seed: int = 0          # which fine-tuning of the suite's task models (builders)
 
     def __init__(self, cache_dir: str | None = None) -> None:

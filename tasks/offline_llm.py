@@ -170,6 +170,7 @@ class OfflineLLMSuite(FinetunedSuite):
 
     name = "offline-llm"
     family = "qwen2 (Qwen2.5-Coder-0.5B-Instruct, de-quantized GGUF)"
+    warm_imports = ("transformers.models.qwen2.modeling_qwen2", "lm_eval.evaluator")
     choice_tasks = CHOICE_TASKS
     tasks = tuple(Task(t.name, tuple(word for _, word in t.answers), t.description, "acc")
                   for t in CHOICE_TASKS)

@@ -29,6 +29,7 @@ class OfflineLLMClassifierSuite(OfflineLLMSuite):
 
     name = "offline-llm-cls"
     family = "qwen2 sequence classifier (Qwen2.5-Coder-0.5B-Instruct, de-quantized GGUF)"
+    warm_imports = ("transformers.models.qwen2.modeling_qwen2",)
     tasks = tuple(Task(t.name, tuple(word for _, word in t.answers), t.description)
                   for t in CHOICE_TASKS)
     unseen = UNSEEN

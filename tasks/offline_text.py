@@ -190,6 +190,7 @@ class OfflineTextSuite(FinetunedSuite):
 
     name = "offline-text"
     family = "minilm-l6 (BERT)"
+    warm_imports = ("transformers.models.bert.modeling_bert",)
     tasks = tuple(Task(t.name, (), t.description) for t in TEXT_TASKS)
     unseen = UNSEEN
     method_defaults = {

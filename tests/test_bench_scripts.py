@@ -225,3 +225,18 @@ def test_bench_methods_worker_takes_hyperparameters(tmp_path):
     save_models(tmp_path, n_tasks=2)
     run = bench.worker("dts-d:svd_solver=randomized,density=0.5", str(tmp_path), 2)
     assert run["info"]["density"] == 0.5 and run["bytes_per_task"] > 0
+
+
+def test_bench_sweep_times_a_grid_into_a_fresh_folder(tmp_path, tiny_cache, monkeypatch, capsys):
+    import sys
+
+    bench = load_script("bench_sweep")
+    kept = tmp_path / "results"
+    monkeypatch.setattr(sys, "argv", ["bench_sweep.py", "--suite", "tiny", "--methods",
+                                      "task-arithmetic,ties", "--cache-dir", tiny_cache,
+                                      "--keep", str(kept)])
+    assert bench.main() == 0
+    out = capsys.readouterr().out
+    assert "4 cells: 0 with a stored record, 4 to run (local, 2 processes" in out
+    assert "tiny: 4 cells in " in out and " s CPU in all processes" in out
+    assert len(os.listdir(kept / "tiny" / "unseen")) == 4 * 2   # 2 methods, 2 references

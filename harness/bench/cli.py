@@ -34,6 +34,17 @@ def _run_config(args):
                      stream_dir=args.stream_dir, finetune_seed=args.finetune_seed)
 
 
+def _splits(text: str) -> list[str]:
+    """``seen``, ``unseen`` or both, comma-separated, each once, in the order given."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    for name in names:
+        if name not in ("seen", "unseen"):
+            raise argparse.ArgumentTypeError(f"splits are seen and unseen, not {name!r}")
+    if not names:
+        raise argparse.ArgumentTypeError("name a split: seen, unseen or seen,unseen")
+    return list(dict.fromkeys(names))
+
+
 def _print_record(record) -> None:
     """A run record as a table and a few summary lines."""
     rows = [[task, score.metric, f"{100 * score.value:.2f}"]
@@ -62,25 +73,29 @@ def cmd_run(args) -> int:
         return subprocess.run(argv, env=env).returncode
     if args.reproducible:
         pin_torch()
-    from harness.bench.runner import run, seeds_to_run
+    from harness.bench.runner import run_splits, seeds_to_run
 
+    splits, args.split = args.split, args.split[0]
     config = _run_config(args)
-    records = []
+    records = {split: [] for split in splits}
     for seed in seeds_to_run(config, args.seeds):
-        records.append(run(dataclasses.replace(config, seed=seed)))
-        _print_record(records[-1])
-    if len(records) > 1:
-        _print_seed_summary(records)
+        for record in run_splits(dataclasses.replace(config, seed=seed), splits):
+            records[record.split].append(record)
+            _print_record(record)
+    for of_split in records.values():
+        if len(of_split) > 1:
+            _print_seed_summary(of_split, len(splits) > 1)
     return 0
 
 
-def _print_seed_summary(records) -> None:
+def _print_seed_summary(records, name_split: bool = False) -> None:
     """Mean and standard deviation over seeds of the average and ADR."""
     import statistics
 
     averages = [100 * r.average for r in records]
     adrs = [r.adr for r in records]
-    print(f"\n{records[0].label} over seeds {', '.join(str(r.seed) for r in records)}: "
+    where = f" ({records[0].split} split)" if name_split else ""
+    print(f"\n{records[0].label}{where} over seeds {', '.join(str(r.seed) for r in records)}: "
           f"Avg {statistics.mean(averages):.2f} ± {statistics.stdev(averages):.2f}  "
           f"ADR {statistics.mean(adrs):.2f} ± {statistics.stdev(adrs):.2f} (mean ± sd)")
 
@@ -343,10 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "to measure the spread between fine-tunings (default 0: the "
                             "published models)")
 
-    def run_options(p):
+    def run_options(p, several_splits=False):
         p.add_argument("--method", required=True, help="a registered method (harness ls methods)")
         p.add_argument("--suite", default=DEFAULT_SUITE, help=f"default: {DEFAULT_SUITE}")
-        p.add_argument("--split", default="seen", choices=["seen", "unseen"])
+        if several_splits:
+            p.add_argument("--split", default=["seen"], type=_splits, metavar="SPLIT[,SPLIT]",
+                           help="seen, unseen, or seen,unseen: both records from one merge "
+                                "(default seen)")
+        else:
+            p.add_argument("--split", default="seen", choices=["seen", "unseen"])
         p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                        help="a hyperparameter (repeatable)")
         p.add_argument("--seed", type=_seed, default=0, help="random seed (0 to 2**32-1)")
@@ -375,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress output")
 
     p = sub.add_parser("run", help="merge a suite with a method, evaluate, record")
-    run_options(p)
+    run_options(p, several_splits=True)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("validate", help="check a run's names, hyperparameters and files, fast")
     run_options(p)

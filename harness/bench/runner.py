@@ -188,9 +188,16 @@ def _git_commit() -> str | None:
         return None
 
 
+# How this process began, stored with every record because peak memory counts from there:
+# "interpreter" (a new Python: the pages its imports touched count), "forked" (a child of a
+# sweep's worker, harness.bench.forking: shared-library pages count once the job touches them).
+process_start = "interpreter"
+
+
 def provenance(suite: Suite, device: str) -> dict:
     return {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "git_commit": _git_commit(), "versions": _versions(), "device": device,
+            "process": process_start,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "reproducible": is_pinned(), "host": machine_details(),
             "suite": suite.provenance()}
@@ -301,6 +308,18 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident memory to what it holds now (Linux: writing 5 to
+    ``/proc/self/clear_refs``), so a later figure is that of the work that follows; False
+    where the system offers no reset."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def selected_by_validation(suite: Suite, method: MergeMethod, config: RunConfig) -> str | None:
     """The hyperparameter the runner picks per task on validation data (TALL-Mask's lam, as
     the spec asks), when the method declares one (``tuned_per_task``), the user gave no value
@@ -376,8 +395,71 @@ def stored_result(path: str, suite: Suite) -> tuple[RunRecord | None, str | None
 
 def run(config: RunConfig) -> RunRecord:
     """Run one benchmark cell and return its record (read back when it exists already)."""
+    return run_splits(config, [config.split])[0]
+
+
+def run_splits(config: RunConfig, splits: list[str]) -> list[RunRecord]:
+    """Run the cells of ``config``'s method on each of ``splits`` (records in that order, read
+    back where they exist already), building the suite, measuring its references and loading
+    its models once. Every merge is of the seen tasks whatever the split, so splits whose
+    methods are equal once validation has chosen their per-task hyperparameters (all but
+    TALL-Mask's seen split, whose lam is chosen per task) share one merge, timed and measured
+    once: each record is the one a single run of its split writes. A later, different merge's
+    peak memory starts from what the process holds then (the high-water mark is reset where
+    Linux allows). A method not applicable on one split is recorded as such, the other splits
+    run, and :class:`MethodNotApplicable` is raised at the end."""
     _git_commit()                       # the code this process runs, before any long work
-    suite, method, path = plan_cell(config)
+    records: dict[str, RunRecord] = {}
+    not_applicable: list[MethodNotApplicable] = []
+    todo: list[tuple[RunConfig, MergeMethod, str]] = []
+    suite = None
+    for split in dict.fromkeys(splits):
+        cell = dataclasses.replace(config, split=split)
+        suite, method, path = plan_cell(cell)
+        try:
+            stored = _stored_record(cell, suite, method, path)
+        except MethodNotApplicable as reason:
+            not_applicable.append(reason)
+            continue
+        if stored is not None:
+            records[split] = stored
+        else:
+            todo.append((cell, method, path))
+    if todo:
+        torch.manual_seed(config.seed)
+        suite = ensure_built(suite, config)
+        suite.prepare(progress=not config.quiet)
+        references = reference_scores(suite, config)
+        seen = suite.split_tasks("seen")
+        pretrained = suite.load_pretrained()
+        finetuned = {task: suite.load_finetuned(task) for task in seen}
+        merged: list[tuple[MergeMethod, object]] = []    # (method, merge or its reason)
+        for cell, method, path in todo:
+            if merged:
+                torch.manual_seed(config.seed)          # as a single run of this split
+            method = select_per_task(suite, method, pretrained, finetuned, cell)
+            merge = next((m for chosen, m in merged if chosen == method), None)
+            if merge is None:
+                if merged:
+                    merged.clear()                      # release the earlier merge first
+                    reset_peak_rss()
+                merge = _merge(suite, method, pretrained, finetuned, cell, path)
+                merged.append((method, merge))
+            if isinstance(merge, MethodNotApplicable):
+                _record_not_applicable(suite, method, cell, path, merge)
+                not_applicable.append(merge)
+                continue
+            records[cell.split] = _evaluate_and_record(suite, method, merge, references,
+                                                       cell, path)
+    if not_applicable:
+        raise not_applicable[0]
+    return [records[split] for split in dict.fromkeys(splits)]
+
+
+def _stored_record(config: RunConfig, suite: Suite, method: MergeMethod,
+                   path: str) -> RunRecord | None:
+    """The cell's stored record when it can stand (``--force`` aside), else None; a stored
+    "not applicable" raises :class:`MethodNotApplicable`."""
     if os.path.exists(path) and not config.force:
         record, problem = stored_result(path, suite)
         if record is not None:
@@ -386,22 +468,27 @@ def run(config: RunConfig) -> RunRecord:
                 raise MethodNotApplicable(f"{record.reason} (recorded in {path})")
             return record
         _log(config, f"the stored record {path} cannot be used ({problem}): running again")
-
     if config.force and os.path.exists(path):
         _log(config, f"--force: measuring {method.name} again over {path}"
                      + ("; the reference models too (--force-references)"
                         if config.force_references else
                         "; the reference models' stored scores are kept (--force-references "
                         "measures them again)"))
-    torch.manual_seed(config.seed)
-    suite = ensure_built(suite, config)
-    suite.prepare(progress=not config.quiet)
-    references = reference_scores(suite, config)
+    return None
 
+
+@dataclasses.dataclass
+class _Merge:
+    result: MergeResult
+    seconds: float
+    peak_rss: int
+    peak_gpu: int | None
+
+
+def _merge(suite: Suite, method: MergeMethod, pretrained, finetuned, config: RunConfig,
+           path: str) -> _Merge | MethodNotApplicable:
+    """Merge the seen tasks (timed; peak memory read right after, before any evaluation)."""
     seen = suite.split_tasks("seen")
-    pretrained = suite.load_pretrained()
-    finetuned = {task: suite.load_finetuned(task) for task in seen}
-    method = select_per_task(suite, method, pretrained, finetuned, config)
     _log(config, f"merging {len(seen)} tasks with {method.name}")
     gpu = config.device.startswith("cuda")
     if gpu:
@@ -415,17 +502,25 @@ def run(config: RunConfig) -> RunRecord:
             result = method.merge(pretrained, finetuned, progress=not config.quiet, **data)
         result.check_finite()
     except MethodNotApplicable as reason:
-        # recorded, so the leaderboard says why this method has no row here
-        write_record(path, RunRecord(
-            suite.name, config.split, method.name, row_label(method, suite), config.seed,
-            json_safe(method.params()), status="not-applicable", reason=str(reason),
-            suite_options=json_safe(suite.identity()) or None,
-            provenance=provenance(suite, config.device)))
-        raise
-    merge_seconds = time.perf_counter() - start
-    peak = peak_rss_bytes()
-    peak_gpu = torch.cuda.max_memory_allocated() if gpu else None
+        return reason
+    seconds = time.perf_counter() - start
+    return _Merge(result, seconds, peak_rss_bytes(),
+                  torch.cuda.max_memory_allocated() if gpu else None)
 
+
+def _record_not_applicable(suite: Suite, method: MergeMethod, config: RunConfig, path: str,
+                           reason: MethodNotApplicable) -> None:
+    """Recorded, so the leaderboard says why this method has no row here."""
+    write_record(path, RunRecord(
+        suite.name, config.split, method.name, row_label(method, suite), config.seed,
+        json_safe(method.params()), status="not-applicable", reason=str(reason),
+        suite_options=json_safe(suite.identity()) or None,
+        provenance=provenance(suite, config.device)))
+
+
+def _evaluate_and_record(suite: Suite, method: MergeMethod, merge: _Merge,
+                         references: References, config: RunConfig, path: str) -> RunRecord:
+    result = merge.result
     start = time.perf_counter()
     tasks, gammas, outcomes = evaluate_split(suite, result, config)
     eval_seconds = time.perf_counter() - start
@@ -446,8 +541,8 @@ def run(config: RunConfig) -> RunRecord:
         stored_bytes_per_task={t: result.stored_bytes(t) for t in result.tasks},
         merged_params=result.merged_params, merge_info=json_safe(result.info),
         unseen_weighting=config.unseen_weighting if config.split == "unseen" else None,
-        gamma=gammas, merge_seconds=merge_seconds, eval_seconds=eval_seconds,
-        peak_rss_bytes=peak, peak_gpu_bytes=peak_gpu,
+        gamma=gammas, merge_seconds=merge.seconds, eval_seconds=eval_seconds,
+        peak_rss_bytes=merge.peak_rss, peak_gpu_bytes=merge.peak_gpu,
         provenance=provenance(suite, config.device))
     known = outcomes if len(outcomes) == len(tasks) else None
     with_intervals(record, known, references.outcomes["individual"])

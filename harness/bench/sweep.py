@@ -3,15 +3,20 @@ in one command, on this machine, a Ray cluster or Slurm.
 
 The grid is expanded and every cell validated before anything runs (unknown names, with near
 matches; hyperparameter values). A cell whose record exists, measured on the suite's current
-models, is skipped, so a sweep resumes after Ctrl-C, a crash or a lost node. Every other cell is
-one ``harness run`` in a process of its own, so each record's peak memory is the cell's own, and
-writes its record atomically where a single run would: a sweep's records are those of single
-runs. The first cell of each suite runs alone (it builds the suite and measures its reference
-models once); the rest run in parallel. A cell that fails is retried once, then recorded as
-failed (a small record with its error, listed under the leaderboard); a process killed by the
-system (out of memory) is reported as such. Two sweeps sharing a results folder never run one
-cell twice: each claims a cell before running it (a ``<record>.claim`` file). Then the
-leaderboards are rendered and a summary printed.
+models, is skipped, so a sweep resumes after Ctrl-C, a crash or a lost node. The other cells
+run as jobs: the splits of one method, seed and hyperparameters whose merges are the same (all
+but a split whose hyperparameter validation chooses, as TALL-Mask's seen one) are one ``harness
+run --split seen,unseen``, which merges once and writes each split's record as its single run
+would; every other cell is a job of its own. Each job runs in a process of its own, so each
+record's peak memory is its merge's own, and writes its records atomically: a sweep's records
+are those of single runs. On this machine the processes are forked from a worker that has
+loaded torch and the harness once (:mod:`harness.bench.forking`). The first job of each suite
+runs alone (it builds the suite and measures its reference models once); the rest run in
+parallel. A cell that fails is retried once, then recorded as failed (a small record with its
+error, listed under the leaderboard); a process killed by the system (out of memory) is
+reported as such. Two sweeps sharing a results folder never run one cell twice: each claims a
+cell before running it (a ``<record>.claim`` file). Then the leaderboards are rendered and a
+summary printed.
 
 Executors: ``local`` (worker processes here, the default), ``ray`` (an existing cluster or a
 local one; ``pip install ray``) and ``slurm`` (one job array through submitit; ``pip install
@@ -24,6 +29,7 @@ import dataclasses
 import difflib
 import itertools
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -46,6 +52,23 @@ class Cell:
     def label(self) -> str:
         sets = "".join(f" {k}={v}" for k, v in self.overrides)
         return f"{self.suite}/{self.split}/{self.method}{sets} seed {self.seed}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """The cells one process runs: the splits of one method, seed and hyperparameters that
+    share a merge, or one cell."""
+
+    cells: tuple[Cell, ...]
+    paths: tuple[str, ...]
+
+    @classmethod
+    def of(cls, item) -> Job:
+        """A job from a job or a ``(cell, record path)`` pair."""
+        return item if isinstance(item, Job) else cls((item[0],), (item[1],))
+
+    def pairs(self) -> list[tuple[Cell, str]]:
+        return list(zip(self.cells, self.paths))
 
 
 @dataclasses.dataclass
@@ -110,9 +133,13 @@ def expand(suites: list[str], methods: list[str], splits: list[str], seeds: list
     return cells
 
 
-def run_argv(cell: Cell, options: SweepOptions) -> list[str]:
-    """The ``harness`` arguments of one cell."""
-    argv = ["run", "--method", cell.method, "--suite", cell.suite, "--split", cell.split,
+def run_argv(cells: Cell | list[Cell], options: SweepOptions) -> list[str]:
+    """The ``harness`` arguments of one cell, or of the splits of one method, seed and
+    hyperparameters (``--split seen,unseen``)."""
+    cells = [cells] if isinstance(cells, Cell) else list(cells)
+    cell = cells[0]
+    argv = ["run", "--method", cell.method, "--suite", cell.suite, "--split",
+            ",".join(c.split for c in cells),
             "--seed", str(cell.seed), "--results", options.results_dir, "--device",
             options.device, "--quiet"]
     for key, value in cell.overrides:
@@ -127,7 +154,14 @@ def run_argv(cell: Cell, options: SweepOptions) -> list[str]:
 def plan(cells: list[Cell], options: SweepOptions) -> list[tuple[Cell, str, bool]]:
     """(cell, its record's path, whether a stored record stands for it) for every cell,
     validated first: a bad value is an error naming the cell before anything runs."""
-    from harness.bench.runner import RunConfig, plan_cell, stored_result
+    return [(cell, path, stored) for cell, path, stored, _ in _plan(cells, options)]
+
+
+def _plan(cells: list[Cell], options: SweepOptions) -> list[tuple[Cell, str, bool, bool]]:
+    """:func:`plan`'s answers and whether the cell's merge can be shared with its other split
+    (false where validation chooses a hyperparameter on this split)."""
+    from harness.bench.runner import (RunConfig, plan_cell, selected_by_validation,
+                                      stored_result)
 
     planned = []
     for cell in cells:
@@ -135,13 +169,31 @@ def plan(cells: list[Cell], options: SweepOptions) -> list[tuple[Cell, str, bool
                            options.device, options.results_dir, options.cache_dir,
                            finetune_seed=options.finetune_seed, quiet=True)
         try:
-            suite, _, path = plan_cell(config)
+            suite, _method, path = plan_cell(config)
         except (ValueError, KeyError) as error:
             raise ValueError(f"{cell.label}: {error}") from None
         stored = (not options.force and os.path.exists(path)
                   and stored_result(path, suite)[0] is not None)
-        planned.append((cell, path, stored))
+        sharing = selected_by_validation(suite, _method, config) is None
+        planned.append((cell, path, stored, sharing))
     return planned
+
+
+def jobs_of(planned: list[tuple[Cell, str, bool]]) -> list[Job]:
+    """The jobs that run ``planned`` cells (those with ``sharing``: ``(cell, path,
+    sharing)``): cells differing only in their split, each sharing its merge, make one job;
+    every other cell is a job alone, first (those choose hyperparameters by validation: the
+    longest cells)."""
+    groups: dict[tuple, list[tuple[Cell, str]]] = {}
+    alone = []
+    for cell, path, sharing in planned:
+        if sharing:
+            key = (cell.suite, cell.method, cell.seed, cell.overrides)
+            groups.setdefault(key, []).append((cell, path))
+        else:
+            alone.append(Job((cell,), (path,)))
+    return alone + [Job(tuple(c for c, _ in group), tuple(p for _, p in group))
+                    for group in groups.values()]
 
 
 def default_workers() -> int:
@@ -239,103 +291,173 @@ def _process_alive(pid: int) -> bool:
 
 
 def settle(cell: Cell, path: str, attempt: Callable[[], tuple[int, str]]) -> Outcome:
-    """Run a cell (retried once after a failure) and say how it ended; a cell that fails twice
-    gets a failed record at its path, which the next sweep runs again. A cell another live
-    sweep has claimed is left to it (``claimed``)."""
-    if not claim(path):
-        return Outcome(cell, "claimed", 0.0, "another sweep is running it")
-    try:
-        return _settle(cell, path, attempt)
-    finally:
-        release(path)
+    """Run one cell (retried once after a failure) and say how it ended: :func:`settle_job`
+    for a job of one cell."""
+    return settle_job(Job((cell,), (path,)), lambda cells: attempt())[0]
 
 
-def _settle(cell: Cell, path: str, attempt: Callable[[], tuple[int, str]]) -> Outcome:
-    from harness.bench.records import RunRecord, read_record, write_record
-
-    start = time.perf_counter()
-    error = None
-    for _ in range(2):
-        code, message = attempt()
-        if code == 0:
-            return Outcome(cell, "done", time.perf_counter() - start)
-        record, _ = read_record(path) if os.path.exists(path) else (None, None)
-        if record is not None and record.status == "not-applicable":
-            return Outcome(cell, "not-applicable", time.perf_counter() - start, record.reason)
-        error = describe_failure(code, message)
-    write_record(path, RunRecord(cell.suite, cell.split, cell.method, cell.method, cell.seed,
-                                 dict(cell.overrides), status="failed", reason=error))
-    return Outcome(cell, "failed", time.perf_counter() - start, error)
-
-
-# ---- executors ----------------------------------------------------------------------------
-def run_local(jobs: list[tuple[Cell, str]], options: SweepOptions, report) -> list[Outcome]:
-    workers = options.workers or default_workers()
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    outcomes: list[Outcome] = []
-    firsts, rest = _first_of_each_suite(jobs)
-    for cell, path in firsts:         # builds the suite and measures its references, alone
-        outcomes.append(report(settle(cell, path, lambda c=cell: run_cell_process(
-            run_argv(c, options)))))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(settle, cell, path, lambda c=cell: run_cell_process(
-            run_argv(c, options), threads)) for cell, path in rest]
-        for future in futures:
-            outcomes.append(report(future.result()))
-    return outcomes
-
-
-def _claimed(group: list[tuple[Cell, str]], report, outcomes: list[Outcome]):
-    """The cells of ``group`` this sweep could claim, before their jobs are submitted to a
-    cluster (the others, claimed by another live sweep, are reported as such)."""
-    mine = []
-    for cell, path in group:
+def settle_job(job: Job, attempt: Callable[[list[Cell]], tuple[int, str]]) -> list[Outcome]:
+    """Run a job's cells (``attempt(cells)``: exit code and last error line of the process
+    that ran them), retry the cells still without a record once, and say how each ended; a
+    cell that fails twice gets a failed record at its path, which the next sweep runs again.
+    A cell another live sweep has claimed is left to it (``claimed``)."""
+    mine, outcomes = [], []
+    for cell, path in job.pairs():
         if claim(path):
             mine.append((cell, path))
         else:
-            outcomes.append(report(Outcome(cell, "claimed", 0.0, "another sweep is running it")))
+            outcomes.append(Outcome(cell, "claimed", 0.0, "another sweep is running it"))
+    try:
+        return outcomes + (_settle(mine, attempt) if mine else [])
+    finally:
+        for _, path in mine:
+            release(path)
+
+
+def _stamp(path: str):
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+def _settle(pending: list[tuple[Cell, str]],
+            attempt: Callable[[list[Cell]], tuple[int, str]]) -> list[Outcome]:
+    from harness.bench.records import RunRecord, read_record, write_record
+
+    start = time.perf_counter()
+    outcomes: list[Outcome] = []
+    error = None
+    for _ in range(2):
+        before = {path: _stamp(path) for _, path in pending}
+        code, message = attempt([cell for cell, _ in pending])
+        left = []
+        for cell, path in pending:
+            written = _stamp(path) not in (None, before[path])
+            record = read_record(path)[0] if written else None
+            if record is not None and record.status == "not-applicable":
+                outcomes.append(Outcome(cell, "not-applicable", time.perf_counter() - start,
+                                        record.reason))
+            elif code == 0 or (record is not None and record.status != "failed"):
+                outcomes.append(Outcome(cell, "done", time.perf_counter() - start))
+            else:
+                left.append((cell, path))
+        pending = left
+        if not pending:
+            return outcomes
+        error = describe_failure(code, message)
+    for cell, path in pending:
+        write_record(path, RunRecord(cell.suite, cell.split, cell.method, cell.method,
+                                     cell.seed, dict(cell.overrides), status="failed",
+                                     reason=error))
+        outcomes.append(Outcome(cell, "failed", time.perf_counter() - start, error))
+    return outcomes
+
+
+# ---- executors ----------------------------------------------------------------------------
+def run_local(jobs: list, options: SweepOptions, report) -> list[Outcome]:
+    """Jobs (or ``(cell, path)`` pairs) on this machine, ``options.workers`` at once, each in
+    a child of a worker that has loaded torch and the harness (:mod:`harness.bench.forking`),
+    or in a new interpreter where the system cannot fork."""
+    from harness.bench import forking
+    from harness.core.reproducible import pinned_environment
+
+    jobs = [Job.of(job) for job in jobs]
+    workers = options.workers or default_workers()
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    env = pinned_environment() if options.reproducible else None
+    suites = tuple(dict.fromkeys(job.cells[0].suite for job in jobs))
+    idle: queue.SimpleQueue = queue.SimpleQueue()
+    started: list = []
+
+    def in_process(cells: list[Cell], threads_: int | None) -> tuple[int, str]:
+        if not forking.available():
+            return run_cell_process(run_argv(cells, options), threads_)
+        try:
+            worker = idle.get_nowait()
+        except queue.Empty:
+            worker = forking.ForkingWorker(env, suites)
+            started.append(worker)
+        try:
+            return worker.run("harness.bench.cli", run_argv(cells, options), threads_)
+        finally:
+            idle.put(worker)
+
+    def settle_reported(job, threads_):
+        return [report(o) for o in settle_job(job, lambda cells: in_process(cells, threads_))]
+
+    outcomes: list[Outcome] = []
+    firsts, rest = _first_of_each_suite(jobs)
+    try:
+        for job in firsts:       # builds the suite and measures its references, alone
+            outcomes += settle_reported(job, None)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for done in [pool.submit(settle_reported, job, threads) for job in rest]:
+                outcomes += done.result()
+    finally:
+        for worker in started:
+            worker.close()
+    return outcomes
+
+
+def _claimed(group: list[Job], report, outcomes: list[Outcome]) -> list[Job]:
+    """The jobs of ``group`` with the cells this sweep could claim, before they are submitted
+    to a cluster (the others, claimed by another live sweep, are reported as such)."""
+    mine = []
+    for job in group:
+        cells = []
+        for cell, path in job.pairs():
+            if claim(path):
+                cells.append((cell, path))
+            else:
+                outcomes.append(report(Outcome(cell, "claimed", 0.0,
+                                               "another sweep is running it")))
+        if cells:
+            mine.append(Job(tuple(c for c, _ in cells), tuple(p for _, p in cells)))
     return mine
 
 
-def _first_then_anew(first, submit, wait) -> Callable[[], tuple[int, str]]:
-    """A cell's attempts on a cluster: the first waits for the job submitted with the others,
-    a retry submits it anew."""
+def _first_then_anew(first, submit, wait) -> Callable[[list[Cell]], tuple[int, str]]:
+    """A job's attempts on a cluster: the first waits for the job submitted with the others,
+    a retry submits the cells left anew."""
     pending = [first]
 
-    def attempt():
-        return wait(pending.pop() if pending else submit())
+    def attempt(cells):
+        return wait(pending.pop() if pending else submit(cells))
     return attempt
 
 
-def run_ray(jobs: list[tuple[Cell, str]], options: SweepOptions, report) -> list[Outcome]:
+def run_ray(jobs: list, options: SweepOptions, report) -> list[Outcome]:
     try:
         import ray
     except ImportError:
         raise ImportError("--executor ray needs Ray: pip install -c constraints.txt "
                           "'merge-harness[ray]'") from None
+    jobs = [Job.of(job) for job in jobs]
     ray.init(address=options.address, ignore_reinit_error=True)
     remote = ray.remote(num_cpus=1, num_gpus=options.gpus_per_cell)(run_cell_process)
     outcomes: list[Outcome] = []
     for group in _first_of_each_suite(jobs):
         group = _claimed(group, report, outcomes)
-        refs = [remote.remote(run_argv(cell, options)) for cell, _ in group]
-        for (cell, path), ref in zip(group, refs):
+        refs = [remote.remote(run_argv(job.cells, options)) for job in group]
+        for job, ref in zip(group, refs):
             attempt = _first_then_anew(
-                ref, lambda cell=cell: remote.remote(run_argv(cell, options)), ray.get)
-            outcomes.append(report(settle(cell, path, attempt)))
+                ref, lambda cells: remote.remote(run_argv(cells, options)), ray.get)
+            outcomes += [report(o) for o in settle_job(job, attempt)]
     return outcomes
 
 
-def run_slurm(jobs: list[tuple[Cell, str]], options: SweepOptions, report,
-              executor=None) -> list[Outcome]:
-    """One job array per stage (each suite's first cell, then the rest) through submitit; a
-    log per cell in ``log_dir``. ``executor``: a submitit executor to use instead (the tests
+def run_slurm(jobs: list, options: SweepOptions, report, executor=None) -> list[Outcome]:
+    """One job array per stage (each suite's first job, then the rest) through submitit; a
+    log per job in ``log_dir``. ``executor``: a submitit executor to use instead (the tests
     pass its local one)."""
     try:
         import submitit
     except ImportError:
         raise ImportError("--executor slurm needs submitit: pip install -c constraints.txt "
                           "'merge-harness[slurm]'") from None
+    jobs = [Job.of(job) for job in jobs]
     if executor is None:
         executor = submitit.AutoExecutor(folder=options.log_dir or os.path.join(
             options.results_dir, ".sweep-logs"), cluster="slurm")
@@ -349,29 +471,31 @@ def run_slurm(jobs: list[tuple[Cell, str]], options: SweepOptions, report,
         except Exception as error:        # the job itself died (node lost, timeout)
             return 1, f"error: slurm job {job.job_id}: {str(error).splitlines()[-1]}"
 
+    def resubmit(cells):
+        return executor.submit(run_cell_process, run_argv(cells, options))
+
     outcomes: list[Outcome] = []
     for group in _first_of_each_suite(jobs):
         group = _claimed(group, report, outcomes)
         if not group:
             continue
         submitted = executor.map_array(run_cell_process,
-                                       [run_argv(cell, options) for cell, _ in group])
-        for (cell, path), job in zip(group, submitted):
-            resubmit = lambda cell=cell: executor.submit(run_cell_process,  # noqa: E731
-                                                          run_argv(cell, options))
-            attempt = _first_then_anew(job, resubmit, wait)
-            outcomes.append(report(settle(cell, path, attempt)))
+                                       [run_argv(job.cells, options) for job in group])
+        for job, handle in zip(group, submitted):
+            attempt = _first_then_anew(handle, resubmit, wait)
+            outcomes += [report(o) for o in settle_job(job, attempt)]
     return outcomes
 
 
 EXECUTORS = {"local": run_local, "ray": run_ray, "slurm": run_slurm}
 
 
-def _first_of_each_suite(jobs):
+def _first_of_each_suite(jobs: list[Job]) -> tuple[list[Job], list[Job]]:
     firsts, rest, seen = [], [], set()
-    for cell, path in jobs:
-        (rest if cell.suite in seen else firsts).append((cell, path))
-        seen.add(cell.suite)
+    for job in jobs:
+        suite = job.cells[0].suite
+        (rest if suite in seen else firsts).append(job)
+        seen.add(suite)
     return firsts, rest
 
 
@@ -382,13 +506,17 @@ def sweep(cells: list[Cell], options: SweepOptions, *, dry_run: bool = False,
     if options.executor not in EXECUTORS:
         raise ValueError(f"--executor must be one of {', '.join(EXECUTORS)}, not "
                          f"{options.executor!r}")
-    planned = plan(cells, options)
-    todo = [(cell, path) for cell, path, stored in planned if not stored]
-    skipped = [Outcome(cell, "skipped") for cell, _, stored in planned if stored]
-    echo(f"{len(planned)} cells: {len(skipped)} with a stored record, {len(todo)} to run "
-         f"({options.executor})")
+    planned = _plan(cells, options)
+    todo = jobs_of([(cell, path, sharing) for cell, path, stored, sharing in planned
+                    if not stored])
+    skipped = [Outcome(cell, "skipped") for cell, _, stored, _ in planned if stored]
+    running = sum(len(job.cells) for job in todo)
+    echo(f"{len(planned)} cells: {len(skipped)} with a stored record, {running} to run "
+         f"({options.executor}"
+         + (f", {len(todo)} processes: the splits of a method share its merge)"
+            if len(todo) < running else ")"))
     if dry_run:
-        for cell, path, stored in planned:
+        for cell, path, stored, _ in planned:
             echo(f"  {'skip' if stored else 'run '}  {cell.label}  -> {path}")
         return skipped
     done = 0
@@ -397,7 +525,7 @@ def sweep(cells: list[Cell], options: SweepOptions, *, dry_run: bool = False,
         nonlocal done
         done += 1
         tail = f": {outcome.error}" if outcome.error else ""
-        echo(f"[{done}/{len(todo)}] {outcome.status:14} {outcome.cell.label} "
+        echo(f"[{done}/{running}] {outcome.status:14} {outcome.cell.label} "
              f"({outcome.seconds:.0f} s){tail}")
         return outcome
 

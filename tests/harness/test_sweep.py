@@ -1,10 +1,12 @@
 """``harness sweep``: a grid expanded and checked first, stored cells skipped (resume), the rest
 run as single runs would (records identical), failures retried then recorded, executors."""
 
+import dataclasses
 import json
 import os
 
 import pytest
+import torch
 
 from harness.bench.cli import main
 from harness.bench.records import read_record, read_records
@@ -215,3 +217,108 @@ def test_a_cluster_sweep_claims_cells_before_submitting_them(tmp_path, tiny_cach
     assert sorted(o.status for o in outcomes) == ["claimed", "done"]
     assert not os.path.exists(held)                         # never run here
     assert not os.path.exists(jobs[0][1] + ".claim")        # ours released
+
+
+def _measured(record):
+    """What a record measured (not when, how fast or on which process)."""
+    return (record.tasks, record.adr, record.amr, record.merge_info, record.stored_bytes_per_task,
+            record.average_interval, record.adr_interval, record.hyperparameters)
+
+
+def test_one_run_of_both_splits_merges_once_and_writes_the_single_runs_records(
+        tmp_path, tiny_cache, monkeypatch):
+    from harness.bench import runner
+    from harness.bench.records import read_outcomes
+
+    merges = []
+    real = runner._merge
+    monkeypatch.setattr(runner, "_merge",
+                        lambda *a, **k: merges.append(a[1].name) or real(*a, **k))
+    config = runner.RunConfig("dare", "tiny", results_dir=str(tmp_path / "both"),
+                              cache_dir=tiny_cache, quiet=True)
+    both = runner.run_splits(config, ["seen", "unseen"])
+    assert [r.split for r in both] == ["seen", "unseen"] and merges == ["dare"]
+    for record in both:
+        alone = runner.run(dataclasses.replace(config, split=record.split,
+                                               results_dir=str(tmp_path / "alone")))
+        assert _measured(record) == _measured(alone)
+        assert record.merge_seconds == both[0].merge_seconds          # one merge, timed once
+        assert os.path.basename(record.path) == os.path.basename(alone.path)
+        ours, theirs = read_outcomes(record)[0], read_outcomes(alone)[0]
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[t]["score"], theirs[t]["score"]) for t in ours)
+    merges.clear()                                      # TALL-Mask's seen lam is chosen per
+    runner.run_splits(dataclasses.replace(config, method="tall-mask"), ["seen", "unseen"])
+    assert merges == ["tall-mask", "tall-mask"]         # task: its splits merge differently
+    assert runner.run_splits(config, ["unseen", "seen"])[0].split == "unseen"     # stored
+
+
+def test_harness_run_takes_both_splits(tmp_path, tiny_cache, capsys):
+    code, out, _ = cli(capsys, "run", "--method", "ties", "--suite", "tiny", "--split",
+                       "seen,unseen", "--results", str(tmp_path), "--cache-dir", tiny_cache,
+                       "--quiet")
+    assert code == 0 and "(seen split)" in out and "(unseen split)" in out
+    with pytest.raises(SystemExit):
+        main(["run", "--method", "ties", "--suite", "tiny", "--split", "seen,train"])
+    assert "splits are seen and unseen, not 'train'" in capsys.readouterr().err
+
+
+def test_a_sweep_runs_the_splits_of_a_method_as_one_job(tmp_path, tiny_cache):
+    from harness.bench.sweep import Job, _plan, jobs_of, run_argv
+
+    options = SweepOptions(str(tmp_path), tiny_cache)
+    cells = expand(["tiny"], ["ties", "tall-mask"], ["seen", "unseen"], [0], {})
+    jobs = jobs_of([(c, p, sharing) for c, p, _, sharing in _plan(cells, options)])
+    labels = [[c.label for c in job.cells] for job in jobs]
+    assert labels == [["tiny/seen/tall-mask seed 0"],          # chooses lam: alone, first
+                      ["tiny/seen/ties seed 0", "tiny/unseen/ties seed 0"],
+                      ["tiny/unseen/tall-mask seed 0"]]
+    argv = run_argv(list(jobs[1].cells), options)
+    assert argv[argv.index("--split") + 1] == "seen,unseen"
+    assert Job.of((cells[0], "p")).pairs() == [(cells[0], "p")]
+
+
+def test_a_job_retries_only_its_cells_without_a_record(tmp_path, tiny_cache):
+    from harness.bench.records import RunRecord, write_record
+    from harness.bench.sweep import Job, settle_job
+
+    options = SweepOptions(str(tmp_path), tiny_cache)
+    planned = plan(expand(["tiny"], ["ties"], ["seen", "unseen"], [0], {}), options)
+    job = Job(tuple(c for c, _, _ in planned), tuple(p for _, p, _ in planned))
+    asked = []
+
+    def attempt(cells):
+        asked.append([c.split for c in cells])
+        if len(asked) == 1:           # the first process writes the seen record, then fails
+            write_record(job.paths[0], RunRecord("tiny", "seen", "ties", "ties",
+                                                 status="not-applicable", reason="no rank"))
+            return 1, "error: unseen broke"
+        return 1, "error: unseen broke again"
+    outcomes = settle_job(job, attempt)
+    assert asked == [["seen", "unseen"], ["unseen"]]
+    assert [(o.cell.split, o.status) for o in outcomes] == [("seen", "not-applicable"),
+                                                            ("unseen", "failed")]
+    assert outcomes[1].error == "unseen broke again"
+    assert not any(os.path.exists(p + ".claim") for p in job.paths)
+
+
+def test_the_forking_worker_runs_each_job_in_a_child_and_survives_its_death(tmp_path):
+    import signal
+
+    from harness.bench import forking
+
+    if not forking.available():
+        pytest.skip("this system cannot fork")
+    worker = forking.ForkingWorker()
+    try:
+        assert worker.run("harness.bench.cli", ["ls", "suites"]) == (0, "")
+        code, message = worker.run("harness.bench.cli", ["run", "--method", "tiez", "--suite",
+                                                          "tiny", "--results", str(tmp_path)])
+        assert code == 2 and message.startswith("error: unknown method 'tiez'")
+        first = worker._process.pid
+        os.kill(first, signal.SIGKILL)                  # the worker itself dies: said, restarted
+        worker._process.wait()
+        code, message = worker.run("harness.bench.cli", ["ls", "suites"])
+        assert code == 0 and worker._process.pid != first
+    finally:
+        worker.close()
