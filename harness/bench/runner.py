@@ -170,22 +170,32 @@ def _versions() -> dict:
     return out
 
 
+CODE_PATHS = ("harness", "methods", "tasks", "pyproject.toml", "constraints.txt")
+
+
 @functools.lru_cache(maxsize=1)
 def _git_commit() -> str | None:
-    """The checkout's commit (``-dirty`` with uncommitted changes to tracked files), read once
-    per process: :func:`run` reads it when it starts, so a record written an hour later names
-    the code that ran, not a commit made meanwhile."""
+    """The checkout's commit (``-dirty`` with uncommitted changes to the code that runs,
+    :data:`CODE_PATHS`, not to the leaderboards a sweep renders meanwhile), read once per
+    process: :func:`run` reads it when it starts, so a record written an hour later names the
+    code that ran, not a commit made meanwhile."""
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                              text=True, timeout=5)
         if out.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, timeout=5).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
+        return out.stdout.strip() + ("-dirty" if code_changed(root) else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def code_changed(folder: str) -> bool:
+    """Whether the git checkout holding ``folder`` has uncommitted changes to tracked files of
+    :data:`CODE_PATHS` (paths from the checkout's root)."""
+    return bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                *(f":/{path}" for path in CODE_PATHS)], cwd=folder,
+                               capture_output=True, text=True, timeout=5).stdout.strip())
 
 
 # How this process began, stored with every record because peak memory counts from there:

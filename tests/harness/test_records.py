@@ -97,3 +97,26 @@ def test_a_record_names_the_commit_its_process_started_on(monkeypatch):
     monkeypatch.setattr(runner.subprocess, "run", no_git)
     assert runner._git_commit() == first
     runner._git_commit.cache_clear()
+
+
+def test_only_changes_to_the_code_mark_a_commit_dirty(tmp_path):
+    """A leaderboard a sweep renders meanwhile is not a change to the code that ran."""
+    import subprocess
+
+    from harness.bench.runner import code_changed
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                       check=True, capture_output=True)
+    for path in ("harness/bench/x.py", "tasks/t.py", "leaderboards/board.md", "README.md"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("a\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "c")
+    (tmp_path / "leaderboards/board.md").write_text("b\n")
+    (tmp_path / "README.md").write_text("b\n")
+    (tmp_path / "new.py").write_text("untracked\n")
+    assert not code_changed(str(tmp_path / "harness"))
+    (tmp_path / "tasks/t.py").write_text("b\n")
+    assert code_changed(str(tmp_path / "harness"))
