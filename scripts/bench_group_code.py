@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from harness.bench.runner import peak_rss_bytes
+from harness.bench.provenance import peak_rss_bytes
 from harness.methods.dts import group_encode
 
 

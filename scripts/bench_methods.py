@@ -78,7 +78,7 @@ def synthesize(folder: str, n_tasks: int, seed: int = 0) -> None:
 
 
 def peak_rss_gib() -> float:
-    from harness.bench.runner import peak_rss_bytes
+    from harness.bench.provenance import peak_rss_bytes
 
     return peak_rss_bytes() / 2**30
 

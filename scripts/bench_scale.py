@@ -141,7 +141,7 @@ def synthesize(root: str, shape_of: dict, tasks: int, dtype: torch.dtype, shard_
 
 
 def peak_gib() -> float:
-    from harness.bench.runner import peak_rss_bytes
+    from harness.bench.provenance import peak_rss_bytes
 
     return peak_rss_bytes() / 2**30
 

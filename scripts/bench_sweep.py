@@ -6,8 +6,9 @@ fresh results folder, with the suite's models already cached.
 
 Prints the wall time of the sweep (reference models measured once, then every cell), the time
 of each job as the sweep reported it, and the processes' summed CPU time. ``--harness`` times
-another checkout's code (run from its root, which is put first on ``PYTHONPATH``): the before-and-after figure of
-a change. Run it on a quiet machine; the figures are in docs/performance.md.
+another checkout's code (run from its root, which is put first on ``PYTHONPATH``): the
+before-and-after figure of a change. Run it on a quiet machine; the figures are in
+docs/performance.md.
 """
 
 from __future__ import annotations

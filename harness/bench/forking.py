@@ -92,7 +92,7 @@ def _serve(requests, replies, suites: list[str]) -> None:
 
     for name in PRELOAD:
         importlib.import_module(name)
-    from harness.bench.runner import _git_commit
+    from harness.bench.provenance import git_commit
     from harness.core.registry import SUITES
 
     for suite in suites:                # what the suites' evaluations import on first use
@@ -102,7 +102,7 @@ def _serve(requests, replies, suites: list[str]) -> None:
             except ImportError:         # an optional extra not installed: the job says so
                 pass
 
-    _git_commit()               # the children name the commit of the code loaded here
+    git_commit()                # the children name the commit of the code loaded here
     for line in requests:
         if not line.strip():
             continue
@@ -148,10 +148,10 @@ def _fork_job(main, argv: list[str], threads: int | None) -> tuple[int, str]:
 
 
 def _child(main, argv: list[str], threads: int | None) -> int:
-    from harness.bench import runner
+    from harness.bench import provenance
     from harness.core.reproducible import is_pinned
 
-    runner.process_start = "forked"
+    provenance.process_start = "forked"
 
     if threads and not is_pinned():
         import torch

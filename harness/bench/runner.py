@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as dt
-import functools
 import os
-import platform
-import resource
-import subprocess
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, version
 
 import numpy
 import torch
@@ -21,6 +15,8 @@ from harness.bench.records import (AmrFigures, RunRecord, TaskScore,
                                    hyperparameter_tag, read_outcomes, read_record, read_records,
                                    record_path, write_record)
 from harness.bench.build import build_pinned
+from harness.bench.provenance import (git_commit, peak_rss_bytes, reset_peak_rss,
+                                      run_provenance)
 from harness.bench.lookup import build_method, get_suite
 from harness.bench.uncertainty import interval, row_replicates
 from harness.bench.unseen import similarity_weights
@@ -29,7 +25,7 @@ from harness.core.errors import MethodNotApplicable
 from harness.core.defaults import DEFAULT_SUITE, default_results_dir
 from harness.core.progress import progress
 from harness.core.registry import METHODS, SUITES
-from harness.core.reproducible import is_pinned, machine_details
+from harness.core.reproducible import is_pinned
 from harness.core.tensors import merge_device
 from harness.engine.method import MergeMethod
 from harness.engine.outputs import stream_outputs
@@ -160,59 +156,6 @@ def _log(config: RunConfig, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for package in ("merge-harness", "numpy", "safetensors", "transformers"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-CODE_PATHS = ("harness", "methods", "tasks", "pyproject.toml", "constraints.txt")
-
-
-@functools.lru_cache(maxsize=1)
-def _git_commit() -> str | None:
-    """The checkout's commit (``-dirty`` with uncommitted changes to the code that runs,
-    :data:`CODE_PATHS`, not to the leaderboards a sweep renders meanwhile), read once per
-    process: :func:`run` reads it when it starts, so a record written an hour later names the
-    code that ran, not a commit made meanwhile."""
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=5)
-        if out.returncode != 0:
-            return None
-        return out.stdout.strip() + ("-dirty" if code_changed(root) else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def code_changed(folder: str) -> bool:
-    """Whether the git checkout holding ``folder`` has uncommitted changes to tracked files of
-    :data:`CODE_PATHS` (paths from the checkout's root)."""
-    return bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                *(f":/{path}" for path in CODE_PATHS)], cwd=folder,
-                               capture_output=True, text=True, timeout=5).stdout.strip())
-
-
-# How this process began, stored with every record because peak memory counts from there:
-# "interpreter" (a new Python: the pages its imports touched count), "forked" (a child of a
-# sweep's worker, harness.bench.forking: shared-library pages count once the job touches them).
-process_start = "interpreter"
-
-
-def provenance(suite: Suite, device: str) -> dict:
-    return {"created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": _git_commit(), "versions": _versions(), "device": device,
-            "process": process_start,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "reproducible": is_pinned(), "host": machine_details(),
-            "suite": suite.provenance()}
-
-
 def _score(e: Evaluation) -> TaskScore:
     return TaskScore(e.metric, e.value, dict(e.extras), e.examples)
 
@@ -271,7 +214,7 @@ def reference_scores(suite: Suite, config: RunConfig) -> References:
                                    suite_options=json_safe(options) or None,
                                    task_order=names, tasks=tasks,
                                    average=_mean(tasks), eval_seconds=seconds,
-                                   provenance=provenance(suite, config.device))
+                                   provenance=run_provenance(suite, config.device))
                 known = {t: per_example[t] for t in names if t in per_example}
                 known = known if len(known) == len(names) else None
                 with_intervals(record, known)
@@ -301,33 +244,6 @@ def with_intervals(record: RunRecord, outcomes: dict | None,
 
 def _mean(tasks: dict[str, TaskScore]) -> float:
     return sum(t.value for t in tasks.values()) / len(tasks)
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far: Linux's ``VmHWM``, which counts this
-    program's own address space only (``ru_maxrss`` also carries over the peak of the process
-    that started it, through fork and exec); ``ru_maxrss`` elsewhere."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's peak resident memory to what it holds now (Linux: writing 5 to
-    ``/proc/self/clear_refs``), so a later figure is that of the work that follows; False
-    where the system offers no reset."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as refs:
-            refs.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def selected_by_validation(suite: Suite, method: MergeMethod, config: RunConfig) -> str | None:
@@ -418,7 +334,7 @@ def run_splits(config: RunConfig, splits: list[str]) -> list[RunRecord]:
     peak memory starts from what the process holds then (the high-water mark is reset where
     Linux allows). A method not applicable on one split is recorded as such, the other splits
     run, and :class:`MethodNotApplicable` is raised at the end."""
-    _git_commit()                       # the code this process runs, before any long work
+    git_commit()                        # the code this process runs, before any long work
     records: dict[str, RunRecord] = {}
     not_applicable: list[MethodNotApplicable] = []
     todo: list[tuple[RunConfig, MergeMethod, str]] = []
@@ -525,7 +441,7 @@ def _record_not_applicable(suite: Suite, method: MergeMethod, config: RunConfig,
         suite.name, config.split, method.name, row_label(method, suite), config.seed,
         json_safe(method.params()), status="not-applicable", reason=str(reason),
         suite_options=json_safe(suite.identity()) or None,
-        provenance=provenance(suite, config.device)))
+        provenance=run_provenance(suite, config.device)))
 
 
 def _evaluate_and_record(suite: Suite, method: MergeMethod, merge: _Merge,
@@ -553,7 +469,7 @@ def _evaluate_and_record(suite: Suite, method: MergeMethod, merge: _Merge,
         unseen_weighting=config.unseen_weighting if config.split == "unseen" else None,
         gamma=gammas, merge_seconds=merge.seconds, eval_seconds=eval_seconds,
         peak_rss_bytes=merge.peak_rss, peak_gpu_bytes=merge.peak_gpu,
-        provenance=provenance(suite, config.device))
+        provenance=run_provenance(suite, config.device))
     known = outcomes if len(outcomes) == len(tasks) else None
     with_intervals(record, known, references.outcomes["individual"])
     return write_record(path, record, known)

@@ -86,24 +86,24 @@ def test_bad_records_say_what_is_wrong(change, problem):
 def test_a_record_names_the_commit_its_process_started_on(monkeypatch):
     """The commit is read once per process (when a run starts): a record written after a
     later commit still names the code that ran."""
-    from harness.bench import runner
+    from harness.bench import provenance
 
-    runner._git_commit.cache_clear()
-    first = runner._git_commit()
+    provenance.git_commit.cache_clear()
+    first = provenance.git_commit()
 
     def no_git(*args, **kwargs):
         raise AssertionError("git read again")
 
-    monkeypatch.setattr(runner.subprocess, "run", no_git)
-    assert runner._git_commit() == first
-    runner._git_commit.cache_clear()
+    monkeypatch.setattr(provenance.subprocess, "run", no_git)
+    assert provenance.git_commit() == first
+    provenance.git_commit.cache_clear()
 
 
 def test_only_changes_to_the_code_mark_a_commit_dirty(tmp_path):
     """A leaderboard a sweep renders meanwhile is not a change to the code that ran."""
     import subprocess
 
-    from harness.bench.runner import code_changed
+    from harness.bench.provenance import code_changed
 
     def git(*args):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
