@@ -315,6 +315,8 @@ def test_the_forking_worker_runs_each_job_in_a_child_and_survives_its_death(tmp_
         code, message = worker.run("harness.bench.cli", ["run", "--method", "tiez", "--suite",
                                                           "tiny", "--results", str(tmp_path)])
         assert code == 2 and message.startswith("error: unknown method 'tiez'")
+        code, message = worker.run("tests.harness.killed_job", [])    # as out of memory
+        assert code == -signal.SIGKILL and message == ""
         first = worker._process.pid
         os.kill(first, signal.SIGKILL)                  # the worker itself dies: said, restarted
         worker._process.wait()
