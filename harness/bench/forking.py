@@ -140,11 +140,16 @@ def _fork_job(main, argv: list[str], threads: int | None) -> tuple[int, str]:
                 finally:
                     os._exit(code if isinstance(code, int) else 1)
         _, status = os.waitpid(pid, 0)
-        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
         errors.seek(0)
-        lines = [line.rstrip("\n") for line in errors if line.strip()]
+        return os.waitstatus_to_exitcode(status), last_error_line(errors.read())
+
+
+def last_error_line(stderr: str) -> str:
+    """A job's last ``error:`` line (what the harness prints for an error it names), else its
+    last line of output, else ""."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
     marked = [line for line in lines if line.startswith("error:")]
-    return code, (marked or lines or [""])[-1]
+    return (marked or lines or [""])[-1]
 
 
 def _child(main, argv: list[str], threads: int | None) -> int:

@@ -359,18 +359,17 @@ def run_splits(config: RunConfig, splits: list[str]) -> list[RunRecord]:
         seen = suite.split_tasks("seen")
         pretrained = suite.load_pretrained()
         finetuned = {task: suite.load_finetuned(task) for task in seen}
-        merged: list[tuple[MergeMethod, object]] = []    # (method, merge or its reason)
+        last = None                     # (method, its merge or why not): the latest merge
         for cell, method, path in todo:
-            if merged:
+            if last is not None:
                 torch.manual_seed(config.seed)          # as a single run of this split
             method = select_per_task(suite, method, pretrained, finetuned, cell)
-            merge = next((m for chosen, m in merged if chosen == method), None)
-            if merge is None:
-                if merged:
-                    merged.clear()                      # release the earlier merge first
+            if last is None or last[0] != method:
+                if last is not None:
+                    last = None                         # release the earlier merge first
                     reset_peak_rss()
-                merge = _merge(suite, method, pretrained, finetuned, cell, path)
-                merged.append((method, merge))
+                last = (method, _merge(suite, method, pretrained, finetuned, cell, path))
+            merge = last[1]
             if isinstance(merge, MethodNotApplicable):
                 _record_not_applicable(suite, method, cell, path, merge)
                 not_applicable.append(merge)

@@ -67,6 +67,10 @@ class Job:
         """A job from a job or a ``(cell, record path)`` pair."""
         return item if isinstance(item, Job) else cls((item[0],), (item[1],))
 
+    @classmethod
+    def of_pairs(cls, pairs: list[tuple[Cell, str]]) -> Job:
+        return cls(tuple(cell for cell, _ in pairs), tuple(path for _, path in pairs))
+
     def pairs(self) -> list[tuple[Cell, str]]:
         return list(zip(self.cells, self.paths))
 
@@ -192,8 +196,7 @@ def jobs_of(planned: list[tuple[Cell, str, bool]]) -> list[Job]:
             groups.setdefault(key, []).append((cell, path))
         else:
             alone.append(Job((cell,), (path,)))
-    return alone + [Job(tuple(c for c, _ in group), tuple(p for _, p in group))
-                    for group in groups.values()]
+    return alone + [Job.of_pairs(group) for group in groups.values()]
 
 
 def default_workers() -> int:
@@ -214,11 +217,11 @@ def run_cell_process(argv: list[str], threads: int | None = None) -> tuple[int, 
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
+    from harness.bench.forking import last_error_line
+
     child = subprocess.run([sys.executable, "-m", "harness.bench.cli", *argv], env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lines = [line for line in child.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    return child.returncode, (errors or lines or [""])[-1]
+    return child.returncode, last_error_line(child.stderr)
 
 
 def describe_failure(code: int, message: str) -> str:
@@ -301,12 +304,7 @@ def settle_job(job: Job, attempt: Callable[[list[Cell]], tuple[int, str]]) -> li
     that ran them), retry the cells still without a record once, and say how each ended; a
     cell that fails twice gets a failed record at its path, which the next sweep runs again.
     A cell another live sweep has claimed is left to it (``claimed``)."""
-    mine, outcomes = [], []
-    for cell, path in job.pairs():
-        if claim(path):
-            mine.append((cell, path))
-        else:
-            outcomes.append(Outcome(cell, "claimed", 0.0, "another sweep is running it"))
+    mine, outcomes = _claim_cells(job)
     try:
         return outcomes + (_settle(mine, attempt) if mine else [])
     finally:
@@ -401,20 +399,27 @@ def run_local(jobs: list, options: SweepOptions, report) -> list[Outcome]:
     return outcomes
 
 
+def _claim_cells(job: Job) -> tuple[list[tuple[Cell, str]], list[Outcome]]:
+    """(the job's cells this sweep could claim, ``claimed`` outcomes of those another live
+    sweep holds)."""
+    mine, others = [], []
+    for cell, path in job.pairs():
+        if claim(path):
+            mine.append((cell, path))
+        else:
+            others.append(Outcome(cell, "claimed", 0.0, "another sweep is running it"))
+    return mine, others
+
+
 def _claimed(group: list[Job], report, outcomes: list[Outcome]) -> list[Job]:
     """The jobs of ``group`` with the cells this sweep could claim, before they are submitted
     to a cluster (the others, claimed by another live sweep, are reported as such)."""
     mine = []
     for job in group:
-        cells = []
-        for cell, path in job.pairs():
-            if claim(path):
-                cells.append((cell, path))
-            else:
-                outcomes.append(report(Outcome(cell, "claimed", 0.0,
-                                               "another sweep is running it")))
+        cells, others = _claim_cells(job)
+        outcomes += [report(outcome) for outcome in others]
         if cells:
-            mine.append(Job(tuple(c for c, _ in cells), tuple(p for _, p in cells)))
+            mine.append(Job.of_pairs(cells))
     return mine
 
 
