@@ -10,6 +10,11 @@ minimising the entropy of the merged model's predictions on unlabeled test input
   of 16 of its unlabeled test inputs, then takes one optimizer step.
 - It sees data: the test split's inputs, without labels, as the paper does (test-time
   adaptation); the record says so (``merge_info["data"]["split"] == "test"``).
+- [decision] A float buffer of the backbone (batch-norm running statistics) is merged with the
+  same coefficients as every other key, as Task Arithmetic merges it, but passes no gradient to
+  them (torch's batch norm has none for its statistics): a layer-wise coefficient of a buffer
+  keeps its starting value. FusionBench's AdaMerging, written for CLIP ViTs, which hold no such
+  buffer, leaves buffers out of the merge.
 - [decision] The batches cycle through each task's first ``examples`` test inputs in order
   (FusionBench draws shuffled batches from its own generator): the same coefficients on every
   run and machine for a given ``steps``.
@@ -41,24 +46,33 @@ def learn_coefficients(theta0: dict[str, Tensor], taus: dict[str, list[Tensor]],
                        data: TaskInputs, tasks: list[str], *, layer_wise: bool, steps: int,
                        lr: float, init: float, show: bool = False) -> Tensor:
     """The coefficients ``(tasks,)`` or ``(tasks, keys)`` (keys in ``taus``' order) after
-    ``steps`` Adam steps of entropy minimisation; float32."""
+    ``steps`` Adam steps of entropy minimisation; float32.
+
+    Each step builds the merged weights once and back-propagates every task's entropy through
+    that one graph, task after task: the gradients, and so the coefficients, are bit for bit
+    those of building the weights again for every task (the same operations in the same order),
+    without repeating the merge's forward arithmetic per task."""
     keys = list(taus)
     shape = (len(tasks), len(keys)) if layer_wise else (len(tasks),)
     lam = torch.full(shape, float(init), requires_grad=True)
     optimizer = torch.optim.Adam([lam], lr=lr)
     models = {t: data.task_model(t, theta0) for t in tasks}
+    buffers = {name.removeprefix("backbone.") for model in models.values()
+               for name, _ in model.named_buffers() if name.startswith("backbone.")}
     for step in bar(range(steps), "adamerging", unit="step") if show else range(steps):
-        for task in tasks:
-            merged = {}
-            for index, key in enumerate(keys):
-                value = theta0[key]
-                for row, tau in enumerate(taus[key]):
-                    value = value + (lam[row, index] if layer_wise else lam[row]) * tau
-                merged[f"backbone.{key}"] = value
+        merged = {}
+        for index, key in enumerate(keys):
+            coefficients = lam.detach() if key in buffers else lam
+            value = theta0[key]
+            for row, tau in enumerate(taus[key]):
+                value = value + (coefficients[row, index] if layer_wise
+                                 else coefficients[row]) * tau
+            merged[f"backbone.{key}"] = value
+        for number, task in enumerate(tasks):
             batches = data.batches[task]
             logits = functional_call(models[task], merged, (batches[step % len(batches)],),
                                      strict=False)
-            entropy_loss(logits).backward()
+            entropy_loss(logits).backward(retain_graph=number + 1 < len(tasks))
         optimizer.step()
         optimizer.zero_grad()
     return lam.detach()

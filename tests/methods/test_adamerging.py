@@ -80,3 +80,58 @@ def test_tiny_serves_test_inputs_on_request(tiny_cache):
     result = get_method("adamerging", steps=2).merge(
         suite.load_pretrained(), {t: suite.load_finetuned(t) for t in tasks}, data=data)
     assert result.info["data"]["split"] == "test"
+
+
+class NormedClassifier(torch.nn.Module):
+    """``head(relu(norm(fc(x))))`` whose backbone (``fc``, a ``BatchNorm1d`` with its running
+    statistics) is addressed as ``backbone.<key>``, in eval mode as the suites run it."""
+
+    def __init__(self, state):
+        super().__init__()
+        self.backbone = torch.nn.ModuleDict({"fc": torch.nn.Linear(4, 6),
+                                             "norm": torch.nn.BatchNorm1d(6)})
+        self.backbone.load_state_dict(state)
+        self.head = torch.nn.Linear(6, 3)
+        torch.nn.init.constant_(self.head.weight, 0.5)
+        self.eval()
+
+    def forward(self, batch):
+        hidden = self.backbone["norm"](self.backbone["fc"](batch))
+        return self.head(torch.relu(hidden))
+
+
+def normed_models(n_tasks=2):
+    g = torch.Generator().manual_seed(3)
+    base = {"fc.weight": torch.randn(6, 4, generator=g), "fc.bias": torch.randn(6, generator=g),
+            "norm.weight": torch.ones(6), "norm.bias": torch.zeros(6),
+            "norm.running_mean": torch.randn(6, generator=g),
+            "norm.running_var": torch.rand(6, generator=g) + 0.5,
+            "norm.num_batches_tracked": torch.tensor(100)}
+    tasks = {}
+    for t in range(n_tasks):     # small changes: every running variance stays positive
+        tasks[f"t{t}"] = {k: v + 0.1 * torch.rand(v.shape, generator=g)
+                          if v.is_floating_point() else v.clone() for k, v in base.items()}
+    return base, tasks
+
+
+@pytest.mark.parametrize("name", ["adamerging", "adamerging-layer"])
+def test_batch_norm_statistics_are_merged_without_a_gradient(name):
+    pretrained, finetuned = normed_models()
+    g = torch.Generator().manual_seed(5)
+    batches = {t: [torch.randn(8, 4, generator=g)] for t in finetuned}
+    data = TaskInputs("test", batches, LinearsOf, lambda task, state: NormedClassifier(state))
+    result = get_method(name, steps=3, lr=0.05).merge(pretrained, finetuned, data=data)
+    coefficients = result.info["coefficients"]
+    keys = [k for k, v in pretrained.items() if v.is_floating_point()]
+    lam = {t: dict(zip(keys, c)) if name == "adamerging-layer" else dict.fromkeys(keys, c)
+           for t, c in coefficients.items()}
+    for task, by_key in lam.items():
+        assert by_key["fc.weight"] != pytest.approx(0.3)          # learned
+        if name == "adamerging-layer":                             # no gradient reaches them
+            assert by_key["norm.running_mean"] == float(torch.tensor(0.3))
+    for key in keys:             # every float key, statistics included, is Task Arithmetic's
+        expected = pretrained[key] + sum(lam[t][key] * (finetuned[t][key] - pretrained[key])
+                                         for t in finetuned)
+        torch.testing.assert_close(result.base[key], expected, rtol=0, atol=1e-6)
+    assert torch.equal(result.base["norm.num_batches_tracked"],
+                       pretrained["norm.num_batches_tracked"])
