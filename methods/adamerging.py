@@ -34,6 +34,7 @@ from harness.core.tensors import to_float32
 from harness.engine.method import hp, require
 from harness.engine.result import MergeResult
 from harness.engine.templates import DataMerge
+from harness.io.resume import ResumeFileError, ResumeState
 
 
 def entropy_loss(logits: Tensor, eps: float = 1e-8) -> Tensor:
@@ -44,22 +45,29 @@ def entropy_loss(logits: Tensor, eps: float = 1e-8) -> Tensor:
 
 def learn_coefficients(theta0: dict[str, Tensor], taus: dict[str, list[Tensor]],
                        data: TaskInputs, tasks: list[str], *, layer_wise: bool, steps: int,
-                       lr: float, init: float, show: bool = False) -> Tensor:
+                       lr: float, init: float, show: bool = False,
+                       resume: ResumeState | None = None) -> Tensor:
     """The coefficients ``(tasks,)`` or ``(tasks, keys)`` (keys in ``taus``' order) after
     ``steps`` Adam steps of entropy minimisation; float32.
 
     Each step builds the merged weights once and back-propagates every task's entropy through
     that one graph, task after task: the gradients, and so the coefficients, are bit for bit
     those of building the weights again for every task (the same operations in the same order),
-    without repeating the merge's forward arithmetic per task."""
+    without repeating the merge's forward arithmetic per task.
+
+    With ``resume``, the coefficients, Adam's moments and the next step are saved there as the
+    steps go, and a run started again continues from them: the same bits as a run never
+    stopped (the saved state is exact and the steps deterministic)."""
     keys = list(taus)
     shape = (len(tasks), len(keys)) if layer_wise else (len(tasks),)
     lam = torch.full(shape, float(init), requires_grad=True)
     optimizer = torch.optim.Adam([lam], lr=lr)
+    first = _resume(resume, lam, optimizer, steps) if resume is not None else 0
     models = {t: data.task_model(t, theta0) for t in tasks}
     buffers = {name.removeprefix("backbone.") for model in models.values()
                for name, _ in model.named_buffers() if name.startswith("backbone.")}
-    for step in bar(range(steps), "adamerging", unit="step") if show else range(steps):
+    steps_left = range(first, steps)
+    for step in bar(steps_left, "adamerging", unit="step") if show else steps_left:
         merged = {}
         for index, key in enumerate(keys):
             coefficients = lam.detach() if key in buffers else lam
@@ -75,7 +83,41 @@ def learn_coefficients(theta0: dict[str, Tensor], taus: dict[str, list[Tensor]],
             entropy_loss(logits).backward(retain_graph=number + 1 < len(tasks))
         optimizer.step()
         optimizer.zero_grad()
+        if resume is not None:
+            resume.save(_state(lam, optimizer, step + 1), final=step + 1 == steps)
     return lam.detach()
+
+
+def _state(lam: Tensor, optimizer: torch.optim.Adam, next_step: int) -> dict[str, Tensor]:
+    """What a resumed run needs: the coefficients, Adam's moments and step, the next step."""
+    moments = optimizer.state.get(lam, {})
+    state = {"lam": lam.detach(), "next_step": torch.tensor(next_step, dtype=torch.int64)}
+    state.update({f"adam.{name}": value for name, value in moments.items()})
+    return state
+
+
+def _resume(resume: ResumeState, lam: Tensor, optimizer: torch.optim.Adam, steps: int) -> int:
+    """Load ``resume``'s saved state into ``lam`` and ``optimizer``; the step to continue
+    from (0 when there is nothing to resume). A state of another shape is an error naming
+    the file."""
+    saved = resume.load()
+    if not saved:
+        return 0
+    moments = {"adam.step": (), "adam.exp_avg": lam.shape, "adam.exp_avg_sq": lam.shape}
+    expected = {"lam": lam.shape, "next_step": (), **moments}
+    wrong = sorted(k for k, shape in expected.items()
+                   if k not in saved or tuple(saved[k].shape) != tuple(shape)
+                   or saved[k].dtype != (torch.int64 if k == "next_step" else torch.float32))
+    next_step = int(saved["next_step"]) if "next_step" not in wrong else -1
+    if wrong or set(saved) != set(expected) or not 0 < next_step <= steps:
+        raise ResumeFileError(f"{resume.path}: not a state of this merge (tensors "
+                              f"{sorted(saved)}, next step {next_step} of {steps}); remove it "
+                              "to start the merge over")
+    with torch.no_grad():
+        lam.copy_(saved["lam"])
+    optimizer.state[lam] = {name.removeprefix("adam."): saved[name].clone() for name in moments}
+    resume.resumed_from = next_step
+    return next_step
 
 
 @dataclass(frozen=True)
@@ -90,6 +132,7 @@ class AdaMerging(DataMerge):
                   "as the paper does)")
     needs_task_models = True
     data_split = "test"
+    resumable = True
     layer_wise = False
     steps: int = hp(1000, "Adam steps of entropy minimisation")
     lr: float = hp(1e-3, "Adam learning rate")
@@ -104,14 +147,14 @@ class AdaMerging(DataMerge):
         require(self.batch_size >= 1, self.name, "batch_size",
                 f"must be >= 1, got {self.batch_size}")
 
-    def merge_with_data(self, spec, pretrained, finetuned, data, progress):
+    def merge_with_data(self, spec, pretrained, finetuned, data, progress, resume=None):
         theta0 = {k: to_float32(pretrained[k]) for k in spec.float_keys}
         taus = {k: [to_float32(finetuned[t][k]) - theta0[k] for t in spec.tasks]
                 for k in spec.float_keys}
         with torch.enable_grad():
             lam = learn_coefficients(theta0, taus, data, spec.tasks, layer_wise=self.layer_wise,
                                      steps=self.steps, lr=self.lr, init=self.init,
-                                     show=progress)
+                                     show=progress, resume=resume)
         merged = {}
         for key, base in pretrained.items():
             if key not in theta0:
@@ -127,7 +170,9 @@ class AdaMerging(DataMerge):
                         {t: float(lam[row]) for row, t in enumerate(spec.tasks)})
         return MergeResult(self.name, self.params(), merged, spec.tasks,
                            merged_params=spec.merged_params,
-                           info={"data": data.summary(), "coefficients": coefficients})
+                           info={"data": data.summary(), "coefficients": coefficients,
+                                 **({"resumed_from_step": resume.resumed_from}
+                                    if resume is not None and resume.resumed_from else {})})
 
 
 @dataclass(frozen=True)

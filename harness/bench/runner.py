@@ -31,6 +31,7 @@ from harness.engine.method import MergeMethod
 from harness.engine.outputs import stream_outputs
 from harness.engine.result import MergeResult
 from harness.io.files import check_writable_folder
+from harness.io.resume import ResumeState
 from harness.tasks.base import Evaluation, Suite
 
 REFERENCE_ROWS = ("pretrained", "individual")
@@ -376,6 +377,8 @@ def run_splits(config: RunConfig, splits: list[str]) -> list[RunRecord]:
                 continue
             records[cell.split] = _evaluate_and_record(suite, method, merge, references,
                                                        cell, path)
+            if merge.resume is not None and all(c.split in records for c, *_ in todo):
+                merge.resume.discard()
     if not_applicable:
         raise not_applicable[0]
     return [records[split] for split in dict.fromkeys(splits)]
@@ -408,6 +411,24 @@ class _Merge:
     seconds: float
     peak_rss: int
     peak_gpu: int | None
+    resume: ResumeState | None = None      # discarded once the records are written
+
+
+def resume_state(suite: Suite, method: MergeMethod, config: RunConfig, path: str
+                 ) -> ResumeState | None:
+    """Where a resumable merge keeps its progress: ``<cache>/resume/<suite>/<record name>-<tag
+    of the suite's models>.safetensors`` (the merge is of the seen tasks: every split's record
+    shares it), for the merge, models and environment of this run only."""
+    if not getattr(method, "resumable", False):
+        return None
+    suite_tag = hyperparameter_tag(suite.provenance())
+    name = f"{os.path.splitext(os.path.basename(path))[0]}-{suite_tag}.safetensors"
+    identity = {"method": method.name, "params": json_safe(method.params()),
+                "suite": suite.name, "suite_tag": suite_tag, "seed": config.seed,
+                "seen": suite.split_tasks("seen"), "device": config.device,
+                "pinned": is_pinned(), "torch": torch.__version__}
+    return ResumeState(os.path.join(suite.cache_dir, "resume", suite.name, name),
+                       hyperparameter_tag(identity))
 
 
 def _merge(suite: Suite, method: MergeMethod, pretrained, finetuned, config: RunConfig,
@@ -418,19 +439,23 @@ def _merge(suite: Suite, method: MergeMethod, pretrained, finetuned, config: Run
     gpu = config.device.startswith("cuda")
     if gpu:
         torch.cuda.reset_peak_memory_stats()
+    resume = resume_state(suite, method, config, path)
     start = time.perf_counter()
     try:
         with (stream_outputs(stream_folder(config, suite, path)) if config.stream_dir
               else contextlib.nullcontext()), merge_device(config.device):
             data = ({"data": suite.task_inputs(seen, **method.data_request())}
                     if method.needs_data else {})
+            if resume is not None:
+                data["resume"] = resume
+                _log(config, f"its progress is saved in {resume.path}")
             result = method.merge(pretrained, finetuned, progress=not config.quiet, **data)
         result.check_finite()
     except MethodNotApplicable as reason:
         return reason
     seconds = time.perf_counter() - start
     return _Merge(result, seconds, peak_rss_bytes(),
-                  torch.cuda.max_memory_allocated() if gpu else None)
+                  torch.cuda.max_memory_allocated() if gpu else None, resume)
 
 
 def _record_not_applicable(suite: Suite, method: MergeMethod, config: RunConfig, path: str,

@@ -28,6 +28,7 @@ from harness.engine.codecs import Codec, TaskPayload
 from harness.engine.method import MergeMethod
 from harness.engine.passes import BlockedDelta, encode_deltas, inspect_models, merge_shared
 from harness.engine.result import MergeResult
+from harness.io.resume import ResumeState
 
 BlockRule = Callable[[str, Tensor, list[Tensor], Tensor], Tensor]
 Encoder = Callable[[str, "Tensor | BlockedDelta"], "Codec | None"]
@@ -77,13 +78,17 @@ class DataMerge(MergeMethod):
 
     needs_task_models: ClassVar[bool] = False
     data_split: ClassVar[str] = "validation"
+    # an iterative merge that takes ``resume=`` (a :class:`~harness.io.resume.ResumeState`) in
+    # :meth:`merge_with_data`, saves its progress there and continues from it
+    resumable: ClassVar[bool] = False
 
     def data_request(self) -> dict:
         request = {"examples": self.examples, "batch_size": self.batch_size}
         return request if self.data_split == "validation" else {**request,
                                                                  "split": self.data_split}
 
-    def merge(self, pretrained, finetuned, *, progress=False, data: TaskInputs | None = None):
+    def merge(self, pretrained, finetuned, *, progress=False, data: TaskInputs | None = None,
+              resume: ResumeState | None = None):
         if data is None or (self.needs_task_models and data.task_model is None):
             raise MergeInputError(
                 f"{self.name} needs {self.needs_data}: pass data=suite.task_inputs(tasks, "
@@ -93,6 +98,9 @@ class DataMerge(MergeMethod):
         missing = [t for t in spec.tasks if not data.batches.get(t)]
         if missing:
             raise MergeInputError(f"{self.name}: no unlabeled inputs for task(s) {missing}")
+        if resume is not None and self.resumable:
+            return self.merge_with_data(spec, pretrained, finetuned, data, progress,
+                                        resume=resume)
         return self.merge_with_data(spec, pretrained, finetuned, data, progress)
 
     def merge_with_data(self, spec: ModelSpec, pretrained: StateDict,
