@@ -239,8 +239,10 @@ def _runs_table(records: list[RunRecord]) -> str:
         prov = r.provenance
         seed = str(r.seed) + (f", fine-tuning {r.finetune_seed}" if r.finetune_seed else "")
         merge, peak = r.merge_seconds, r.peak_rss_bytes
+        resumed = (r.merge_info or {}).get("resumed_from_step")
         rows.append([r.split, _base_label(r), seed,
-                     "–" if merge is None else f"{merge:.1f}",
+                     "–" if merge is None else f"{merge:.1f}"
+                     + (f", resumed at step {resumed}" if resumed else ""),
                      "–" if peak is None else f"{peak / 2**30:.2f}",
                      prov.get("device", "–"), (prov.get("git_commit") or "–")[:12],
                      prov.get("created", "–")[:10]])

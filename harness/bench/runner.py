@@ -170,17 +170,16 @@ class References:
     outcomes: dict[str, dict[str, dict]]
 
 
-def reference_scores(suite: Suite, config: RunConfig) -> References:
-    """Individual (fine-tuned) and pretrained metrics of every task, measured once per suite
-    and kept as result records (with provenance and per-example outcomes) that ADR and the
-    leaderboard read."""
-    scores: dict[str, dict[str, TaskScore]] = {}
-    outcomes: dict[str, dict[str, dict]] = {}
+def stored_references(suite: Suite, config: RunConfig, *, outcomes: bool = False
+                      ) -> dict[str, tuple[dict[str, TaskScore], dict[str, dict]]]:
+    """Per reference row, the task scores (and, with ``outcomes``, per-example outcomes) its
+    stored records hold for this suite and set of models (none with ``force_references``)."""
     fingerprint = hyperparameter_tag(suite.provenance())
     options = suite.identity()
     existing = {(r.method, r.split): r for r in read_records(
         os.path.join(config.results_dir, suite.name))[0]
         if r.method in REFERENCE_ROWS and (r.suite_options or {}) == options}
+    stored = {}
     for row in REFERENCE_ROWS:
         per_task: dict[str, TaskScore] = {}
         per_example: dict[str, dict] = {}
@@ -189,7 +188,32 @@ def reference_scores(suite: Suite, config: RunConfig) -> References:
             if (record and record.suite_fingerprint == fingerprint
                     and not config.force_references):
                 per_task.update(record.tasks)
-                per_example.update(read_outcomes(record)[0] or {})
+                if outcomes:
+                    per_example.update(read_outcomes(record)[0] or {})
+        stored[row] = (per_task, per_example)
+    return stored
+
+
+def suite_ready(suite: Suite, config: RunConfig) -> bool:
+    """Whether a run would find ``suite`` built and every reference score stored: then it
+    builds and measures nothing that other runs of the suite would too."""
+    if suite.builds and not suite.built():
+        return False
+    names = {t.name for t in suite.tasks}
+    return all(names <= set(per_task) for per_task, _ in stored_references(suite, config).values())
+
+
+def reference_scores(suite: Suite, config: RunConfig) -> References:
+    """Individual (fine-tuned) and pretrained metrics of every task, measured once per suite
+    and kept as result records (with provenance and per-example outcomes) that ADR and the
+    leaderboard read."""
+    scores: dict[str, dict[str, TaskScore]] = {}
+    outcomes: dict[str, dict[str, dict]] = {}
+    fingerprint = hyperparameter_tag(suite.provenance())
+    options = suite.identity()
+    stored = stored_references(suite, config, outcomes=True)
+    for row in REFERENCE_ROWS:
+        per_task, per_example = stored[row]
         missing = [t.name for t in suite.tasks if t.name not in per_task]
         if missing:
             start = time.perf_counter()

@@ -161,17 +161,23 @@ def plan(cells: list[Cell], options: SweepOptions) -> list[tuple[Cell, str, bool
     return [(cell, path, stored) for cell, path, stored, _ in _plan(cells, options)]
 
 
+def cell_config(cell: Cell, options: SweepOptions):
+    """The :class:`~harness.bench.runner.RunConfig` a cell of this sweep runs with."""
+    from harness.bench.runner import RunConfig
+
+    return RunConfig(cell.method, cell.suite, cell.split, dict(cell.overrides), cell.seed,
+                     options.device, options.results_dir, options.cache_dir,
+                     finetune_seed=options.finetune_seed, quiet=True)
+
+
 def _plan(cells: list[Cell], options: SweepOptions) -> list[tuple[Cell, str, bool, bool]]:
     """:func:`plan`'s answers and whether the cell's merge can be shared with its other split
     (false where validation chooses a hyperparameter on this split)."""
-    from harness.bench.runner import (RunConfig, plan_cell, selected_by_validation,
-                                      stored_result)
+    from harness.bench.runner import plan_cell, selected_by_validation, stored_result
 
     planned = []
     for cell in cells:
-        config = RunConfig(cell.method, cell.suite, cell.split, dict(cell.overrides), cell.seed,
-                           options.device, options.results_dir, options.cache_dir,
-                           finetune_seed=options.finetune_seed, quiet=True)
+        config = cell_config(cell, options)
         try:
             suite, _method, path = plan_cell(config)
         except (ValueError, KeyError) as error:
@@ -386,7 +392,7 @@ def run_local(jobs: list, options: SweepOptions, report) -> list[Outcome]:
         return [report(o) for o in settle_job(job, lambda cells: in_process(cells, threads_))]
 
     outcomes: list[Outcome] = []
-    firsts, rest = _first_of_each_suite(jobs)
+    firsts, rest = _first_of_each_suite(jobs, options)
     try:
         for job in firsts:       # builds the suite and measures its references, alone
             outcomes += settle_reported(job, None)
@@ -443,7 +449,7 @@ def run_ray(jobs: list, options: SweepOptions, report) -> list[Outcome]:
     ray.init(address=options.address, ignore_reinit_error=True)
     remote = ray.remote(num_cpus=1, num_gpus=options.gpus_per_cell)(run_cell_process)
     outcomes: list[Outcome] = []
-    for group in _first_of_each_suite(jobs):
+    for group in _first_of_each_suite(jobs, options):
         group = _claimed(group, report, outcomes)
         refs = [remote.remote(run_argv(job.cells, options)) for job in group]
         for job, ref in zip(group, refs):
@@ -480,7 +486,7 @@ def run_slurm(jobs: list, options: SweepOptions, report, executor=None) -> list[
         return executor.submit(run_cell_process, run_argv(cells, options))
 
     outcomes: list[Outcome] = []
-    for group in _first_of_each_suite(jobs):
+    for group in _first_of_each_suite(jobs, options):
         group = _claimed(group, report, outcomes)
         if not group:
             continue
@@ -495,11 +501,23 @@ def run_slurm(jobs: list, options: SweepOptions, report, executor=None) -> list[
 EXECUTORS = {"local": run_local, "ray": run_ray, "slurm": run_slurm}
 
 
-def _first_of_each_suite(jobs: list[Job]) -> tuple[list[Job], list[Job]]:
+def _first_of_each_suite(jobs: list[Job], options: SweepOptions
+                         ) -> tuple[list[Job], list[Job]]:
+    """(the jobs to run alone first, the rest): the first job of each suite that a run would
+    build or measure references for, so that the others find it done; a suite already built,
+    with its reference scores stored, needs no first job."""
+    from harness.bench.runner import plan_cell, suite_ready
+
     firsts, rest, seen = [], [], set()
     for job in jobs:
         suite = job.cells[0].suite
-        (rest if suite in seen else firsts).append(job)
+        if suite not in seen:
+            config = cell_config(job.cells[0], options)
+            if not suite_ready(plan_cell(config)[0], config):
+                firsts.append(job)
+                seen.add(suite)
+                continue
+        rest.append(job)
         seen.add(suite)
     return firsts, rest
 

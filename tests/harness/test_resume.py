@@ -138,3 +138,8 @@ def test_a_run_stopped_part_way_resumes_and_writes_the_same_record(tmp_path, tin
     assert {t: s.value for t, s in resumed.tasks.items()} == {
         t: s.value for t, s in whole.tasks.items()}
     assert os.listdir(resume_folder) == []
+
+    from harness.bench.leaderboard import render_suite
+
+    page = render_suite("tiny", [resumed], str(tmp_path / "stopped"))
+    assert "resumed at step 3" in page          # its merge time is the last run's only

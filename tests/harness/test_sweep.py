@@ -324,3 +324,17 @@ def test_the_forking_worker_runs_each_job_in_a_child_and_survives_its_death(tmp_
         assert code == 0 and worker._process.pid != first
     finally:
         worker.close()
+
+
+def test_a_suite_built_with_its_references_stored_needs_no_first_job(tmp_path, tiny_cache):
+    from harness.bench import runner
+    from harness.bench.sweep import _first_of_each_suite, _plan, jobs_of
+
+    options = SweepOptions(str(tmp_path), tiny_cache)
+    cells = expand(["tiny"], ["task-arithmetic", "weight-averaging"], ["seen"], [0], {})
+    jobs = jobs_of([(c, p, sharing) for c, p, _, sharing in _plan(cells, options)])
+    firsts, rest = _first_of_each_suite(jobs, options)
+    assert len(firsts) == 1 and len(rest) == 1     # no reference scores stored: one job first
+    runner.run(runner.RunConfig("ties", "tiny", results_dir=str(tmp_path),
+                                cache_dir=tiny_cache, quiet=True))    # stores them
+    assert _first_of_each_suite(jobs, options) == ([], jobs)
