@@ -195,9 +195,11 @@ def stored_references(suite: Suite, config: RunConfig, *, outcomes: bool = False
 
 
 def suite_ready(suite: Suite, config: RunConfig) -> bool:
-    """Whether a run would find ``suite`` built and every reference score stored: then it
-    builds and measures nothing that other runs of the suite would too."""
-    if suite.builds and not suite.built():
+    """Whether a run would find ``suite`` downloaded and built (as :func:`ensure_built` wants
+    it) and every reference score stored: then it fetches, builds and measures nothing that
+    other runs of the suite would too."""
+    if suite.first_run_plan() or (suite.builds and not suite.built()
+                                  and os.environ.get(UNPINNED_BUILDS) != "1"):
         return False
     names = {t.name for t in suite.tasks}
     return all(names <= set(per_task) for per_task, _ in stored_references(suite, config).values())
