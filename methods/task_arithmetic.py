@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from harness.core import fused
 from harness.engine.method import hp, require
 from harness.engine.templates import SharedMerge
 
@@ -47,3 +48,8 @@ class TaskArithmetic(SharedMerge):
 
     def rule(self, spec):
         return lambda key, theta0, taus, out: task_arithmetic(theta0, taus, self.lam, out)
+
+    def fused_rule(self, spec):
+        if not fused.available():
+            return None
+        return lambda out, theta0, sources: fused.task_arithmetic(out, theta0, sources, self.lam)

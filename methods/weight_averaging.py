@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from harness.core import fused
 from harness.engine.templates import SharedMerge
 
 
@@ -40,3 +41,6 @@ class WeightAveraging(SharedMerge):
 
     def rule(self, spec):
         return lambda key, theta0, weights, out: weight_average(weights, out)
+
+    def fused_rule(self, spec):
+        return fused.weight_average if fused.available() else None

@@ -110,6 +110,14 @@ class ValueChecks:
             with self._counting:
                 self.spec.changed[task][key] = max(self.spec.changed[task][key], 1)
 
+    def mark_counted(self, task: str, key: str, changed: int) -> None:
+        """For a pass that counted the entries of a task's block that differ from the
+        pretrained block (a fused kernel): note the key changed when any does, as
+        :meth:`mark_changed` notes it."""
+        if changed and self.spec.changed[task][key] == 0:
+            with self._counting:
+                self.spec.changed[task][key] = max(self.spec.changed[task][key], 1)
+
     def unchanged(self, key: str) -> bool:
         """Whether every task's task vector of ``key`` (all of whose blocks are checked) is
         zero: a key outside the AMR parameter set, which masking merges do not store."""

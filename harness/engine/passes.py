@@ -20,6 +20,7 @@ from torch import Tensor
 
 from harness.core.bits import BitPacker
 from harness.core.errors import MergeInputError
+from harness.core.fused import fits
 from harness.core.spec import (ModelSpec, ValueChecks, check_keys, describe_key,
                                describe_models)
 from harness.core.tensors import (BlockBuffers, StateDict, numel, row_chunks, store_rows,
@@ -180,7 +181,7 @@ def shared_and_masks(pretrained: StateDict, finetuned: Mapping[str, StateDict], 
 def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec: ModelSpec,
                  merge_key, desc: str, progress: bool, *, elementwise: bool = False,
                  weights: bool = False, propagates_nonfinite: bool = False,
-                 parallel: bool = False) -> StateDict:
+                 parallel: bool = False, fused_rule=None) -> StateDict:
     """A merged state dict built key by key: ``merge_key(key, theta0_f32, taus, out)`` gives
     the float32 merged tensor of each float key (``out``: a float32 scratch block shaped like
     ``theta0_f32`` it may write into); other keys are copied from the pretrained model.
@@ -196,13 +197,31 @@ def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec
     model until it is known to change the key. The errors are the same, at a fraction of the
     passes over memory. With ``parallel`` (``merge_key`` keeps no state between blocks and may
     run on several at once), the blocks run on :class:`~harness.engine.workers.BlockWorkers`:
-    the same bits, without torch's per-operation thread meetings.
+    the same bits, without torch's per-operation thread meetings. A ``fused_rule``
+    (:meth:`~harness.engine.templates.SharedMerge.fused_rule`, with ``propagates_nonfinite``)
+    computes the blocks it takes (float32 on the CPU) in one pass over the raw inputs, counting
+    each task's changed entries as it goes; the checks are those of the fused pass above.
     """
     float_keys = set(spec.float_keys)
     checks = None if spec.values_checked else ValueChecks(spec)
     fused = propagates_nonfinite and checks is not None
+    if fused_rule is not None and not propagates_nonfinite:
+        raise ValueError("a fused rule needs propagates_nonfinite: its checks read the output")
 
     def merge_block(key, p, sources, value, rows, mapped, *, buffers):
+        if fused_rule is not None and value.dtype == torch.float32:
+            out, theta0, blocks = value[rows], p[rows], [source[rows] for source in sources]
+            if fits(out, theta0, *blocks):
+                changed = fused_rule(out, theta0, blocks)
+                if checks is not None:
+                    if weights:             # a merge of the weights: theta_0 is not in it
+                        checks.pretrained(key, theta0)
+                    for task, count in zip(spec.tasks, changed):
+                        checks.mark_counted(task, key, count)
+                    if not surely_finite(out):
+                        check_block(pretrained, finetuned, spec, key, rows, checks, weights)
+                MAPPED_PAGES.release_views([t[rows] for t in mapped])
+                return
         theta0, inputs = block_inputs(spec, key, p, sources, rows, buffers, weights=weights,
                                       checks=checks, fused=fused)
         direct = value.dtype == torch.float32 and value.device == theta0.device

@@ -31,6 +31,7 @@ from harness.engine.result import MergeResult
 from harness.io.resume import ResumeState
 
 BlockRule = Callable[[str, Tensor, list[Tensor], Tensor], Tensor]
+FusedRule = Callable[[Tensor, Tensor, list[Tensor]], list[int]]
 Encoder = Callable[[str, "Tensor | BlockedDelta"], "Codec | None"]
 
 
@@ -59,12 +60,21 @@ class SharedMerge(MergeMethod):
         """The rule for one merge of models described by ``spec``."""
         raise NotImplementedError
 
+    def fused_rule(self, spec: ModelSpec) -> FusedRule | None:
+        """Optionally, the same rule as one pass over the raw blocks:
+        ``fused(out, theta0, sources)`` writes into the float32 block ``out`` what :meth:`rule`
+        gives from ``theta0`` and the tasks' blocks ``sources`` (all float32, contiguous, on
+        the CPU: others take :meth:`rule`), with the same bits, and returns per task the number
+        of entries that differ from ``theta0``. Requires ``propagates_nonfinite``: the
+        output's non-finite entries stand for the inputs'. None (the default): no fused form."""
+        return None
+
     def merge(self, pretrained, finetuned, *, progress=False):
         spec = inspect_models(pretrained, finetuned, values=False)  # checked while merging
         base = merge_shared(pretrained, finetuned, spec, self.rule(spec), self.name, progress,
                             elementwise=self.elementwise, weights=self.merges_weights,
                             propagates_nonfinite=self.propagates_nonfinite,
-                            parallel=self.parallel_blocks)
+                            parallel=self.parallel_blocks, fused_rule=self.fused_rule(spec))
         return MergeResult(self.name, self.params(), base, spec.tasks,
                            merged_params=spec.merged_params)
 
