@@ -23,8 +23,8 @@ from harness.core.errors import MergeInputError
 from harness.core.fused import fits
 from harness.core.spec import (ModelSpec, ValueChecks, check_keys, describe_key,
                                describe_models)
-from harness.core.tensors import (BlockBuffers, StateDict, numel, row_chunks, store_rows,
-                                  surely_finite, task_vector, to_float32)
+from harness.core.tensors import (BlockBuffers, StateDict, current_device, numel, row_chunks,
+                                  store_rows, surely_finite, task_vector, to_float32)
 from harness.engine.outputs import building, finish_output
 from harness.engine.workers import BlockWorkers
 from harness.io.pages import MAPPED_PAGES, iter_keys, row_blocks
@@ -207,9 +207,10 @@ def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec
     fused = propagates_nonfinite and checks is not None
     if fused_rule is not None and not propagates_nonfinite:
         raise ValueError("a fused rule needs propagates_nonfinite: its checks read the output")
+    on_cpu = current_device().type == "cpu"         # another merge device computes there
 
     def merge_block(key, p, sources, value, rows, mapped, *, buffers):
-        if fused_rule is not None and value.dtype == torch.float32:
+        if fused_rule is not None and value.dtype == torch.float32 and on_cpu:
             out, theta0, blocks = value[rows], p[rows], [source[rows] for source in sources]
             if fits(out, theta0, *blocks):
                 changed = fused_rule(out, theta0, blocks)
