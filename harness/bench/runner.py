@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import os
 import sys
 import time
@@ -30,7 +31,7 @@ from harness.core.tensors import merge_device
 from harness.engine.method import MergeMethod
 from harness.engine.outputs import stream_outputs
 from harness.engine.result import MergeResult
-from harness.io.files import check_writable_folder
+from harness.io.files import check_writable_folder, sha256_file
 from harness.io.resume import ResumeState
 from harness.tasks.base import Evaluation, Suite
 
@@ -444,7 +445,7 @@ def resume_state(suite: Suite, method: MergeMethod, config: RunConfig, path: str
                  ) -> ResumeState | None:
     """Where a resumable merge keeps its progress: ``<cache>/resume/<suite>/<record name>-<tag
     of the suite's models>.safetensors`` (the merge is of the seen tasks: every split's record
-    shares it), for the merge, models and environment of this run only."""
+    shares it), for the merge, models, method code and environment of this run only."""
     if not getattr(method, "resumable", False):
         return None
     suite_tag = hyperparameter_tag(suite.provenance())
@@ -452,7 +453,8 @@ def resume_state(suite: Suite, method: MergeMethod, config: RunConfig, path: str
     identity = {"method": method.name, "params": json_safe(method.params()),
                 "suite": suite.name, "suite_tag": suite_tag, "seed": config.seed,
                 "seen": suite.split_tasks("seen"), "device": config.device,
-                "pinned": is_pinned(), "torch": torch.__version__}
+                "pinned": is_pinned(), "torch": torch.__version__,
+                "code": sha256_file(inspect.getfile(type(method)))}    # the method's file
     return ResumeState(os.path.join(suite.cache_dir, "resume", suite.name, name),
                        hyperparameter_tag(identity))
 

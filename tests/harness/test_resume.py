@@ -143,3 +143,17 @@ def test_a_run_stopped_part_way_resumes_and_writes_the_same_record(tmp_path, tin
 
     page = render_suite("tiny", [resumed], str(tmp_path / "stopped"))
     assert "resumed at step 3" in page          # its merge time is the last run's only
+
+
+def test_the_state_is_tied_to_the_methods_code(tiny_cache, tmp_path, monkeypatch):
+    from harness.bench.lookup import build_method, get_suite
+
+    suite = get_suite("tiny", cache_dir=tiny_cache)
+    config = runner.RunConfig("adamerging", "tiny", cache_dir=tiny_cache, quiet=True)
+    method, path = build_method(suite, "adamerging", {}), str(tmp_path / "adamerging-seed0.json")
+    before = runner.resume_state(suite, method, config, path)
+    monkeypatch.setattr(runner, "sha256_file", lambda file: "edited")
+    after = runner.resume_state(suite, method, config, path)
+    assert before.path == after.path and before.fingerprint != after.fingerprint
+    assert runner.resume_state(suite, build_method(suite, "task-arithmetic", {}), config,
+                               path) is None
