@@ -84,6 +84,21 @@ class ForkingWorker:
 
 
 # ---- the worker process ----------------------------------------------------------------------
+def die_with_parent(parent: int) -> None:
+    """On Linux, end this process (SIGTERM) when ``parent``, the process that started it, ends
+    for any reason: a sweep killed by a signal Ctrl-C does not send (``kill``, a scheduler's
+    SIGTERM or SIGKILL) leaves no worker, and so no job, running. Elsewhere nothing is done."""
+    import signal
+
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)     # PR_SET_PDEATHSIG
+    if os.getppid() != parent:          # it ended before the line above: end now
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _serve(requests, replies, suites: list[str]) -> None:
     import importlib
     import signal
@@ -117,12 +132,14 @@ def _fork_job(main, argv: list[str], threads: int | None) -> tuple[int, str]:
     with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as errors:
         sys.stdout.flush()
         sys.stderr.flush()
+        worker = os.getpid()
         pid = os.fork()
         if pid == 0:                                        # the child: one job, then exit
             code = 1
             try:
                 import signal
 
+                die_with_parent(worker)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 null = os.open(os.devnull, os.O_RDWR)
                 os.dup2(null, 0)
@@ -166,4 +183,5 @@ def _child(main, argv: list[str], threads: int | None) -> int:
 
 
 if __name__ == "__main__":
+    die_with_parent(os.getppid())
     _serve(sys.stdin, sys.stdout, [name for name in sys.argv[1:] if name])

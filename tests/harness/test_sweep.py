@@ -4,6 +4,7 @@ run as single runs would (records identical), failures retried then recorded, ex
 import dataclasses
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -338,3 +339,42 @@ def test_a_suite_built_with_its_references_stored_needs_no_first_job(tmp_path, t
     runner.run(runner.RunConfig("ties", "tiny", results_dir=str(tmp_path),
                                 cache_dir=tiny_cache, quiet=True))    # stores them
     assert _first_of_each_suite(jobs, options) == ([], jobs)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a Linux parent-death signal")
+def test_a_sweep_killed_by_any_signal_leaves_no_worker_or_job(tmp_path):
+    import subprocess
+    import time
+
+    pids = tmp_path / "pids"
+    sweep = ("import os, sys, threading\n"
+             "from harness.bench.forking import ForkingWorker\n"
+             "worker = ForkingWorker()\n"
+             "threading.Thread(target=worker.run, args=('tests.harness.sleeping_job', []),\n"
+             "                 daemon=True).start()\n"
+             "import time\n"
+             "while worker._process is None: time.sleep(0.05)\n"
+             f"open({str(pids)!r}, 'w').write(str(worker._process.pid))\n"
+             "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", sweep], cwd=os.getcwd())
+    try:
+        deadline = time.monotonic() + 120
+        while not pids.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        worker = int(pids.read_text())
+        children = []
+        while not children and time.monotonic() < deadline:       # the job, forked
+            time.sleep(0.2)
+            found = subprocess.run(["pgrep", "-P", str(worker)], capture_output=True, text=True)
+            children = [int(p) for p in found.stdout.split()]
+        assert children
+    finally:
+        parent.kill()                                   # as a scheduler's SIGKILL would
+        parent.wait()
+    deadline = time.monotonic() + 30
+    alive = [worker, *children]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in alive if os.path.exists(f"/proc/{p}")
+                 and open(f"/proc/{p}/stat").read().split()[2] != "Z"]
+    assert not alive
