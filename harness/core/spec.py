@@ -107,13 +107,12 @@ class ValueChecks:
         if self.spec.changed[task][key] == 0 and (
                 not torch.equal(source.reshape(-1)[:4096], pretrained.reshape(-1)[:4096])
                 or not torch.equal(source, pretrained)):       # most differ in the first
-            with self._counting:
-                self.spec.changed[task][key] = max(self.spec.changed[task][key], 1)
+            self.mark_counted(task, key, 1)
 
     def mark_counted(self, task: str, key: str, changed: int) -> None:
-        """For a pass that counted the entries of a task's block that differ from the
-        pretrained block (a fused kernel): note the key changed when any does, as
-        :meth:`mark_changed` notes it."""
+        """For a pass that counted the ``changed`` entries of a task's block that differ from
+        the pretrained block (a fused kernel): note the key changed, as 1 non-zero entry, when
+        any does."""
         if changed and self.spec.changed[task][key] == 0:
             with self._counting:
                 self.spec.changed[task][key] = max(self.spec.changed[task][key], 1)

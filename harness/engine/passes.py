@@ -209,29 +209,35 @@ def merge_shared(pretrained: StateDict, finetuned: Mapping[str, StateDict], spec
         raise ValueError("a fused rule needs propagates_nonfinite: its checks read the output")
     on_cpu = current_device().type == "cpu"         # another merge device computes there
 
+    def fused_block(key, p, sources, value, rows) -> bool:
+        """Whether ``fused_rule`` computed this block (float32 blocks on the CPU only)."""
+        if fused_rule is None or value.dtype != torch.float32 or not on_cpu:
+            return False
+        out, theta0, blocks = value[rows], p[rows], [source[rows] for source in sources]
+        if not fits(out, theta0, *blocks):
+            return False
+        changed = fused_rule(out, theta0, blocks)
+        if checks is not None:
+            if weights:                     # a merge of the weights: theta_0 is not in it
+                checks.pretrained(key, theta0)
+            for task, count in zip(spec.tasks, changed):
+                checks.mark_counted(task, key, count)
+            if not surely_finite(out):
+                check_block(pretrained, finetuned, spec, key, rows, checks, weights)
+        return True
+
     def merge_block(key, p, sources, value, rows, mapped, *, buffers):
-        if fused_rule is not None and value.dtype == torch.float32 and on_cpu:
-            out, theta0, blocks = value[rows], p[rows], [source[rows] for source in sources]
-            if fits(out, theta0, *blocks):
-                changed = fused_rule(out, theta0, blocks)
-                if checks is not None:
-                    if weights:             # a merge of the weights: theta_0 is not in it
-                        checks.pretrained(key, theta0)
-                    for task, count in zip(spec.tasks, changed):
-                        checks.mark_counted(task, key, count)
-                    if not surely_finite(out):
-                        check_block(pretrained, finetuned, spec, key, rows, checks, weights)
-                MAPPED_PAGES.release_views([t[rows] for t in mapped])
-                return
-        theta0, inputs = block_inputs(spec, key, p, sources, rows, buffers, weights=weights,
-                                      checks=checks, fused=fused)
-        direct = value.dtype == torch.float32 and value.device == theta0.device
-        out = value[rows] if direct else buffers.view("merged", theta0)
-        block = merge_key(key, theta0, inputs, out)
-        if fused and not surely_finite(block):
-            check_block(pretrained, finetuned, spec, key, rows, checks, weights)
-        if not (direct and block.data_ptr() == out.data_ptr() and block.shape == out.shape):
-            store_rows(value, rows, block)
+        if not fused_block(key, p, sources, value, rows):
+            theta0, inputs = block_inputs(spec, key, p, sources, rows, buffers,
+                                          weights=weights, checks=checks, fused=fused)
+            direct = value.dtype == torch.float32 and value.device == theta0.device
+            out = value[rows] if direct else buffers.view("merged", theta0)
+            block = merge_key(key, theta0, inputs, out)
+            if fused and not surely_finite(block):
+                check_block(pretrained, finetuned, spec, key, rows, checks, weights)
+            if not (direct and block.data_ptr() == out.data_ptr()
+                    and block.shape == out.shape):
+                store_rows(value, rows, block)
         MAPPED_PAGES.release_views([t[rows] for t in mapped])     # this block's input pages
 
     with building("merged") as merged, BlockWorkers(parallel) as workers:
