@@ -15,6 +15,10 @@ import sys
 
 from harness.core.reproducible import is_pinned, pin_torch, pinned_command
 
+# set to 1: a suite's models built by an unpinned process are accepted (faster, not reproducible
+# across machines; the tests use it)
+UNPINNED_BUILDS = "MERGE_HARNESS_UNPINNED_BUILDS"
+
 
 def build_pinned(suite: str, cache_dir: str | None, suite_config: str | None = None,
                  quiet: bool = False, finetune_seed: int | None = None) -> None:

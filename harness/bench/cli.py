@@ -192,7 +192,8 @@ def cmd_validate(args) -> int:
 
 def cmd_finetune(args) -> int:
     from harness.bench.build import build_pinned
-    from harness.bench.runner import UNPINNED_BUILDS, check_device, get_suite
+    from harness.bench.build import UNPINNED_BUILDS
+    from harness.bench.runner import check_device, get_suite
     from harness.core.reproducible import is_pinned
     from harness.io.files import check_writable_folder
 
@@ -434,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reproducible", action="store_true", help="every cell pinned (see run)")
     p.add_argument("--force", action="store_true", help="run cells whose records exist")
     p.add_argument("--dry-run", action="store_true", help="list the cells, run nothing")
-    p.add_argument("--yes", action="store_true", help=f"run a grid of over 1,000 cells")
+    p.add_argument("--yes", action="store_true", help="run a grid of over 1,000 cells")
     p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("finetune", help="build a suite's task models (cached; run on first use)")
     p.add_argument("--suite", default=DEFAULT_SUITE, help=f"default: {DEFAULT_SUITE}")

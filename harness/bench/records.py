@@ -26,6 +26,17 @@ from harness.io.files import UntrustedFileError, read_json_file, sha256_file, wr
 SCHEMA_VERSION = 1
 
 
+def json_safe(value):
+    """``value`` with tensors as lists and keys as strings: what a record's JSON can hold."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return value
+
+
 def hyperparameter_tag(hyperparameters: dict) -> str:
     """A short stable tag for a hyperparameter set (part of the file name)."""
     text = json.dumps(hyperparameters, sort_keys=True, default=str)

@@ -9,22 +9,20 @@ import os
 import sys
 import time
 
-import numpy
 import torch
 
-from harness.bench.records import (AmrFigures, RunRecord, TaskScore,
-                                   hyperparameter_tag, read_outcomes, read_record, read_records,
-                                   record_path, write_record)
-from harness.bench.build import build_pinned
+from harness.bench.records import (AmrFigures, RunRecord, TaskScore, hyperparameter_tag,
+                                   json_safe, read_record, record_path, write_record)
+from harness.bench.build import UNPINNED_BUILDS, build_pinned
 from harness.bench.provenance import (git_commit, peak_rss_bytes, reset_peak_rss,
                                       run_provenance)
 from harness.bench.lookup import build_method, get_suite
-from harness.bench.uncertainty import interval, row_replicates
+from harness.bench.references import (References, mean_score, reference_scores, task_score,
+                                      with_intervals)
 from harness.bench.unseen import similarity_weights
 from harness.core.accounting import adr
 from harness.core.errors import MethodNotApplicable
 from harness.core.defaults import DEFAULT_SUITE, default_results_dir
-from harness.core.progress import progress
 from harness.core.registry import METHODS, SUITES
 from harness.core.reproducible import is_pinned
 from harness.core.tensors import merge_device
@@ -33,10 +31,7 @@ from harness.engine.outputs import stream_outputs
 from harness.engine.result import MergeResult
 from harness.io.files import check_writable_folder, sha256_file
 from harness.io.resume import ResumeState
-from harness.tasks.base import Evaluation, Suite
-
-REFERENCE_ROWS = ("pretrained", "individual")
-
+from harness.tasks.base import Suite
 
 @dataclasses.dataclass
 class RunConfig:
@@ -101,9 +96,6 @@ def seeds_to_run(config: RunConfig, seeds: list[int] | None) -> list[int]:
     return seeds[:1]
 
 
-UNPINNED_BUILDS = "MERGE_HARNESS_UNPINNED_BUILDS"
-
-
 def ensure_built(suite: Suite, config: RunConfig) -> Suite:
     """The suite, its trained models built reproducibly first: when a suite that trains its
     models (``builds``) lacks some, or has some an unpinned process built, they are built in a
@@ -156,122 +148,6 @@ def check_device(device: str) -> None:
 def _log(config: RunConfig, message: str) -> None:
     if not config.quiet:
         print(message, file=sys.stderr, flush=True)
-
-
-def _score(e: Evaluation) -> TaskScore:
-    return TaskScore(e.metric, e.value, dict(e.extras), e.examples)
-
-
-@dataclasses.dataclass
-class References:
-    """The pretrained and individual models' scores of every task, and their per-example
-    outcomes where known (task -> arrays), for ADR and its interval."""
-
-    scores: dict[str, dict[str, TaskScore]]
-    outcomes: dict[str, dict[str, dict]]
-
-
-def stored_references(suite: Suite, config: RunConfig, *, outcomes: bool = False
-                      ) -> dict[str, tuple[dict[str, TaskScore], dict[str, dict]]]:
-    """Per reference row, the task scores (and, with ``outcomes``, per-example outcomes) its
-    stored records hold for this suite and set of models (none with ``force_references``)."""
-    fingerprint = hyperparameter_tag(suite.provenance())
-    options = suite.identity()
-    existing = {(r.method, r.split): r for r in read_records(
-        os.path.join(config.results_dir, suite.name))[0]
-        if r.method in REFERENCE_ROWS and (r.suite_options or {}) == options}
-    stored = {}
-    for row in REFERENCE_ROWS:
-        per_task: dict[str, TaskScore] = {}
-        per_example: dict[str, dict] = {}
-        for split in ("seen", "unseen"):
-            record = existing.get((row, split))
-            if (record and record.suite_fingerprint == fingerprint
-                    and not config.force_references):
-                per_task.update(record.tasks)
-                if outcomes:
-                    per_example.update(read_outcomes(record)[0] or {})
-        stored[row] = (per_task, per_example)
-    return stored
-
-
-def suite_ready(suite: Suite, config: RunConfig) -> bool:
-    """Whether a run would find ``suite`` downloaded and built (as :func:`ensure_built` wants
-    it) and every reference score stored: then it fetches, builds and measures nothing that
-    other runs of the suite would too."""
-    if suite.first_run_plan() or (suite.builds and not suite.built()
-                                  and os.environ.get(UNPINNED_BUILDS) != "1"):
-        return False
-    names = {t.name for t in suite.tasks}
-    return all(names <= set(per_task) for per_task, _ in stored_references(suite, config).values())
-
-
-def reference_scores(suite: Suite, config: RunConfig) -> References:
-    """Individual (fine-tuned) and pretrained metrics of every task, measured once per suite
-    and kept as result records (with provenance and per-example outcomes) that ADR and the
-    leaderboard read."""
-    scores: dict[str, dict[str, TaskScore]] = {}
-    outcomes: dict[str, dict[str, dict]] = {}
-    fingerprint = hyperparameter_tag(suite.provenance())
-    options = suite.identity()
-    stored = stored_references(suite, config, outcomes=True)
-    for row in REFERENCE_ROWS:
-        per_task, per_example = stored[row]
-        missing = [t.name for t in suite.tasks if t.name not in per_task]
-        if missing:
-            start = time.perf_counter()
-            _log(config, f"{suite.name}: measuring the {row} model on {len(missing)} tasks"
-                         + (" again (--force-references)" if config.force_references else
-                            " (once per suite and set of models)"))
-            pretrained = suite.load_pretrained() if row == "pretrained" else None
-            for task in progress(missing, f"{row} model", enabled=not config.quiet, leave=False):
-                backbone = pretrained if row == "pretrained" else suite.load_finetuned(task)
-                evaluation = suite.evaluate(task, backbone, device=config.device,
-                                            progress=not config.quiet)
-                per_task[task] = _score(evaluation)
-                if evaluation.outcomes is not None:
-                    per_example[task] = evaluation.outcomes
-            seconds = time.perf_counter() - start
-            for split in ("seen", "unseen"):
-                names = suite.split_tasks(split)
-                if not names:
-                    continue
-                tasks = {t: per_task[t] for t in names}
-                record = RunRecord(suite.name, split, row, row.title(), status="reference",
-                                   suite_fingerprint=fingerprint,
-                                   suite_options=json_safe(options) or None,
-                                   task_order=names, tasks=tasks,
-                                   average=_mean(tasks), eval_seconds=seconds,
-                                   provenance=run_provenance(suite, config.device))
-                known = {t: per_example[t] for t in names if t in per_example}
-                known = known if len(known) == len(names) else None
-                with_intervals(record, known)
-                write_record(record_path(config.results_dir, suite.name, split, row,
-                                         json_safe(options), 0), record, known)
-        scores[row] = per_task
-        outcomes[row] = per_example
-    return References(scores, outcomes)
-
-
-def with_intervals(record: RunRecord, outcomes: dict | None,
-                   individual: dict | None = None) -> RunRecord:
-    """Fill ``record``'s bootstrap intervals (per task, average, ADR) from its per-example
-    ``outcomes``; with none, the record keeps no interval (never an invented one)."""
-    if not outcomes or any(t not in outcomes for t in record.task_order):
-        return record
-    metrics = {t: record.tasks[t].metric for t in record.task_order}
-    replicates = row_replicates(metrics, outcomes, individual)
-    for task, values in replicates.tasks.items():
-        record.tasks[task].interval = list(interval(values))
-    record.average_interval = list(interval(replicates.average))
-    if (replicates.adr is not None and record.adr is not None
-            and bool(numpy.isfinite(replicates.adr).all())):    # ADR is undefined at 0
-        record.adr_interval = list(interval(replicates.adr))
-    return record
-
-
-def _mean(tasks: dict[str, TaskScore]) -> float:
-    return sum(t.value for t in tasks.values()) / len(tasks)
 
 
 def selected_by_validation(suite: Suite, method: MergeMethod, config: RunConfig) -> str | None:
@@ -504,8 +380,8 @@ def _evaluate_and_record(suite: Suite, method: MergeMethod, merge: _Merge,
     eval_seconds = time.perf_counter() - start
 
     individual = {t: references.scores["individual"][t] for t in tasks}
-    average = _mean(tasks)
-    individual_average = _mean(individual)
+    average = mean_score(tasks)
+    individual_average = mean_score(individual)
     amr = result.amr()
     record = RunRecord(
         suite.name, config.split, method.name, row_label(method, suite), config.seed,
@@ -563,7 +439,7 @@ def evaluate_split(suite: Suite, result: MergeResult, config: RunConfig):
                 weights = result.weights_for_unseen()
         evaluation = suite.evaluate(task, weights, device=config.device,
                                     progress=not config.quiet)
-        tasks[task] = _score(evaluation)
+        tasks[task] = task_score(evaluation)
         if evaluation.outcomes is not None:
             outcomes[task] = evaluation.outcomes
         _log(config, f"  {task}: {tasks[task].metric} {tasks[task].value:.4f}")
@@ -587,13 +463,3 @@ def _short(value) -> str:
     if isinstance(value, dict):
         return "per-task"
     return str(value)
-
-
-def json_safe(value):
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    return value

@@ -506,7 +506,8 @@ def _first_of_each_suite(jobs: list[Job], options: SweepOptions
     """(the jobs to run alone first, the rest): the first job of each suite that a run would
     build or measure references for, so that the others find it done; a suite already built,
     with its reference scores stored, needs no first job."""
-    from harness.bench.runner import plan_cell, suite_ready
+    from harness.bench.references import suite_ready
+    from harness.bench.runner import plan_cell
 
     firsts, rest, seen = [], [], set()
     for job in jobs:

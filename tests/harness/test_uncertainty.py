@@ -10,7 +10,7 @@ import torch
 
 from harness.bench.analysis import ComparisonError, compare, find_row, load
 from harness.bench.records import RunRecord, TaskScore, read_outcomes, read_record, write_record
-from harness.bench.runner import with_intervals
+from harness.bench.references import with_intervals
 from harness.bench.uncertainty import (RESAMPLES, interval, p_value, paired, resample_indices,
                                        row_replicates, task_replicates)
 from harness.core.metrics import matthews_correlation
