@@ -191,8 +191,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from harness.bench.build import build_pinned
-    from harness.bench.build import UNPINNED_BUILDS
+    from harness.bench.build import UNPINNED_BUILDS, build_pinned
     from harness.bench.runner import check_device, get_suite
     from harness.core.reproducible import is_pinned
     from harness.io.files import check_writable_folder

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
 from typing import Protocol
 
@@ -17,7 +16,7 @@ from harness.bench.provenance import run_provenance
 from harness.bench.records import (RunRecord, TaskScore, hyperparameter_tag, json_safe,
                                    read_outcomes, read_records, record_path, write_record)
 from harness.bench.uncertainty import interval, row_replicates
-from harness.core.progress import progress
+from harness.core.progress import progress, say
 from harness.tasks.base import Evaluation, Suite
 
 REFERENCE_ROWS = ("pretrained", "individual")
@@ -100,10 +99,9 @@ def reference_scores(suite: Suite, config: ReferenceOptions) -> References:
         missing = [t.name for t in suite.tasks if t.name not in per_task]
         if missing:
             start = time.perf_counter()
-            if not config.quiet:
-                print(f"{suite.name}: measuring the {row} model on {len(missing)} tasks"
-                      + (" again (--force-references)" if config.force_references else
-                         " (once per suite and set of models)"), file=sys.stderr, flush=True)
+            say(f"{suite.name}: measuring the {row} model on {len(missing)} tasks"
+                + (" again (--force-references)" if config.force_references else
+                   " (once per suite and set of models)"), quiet=config.quiet)
             pretrained = suite.load_pretrained() if row == "pretrained" else None
             for task in progress(missing, f"{row} model", enabled=not config.quiet, leave=False):
                 backbone = pretrained if row == "pretrained" else suite.load_finetuned(task)

@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import inspect
 import os
-import sys
 import time
 
 import torch
@@ -23,6 +22,7 @@ from harness.bench.unseen import similarity_weights
 from harness.core.accounting import adr
 from harness.core.errors import MethodNotApplicable
 from harness.core.defaults import DEFAULT_SUITE, default_results_dir
+from harness.core.progress import say
 from harness.core.registry import METHODS, SUITES
 from harness.core.reproducible import is_pinned
 from harness.core.tensors import merge_device
@@ -32,6 +32,7 @@ from harness.engine.result import MergeResult
 from harness.io.files import check_writable_folder, sha256_file
 from harness.io.resume import ResumeState
 from harness.tasks.base import Suite
+
 
 @dataclasses.dataclass
 class RunConfig:
@@ -146,8 +147,7 @@ def check_device(device: str) -> None:
 
 
 def _log(config: RunConfig, message: str) -> None:
-    if not config.quiet:
-        print(message, file=sys.stderr, flush=True)
+    say(message, quiet=config.quiet)
 
 
 def selected_by_validation(suite: Suite, method: MergeMethod, config: RunConfig) -> str | None:

@@ -21,6 +21,12 @@ def interactive() -> bool:
         return False
 
 
+def say(message: str, *, quiet: bool = False) -> None:
+    """One line of what a run is doing, on stderr (beside the bars), unless ``quiet``."""
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
 def progress(items: Iterable, desc: str, *, enabled: bool = True, lines: bool = False,
              leave: bool = True, unit: str = "it", total: int | None = None) -> Iterator:
     """``items``, with a bar in a terminal, or with ``lines`` a line per item elsewhere
